@@ -1,0 +1,197 @@
+"""The client's link to the coordinator: the calls it makes, with retries.
+
+The only module of fedgrpc.client that touches generated *_pb2 types, and the place where
+gRPC status codes become fedgrpc errors:
+
+    UNAVAILABLE, DEADLINE_EXCEEDED   retried with exponential backoff and jitter until the
+                                     connect timeout, then ServerUnavailableError
+    PERMISSION_DENIED                NotEnrolledError
+    FAILED_PRECONDITION              StaleRoundError
+    anything else                    UpdateRejectedError with the server's message
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from fedgrpc.common import wire
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
+from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import (
+    FedGrpcError,
+    NotEnrolledError,
+    ServerUnavailableError,
+    StaleRoundError,
+    UpdateRejectedError,
+)
+from fedgrpc.v1 import coordinator_pb2 as pb
+from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+#: Channel settings: keepalive pings so a dead server is noticed during a long poll, and
+#: message limits well above one chunk (streams never need more).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
+
+class Instruction(Enum):
+    TRAIN = "train"
+    WAIT = "wait"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Task:
+    instruction: Instruction
+    round: int
+    specs: tuple[TensorSpec, ...] = ()
+    weights: list[np.ndarray] = field(default_factory=list)
+    wire_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter, bounded by a total time budget."""
+
+    initial_s: float = 0.25
+    maximum_s: float = 5.0
+    multiplier: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_s
+        while True:
+            yield random.uniform(0, delay)
+            delay = min(self.maximum_s, delay * self.multiplier)
+
+
+def _error_from(exc: grpc.RpcError) -> FedGrpcError:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return NotEnrolledError(details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return StaleRoundError(details)
+    return UpdateRejectedError(details or code.name, code=code.name)
+
+
+class Connection:
+    """One client's channel to the server."""
+
+    def __init__(
+        self,
+        target: str,
+        client_id: int,
+        *,
+        connect_timeout_s: float = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self.target = target
+        self.client_id = client_id
+        self.connect_timeout_s = connect_timeout_s
+        self.chunk_bytes = chunk_bytes
+        self.backoff = backoff
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def join(self) -> tuple[RunSpec, int]:
+        """The run's spec and its current round; retries while the server is not up yet."""
+        reply = self._retrying(
+            "join", lambda: self._stub.Join(pb.JoinRequest(client_id=self.client_id), timeout=10)
+        )
+        return wire.run_from_pb(reply.run), reply.current_round
+
+    def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Task:
+        """Long-poll for what to do after `after_round`; the weights come with a TRAIN task."""
+        request = pb.GetGlobalWeightsRequest(
+            client_id=self.client_id, after_round=after_round, max_wait_ms=int(max_wait_s * 1000)
+        )
+        return self._retrying(
+            "fetch", lambda: self._receive(self._stub.GetGlobalWeights(request, timeout=max_wait_s + 30))
+        )
+
+    def submit(
+        self,
+        round_number: int,
+        specs: Sequence[TensorSpec],
+        weights: Sequence[np.ndarray],
+        num_examples: int,
+        metrics: Mapping[str, float],
+    ) -> tuple[int, int]:
+        """Send trained weights; returns (updates the round has received, updates it expects)."""
+
+        def call() -> pb.SubmitUpdateReply:
+            stream = wire.update_stream(
+                client_id=self.client_id,
+                round_number=round_number,
+                num_examples=num_examples,
+                metrics=metrics,
+                specs=specs,
+                arrays=weights,
+                chunk_bytes=self.chunk_bytes,
+            )
+            reply: pb.SubmitUpdateReply = self._stub.SubmitUpdate(stream, timeout=300)
+            return reply
+
+        reply = self._retrying("submit", call)
+        return reply.received, reply.expected
+
+    @staticmethod
+    def _receive(stream: Iterator[pb.WeightsMessage]) -> Task:
+        first = next(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise UpdateRejectedError(
+                "the server's weights stream did not start with a header", code="INTERNAL"
+            )
+        header = first.header
+        if header.instruction == pb.FINISHED:
+            return Task(Instruction.FINISHED, header.round)
+        if header.instruction != pb.TRAIN:
+            return Task(Instruction.WAIT, header.round)
+        specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
+        received = wire.assemble(specs, (m.chunk for m in stream))
+        return Task(Instruction.TRAIN, header.round, specs, received.arrays, received.wire_bytes)
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.connect_timeout_s
+        delays = self.backoff.delays()
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE:
+                    raise _error_from(exc) from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServerUnavailableError(
+                        f"could not {what} at {self.target} for {self.connect_timeout_s:.0f} s "
+                        f"({exc.code().name}: {exc.details()}); is fl-server running there?"
+                    ) from None
+                delay = min(next(delays), remaining)
+                log.debug("%s: %s, retrying in %.2f s", what, exc.code().name, delay)
+                time.sleep(delay)

@@ -1,0 +1,61 @@
+"""Every error fedgrpc raises on purpose, in one hierarchy.
+
+    FedGrpcError                  base: catch this to catch anything of ours
+    ├── ConfigError               a setting or command-line value that cannot work
+    ├── DataError                 a dataset that is missing, unreadable or of the wrong shape
+    ├── CodecError                tensor bytes that cannot be encoded or decoded
+    │   └── UnsupportedDTypeError a dtype the wire format does not carry
+    ├── UpdateRejectedError       the server refused an update (status and reason inside)
+    │   └── StaleRoundError       the update was for a round that is not open any more
+    ├── NotEnrolledError          the server does not know this client id
+    └── ServerUnavailableError    the server could not be reached in time
+
+gRPC status codes are mapped to and from these at the two boundaries only:
+fedgrpc.server.servicer and fedgrpc.client.connection.
+"""
+
+from __future__ import annotations
+
+
+class FedGrpcError(Exception):
+    """Base of every fedgrpc error."""
+
+
+class ConfigError(FedGrpcError):
+    """A setting that cannot work; the message says which and what to do."""
+
+
+class DataError(FedGrpcError):
+    """A dataset that is missing, unreadable or malformed."""
+
+
+class CodecError(FedGrpcError):
+    """Tensor bytes that do not match their declared dtype and shape."""
+
+
+class UnsupportedDTypeError(CodecError):
+    """A numpy dtype that fedgrpc's wire format does not carry."""
+
+
+class UpdateRejectedError(FedGrpcError):
+    """The server answered an update with an error status."""
+
+    def __init__(self, message: str, *, code: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StaleRoundError(UpdateRejectedError):
+    """The update's round is closed; `current_round` is the one now open, if known."""
+
+    def __init__(self, message: str, *, current_round: int | None = None) -> None:
+        super().__init__(message, code="FAILED_PRECONDITION")
+        self.current_round = current_round
+
+
+class NotEnrolledError(FedGrpcError):
+    """The client id is not part of this run."""
+
+
+class ServerUnavailableError(FedGrpcError):
+    """The server did not answer before the connect timeout."""

@@ -1,0 +1,1 @@
+"""The fedgrpc coordinator: round state machine, aggregation, persistence, gRPC servicer."""

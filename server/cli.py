@@ -1,0 +1,96 @@
+"""`fl-server`: the coordinator of a federated run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fedgrpc.common import device, logs
+from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import FedGrpcError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = RunSpec()
+    p = argparse.ArgumentParser(
+        prog="fl-server", description="Coordinate a federated learning run over gRPC."
+    )
+    p.add_argument(
+        "--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)"
+    )
+    p.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
+    p.add_argument(
+        "--rounds", type=int, default=defaults.rounds, help="federated rounds (default %(default)s)"
+    )
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=defaults.num_clients,
+        help="clients per round, ids 1..N (default %(default)s)",
+    )
+    p.add_argument(
+        "--model", default=defaults.model, help="model name from the registry (default %(default)s)"
+    )
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument(
+        "--partition-seed", type=int, default=defaults.partition_seed, help="seed of the client shards"
+    )
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the initial global weights")
+    p.add_argument("--strategy", default="fedavg", help="aggregation strategy (default %(default)s)")
+    p.add_argument(
+        "--data",
+        default=os.environ.get("FL_DATA") or None,
+        help="test data: a folder, .tar.gz or .npz (default: $FL_DATA, else CIFAR-10 downloaded by Keras)",
+    )
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for history, curves and model")
+    p.add_argument("--threads", type=int, default=None, help="cap TensorFlow's CPU threads")
+    p.add_argument(
+        "--record-updates", action="store_true", help="also save every accepted update (debugging)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.setup("server", verbose=args.verbose)
+    device.quiet_tensorflow()
+    from fedgrpc.server.app import FederatedServer, ServerConfig
+
+    try:
+        run = RunSpec(
+            rounds=args.rounds,
+            num_clients=args.clients,
+            partition_seed=args.partition_seed,
+            model=args.model,
+            batch_size=args.batch_size,
+            local_epochs=args.local_epochs,
+            learning_rate=args.learning_rate,
+        )
+        config = ServerConfig(
+            run=run,
+            host=args.host,
+            port=args.port,
+            data=args.data,
+            out_dir=args.out,
+            strategy=args.strategy,
+            init_seed=args.init_seed,
+            record_updates=args.record_updates,
+            threads=args.threads,
+        )
+        FederatedServer(config).run()
+    except FedGrpcError as exc:
+        print(f"fl-server: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fl-server: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""`fl-local`: a whole federation on this machine, one fl-server and N fl-client processes.
+
+Real processes talking gRPC over loopback, as on separate machines; this only saves typing
+the N+1 commands. Clients that share one machine share its cores, so by default each client
+gets all cores as TensorFlow intra-op threads, and when there are more clients than cores
+they take turns training (a lock file), which on 2 cores finished a round of 3 clients
+sooner than time-slicing them: see `fl-client --take-turns`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+#: TensorFlow's C++ start-up lines, printed before logging is set up; noise in a demo.
+_NOISE = re.compile(
+    r"absl::InitializeLog|cudart_stub|cuda_platform|cpu_feature_guard|rebuild TensorFlow|"
+    r"oneDNN custom operations|computation placer already registered|Unable to register cu"
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pump(stream: IO[str], sink: IO[str]) -> None:
+    for line in stream:
+        if not _NOISE.search(line):
+            sink.write(line)
+            sink.flush()
+
+
+def _spawn(command: Sequence[str], log_file: Path | None) -> tuple[subprocess.Popen[str], threading.Thread]:
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    assert process.stdout is not None
+    sink: IO[str] = open(log_file, "w") if log_file else sys.stderr  # noqa: SIM115 (closed by the pump's owner)
+    pump = threading.Thread(target=_pump, args=(process.stdout, sink), daemon=True)
+    pump.start()
+    return process, pump
+
+
+def run_federation(
+    *,
+    clients: int,
+    rounds: int,
+    data: str | None,
+    out_dir: Path,
+    threads: int | None = None,
+    schedule: str = "auto",
+    server_args: Sequence[str] = (),
+    logs_dir: Path | None = None,
+    timeout_s: float | None = None,
+) -> int:
+    """Run server and clients to the end; returns 0 when every process exited 0."""
+    port = free_port()
+    cores = os.cpu_count() or 1
+    threads = threads or cores
+    if schedule == "auto":
+        schedule = "turns" if clients > cores else "parallel"
+    turn_lock = out_dir / ".train.lock" if schedule == "turns" else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    server_cmd = [
+        str(bin_dir / "fl-server"), "--host", "127.0.0.1", "--port", str(port),
+        "--rounds", str(rounds), "--clients", str(clients), "--out", str(out_dir), *server_args,
+    ]  # fmt: skip
+    if data:
+        server_cmd += ["--data", data]
+    if logs_dir:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+    procs = [_spawn(server_cmd, logs_dir / "server.log" if logs_dir else None)]
+    for client_id in range(1, clients + 1):
+        cmd = [
+            str(bin_dir / "fl-client"),
+            "--id",
+            str(client_id),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--threads",
+            str(threads),
+        ]
+        if turn_lock:
+            cmd += ["--take-turns", str(turn_lock)]
+        if data:
+            cmd += ["--data", data]
+        procs.append(_spawn(cmd, logs_dir / f"client-{client_id}.log" if logs_dir else None))
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            failed = [p for p, _ in procs if p.returncode not in (None, 0)]
+            if failed or (deadline is not None and time.monotonic() > deadline):
+                break
+            time.sleep(0.2)
+    finally:
+        for process, _ in procs:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process, pump in procs:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            pump.join(timeout=5)
+    codes = [p.returncode for p, _ in procs]
+    names = ["fl-server"] + [f"fl-client {i}" for i in range(1, clients + 1)]
+    bad = [f"{n} exited {c}" for n, c in zip(names, codes, strict=True) if c != 0]
+    if bad:
+        print("fl-local: " + ", ".join(bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="fl-local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument(
+        "--data",
+        default=os.environ.get("FL_DATA") or None,
+        help="data for server and clients (default $FL_DATA, else download)",
+    )
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument(
+        "--threads", type=int, default=None, help="TensorFlow threads per client (default: all cores)"
+    )
+    p.add_argument(
+        "--schedule",
+        choices=["auto", "turns", "parallel"],
+        default="auto",
+        help="clients train one at a time (turns) or at once (parallel); auto: turns when clients > cores",
+    )
+    p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more fl-server options")
+    args = p.parse_args(argv)
+    extra = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
+    return run_federation(
+        clients=args.clients,
+        rounds=args.rounds,
+        data=args.data,
+        out_dir=args.out,
+        threads=args.threads,
+        schedule=args.schedule,
+        server_args=extra,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The round state machine: which round is open, who has reported, when it is complete.
+
+    idle --open_round(r)--> training --(all expected updates in)--> complete
+      ^                                                                 |
+      +---------------- close_round() gives the aggregate -------------+
+    any --finish()--> finished
+
+Thread-safe: gRPC handler threads call next_task/submit while the server's driver
+thread opens and closes rounds. Accepted updates are folded into the strategy as they
+arrive, so a closed round's aggregate is ready at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from fedgrpc.common.codec import TensorSpec
+from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
+from fedgrpc.server.strategy import Strategy
+from fedgrpc.server.validation import check_finite, check_num_examples, check_specs
+
+
+class Phase(Enum):
+    IDLE = "idle"
+    TRAINING = "training"
+    FINISHED = "finished"
+
+
+class Instruction(Enum):
+    TRAIN = "train"
+    WAIT = "wait"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a client should do next; `weights` is set when the instruction is TRAIN."""
+
+    instruction: Instruction
+    round: int
+    weights: tuple[np.ndarray, ...] = ()
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    client_id: int
+    num_examples: int
+    metrics: Mapping[str, float]
+
+
+@dataclass
+class RoundOutcome:
+    """A closed round: the new global weights and who made them."""
+
+    round: int
+    weights: list[np.ndarray]
+    updates: list[AcceptedUpdate]
+    bytes_in: int
+    bytes_out: int
+
+
+UpdateRecorder = Callable[[int, int, Sequence[np.ndarray]], None]
+
+
+@dataclass
+class _Round:
+    number: int
+    weights: tuple[np.ndarray, ...]
+    accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class RoundCoordinator:
+    """Owns the global weights between rounds and the bookkeeping of the open round."""
+
+    def __init__(
+        self,
+        run: RunSpec,
+        specs: Sequence[TensorSpec],
+        strategy: Strategy,
+        *,
+        max_examples: int = 10_000_000,
+        recorder: UpdateRecorder | None = None,
+    ) -> None:
+        self.run = run
+        self.specs = tuple(specs)
+        self._strategy = strategy
+        self._max_examples = max_examples
+        self._recorder = recorder
+        self._changed = threading.Condition()
+        self._phase = Phase.IDLE
+        self._round: _Round | None = None
+        self._last_round = 0
+        self._ready: set[int] = set()
+        self._told_finished: set[int] = set()
+
+    # -- driver side ---------------------------------------------------------------
+
+    def open_round(self, number: int, weights: Sequence[np.ndarray]) -> None:
+        with self._changed:
+            if self._phase is Phase.FINISHED:
+                raise RuntimeError("the run is finished")
+            frozen = tuple(np.asarray(w) for w in weights)
+            for w in frozen:
+                w.flags.writeable = False  # shared with every handler thread: nobody may change it
+            self._strategy.begin_round(frozen)
+            self._round = _Round(number, frozen)
+            self._last_round = number
+            self._phase = Phase.TRAINING
+            self._changed.notify_all()
+
+    def wait_complete(self, timeout: float | None = None) -> bool:
+        """Block until every expected client has reported for the open round."""
+        with self._changed:
+            return self._changed.wait_for(self._is_complete, timeout)
+
+    def close_round(self) -> RoundOutcome:
+        with self._changed:
+            current = self._require_round()
+            if not current.accepted:
+                raise RuntimeError(f"round {current.number} has no updates to aggregate")
+            weights = self._strategy.result()
+            self._phase = Phase.IDLE
+            return RoundOutcome(
+                round=current.number,
+                weights=weights,
+                updates=sorted(current.accepted.values(), key=lambda u: u.client_id),
+                bytes_in=current.bytes_in,
+                bytes_out=current.bytes_out,
+            )
+
+    def finish(self) -> None:
+        with self._changed:
+            self._phase = Phase.FINISHED
+            self._changed.notify_all()
+
+    # -- handler side --------------------------------------------------------------
+
+    @property
+    def current_round(self) -> int:
+        return self._last_round
+
+    @property
+    def finished(self) -> bool:
+        return self._phase is Phase.FINISHED
+
+    def next_task(
+        self, client_id: int, after_round: int, timeout: float, *, active: Callable[[], bool] = lambda: True
+    ) -> Task:
+        """Wait up to `timeout` seconds for a round later than `after_round`, or the end of the run.
+
+        `active` says whether the caller still wants an answer (a cancelled call stops waiting
+        at the next wake-up; see `wake`).
+        """
+        self.check_client(client_id)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            if client_id not in self._ready:
+                self._ready.add(client_id)
+                self._changed.notify_all()
+            while True:
+                if self._phase is Phase.FINISHED:
+                    self._told_finished.add(client_id)
+                    self._changed.notify_all()
+                    return Task(Instruction.FINISHED, self._last_round)
+                current = self._round
+                if self._phase is Phase.TRAINING and current is not None and current.number > after_round:
+                    return Task(Instruction.TRAIN, current.number, current.weights)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not active():
+                    return Task(Instruction.WAIT, self._last_round)
+                self._changed.wait(remaining)
+
+    def wait_ready(self, count: int, timeout: float | None = None) -> bool:
+        """Block until `count` clients are ready to train (have asked for their first task)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._ready) >= count or self.finished, timeout)
+
+    @property
+    def ready_clients(self) -> int:
+        return len(self._ready)
+
+    def wake(self) -> None:
+        """Wake every waiting call so that cancelled ones can return."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_told_finished(self, client_ids: Sequence[int], timeout: float) -> bool:
+        """After finish(): wait until these clients have been told, so none is left hanging."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._told_finished.issuperset(client_ids), timeout)
+
+    def check_client(self, client_id: int) -> None:
+        self.run.check_client_id(client_id)
+
+    def check_header(
+        self, client_id: int, round_number: int, num_examples: int, specs: Sequence[TensorSpec]
+    ) -> None:
+        """Everything about an update that can be checked before its tensors are read."""
+        self.check_client(client_id)
+        with self._changed:
+            self._check_round(client_id, round_number)
+        check_num_examples(num_examples, self._max_examples)
+        check_specs(self.specs, specs)
+
+    def submit(
+        self,
+        client_id: int,
+        round_number: int,
+        num_examples: int,
+        metrics: Mapping[str, float],
+        weights: Sequence[np.ndarray],
+        wire_bytes: int,
+    ) -> tuple[int, int]:
+        """Validate and count one update; returns (updates received, updates expected)."""
+        self.check_client(client_id)
+        check_num_examples(num_examples, self._max_examples)
+        check_finite(self.specs, weights)
+        with self._changed:
+            current = self._check_round(client_id, round_number)
+            self._strategy.add(weights, num_examples)
+            current.accepted[client_id] = AcceptedUpdate(client_id, num_examples, dict(metrics))
+            current.bytes_in += wire_bytes
+            if self._recorder is not None:
+                self._recorder(round_number, client_id, weights)
+            self._changed.notify_all()
+            return len(current.accepted), self.run.num_clients
+
+    def count_bytes_out(self, round_number: int, nbytes: int) -> None:
+        with self._changed:
+            if self._round is not None and self._round.number == round_number:
+                self._round.bytes_out += nbytes
+
+    # -- internals (call with the lock held) -----------------------------------------
+
+    def _require_round(self) -> _Round:
+        if self._round is None:
+            raise RuntimeError("no round was opened")
+        return self._round
+
+    def _check_round(self, client_id: int, round_number: int) -> _Round:
+        current = self._round
+        if self._phase is Phase.FINISHED:
+            raise StaleRoundError(
+                f"the run is finished; round {round_number} is closed", current_round=self._last_round
+            )
+        if current is None or self._phase is not Phase.TRAINING or round_number != current.number:
+            open_now = current.number if current is not None and self._phase is Phase.TRAINING else None
+            state = open_now or "none, the server is aggregating"
+            raise StaleRoundError(
+                f"round {round_number} is not open (open round: {state}); "
+                "fetch the current weights and train again",
+                current_round=open_now,
+            )
+        if client_id in current.accepted:
+            raise UpdateRejectedError(
+                f"client {client_id} already submitted an update for round {round_number}; "
+                "it was counted once",
+                code="ALREADY_EXISTS",
+            )
+        return current
+
+    def _is_complete(self) -> bool:
+        current = self._round
+        return self._phase is Phase.FINISHED or (
+            current is not None
+            and self._phase is Phase.TRAINING
+            and len(current.accepted) >= self.run.num_clients
+        )

@@ -1,0 +1,143 @@
+"""The gRPC face of the coordinator: fedgrpc.v1.Coordinator over a RoundCoordinator.
+
+The only module of fedgrpc.server that touches generated *_pb2 types, and the place where
+fedgrpc's errors become gRPC status codes:
+
+    NotEnrolledError        PERMISSION_DENIED
+    StaleRoundError         FAILED_PRECONDITION (the message names the open round)
+    UpdateRejectedError     its own code (INVALID_ARGUMENT, ALREADY_EXISTS, ...)
+    CodecError              INVALID_ARGUMENT
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import NoReturn
+
+import grpc
+import numpy as np
+from fedgrpc.common import wire
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
+from fedgrpc.common.errors import CodecError, FedGrpcError, NotEnrolledError, UpdateRejectedError
+from fedgrpc.server.rounds import Instruction, RoundCoordinator
+from fedgrpc.v1 import coordinator_pb2 as pb
+from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WAIT_S = 30.0
+_DEADLINE_MARGIN_S = 0.5
+
+
+def _status_of(error: FedGrpcError) -> grpc.StatusCode:
+    if isinstance(error, NotEnrolledError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(error, UpdateRejectedError):
+        return grpc.StatusCode[error.code]
+    if isinstance(error, CodecError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context: grpc.ServicerContext, error: FedGrpcError, what: str) -> NoReturn:
+    code = _status_of(error)
+    log.warning("refused %s from %s: %s %s", what, context.peer(), code.name, error)
+    context.abort(code, str(error))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  # generated, untyped
+    def __init__(
+        self,
+        coordinator: RoundCoordinator,
+        *,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self._coordinator = coordinator
+        self._max_wait_s = max_wait_s
+        self._chunk_bytes = chunk_bytes
+        self._encode_lock = threading.Lock()
+        self._encoded: tuple[int, list[pb.WeightsMessage], int] | None = None
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        try:
+            self._coordinator.check_client(request.client_id)
+        except FedGrpcError as exc:
+            _abort(context, exc, f"Join of client {request.client_id}")
+        log.info("client %d joined from %s", request.client_id, context.peer())
+        return pb.JoinReply(
+            run=wire.run_to_pb(self._coordinator.run), current_round=self._coordinator.current_round
+        )
+
+    def GetGlobalWeights(
+        self, request: pb.GetGlobalWeightsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WeightsMessage]:
+        wait = self._max_wait_s
+        if request.max_wait_ms:
+            wait = min(wait, request.max_wait_ms / 1000)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = max(0.0, min(wait, remaining - _DEADLINE_MARGIN_S))
+        context.add_callback(self._coordinator.wake)
+        try:
+            task = self._coordinator.next_task(
+                request.client_id, request.after_round, wait, active=context.is_active
+            )
+        except FedGrpcError as exc:
+            _abort(context, exc, f"GetGlobalWeights of client {request.client_id}")
+        if task.instruction is not Instruction.TRAIN:
+            code = pb.FINISHED if task.instruction is Instruction.FINISHED else pb.WAIT
+            yield pb.WeightsMessage(header=pb.WeightsHeader(instruction=code, round=task.round))
+            return
+        messages, nbytes = self._encoded_weights(task.round, task.weights)
+        yield from messages
+        self._coordinator.count_bytes_out(task.round, nbytes)
+
+    def SubmitUpdate(
+        self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext
+    ) -> pb.SubmitUpdateReply:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            _abort(
+                context, UpdateRejectedError("an update stream must start with its header"), "SubmitUpdate"
+            )
+        header = first.header
+        what = f"update of client {header.client_id} for round {header.round}"
+        try:
+            specs = [wire.spec_from_pb(t) for t in header.tensors]
+            self._coordinator.check_header(header.client_id, header.round, header.num_examples, specs)
+            received = wire.assemble(specs, self._chunks(request_iterator))
+            count, expected = self._coordinator.submit(
+                header.client_id,
+                header.round,
+                header.num_examples,
+                dict(header.metrics),
+                received.arrays,
+                received.wire_bytes + first.ByteSize(),
+            )
+        except FedGrpcError as exc:
+            _abort(context, exc, what)
+        log.debug("accepted %s (%d/%d)", what, count, expected)
+        return pb.SubmitUpdateReply(round=header.round, received=count, expected=expected)
+
+    @staticmethod
+    def _chunks(messages: Iterator[pb.UpdateMessage]) -> Iterator[pb.TensorChunk]:
+        for message in messages:
+            if message.WhichOneof("part") != "chunk":
+                raise UpdateRejectedError("an update stream carries one header, then only tensor chunks")
+            yield message.chunk
+
+    def _encoded_weights(
+        self, round_number: int, weights: tuple[np.ndarray, ...]
+    ) -> tuple[list[pb.WeightsMessage], int]:
+        """The round's weights as messages, encoded once and shared by every client's stream."""
+        with self._encode_lock:
+            if self._encoded is None or self._encoded[0] != round_number:
+                messages = wire.weights_stream(
+                    round_number, self._coordinator.specs, weights, self._chunk_bytes
+                )
+                self._encoded = (round_number, messages, sum(m.ByteSize() for m in messages))
+            return self._encoded[1], self._encoded[2]

@@ -1,0 +1,36 @@
+"""Shared fixtures: small synthetic data (never the network), free loopback ports, a private cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def make_synthetic(n: int, seed: int, *, size: int = 32, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose red level tracks the label: learnable in a round or two, like a tiny CIFAR."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n).astype(np.uint8)
+    x = rng.integers(0, 60, (n, size, size, 3)).astype(np.uint8)
+    x[..., 0] += (y * (190 // classes)).astype(np.uint8)[:, None, None]
+    return x, y
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("FEDGRPC_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def synthetic_npz(tmp_path: Path) -> Path:
+    x_train, y_train = make_synthetic(300, seed=1)
+    x_test, y_test = make_synthetic(100, seed=2)
+    path = tmp_path / "synthetic.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path

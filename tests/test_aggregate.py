@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from fedgrpc.common.errors import ConfigError
+from fedgrpc.server.aggregate import WeightedSum, weighted_mean
+from fedgrpc.server.strategy import FedAvg, make_strategy
+
+
+def test_weighted_mean_matches_a_hand_computed_example() -> None:
+    a = [np.array([1.0, 2.0], np.float32), np.array([[0.0]], np.float32)]
+    b = [np.array([4.0, 8.0], np.float32), np.array([[3.0]], np.float32)]
+    # weights 1 and 2: (1*1 + 2*4)/3 = 3, (1*2 + 2*8)/3 = 6, (0 + 2*3)/3 = 2
+    out = weighted_mean([(a, 1), (b, 2)])
+    np.testing.assert_array_equal(out[0], [3.0, 6.0])
+    np.testing.assert_array_equal(out[1], [[2.0]])
+    assert out[0].dtype == np.float32
+
+
+def test_equal_counts_give_the_plain_mean() -> None:
+    rng = np.random.default_rng(0)
+    updates = [[rng.standard_normal((5, 5)).astype(np.float32)] for _ in range(3)]
+    out = weighted_mean([(u, 16666) for u in updates])
+    np.testing.assert_allclose(out[0], np.mean([u[0] for u in updates], axis=0), atol=1e-6)
+
+
+def test_float64_accumulation_keeps_float32_exact_to_1e6() -> None:
+    rng = np.random.default_rng(1)
+    updates = [
+        ([rng.standard_normal(10_000).astype(np.float32) * 10], int(n)) for n in rng.integers(1, 50_000, 20)
+    ]
+    expected = sum(w[0].astype(np.float64) * n for w, n in updates) / sum(n for _, n in updates)
+    out = weighted_mean(updates)[0]
+    assert np.max(np.abs(out.astype(np.float64) - expected)) <= 1e-6
+
+
+def test_running_sum_equals_batch_mean_in_any_order() -> None:
+    rng = np.random.default_rng(2)
+    updates = [
+        ([rng.standard_normal((3, 4)).astype(np.float32)], int(rng.integers(1, 100))) for _ in range(7)
+    ]
+    total = WeightedSum.like(updates[0][0])
+    for weights, n in reversed(updates):
+        total.add(weights, n)
+    np.testing.assert_allclose(total.mean()[0], weighted_mean(updates)[0], atol=1e-7)
+    assert total.count == 7
+
+
+def test_integer_tensors_are_rounded_back() -> None:
+    out = weighted_mean([([np.array([1], np.int64)], 1), ([np.array([2], np.int64)], 3)])
+    assert out[0].dtype == np.int64 and out[0][0] == 2  # 1.75 rounds to 2
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_non_positive_counts_are_refused(bad: int) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        WeightedSum.like([np.zeros(2)]).add([np.zeros(2)], bad)
+
+
+def test_shape_mismatch_is_refused() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        WeightedSum.like([np.zeros(2)]).add([np.zeros(3)], 1)
+
+
+def test_fedavg_strategy_averages_one_round_at_a_time() -> None:
+    strategy = FedAvg()
+    strategy.begin_round([np.zeros(2, np.float32)])
+    strategy.add([np.array([2.0, 2.0], np.float32)], 1)
+    strategy.add([np.array([4.0, 8.0], np.float32)], 1)
+    np.testing.assert_array_equal(strategy.result()[0], [3.0, 5.0])
+    strategy.begin_round([np.zeros(2, np.float32)])  # a new round forgets the last one
+    strategy.add([np.array([1.0, 1.0], np.float32)], 5)
+    np.testing.assert_array_equal(strategy.result()[0], [1.0, 1.0])
+
+
+def test_unknown_strategy_names_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="fedavg"):
+        make_strategy("mystery")

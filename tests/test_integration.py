@@ -1,0 +1,107 @@
+"""Real fl-server and fl-client processes on 127.0.0.1, small synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedgrpc.server.local import free_port
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(BIN / args[0]), *args[1:]], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=ENV
+    )
+
+
+def finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"{process.args!r} did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_three_clients_two_rounds_end_to_end(tmp_path: Path, synthetic_npz: Path) -> None:
+    port, out = free_port(), tmp_path / "out"
+    server_log = tmp_path / "server.log"
+    server = start(
+        "fl-server", "--host", "127.0.0.1", "--port", str(port), "--rounds", "2", "--clients", "3",
+        "--data", str(synthetic_npz), "--out", str(out), "--record-updates", log=server_log,
+    )  # fmt: skip
+    clients = []
+    for client_id in (1, 2, 3):
+        log = tmp_path / f"client-{client_id}.log"
+        client = start(
+            "fl-client", "--id", str(client_id), "--server", f"127.0.0.1:{port}",
+            "--data", str(synthetic_npz),
+            "--threads", "1", log=log,
+        )  # fmt: skip
+        clients.append((client, log))
+    for client, log in clients:
+        assert finish(client, log) == 0, log.read_text()
+    assert finish(server, server_log) == 0, server_log.read_text()
+
+    history = json.loads((out / "history.json").read_text())
+    assert history["finished"] is True
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    for record in history["rounds"]:
+        assert 0.0 <= record["accuracy"] <= 1.0 and record["loss"] > 0
+        assert sorted(c["client_id"] for c in record["clients"]) == [1, 2, 3]
+        assert record["bytes_in"] > 3 * 167_562 * 4 and record["bytes_out"] > 3 * 167_562 * 4
+    assert "round 2/2  acc" in server_log.read_text()
+
+    # The saved global model is exactly the example-weighted mean of the last round's accepted updates.
+    import keras
+
+    last = history["rounds"][-1]
+    counts = {c["client_id"]: c["num_examples"] for c in last["clients"]}
+    assert sum(counts.values()) == 300  # 3 shards of 100
+    updates = []
+    for client_id, n in counts.items():
+        with np.load(out / "updates" / "round-0002" / f"client-{client_id}.npz") as npz:
+            updates.append(([npz[k] for k in sorted(npz.files)], n))
+    expected = [sum(w[i].astype(np.float64) * n for w, n in updates) / sum(counts.values()) for i in range(8)]
+    saved = keras.models.load_model(out / "final_model.keras").get_weights()
+    for got, want in zip(saved, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_client_id_outside_the_run_is_refused_clearly(tmp_path: Path, synthetic_npz: Path) -> None:
+    port = free_port()
+    server_log = tmp_path / "server.log"
+    server = start(
+        "fl-server", "--host", "127.0.0.1", "--port", str(port), "--rounds", "1", "--clients", "2",
+        "--data", str(synthetic_npz), "--out", str(tmp_path / "out"), log=server_log,
+    )  # fmt: skip
+    try:
+        result = subprocess.run(
+            [str(BIN / "fl-client"), "--id", "3", "--server", f"127.0.0.1:{port}",
+             "--data", str(synthetic_npz)],
+            capture_output=True, text=True, env=ENV, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert "client id 3 is not part of this run: ids are 1..2" in result.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_unreachable_server_fails_after_the_connect_timeout() -> None:
+    result = subprocess.run(
+        [str(BIN / "fl-client"), "--id", "1", "--server", f"127.0.0.1:{free_port()}",
+         "--connect-timeout", "2"],
+        capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "is fl-server running there?" in result.stderr

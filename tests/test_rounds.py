@@ -1,0 +1,128 @@
+"""The round state machine on its own: no network, no TensorFlow."""
+
+import threading
+
+import numpy as np
+import pytest
+from fedgrpc.common.codec import TensorSpec
+from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import NotEnrolledError, StaleRoundError, UpdateRejectedError
+from fedgrpc.server.rounds import Instruction, RoundCoordinator
+from fedgrpc.server.strategy import FedAvg
+
+SPECS = [TensorSpec("w", "float32", (2,)), TensorSpec("b", "float32", ())]
+
+
+def weights(value: float) -> list[np.ndarray]:
+    return [np.full(2, value, np.float32), np.array(value, np.float32)]
+
+
+@pytest.fixture
+def coordinator() -> RoundCoordinator:
+    c = RoundCoordinator(RunSpec(rounds=2, num_clients=2), SPECS, FedAvg(), max_examples=1000)
+    c.open_round(1, weights(0.0))
+    return c
+
+
+def submit(
+    c: RoundCoordinator, client: int, value: float, n: int = 10, round_number: int = 1
+) -> tuple[int, int]:
+    c.check_header(client, round_number, n, SPECS)
+    return c.submit(client, round_number, n, {"loss": 1.0}, weights(value), wire_bytes=16)
+
+
+def test_a_round_closes_with_the_weighted_mean(coordinator: RoundCoordinator) -> None:
+    assert submit(coordinator, 1, 1.0, n=10) == (1, 2)
+    assert not coordinator.wait_complete(timeout=0)
+    assert submit(coordinator, 2, 4.0, n=20) == (2, 2)
+    assert coordinator.wait_complete(timeout=0)
+    outcome = coordinator.close_round()
+    np.testing.assert_allclose(outcome.weights[0], [3.0, 3.0])
+    assert [u.client_id for u in outcome.updates] == [1, 2]
+    assert outcome.bytes_in == 32
+
+
+def test_train_task_carries_the_round_weights(coordinator: RoundCoordinator) -> None:
+    task = coordinator.next_task(1, after_round=0, timeout=0)
+    assert task.instruction is Instruction.TRAIN and task.round == 1
+    assert not task.weights[0].flags.writeable  # shared between handler threads: read-only
+    assert coordinator.next_task(1, after_round=1, timeout=0).instruction is Instruction.WAIT
+
+
+def test_long_poll_wakes_when_the_next_round_opens(coordinator: RoundCoordinator) -> None:
+    results = []
+    waiter = threading.Thread(
+        target=lambda: results.append(coordinator.next_task(1, after_round=1, timeout=10))
+    )
+    waiter.start()
+    submit(coordinator, 1, 1.0)
+    submit(coordinator, 2, 1.0)
+    coordinator.close_round()
+    coordinator.open_round(2, weights(1.0))
+    waiter.join(timeout=5)
+    assert results and results[0].instruction is Instruction.TRAIN and results[0].round == 2
+
+
+def test_finish_tells_waiting_clients(coordinator: RoundCoordinator) -> None:
+    coordinator.finish()
+    assert coordinator.next_task(2, after_round=1, timeout=0).instruction is Instruction.FINISHED
+    assert coordinator.wait_told_finished([2], timeout=0)
+    assert not coordinator.wait_told_finished([1, 2], timeout=0)
+
+
+def test_duplicate_updates_count_once(coordinator: RoundCoordinator) -> None:
+    submit(coordinator, 1, 1.0)
+    with pytest.raises(UpdateRejectedError, match="already submitted") as info:
+        submit(coordinator, 1, 100.0)
+    assert info.value.code == "ALREADY_EXISTS"
+    submit(coordinator, 2, 3.0)
+    np.testing.assert_allclose(coordinator.close_round().weights[0], [2.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    ("client", "round_number", "n", "specs", "error", "message"),
+    [
+        (3, 1, 10, SPECS, NotEnrolledError, "ids are 1..2"),
+        (0, 1, 10, SPECS, NotEnrolledError, "not part of this run"),
+        (1, 2, 10, SPECS, StaleRoundError, "round 2 is not open"),
+        (1, 0, 10, SPECS, StaleRoundError, "open round: 1"),
+        (1, 1, 0, SPECS, UpdateRejectedError, "must be positive"),
+        (1, 1, 10**9, SPECS, UpdateRejectedError, "limit of 1000"),
+        (1, 1, 10, SPECS[:1], UpdateRejectedError, "has 1 tensors"),
+        (1, 1, 10, [TensorSpec("w", "float64", (2,)), SPECS[1]], UpdateRejectedError, "expected 'w' float32"),
+        (1, 1, 10, [TensorSpec("w", "float32", (3,)), SPECS[1]], UpdateRejectedError, r"float32\[3\]"),
+        (1, 1, 10, [TensorSpec("x", "float32", (2,)), SPECS[1]], UpdateRejectedError, "'x'"),
+    ],
+)
+def test_bad_headers_are_refused_before_any_bytes(
+    coordinator: RoundCoordinator,
+    client: int,
+    round_number: int,
+    n: int,
+    specs: list[TensorSpec],
+    error: type,
+    message: str,
+) -> None:
+    with pytest.raises(error, match=message):
+        coordinator.check_header(client, round_number, n, specs)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_updates_never_reach_the_aggregate(coordinator: RoundCoordinator, bad: float) -> None:
+    poisoned = weights(1.0)
+    poisoned[0][1] = bad
+    with pytest.raises(UpdateRejectedError, match="NaN or infinite"):
+        coordinator.submit(1, 1, 10, {}, poisoned, wire_bytes=0)
+    submit(coordinator, 1, 1.0)
+    submit(coordinator, 2, 1.0)
+    outcome = coordinator.close_round()
+    np.testing.assert_array_equal(outcome.weights[0], [1.0, 1.0])
+    assert len(outcome.updates) == 2
+
+
+def test_updates_after_the_round_closed_are_stale(coordinator: RoundCoordinator) -> None:
+    submit(coordinator, 1, 1.0)
+    submit(coordinator, 2, 1.0)
+    coordinator.close_round()
+    with pytest.raises(StaleRoundError, match="aggregating"):
+        coordinator.check_header(1, 1, 10, SPECS)

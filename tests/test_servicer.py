@@ -1,0 +1,177 @@
+"""The gRPC boundary with a real server on 127.0.0.1: status codes, streams, a model that does not change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from fedgrpc.client.connection import Connection, Instruction
+from fedgrpc.common import wire
+from fedgrpc.common.codec import TensorSpec
+from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import NotEnrolledError, StaleRoundError, UpdateRejectedError
+from fedgrpc.server.rounds import RoundCoordinator
+from fedgrpc.server.servicer import CoordinatorServicer
+from fedgrpc.server.strategy import FedAvg
+from fedgrpc.v1 import coordinator_pb2 as pb
+from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+
+# Bigger than gRPC's default 4 MB message limit, so only chunked streaming can carry it.
+SPECS = [TensorSpec("dense/kernel", "float32", (1200, 1000)), TensorSpec("dense/bias", "float32", (1000,))]
+GLOBAL = [np.random.default_rng(0).standard_normal(s.shape).astype(np.float32) for s in SPECS]
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[RoundCoordinator, str]]:
+    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg())
+    coordinator.open_round(1, GLOBAL)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, max_wait_s=2), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield coordinator, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def raw_submit(target: str, messages: list[pb.UpdateMessage]) -> grpc.RpcError:
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.CoordinatorStub(channel).SubmitUpdate(iter(messages), timeout=10)
+    return info.value
+
+
+def update(
+    client: int = 1, round_number: int = 1, arrays: list[np.ndarray] | None = None, n: int = 5
+) -> list[pb.UpdateMessage]:
+    return list(
+        wire.update_stream(
+            client_id=client, round_number=round_number, num_examples=n, metrics={"loss": 0.5},
+            specs=SPECS, arrays=arrays if arrays is not None else GLOBAL,
+        )
+    )  # fmt: skip
+
+
+def test_a_model_over_4mb_goes_down_and_up_exactly(served: tuple[RoundCoordinator, str]) -> None:
+    coordinator, target = served
+    with Connection(target, 1, connect_timeout_s=5) as connection:
+        task = connection.next_task(after_round=0, max_wait_s=1)
+        assert task.instruction is Instruction.TRAIN and task.round == 1
+        for got, want in zip(task.weights, GLOBAL, strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert connection.submit(1, SPECS, [w + 1 for w in GLOBAL], 10, {"loss": 1.0}) == (1, 2)
+    with Connection(target, 2, connect_timeout_s=5) as connection:
+        assert connection.submit(1, SPECS, [w + 4 for w in GLOBAL], 30, {}) == (2, 2)
+    outcome = coordinator.close_round()
+    np.testing.assert_allclose(outcome.weights[0], GLOBAL[0] + 3.25, atol=1e-5)  # (1*10 + 4*30) / 40
+
+
+def test_unknown_client_is_refused_at_join(served: tuple[RoundCoordinator, str]) -> None:
+    with (
+        Connection(served[1], 7, connect_timeout_s=5) as connection,
+        pytest.raises(NotEnrolledError, match="1..2"),
+    ):
+        connection.join()
+
+
+def test_join_returns_the_run(served: tuple[RoundCoordinator, str]) -> None:
+    with Connection(served[1], 2, connect_timeout_s=5) as connection:
+        run, current = connection.join()
+    assert (run.num_clients, run.rounds, current) == (2, 1, 1)
+
+
+def test_long_poll_answers_wait_when_nothing_is_open(served: tuple[RoundCoordinator, str]) -> None:
+    with Connection(served[1], 1, connect_timeout_s=5) as connection:
+        task = connection.next_task(after_round=1, max_wait_s=0.2)
+    assert task.instruction is Instruction.WAIT
+
+
+def _chunks_only() -> list[pb.UpdateMessage]:
+    return update()[1:]
+
+
+def _truncated() -> list[pb.UpdateMessage]:
+    return update()[:-1]
+
+
+def _extra_chunk() -> list[pb.UpdateMessage]:
+    messages = update()
+    return messages + [pb.UpdateMessage(chunk=pb.TensorChunk(tensor_index=1, offset=4000, data=b"\0" * 4))]
+
+
+def _gap() -> list[pb.UpdateMessage]:
+    messages = update()
+    messages[2].chunk.offset += 8
+    return messages
+
+
+def _two_headers() -> list[pb.UpdateMessage]:
+    messages = update()
+    return messages[:2] + messages[:1] + messages[2:]
+
+
+def _nan() -> list[pb.UpdateMessage]:
+    poisoned = [w.copy() for w in GLOBAL]
+    poisoned[1][7] = np.nan
+    return update(arrays=poisoned)
+
+
+def _bad_dtype_code() -> list[pb.UpdateMessage]:
+    messages = update()
+    messages[0].header.tensors[0].dtype = 99  # type: ignore[assignment]  # no such DType
+    return messages
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "message"),
+    [
+        (_chunks_only, grpc.StatusCode.INVALID_ARGUMENT, "must start with its header"),
+        (_truncated, grpc.StatusCode.INVALID_ARGUMENT, "incomplete"),
+        (_extra_chunk, grpc.StatusCode.INVALID_ARGUMENT, "overflows"),
+        (_gap, grpc.StatusCode.INVALID_ARGUMENT, "expected"),
+        (_two_headers, grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks"),
+        (_nan, grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+        (_bad_dtype_code, grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype"),
+        (lambda: update(client=9), grpc.StatusCode.PERMISSION_DENIED, "not part of this run"),
+        (lambda: update(round_number=3), grpc.StatusCode.FAILED_PRECONDITION, "open round: 1"),
+        (lambda: update(n=0), grpc.StatusCode.INVALID_ARGUMENT, "positive"),
+    ],
+    ids=[
+        "no-header",
+        "truncated",
+        "extra-bytes",
+        "gap",
+        "two-headers",
+        "nan",
+        "dtype",
+        "unknown-id",
+        "stale",
+        "zero-n",
+    ],
+)
+def test_malformed_updates_get_a_status_and_change_nothing(
+    served: tuple[RoundCoordinator, str],
+    make: Callable[[], list[pb.UpdateMessage]],
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    coordinator, target = served
+    error = raw_submit(target, make())
+    assert error.code() == code
+    assert message in (error.details() or "")
+    # the round still takes two good updates and averages exactly them
+    with Connection(target, 1, connect_timeout_s=5) as one, Connection(target, 2, connect_timeout_s=5) as two:
+        one.submit(1, SPECS, GLOBAL, 1, {})
+        assert two.submit(1, SPECS, GLOBAL, 1, {}) == (2, 2)
+    np.testing.assert_array_equal(coordinator.close_round().weights[0], GLOBAL[0])
+
+
+def test_client_errors_map_back_to_fedgrpc_errors(served: tuple[RoundCoordinator, str]) -> None:
+    with Connection(served[1], 1, connect_timeout_s=5) as connection:
+        connection.submit(1, SPECS, GLOBAL, 1, {})
+        with pytest.raises(UpdateRejectedError, match="already submitted") as info:
+            connection.submit(1, SPECS, GLOBAL, 1, {})
+        assert info.value.code == "ALREADY_EXISTS"
+        with pytest.raises(StaleRoundError):
+            connection.submit(2, SPECS, GLOBAL, 1, {})
