@@ -14,7 +14,7 @@ from fedgrpc.client.connection import Connection, Instruction
 from fedgrpc.common import device
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.data import describe, load_split
-from fedgrpc.common.errors import ConfigError, StaleRoundError
+from fedgrpc.common.errors import ConfigError, RunChangedError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.logs import human_bytes
 from fedgrpc.common.partition import shard_indices
 
@@ -89,6 +89,11 @@ def run_client(config: ClientConfig) -> int:
         last_round, trained = 0, 0
         while True:
             task = connection.next_task(last_round, config.max_wait_s)
+            if task.run_id and task.run_id != run.run_id:
+                raise RunChangedError(
+                    f"the server at {config.server} now runs {task.run_id}, not the run {run.run_id} this "
+                    "client joined (it was replaced, not resumed); start the client again to join the new run"
+                )
             if task.instruction is Instruction.FINISHED:
                 log.info("run finished after %d rounds; trained %d of them", task.round, trained)
                 return trained
@@ -106,6 +111,10 @@ def run_client(config: ClientConfig) -> int:
                 log.warning("round %d closed before this update arrived: %s", task.round, exc)
                 last_round = task.round
                 continue
+            except UpdateRejectedError as exc:
+                if exc.code != "ALREADY_EXISTS":  # a retried submit whose first try got through
+                    raise
+                received, expected = 0, run.num_clients
             last_round, trained = task.round, trained + 1
             log.info(
                 "round %d  loss %.4f  acc %.4f  %.1f s  down %s  (%d/%d updates in)",

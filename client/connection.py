@@ -3,8 +3,8 @@
 The only module of fedgrpc.client that touches generated *_pb2 types, and the place where
 gRPC status codes become fedgrpc errors:
 
-    UNAVAILABLE, DEADLINE_EXCEEDED   retried with exponential backoff and jitter until the
-                                     connect timeout, then ServerUnavailableError
+    UNAVAILABLE, DEADLINE_EXCEEDED,  retried with exponential backoff and jitter until the
+    CANCELLED                        connect timeout, then ServerUnavailableError
     PERMISSION_DENIED                NotEnrolledError
     FAILED_PRECONDITION              StaleRoundError
     anything else                    UpdateRejectedError with the server's message
@@ -38,7 +38,8 @@ from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# CANCELLED too: this client never cancels its own calls, so a cancel comes from a server stopping.
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 #: Channel settings: keepalive pings so a dead server is noticed during a long poll, and
 #: message limits well above one chunk (streams never need more).
@@ -64,6 +65,7 @@ class Task:
     specs: tuple[TensorSpec, ...] = ()
     weights: list[np.ndarray] = field(default_factory=list)
     wire_bytes: int = 0
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -170,22 +172,37 @@ class Connection:
             )
         header = first.header
         if header.instruction == pb.FINISHED:
-            return Task(Instruction.FINISHED, header.round)
+            return Task(Instruction.FINISHED, header.round, run_id=header.run_id)
         if header.instruction != pb.TRAIN:
-            return Task(Instruction.WAIT, header.round)
+            return Task(Instruction.WAIT, header.round, run_id=header.run_id)
         specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
         received = wire.assemble(specs, (m.chunk for m in stream))
-        return Task(Instruction.TRAIN, header.round, specs, received.arrays, received.wire_bytes)
+        return Task(
+            Instruction.TRAIN, header.round, specs, received.arrays, received.wire_bytes, header.run_id
+        )
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.connect_timeout_s
         delays = self.backoff.delays()
+        failures = 0
         while True:
             try:
-                return call()
+                result = call()
+                if failures:
+                    log.info("%s: server at %s is back", what, self.target)
+                return result
             except grpc.RpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     raise _error_from(exc) from None
+                failures += 1
+                if failures == 1 and what != "join":
+                    log.warning(
+                        "%s: %s (%s); retrying for up to %.0f s",
+                        what,
+                        exc.code().name,
+                        exc.details(),
+                        self.connect_timeout_s,
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ServerUnavailableError(

@@ -8,7 +8,9 @@
     ├── UpdateRejectedError       the server refused an update (status and reason inside)
     │   └── StaleRoundError       the update was for a round that is not open any more
     ├── NotEnrolledError          the server does not know this client id
-    └── ServerUnavailableError    the server could not be reached in time
+    ├── ServerUnavailableError    the server could not be reached in time
+    ├── RunChangedError           the server now runs another run than the one joined
+    └── CheckpointError           a checkpoint that is missing pieces, truncated or corrupted
 
 gRPC status codes are mapped to and from these at the two boundaries only:
 fedgrpc.server.servicer and fedgrpc.client.connection.
@@ -59,3 +61,11 @@ class NotEnrolledError(FedGrpcError):
 
 class ServerUnavailableError(FedGrpcError):
     """The server did not answer before the connect timeout."""
+
+
+class RunChangedError(FedGrpcError):
+    """The server answers for a different run than the one this client joined."""
+
+
+class CheckpointError(FedGrpcError):
+    """A checkpoint that cannot be trusted; the message says which file and why."""

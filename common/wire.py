@@ -76,10 +76,12 @@ def weights_stream(
     specs: Sequence[TensorSpec],
     arrays: Sequence[np.ndarray],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    run_id: str = "",
 ) -> list[pb.WeightsMessage]:
     """The whole GetGlobalWeights answer for a TRAIN instruction, built once and sent to every client."""
     header = pb.WeightsHeader(
-        instruction=pb.TRAIN, round=round_number, tensors=[spec_to_pb(s) for s in specs]
+        instruction=pb.TRAIN, round=round_number, tensors=[spec_to_pb(s) for s in specs], run_id=run_id
     )
     messages = [pb.WeightsMessage(header=header)]
     messages.extend(pb.WeightsMessage(chunk=c) for c in _chunk_messages(arrays, chunk_bytes))

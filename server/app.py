@@ -1,26 +1,51 @@
-"""A whole server run: load the test set, build the model, serve, drive the rounds, save results."""
+"""A whole server run: load the test set, build or resume the model, serve, drive the rounds."""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import FrameType
 
 import grpc
+import numpy as np
 from fedgrpc.common import device
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.data import describe, load_split, model_inputs
-from fedgrpc.common.errors import DataError
+from fedgrpc.common.errors import ConfigError, DataError
 from fedgrpc.common.logs import human_bytes
+from fedgrpc.server.checkpoint import CheckpointStore, weights_digest
 from fedgrpc.server.results import ClientReport, RoundRecord, RunResults
 from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.servicer import DEFAULT_MAX_WAIT_S, CoordinatorServicer
+from fedgrpc.server.servicer import DEFAULT_MAX_WAIT_S, SERVER_OPTIONS, serve
 from fedgrpc.server.strategy import make_strategy
-from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedgrpc.server")
+
+#: RunSpec fields a resumed run must share with its checkpoint (rounds may be extended).
+_RESUME_MUST_MATCH = ("num_clients", "partition_seed", "model", "batch_size", "local_epochs", "learning_rate")
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """When a round may close without every client.
+
+    A round closes as soon as all enrolled clients have reported. After `timeout_s` it closes
+    with what it has, if that is at least `min_clients`; with fewer it keeps waiting.
+    """
+
+    min_clients: int | None = None  # None: all enrolled clients
+    timeout_s: float | None = None  # None: wait for everyone, however long
+
+    def minimum(self, run: RunSpec) -> int:
+        wanted = run.num_clients if self.min_clients is None else self.min_clients
+        if not 1 <= wanted <= run.num_clients:
+            raise ConfigError(f"--min-clients must be in 1..{run.num_clients}, got {wanted}")
+        return wanted
 
 
 @dataclass(frozen=True)
@@ -32,6 +57,8 @@ class ServerConfig:
     out_dir: Path = Path("results")
     strategy: str = "fedavg"
     init_seed: int = 0
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+    max_examples: int = 10_000_000
     eval_batch_size: int = 256
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     finish_grace_s: float = 15.0
@@ -40,21 +67,37 @@ class ServerConfig:
 
 
 class FederatedServer:
-    """Runs one federated job from start to finish; `port` is known once `start` returns."""
+    """Runs one federated job from start (or its last checkpoint) to finish."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.results = RunResults(config.out_dir)
+        self.checkpoints = CheckpointStore(config.out_dir / "checkpoint")
         self.port = 0
         self.records: list[RoundRecord] = []
+        self._coordinator: RoundCoordinator | None = None
+        self._stop_requested = threading.Event()
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        """Stop after the step in progress (a checkpoint being written is finished first)."""
+        if not self._stop_requested.is_set():
+            log.info(
+                "%s received: stopping; the last complete round stays checkpointed",
+                signal.Signals(signum).name,
+            )
+        self._stop_requested.set()
+        if self._coordinator is not None:
+            self._coordinator.interrupt()
 
     def run(self) -> list[RoundRecord]:
         cfg = self.config
+        strategy = make_strategy(cfg.strategy)
+        checkpoint = self.checkpoints.load()  # a damaged checkpoint stops us here, before anything else
+        minimum = cfg.policy.minimum(cfg.run)
         log.info("devices: %s", device.configure(cfg.threads))
         import keras
         from fedgrpc.common.models import build_model, weight_specs
 
-        strategy = make_strategy(cfg.strategy)
         started = time.monotonic()
         test = load_split(cfg.data, "test")
         if len(test) and int(test.y.max()) >= cfg.run.num_classes:
@@ -73,7 +116,21 @@ class FederatedServer:
         keras.utils.set_random_seed(cfg.init_seed)
         model = build_model(run.model, run.input_shape, run.num_classes, learning_rate=run.learning_rate)
         specs = weight_specs(model)
-        weights = model.get_weights()
+        weights: list[np.ndarray] = model.get_weights()
+        first_round = 1
+        if checkpoint is not None:
+            run = self._resumable(run, checkpoint.run)
+            weights, self.records, first_round = (
+                checkpoint.weights,
+                list(checkpoint.history),
+                checkpoint.round + 1,
+            )
+            log.info(
+                "resuming run %s after round %d (weights %s)",
+                run.run_id,
+                checkpoint.round,
+                checkpoint.digest[:12],
+            )
         log.info("model %s: %d tensors, %d parameters", run.model, len(specs), sum(s.size for s in specs))
 
         recorder = None
@@ -82,13 +139,21 @@ class FederatedServer:
             def recorder(round_number: int, client_id: int, arrays: object) -> None:
                 self.results.record_update(round_number, client_id, specs, arrays)  # type: ignore[arg-type]
 
-        coordinator = RoundCoordinator(run, specs, strategy, recorder=recorder)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * run.num_clients + 8))
-        pb_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorServicer(coordinator, max_wait_s=cfg.max_wait_s), server
+        coordinator = RoundCoordinator(run, specs, strategy, max_examples=cfg.max_examples, recorder=recorder)
+        self._coordinator = coordinator
+        if self._stop_requested.is_set():
+            coordinator.interrupt()
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2 * run.num_clients + 8), options=SERVER_OPTIONS
         )
+        health = serve(server, coordinator, max_wait_s=cfg.max_wait_s)
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise ConfigError(
+                f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine)"
+            )
         server.start()
+        health.serving(True)
         log.info(
             "run %s: %d rounds, %d clients, listening on port %d",
             run.run_id,
@@ -97,12 +162,16 @@ class FederatedServer:
             self.port,
         )
         try:
-            log.info("waiting for %d clients to be ready", run.num_clients)
-            coordinator.wait_ready(run.num_clients)
-            for number in range(1, run.rounds + 1):
+            if first_round <= run.rounds:
+                self._wait_for_clients(coordinator, run, minimum)
+            for number in range(first_round, run.rounds + 1):
+                if coordinator.interrupted:
+                    break
                 round_started = time.monotonic()
+                start_digest = weights_digest(weights)
                 coordinator.open_round(number, weights)
-                coordinator.wait_complete()
+                if not self._collect(coordinator, run, number, minimum):
+                    break
                 outcome = coordinator.close_round()
                 weights = outcome.weights
                 model.set_weights(weights)
@@ -117,8 +186,11 @@ class FederatedServer:
                     clients=[
                         ClientReport(u.client_id, u.num_examples, dict(u.metrics)) for u in outcome.updates
                     ],
+                    start_digest=start_digest,
+                    end_digest=weights_digest(weights),
                 )
                 self.records.append(record)
+                self.checkpoints.save(run, number, weights, self.records)
                 self.results.write_history(run, self.records, finished=False)
                 log.info(
                     "round %d/%d  acc %.4f  loss %.3f  %.1f s  up %s  down %s  clients %d/%d",
@@ -126,7 +198,14 @@ class FederatedServer:
                     human_bytes(record.bytes_in), human_bytes(record.bytes_out),
                     len(outcome.updates), run.num_clients,
                 )  # fmt: skip
+            if coordinator.interrupted:
+                log.info(
+                    "stopped after round %d; restart with the same --out to resume",
+                    coordinator.current_round - 1,
+                )
+                return self.records
             coordinator.finish()
+            model.set_weights(weights)
             model.optimizer.build(
                 model.trainable_variables
             )  # saved with fresh Adam slots: loads without warnings
@@ -140,6 +219,51 @@ class FederatedServer:
                     "some clients were not told that the run finished within %.0f s", cfg.finish_grace_s
                 )
         finally:
+            health.serving(False)
             coordinator.finish()
             server.stop(grace=2.0).wait()
         return self.records
+
+    def _wait_for_clients(self, coordinator: RoundCoordinator, run: RunSpec, minimum: int) -> None:
+        """Block until round one may open: `minimum` clients ready, then the rest or the round timeout."""
+        log.info("waiting for %d clients to be ready", run.num_clients)
+        coordinator.wait_ready(minimum)
+        if coordinator.interrupted or coordinator.wait_ready(run.num_clients, self.config.policy.timeout_s):
+            return
+        log.info(
+            "starting with %d of %d clients ready; the others join from the round after they arrive",
+            coordinator.ready_clients, run.num_clients,
+        )  # fmt: skip
+
+    def _collect(self, coordinator: RoundCoordinator, run: RunSpec, number: int, minimum: int) -> bool:
+        """Wait until the open round may close; False when the server is stopping."""
+        timeout = self.config.policy.timeout_s
+        if coordinator.wait_for_updates(run.num_clients, timeout):
+            return True
+        if coordinator.interrupted:
+            return False
+        got = coordinator.received
+        if got >= minimum:
+            log.info(
+                "round %d: closing after %.0f s with %d of %d updates",
+                number,
+                timeout or 0,
+                got,
+                run.num_clients,
+            )
+            return True
+        log.warning(
+            "round %d: %d of %d updates after %.0f s, fewer than --min-clients %d; waiting for more",
+            number, got, run.num_clients, timeout or 0, minimum,
+        )  # fmt: skip
+        return coordinator.wait_for_updates(minimum)
+
+    @staticmethod
+    def _resumable(wanted: RunSpec, saved: RunSpec) -> RunSpec:
+        for name in _RESUME_MUST_MATCH:
+            if getattr(wanted, name) != getattr(saved, name):
+                raise ConfigError(
+                    f"the checkpoint in --out is of a run with {name}={getattr(saved, name)!r}, "
+                    f"not {getattr(wanted, name)!r}; use the same settings to resume, or another --out"
+                )
+        return replace(saved, rounds=wanted.rounds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +43,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-seed", type=int, default=0, help="seed of the initial global weights")
     p.add_argument("--strategy", default="fedavg", help="aggregation strategy (default %(default)s)")
     p.add_argument(
+        "--min-clients",
+        type=int,
+        default=None,
+        help="after --round-timeout, close a round with at least this many updates (default: all clients)",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=None,
+        help="seconds after which a round may close without every client (default: wait for all)",
+    )
+    p.add_argument(
+        "--max-examples", type=int, default=10_000_000, help="largest example count an update may claim"
+    )
+    p.add_argument(
         "--data",
         default=os.environ.get("FL_DATA") or None,
         help="test data: a folder, .tar.gz or .npz (default: $FL_DATA, else CIFAR-10 downloaded by Keras)",
@@ -59,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.setup("server", verbose=args.verbose)
     device.quiet_tensorflow()
-    from fedgrpc.server.app import FederatedServer, ServerConfig
+    from fedgrpc.server.app import FederatedServer, RoundPolicy, ServerConfig
 
     try:
         run = RunSpec(
@@ -81,14 +97,16 @@ def main(argv: list[str] | None = None) -> int:
             init_seed=args.init_seed,
             record_updates=args.record_updates,
             threads=args.threads,
+            policy=RoundPolicy(min_clients=args.min_clients, timeout_s=args.round_timeout),
+            max_examples=args.max_examples,
         )
-        FederatedServer(config).run()
+        server = FederatedServer(config)
+        signal.signal(signal.SIGTERM, server.request_stop)
+        signal.signal(signal.SIGINT, server.request_stop)
+        server.run()
     except FedGrpcError as exc:
         print(f"fl-server: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fl-server: interrupted", file=sys.stderr)
-        return 130
     return 0
 
 

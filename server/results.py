@@ -37,6 +37,14 @@ class RoundRecord:
     bytes_in: int
     bytes_out: int
     clients: list[ClientReport] = field(default_factory=list)
+    start_digest: str = ""  # weights_digest of the global weights the round started from
+    end_digest: str = ""  # ... and of the new global weights it produced
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
+        fields = dict(data)
+        fields["clients"] = [ClientReport(**c) for c in fields.get("clients", [])]
+        return cls(**fields)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

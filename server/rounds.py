@@ -1,13 +1,17 @@
-"""The round state machine: which round is open, who has reported, when it is complete.
+"""The round state machine: which round is open, who has reported, when it may close.
 
-    idle --open_round(r)--> training --(all expected updates in)--> complete
-      ^                                                                 |
-      +---------------- close_round() gives the aggregate -------------+
-    any --finish()--> finished
+    idle --open_round(r)--> training --close_round()--> idle --> ... --finish()--> finished
+                               |
+                               +-- interrupt(): every wait returns, so the server can stop
 
-Thread-safe: gRPC handler threads call next_task/submit while the server's driver
-thread opens and closes rounds. Accepted updates are folded into the strategy as they
-arrive, so a closed round's aggregate is ready at once.
+Who trains a round: every enrolled client that has not yet sent an update for it, except a
+client that first appeared (with no earlier round behind it) while the round was already
+open: such a late joiner takes part from the next round. A client that comes back after a
+restart of either side says which round it last finished, is not late, and simply gets the
+open round if its update for it is not in.
+
+Thread-safe: gRPC handler threads call next_task/submit while the server's driver thread
+opens and closes rounds. Accepted updates are folded into the strategy as they arrive.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
 from fedgrpc.server.strategy import Strategy
-from fedgrpc.server.validation import check_finite, check_num_examples, check_specs
+from fedgrpc.server.validation import check_arrays, check_finite, check_num_examples, check_specs
 
 
 class Phase(Enum):
@@ -98,7 +102,9 @@ class RoundCoordinator:
         self._phase = Phase.IDLE
         self._round: _Round | None = None
         self._last_round = 0
+        self._interrupted = False
         self._ready: set[int] = set()
+        self._joined_during: dict[int, int] = {}  # late joiner -> the round it must sit out
         self._told_finished: set[int] = set()
 
     # -- driver side ---------------------------------------------------------------
@@ -116,10 +122,19 @@ class RoundCoordinator:
             self._phase = Phase.TRAINING
             self._changed.notify_all()
 
-    def wait_complete(self, timeout: float | None = None) -> bool:
-        """Block until every expected client has reported for the open round."""
+    def wait_ready(self, count: int, timeout: float | None = None) -> bool:
+        """Block until `count` clients are ready to train (have asked for their first task)."""
         with self._changed:
-            return self._changed.wait_for(self._is_complete, timeout)
+            return self._changed.wait_for(
+                lambda: len(self._ready) >= count or self._interrupted, timeout
+            ) and (len(self._ready) >= count)
+
+    def wait_for_updates(self, count: int, timeout: float | None = None) -> bool:
+        """Block until the open round holds `count` accepted updates; False on timeout or interrupt."""
+        with self._changed:
+            current = self._require_round()
+            self._changed.wait_for(lambda: len(current.accepted) >= count or self._interrupted, timeout)
+            return len(current.accepted) >= count and not self._interrupted
 
     def close_round(self) -> RoundOutcome:
         with self._changed:
@@ -141,6 +156,16 @@ class RoundCoordinator:
             self._phase = Phase.FINISHED
             self._changed.notify_all()
 
+    def interrupt(self) -> None:
+        """Make every driver-side wait return now (the server is stopping)."""
+        with self._changed:
+            self._interrupted = True
+            self._changed.notify_all()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted
+
     # -- handler side --------------------------------------------------------------
 
     @property
@@ -151,19 +176,37 @@ class RoundCoordinator:
     def finished(self) -> bool:
         return self._phase is Phase.FINISHED
 
+    @property
+    def ready_clients(self) -> int:
+        return len(self._ready)
+
+    @property
+    def global_weights(self) -> tuple[np.ndarray, ...]:
+        """The weights the open (or last) round started from; read-only arrays."""
+        with self._changed:
+            return self._require_round().weights
+
+    @property
+    def received(self) -> int:
+        with self._changed:
+            return len(self._round.accepted) if self._round is not None else 0
+
     def next_task(
         self, client_id: int, after_round: int, timeout: float, *, active: Callable[[], bool] = lambda: True
     ) -> Task:
-        """Wait up to `timeout` seconds for a round later than `after_round`, or the end of the run.
+        """Wait up to `timeout` seconds for something for this client to do.
 
-        `active` says whether the caller still wants an answer (a cancelled call stops waiting
-        at the next wake-up; see `wake`).
+        `after_round` is the last round the client finished (0 for a new client). `active`
+        says whether the caller still wants an answer: a cancelled call stops waiting at the
+        next wake-up (see `wake`).
         """
         self.check_client(client_id)
         deadline = time.monotonic() + timeout
         with self._changed:
             if client_id not in self._ready:
                 self._ready.add(client_id)
+                if after_round == 0 and self._phase is Phase.TRAINING and self._round is not None:
+                    self._joined_during[client_id] = self._round.number
                 self._changed.notify_all()
             while True:
                 if self._phase is Phase.FINISHED:
@@ -171,21 +214,16 @@ class RoundCoordinator:
                     self._changed.notify_all()
                     return Task(Instruction.FINISHED, self._last_round)
                 current = self._round
-                if self._phase is Phase.TRAINING and current is not None and current.number > after_round:
+                if (
+                    self._phase is Phase.TRAINING
+                    and current is not None
+                    and self._may_train(client_id, current)
+                ):
                     return Task(Instruction.TRAIN, current.number, current.weights)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not active():
                     return Task(Instruction.WAIT, self._last_round)
                 self._changed.wait(remaining)
-
-    def wait_ready(self, count: int, timeout: float | None = None) -> bool:
-        """Block until `count` clients are ready to train (have asked for their first task)."""
-        with self._changed:
-            return self._changed.wait_for(lambda: len(self._ready) >= count or self.finished, timeout)
-
-    @property
-    def ready_clients(self) -> int:
-        return len(self._ready)
 
     def wake(self) -> None:
         """Wake every waiting call so that cancelled ones can return."""
@@ -222,6 +260,7 @@ class RoundCoordinator:
         """Validate and count one update; returns (updates received, updates expected)."""
         self.check_client(client_id)
         check_num_examples(num_examples, self._max_examples)
+        check_arrays(self.specs, weights)
         check_finite(self.specs, weights)
         with self._changed:
             current = self._check_round(client_id, round_number)
@@ -239,6 +278,9 @@ class RoundCoordinator:
                 self._round.bytes_out += nbytes
 
     # -- internals (call with the lock held) -----------------------------------------
+
+    def _may_train(self, client_id: int, current: _Round) -> bool:
+        return client_id not in current.accepted and self._joined_during.get(client_id, 0) < current.number
 
     def _require_round(self) -> _Round:
         if self._round is None:
@@ -265,12 +307,10 @@ class RoundCoordinator:
                 "it was counted once",
                 code="ALREADY_EXISTS",
             )
+        if self._joined_during.get(client_id, 0) >= current.number:
+            raise StaleRoundError(
+                f"client {client_id} joined while round {current.number} was open; "
+                "it takes part from the next round",
+                current_round=current.number,
+            )
         return current
-
-    def _is_complete(self) -> bool:
-        current = self._round
-        return self._phase is Phase.FINISHED or (
-            current is not None
-            and self._phase is Phase.TRAINING
-            and len(current.accepted) >= self.run.num_clients
-        )

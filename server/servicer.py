@@ -24,11 +24,22 @@ from fedgrpc.common.errors import CodecError, FedGrpcError, NotEnrolledError, Up
 from fedgrpc.server.rounds import Instruction, RoundCoordinator
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_WAIT_S = 30.0
 _DEADLINE_MARGIN_S = 0.5
+MAX_MESSAGE_BYTES = 16 << 20  # one chunk (1 MiB by default) and its framing; larger gets RESOURCE_EXHAUSTED
+
+#: Accept the clients' keepalive pings (every 20 s, also between calls) instead of answering
+#: them with GOAWAY, and bound what one message may make the server allocate.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 def _status_of(error: FedGrpcError) -> grpc.StatusCode:
@@ -90,7 +101,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
             _abort(context, exc, f"GetGlobalWeights of client {request.client_id}")
         if task.instruction is not Instruction.TRAIN:
             code = pb.FINISHED if task.instruction is Instruction.FINISHED else pb.WAIT
-            yield pb.WeightsMessage(header=pb.WeightsHeader(instruction=code, round=task.round))
+            run_id = self._coordinator.run.run_id
+            yield pb.WeightsMessage(
+                header=pb.WeightsHeader(instruction=code, round=task.round, run_id=run_id)
+            )
             return
         messages, nbytes = self._encoded_weights(task.round, task.weights)
         yield from messages
@@ -137,7 +151,36 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
         with self._encode_lock:
             if self._encoded is None or self._encoded[0] != round_number:
                 messages = wire.weights_stream(
-                    round_number, self._coordinator.specs, weights, self._chunk_bytes
+                    round_number,
+                    self._coordinator.specs,
+                    weights,
+                    self._chunk_bytes,
+                    run_id=self._coordinator.run.run_id,
                 )
                 self._encoded = (round_number, messages, sum(m.ByteSize() for m in messages))
             return self._encoded[1], self._encoded[2]
+
+
+class Health:
+    """The standard grpc.health.v1 service, SERVING only while the coordinator can take clients."""
+
+    SERVICES = ("", "fedgrpc.v1.Coordinator")
+
+    def __init__(self) -> None:
+        self.servicer = health.HealthServicer()
+        self.serving(False)
+
+    def serving(self, up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in self.SERVICES:
+            self.servicer.set(service, status)
+
+
+def serve(
+    server: grpc.Server, coordinator: RoundCoordinator, *, max_wait_s: float = DEFAULT_MAX_WAIT_S
+) -> Health:
+    """Register the coordinator and the health service on a gRPC server; returns the health switch."""
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, max_wait_s=max_wait_s), server)
+    checker = Health()
+    health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
+    return checker

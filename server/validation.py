@@ -25,6 +25,16 @@ def check_specs(expected: Sequence[TensorSpec], declared: Sequence[TensorSpec]) 
             )
 
 
+def check_arrays(expected: Sequence[TensorSpec], arrays: Sequence[np.ndarray]) -> None:
+    """Decoded arrays have the model's dtypes and shapes (names travel in the header only)."""
+    if len(arrays) != len(expected):
+        raise UpdateRejectedError(f"update has {len(arrays)} tensors, the model has {len(expected)}")
+    check_specs(
+        expected,
+        [TensorSpec(s.name, a.dtype.name, tuple(a.shape)) for s, a in zip(expected, arrays, strict=True)],
+    )
+
+
 def check_num_examples(num_examples: int, max_examples: int) -> None:
     if num_examples <= 0:
         raise UpdateRejectedError(

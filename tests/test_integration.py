@@ -3,32 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from fedgrpc.server.local import free_port
-
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(BIN / args[0]), *args[1:]], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=ENV
-    )
-
-
-def finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> int:
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"{process.args!r} did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+from helpers import BIN, ENV, finish, start
 
 
 def test_three_clients_two_rounds_end_to_end(tmp_path: Path, synthetic_npz: Path) -> None:

@@ -20,6 +20,9 @@ def weights(value: float) -> list[np.ndarray]:
 @pytest.fixture
 def coordinator() -> RoundCoordinator:
     c = RoundCoordinator(RunSpec(rounds=2, num_clients=2), SPECS, FedAvg(), max_examples=1000)
+    for client in (1, 2):  # both clients are ready before the first round opens, as the server waits for
+        assert c.next_task(client, after_round=0, timeout=0).instruction is Instruction.WAIT
+    assert c.wait_ready(2, timeout=0)
     c.open_round(1, weights(0.0))
     return c
 
@@ -33,9 +36,9 @@ def submit(
 
 def test_a_round_closes_with_the_weighted_mean(coordinator: RoundCoordinator) -> None:
     assert submit(coordinator, 1, 1.0, n=10) == (1, 2)
-    assert not coordinator.wait_complete(timeout=0)
+    assert not coordinator.wait_for_updates(2, timeout=0)
     assert submit(coordinator, 2, 4.0, n=20) == (2, 2)
-    assert coordinator.wait_complete(timeout=0)
+    assert coordinator.wait_for_updates(2, timeout=0)
     outcome = coordinator.close_round()
     np.testing.assert_allclose(outcome.weights[0], [3.0, 3.0])
     assert [u.client_id for u in outcome.updates] == [1, 2]
@@ -46,16 +49,17 @@ def test_train_task_carries_the_round_weights(coordinator: RoundCoordinator) -> 
     task = coordinator.next_task(1, after_round=0, timeout=0)
     assert task.instruction is Instruction.TRAIN and task.round == 1
     assert not task.weights[0].flags.writeable  # shared between handler threads: read-only
+    submit(coordinator, 1, 1.0)
     assert coordinator.next_task(1, after_round=1, timeout=0).instruction is Instruction.WAIT
 
 
 def test_long_poll_wakes_when_the_next_round_opens(coordinator: RoundCoordinator) -> None:
+    submit(coordinator, 1, 1.0)
     results = []
     waiter = threading.Thread(
         target=lambda: results.append(coordinator.next_task(1, after_round=1, timeout=10))
     )
     waiter.start()
-    submit(coordinator, 1, 1.0)
     submit(coordinator, 2, 1.0)
     coordinator.close_round()
     coordinator.open_round(2, weights(1.0))
@@ -126,3 +130,33 @@ def test_updates_after_the_round_closed_are_stale(coordinator: RoundCoordinator)
     coordinator.close_round()
     with pytest.raises(StaleRoundError, match="aggregating"):
         coordinator.check_header(1, 1, 10, SPECS)
+
+
+def test_a_late_joiner_sits_out_the_open_round() -> None:
+    coordinator = RoundCoordinator(RunSpec(rounds=2, num_clients=2), SPECS, FedAvg())
+    coordinator.next_task(1, after_round=0, timeout=0)
+    coordinator.open_round(1, weights(0.0))
+    # client 2 appears for the first time (after_round=0) while round 1 is open
+    assert coordinator.next_task(2, after_round=0, timeout=0).instruction is Instruction.WAIT
+    with pytest.raises(StaleRoundError, match="takes part from the next round"):
+        coordinator.check_header(2, 1, 10, SPECS)
+    submit(coordinator, 1, 1.0)
+    coordinator.close_round()
+    coordinator.open_round(2, weights(1.0))
+    task = coordinator.next_task(2, after_round=0, timeout=0)
+    assert task.instruction is Instruction.TRAIN and task.round == 2
+
+
+def test_a_returning_client_gets_the_open_round_again(coordinator: RoundCoordinator) -> None:
+    # After a server restart the open round is 1 again, and a client that finished round 1
+    # with the previous server (after_round=1) must train it again: its update was lost.
+    task = coordinator.next_task(1, after_round=1, timeout=0)
+    assert task.instruction is Instruction.TRAIN and task.round == 1
+    submit(coordinator, 1, 1.0)
+    assert coordinator.next_task(1, after_round=1, timeout=0).instruction is Instruction.WAIT
+
+
+def test_interrupt_releases_the_driver(coordinator: RoundCoordinator) -> None:
+    threading.Timer(0.1, coordinator.interrupt).start()
+    assert not coordinator.wait_for_updates(2, timeout=10)
+    assert coordinator.interrupted

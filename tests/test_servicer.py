@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
@@ -27,6 +28,8 @@ GLOBAL = [np.random.default_rng(0).standard_normal(s.shape).astype(np.float32) f
 @pytest.fixture
 def served() -> Iterator[tuple[RoundCoordinator, str]]:
     coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg())
+    for client in (1, 2):  # ready before the round opens, as the server's driver waits for
+        coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, GLOBAL)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, max_wait_s=2), server)
@@ -81,10 +84,13 @@ def test_join_returns_the_run(served: tuple[RoundCoordinator, str]) -> None:
     assert (run.num_clients, run.rounds, current) == (2, 1, 1)
 
 
-def test_long_poll_answers_wait_when_nothing_is_open(served: tuple[RoundCoordinator, str]) -> None:
+def test_long_poll_answers_wait_when_there_is_nothing_to_do(served: tuple[RoundCoordinator, str]) -> None:
     with Connection(served[1], 1, connect_timeout_s=5) as connection:
-        task = connection.next_task(after_round=1, max_wait_s=0.2)
-    assert task.instruction is Instruction.WAIT
+        connection.submit(1, SPECS, GLOBAL, 1, {})
+        started = time.monotonic()
+        task = connection.next_task(after_round=1, max_wait_s=0.3)
+    assert task.instruction is Instruction.WAIT and task.round == 1
+    assert time.monotonic() - started >= 0.3  # held by the server, not answered at once
 
 
 def _chunks_only() -> list[pb.UpdateMessage]:

@@ -116,14 +116,16 @@ class GetGlobalWeightsRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., after_round: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("instruction", "round", "tensors")
+    __slots__ = ("instruction", "round", "tensors", "run_id")
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    run_id: str
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class WeightsMessage(_message.Message):
     __slots__ = ("header", "chunk")

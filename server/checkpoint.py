@@ -1,0 +1,147 @@
+"""Crash-safe checkpoints of a run: written after every round, checked in full when read.
+
+    <out>/checkpoint/state.json          run spec, last complete round, history, checksums
+    <out>/checkpoint/weights-NNNN.npz    the global weights after round NNNN (no pickle)
+
+A checkpoint is written weights first, then state.json, each to a temporary file that is
+fsynced and renamed over the old one, so a crash at any moment leaves either the new
+checkpoint or the previous one, never a mix. state.json carries a SHA-256 of itself and of
+the weights file; anything that does not match, a truncated file, a flipped byte, a missing
+weights file, is refused with a CheckpointError that says what to do, rather than resuming
+from weights nobody can vouch for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fedgrpc.common.codec import to_wire
+from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import CheckpointError
+from fedgrpc.server.results import RoundRecord, write_atomically
+
+FORMAT_VERSION = 1
+
+
+def weights_digest(weights: Sequence[np.ndarray]) -> str:
+    """SHA-256 over every tensor's dtype, shape and little-endian bytes: the identity of a model state."""
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(f"{w.dtype.name}{list(w.shape)}".encode())
+        digest.update(to_wire(w))
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _canonical(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    run: RunSpec
+    round: int
+    weights: list[np.ndarray]
+    history: list[RoundRecord]
+    digest: str
+
+
+class CheckpointStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / "state.json"
+
+    def save(
+        self, run: RunSpec, round_number: int, weights: Sequence[np.ndarray], history: Sequence[RoundRecord]
+    ) -> str:
+        """Write the checkpoint of a completed round; returns the weights' digest."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        weights_path = self.directory / f"weights-{round_number:04d}.npz"
+        tmp = weights_path.with_name(f".{weights_path.name}.tmp")
+        with tmp.open("wb") as handle:
+            np.savez(handle, **{f"{i:04d}": np.asarray(w) for i, w in enumerate(weights)})  # type: ignore[arg-type]
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, weights_path)
+        digest = weights_digest(weights)
+        body: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "run": asdict(run),
+            "round": round_number,
+            "weights_file": weights_path.name,
+            "weights_file_sha256": _file_sha256(weights_path),
+            "weights_digest": digest,
+            "history": [asdict(r) for r in history],
+        }
+        document = {**body, "state_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
+        write_atomically(self.state_path, json.dumps(document, indent=1).encode())
+        self._fsync_directory()
+        for old in self.directory.glob("weights-*.npz"):
+            if old.name != weights_path.name:
+                old.unlink()
+        return digest
+
+    def load(self) -> Checkpoint | None:
+        """The last complete checkpoint, None when there is none; raises CheckpointError if it is damaged."""
+        if not self.state_path.exists():
+            return None
+        where = f"checkpoint {self.state_path}"
+        advice = "move the folder away to start a new run, or restore it from a backup"
+        try:
+            document = json.loads(self.state_path.read_bytes())
+            claimed = document.pop("state_sha256")
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise CheckpointError(f"{where} is unreadable or truncated ({exc}); {advice}") from None
+        if hashlib.sha256(_canonical(document)).hexdigest() != claimed:
+            raise CheckpointError(f"{where} does not match its checksum (corrupted); {advice}")
+        if document.get("format") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where} has format {document.get('format')}, this fedgrpc reads {FORMAT_VERSION}"
+            )
+        weights_path = self.directory / document["weights_file"]
+        if not weights_path.exists():
+            raise CheckpointError(f"{where} names {weights_path.name}, which is missing; {advice}")
+        if _file_sha256(weights_path) != document["weights_file_sha256"]:
+            raise CheckpointError(
+                f"{weights_path} does not match its checksum (truncated or corrupted); {advice}"
+            )
+        try:
+            with np.load(weights_path, allow_pickle=False) as npz:
+                weights = [npz[name] for name in sorted(npz.files)]
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights_path} cannot be read ({exc}); {advice}") from None
+        if weights_digest(weights) != document["weights_digest"]:
+            raise CheckpointError(f"{weights_path} holds other weights than {where} recorded; {advice}")
+        run_fields = dict(document["run"])
+        run_fields["input_shape"] = tuple(run_fields["input_shape"])
+        return Checkpoint(
+            run=RunSpec(**run_fields),
+            round=int(document["round"]),
+            weights=weights,
+            history=[RoundRecord.from_dict(r) for r in document["history"]],
+            digest=document["weights_digest"],
+        )
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,46 @@
+"""Starting and watching real fl-server / fl-client processes for the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    """Start fl-server or fl-client (args[0]) with its output appended to `log`."""
+    return subprocess.Popen(
+        [str(BIN / args[0]), *args[1:]], stdout=log.open("ab"), stderr=subprocess.STDOUT, env=ENV
+    )
+
+
+def finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"{process.args!r} did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def wait_for_line(
+    log: Path, text: str, timeout: float = 180, *, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll a log file until it contains `text` (fails early if `process` exits first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        if process is not None and process.poll() is not None:
+            pytest.fail(
+                f"process exited {process.returncode} before logging {text!r}:\n{log.read_text()[-3000:]}"
+            )
+        time.sleep(0.05)
+    pytest.fail(f"{text!r} did not appear in {log} within {timeout} s:\n{log.read_text()[-3000:]}")
