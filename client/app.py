@@ -7,10 +7,10 @@ import fcntl
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedgrpc.client.connection import Connection, Instruction
+from fedgrpc.client.connection import ChannelSecurity, Connection, Instruction
 from fedgrpc.common import device
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.data import describe, load_split
@@ -33,6 +33,7 @@ class ClientConfig:
     progress: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     turn_lock: Path | None = None
+    security: ChannelSecurity = field(default_factory=ChannelSecurity)
 
 
 @contextlib.contextmanager
@@ -64,6 +65,7 @@ def run_client(config: ClientConfig) -> int:
         config.client_id,
         connect_timeout_s=config.connect_timeout_s,
         chunk_bytes=config.chunk_bytes,
+        security=config.security,
     ) as connection:
         run, current = connection.join()
         log.info(

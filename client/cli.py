@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="LOCKFILE",
         help="train only while holding an exclusive lock on LOCKFILE: clients sharing one machine take turns",
     )
+    security = p.add_argument_group("security")
+    security.add_argument(
+        "--ca", type=Path, help="CA certificate that signed the server's certificate: turns on TLS"
+    )
+    security.add_argument("--tls-cert", type=Path, help="this client's certificate, for mutual TLS")
+    security.add_argument("--tls-key", type=Path, help="this client's private key, for mutual TLS")
+    security.add_argument(
+        "--tls-server-name", help="name in the server's certificate, if not the host dialled"
+    )
+    security.add_argument(
+        "--token", default=os.environ.get("FL_TOKEN") or None, help="this client's token ($FL_TOKEN)"
+    )
+    security.add_argument(
+        "--insecure", action="store_true", help="talk to the server without TLS (trusted networks only)"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -53,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(f"client {args.client_id}", verbose=args.verbose)
     device.quiet_tensorflow()
     from fedgrpc.client.app import ClientConfig, run_client
+    from fedgrpc.client.connection import ChannelSecurity
+
+    if args.ca is None and not args.insecure:
+        print(
+            f"fl-client {args.client_id}: error: no TLS: give --ca (the server's CA certificate), "
+            "or pass --insecure to talk without TLS on a network you trust",
+            file=sys.stderr,
+        )
+        return 2
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print(f"fl-client {args.client_id}: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.ca is None:
+        logging.getLogger("fedgrpc.client").warning("INSECURE: talking to %s without TLS", args.server)
+    security = ChannelSecurity(args.ca, args.tls_cert, args.tls_key, args.token, args.tls_server_name)
 
     config = ClientConfig(
         client_id=args.client_id,
@@ -62,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         connect_timeout_s=args.connect_timeout,
         threads=args.threads,
         turn_lock=args.take_turns,
+        security=security,
         progress=sys.stdout.isatty(),
     )
     try:

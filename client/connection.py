@@ -5,7 +5,9 @@ gRPC status codes become fedgrpc errors:
 
     UNAVAILABLE, DEADLINE_EXCEEDED,  retried with exponential backoff and jitter until the
     CANCELLED                        connect timeout, then ServerUnavailableError
-    PERMISSION_DENIED                NotEnrolledError
+    UNAUTHENTICATED                  AuthError (missing or wrong credentials)
+    PERMISSION_DENIED                AuthError (credentials of another client)
+    NOT_FOUND                        NotEnrolledError
     FAILED_PRECONDITION              StaleRoundError
     anything else                    UpdateRejectedError with the server's message
 """
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -26,6 +29,8 @@ from fedgrpc.common import wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import (
+    AuthError,
+    ConfigError,
     FedGrpcError,
     NotEnrolledError,
     ServerUnavailableError,
@@ -43,7 +48,7 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
 
 #: Channel settings: keepalive pings so a dead server is noticed during a long poll, and
 #: message limits well above one chunk (streams never need more).
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -69,6 +74,37 @@ class Task:
 
 
 @dataclass(frozen=True)
+class ChannelSecurity:
+    """How this client proves the server is real (TLS, `ca`) and who it is itself (`token`, or a
+    certificate `cert`/`key` under mutual TLS). No `ca` means plain text: only with --insecure."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    token: str | None = None
+    server_name: str | None = None  # the name in the server's certificate, when not the host dialled
+
+    def channel(self, target: str) -> grpc.Channel:
+        if self.ca is None:
+            return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        try:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.ca.read_bytes(),
+                private_key=self.key.read_bytes() if self.key else None,
+                certificate_chain=self.cert.read_bytes() if self.cert else None,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS files: {exc}") from None
+        options = list(CHANNEL_OPTIONS)
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        return grpc.secure_channel(target, credentials, options=options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+@dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with full jitter, bounded by a total time budget."""
 
@@ -85,7 +121,11 @@ class Backoff:
 
 def _error_from(exc: grpc.RpcError) -> FedGrpcError:
     code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthError(details)
     if code == grpc.StatusCode.PERMISSION_DENIED:
+        return AuthError(details, code="PERMISSION_DENIED")
+    if code == grpc.StatusCode.NOT_FOUND:
         return NotEnrolledError(details)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return StaleRoundError(details)
@@ -103,13 +143,16 @@ class Connection:
         connect_timeout_s: float = 60.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         backoff: Backoff = Backoff(),
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.target = target
         self.client_id = client_id
         self.connect_timeout_s = connect_timeout_s
         self.chunk_bytes = chunk_bytes
         self.backoff = backoff
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        security = security or ChannelSecurity()
+        self._metadata = security.metadata()
+        self._channel = security.channel(target)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:
@@ -124,7 +167,10 @@ class Connection:
     def join(self) -> tuple[RunSpec, int]:
         """The run's spec and its current round; retries while the server is not up yet."""
         reply = self._retrying(
-            "join", lambda: self._stub.Join(pb.JoinRequest(client_id=self.client_id), timeout=10)
+            "join",
+            lambda: self._stub.Join(
+                pb.JoinRequest(client_id=self.client_id), timeout=10, metadata=self._metadata
+            ),
         )
         return wire.run_from_pb(reply.run), reply.current_round
 
@@ -134,7 +180,10 @@ class Connection:
             client_id=self.client_id, after_round=after_round, max_wait_ms=int(max_wait_s * 1000)
         )
         return self._retrying(
-            "fetch", lambda: self._receive(self._stub.GetGlobalWeights(request, timeout=max_wait_s + 30))
+            "fetch",
+            lambda: self._receive(
+                self._stub.GetGlobalWeights(request, timeout=max_wait_s + 30, metadata=self._metadata)
+            ),
         )
 
     def submit(
@@ -157,7 +206,9 @@ class Connection:
                 arrays=weights,
                 chunk_bytes=self.chunk_bytes,
             )
-            reply: pb.SubmitUpdateReply = self._stub.SubmitUpdate(stream, timeout=300)
+            reply: pb.SubmitUpdateReply = self._stub.SubmitUpdate(
+                stream, timeout=300, metadata=self._metadata
+            )
             return reply
 
         reply = self._retrying("submit", call)

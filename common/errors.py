@@ -9,6 +9,7 @@
     │   └── StaleRoundError       the update was for a round that is not open any more
     ├── NotEnrolledError          the server does not know this client id
     ├── ServerUnavailableError    the server could not be reached in time
+    ├── AuthError                 missing, wrong or borrowed credentials (status code inside)
     ├── RunChangedError           the server now runs another run than the one joined
     └── CheckpointError           a checkpoint that is missing pieces, truncated or corrupted
 
@@ -69,3 +70,11 @@ class RunChangedError(FedGrpcError):
 
 class CheckpointError(FedGrpcError):
     """A checkpoint that cannot be trusted; the message says which file and why."""
+
+
+class AuthError(FedGrpcError):
+    """The caller is not who it must be: UNAUTHENTICATED, or PERMISSION_DENIED for another's id."""
+
+    def __init__(self, message: str, *, code: str = "UNAUTHENTICATED") -> None:
+        super().__init__(message)
+        self.code = code

@@ -62,3 +62,55 @@ class WeightedSum:
                 mean = np.rint(mean)
             result.append(mean.astype(dtype))
         return result
+
+
+def _stack(updates: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
+    return np.stack([np.asarray(u[index], dtype=np.float64) for u in updates])
+
+
+def _like(result: list[np.ndarray], template: Sequence[np.ndarray]) -> Weights:
+    return [r.astype(t.dtype) for r, t in zip(result, template, strict=True)]
+
+
+def coordinate_median(updates: Sequence[Sequence[np.ndarray]]) -> Weights:
+    """Element-wise median of the clients' weights (Yin et al., 2018): no example weighting,
+    since a client that lies about its weights can lie about its count too."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    return _like([np.median(_stack(updates, i), axis=0) for i in range(len(updates[0]))], updates[0])
+
+
+def trimmed_mean(updates: Sequence[Sequence[np.ndarray]], trim_fraction: float) -> Weights:
+    """Element-wise mean after dropping the `trim_fraction` largest and smallest values of each
+    coordinate (Yin et al., 2018)."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    k = int(trim_fraction * len(updates))
+    result = []
+    for i in range(len(updates[0])):
+        ordered = np.sort(_stack(updates, i), axis=0)
+        result.append(ordered[k : len(updates) - k].mean(axis=0))
+    return _like(result, updates[0])
+
+
+def krum(updates: Sequence[Sequence[np.ndarray]], num_byzantine: int, num_selected: int = 1) -> Weights:
+    """(Multi-)Krum (Blanchard et al., 2017): score each update by its summed squared distance to
+    its n - f - 2 nearest neighbours and average the `num_selected` best-scored ones."""
+    n = len(updates)
+    if n == 0:
+        raise ValueError("cannot aggregate zero updates")
+    neighbours = n - num_byzantine - 2
+    if neighbours < 1:
+        raise ValueError(f"krum needs more than f + 2 updates: {n} updates, f = {num_byzantine}")
+    flat = np.stack([np.concatenate([np.ravel(np.asarray(w, dtype=np.float64)) for w in u]) for u in updates])
+    squared = np.sum(flat * flat, axis=1)
+    distances = np.maximum(squared[:, None] + squared[None, :] - 2 * flat @ flat.T, 0.0)
+    scores = np.array([np.sort(np.delete(row, i))[:neighbours].sum() for i, row in enumerate(distances)])
+    chosen = np.argsort(scores, kind="stable")[: max(1, num_selected)]
+    result = [
+        np.mean([np.asarray(updates[c][i], dtype=np.float64) for c in chosen], axis=0)
+        for i in range(len(updates[0]))
+    ]
+    return _like(result, updates[0])

@@ -18,6 +18,7 @@ from fedgrpc.common.config import RunSpec
 from fedgrpc.common.data import describe, load_split, model_inputs
 from fedgrpc.common.errors import ConfigError, DataError
 from fedgrpc.common.logs import human_bytes
+from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.checkpoint import CheckpointStore, weights_digest
 from fedgrpc.server.results import ClientReport, RoundRecord, RunResults
 from fedgrpc.server.rounds import RoundCoordinator
@@ -35,11 +36,14 @@ class RoundPolicy:
     """When a round may close without every client.
 
     A round closes as soon as all enrolled clients have reported. After `timeout_s` it closes
-    with what it has, if that is at least `min_clients`; with fewer it keeps waiting.
+    with what it has, if that is at least `min_clients`; with fewer it keeps waiting. The first
+    round opens when every client is ready, or after `join_timeout_s` with `min_clients`
+    (clients start slowly: a TensorFlow import and a shard to load).
     """
 
     min_clients: int | None = None  # None: all enrolled clients
     timeout_s: float | None = None  # None: wait for everyone, however long
+    join_timeout_s: float = 120.0  # how long the first round waits for every client to be ready
 
     def minimum(self, run: RunSpec) -> int:
         wanted = run.num_clients if self.min_clients is None else self.min_clients
@@ -56,6 +60,10 @@ class ServerConfig:
     data: str | None = None
     out_dir: Path = Path("results")
     strategy: str = "fedavg"
+    trim_fraction: float = 0.2
+    byzantine: int = 1
+    tls: ServerTls | None = None
+    tokens: dict[int, str] | None = None
     init_seed: int = 0
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     max_examples: int = 10_000_000
@@ -91,9 +99,15 @@ class FederatedServer:
 
     def run(self) -> list[RoundRecord]:
         cfg = self.config
-        strategy = make_strategy(cfg.strategy)
+        strategy = make_strategy(cfg.strategy, trim_fraction=cfg.trim_fraction, num_byzantine=cfg.byzantine)
         checkpoint = self.checkpoints.load()  # a damaged checkpoint stops us here, before anything else
         minimum = cfg.policy.minimum(cfg.run)
+        if cfg.strategy == "krum" and minimum <= cfg.byzantine + 2:
+            raise ConfigError(
+                f"krum with --byzantine {cfg.byzantine} needs rounds of more than "
+                f"{cfg.byzantine + 2} updates; "
+                f"raise --min-clients (now {minimum}) or lower --byzantine"
+            )
         log.info("devices: %s", device.configure(cfg.threads))
         import keras
         from fedgrpc.common.models import build_model, weight_specs
@@ -146,8 +160,24 @@ class FederatedServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=2 * run.num_clients + 8), options=SERVER_OPTIONS
         )
-        health = serve(server, coordinator, max_wait_s=cfg.max_wait_s)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        mutual_tls = cfg.tls is not None and cfg.tls.client_ca is not None
+        authenticator = Authenticator(cfg.tokens, mutual_tls=mutual_tls)
+        health = serve(server, coordinator, max_wait_s=cfg.max_wait_s, authenticator=authenticator)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls is not None:
+            self.port = server.add_secure_port(address, cfg.tls.credentials())
+            what = "mutual TLS" if mutual_tls else "TLS"
+            log.info(
+                "%s on, client identity from %s",
+                what,
+                "tokens" if cfg.tokens else "certificates" if mutual_tls else "nothing",
+            )
+        else:
+            self.port = server.add_insecure_port(address)
+            log.warning(
+                "INSECURE: no TLS%s; use this only on a network you trust",
+                "" if cfg.tokens else ", no client tokens",
+            )
         if self.port == 0:
             raise ConfigError(
                 f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine)"
@@ -228,7 +258,9 @@ class FederatedServer:
         """Block until round one may open: `minimum` clients ready, then the rest or the round timeout."""
         log.info("waiting for %d clients to be ready", run.num_clients)
         coordinator.wait_ready(minimum)
-        if coordinator.interrupted or coordinator.wait_ready(run.num_clients, self.config.policy.timeout_s):
+        if coordinator.interrupted or coordinator.wait_ready(
+            run.num_clients, self.config.policy.join_timeout_s
+        ):
             return
         log.info(
             "starting with %d of %d clients ready; the others join from the round after they arrive",

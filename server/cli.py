@@ -10,7 +10,8 @@ from pathlib import Path
 
 from fedgrpc.common import device, logs
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import FedGrpcError
+from fedgrpc.common.errors import ConfigError, FedGrpcError
+from fedgrpc.server.auth import ServerTls, load_tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds after which a round may close without every client (default: wait for all)",
     )
     p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the first round waits for every client, then starts with --min-clients (default 120)",
+    )
+    p.add_argument(
         "--max-examples", type=int, default=10_000_000, help="largest example count an update may claim"
     )
     p.add_argument(
@@ -64,6 +71,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for history, curves and model")
     p.add_argument("--threads", type=int, default=None, help="cap TensorFlow's CPU threads")
+    p.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean: share cut from each end")
+    p.add_argument("--byzantine", type=int, default=1, help="krum: how many clients may be malicious")
+    security = p.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    security.add_argument(
+        "--client-ca", type=Path, help="CA that signs client certificates: turns on mutual TLS"
+    )
+    security.add_argument(
+        "--tokens", type=Path, help='per-client token digests, {"clients": {"1": "<sha256>"}}'
+    )
+    security.add_argument("--insecure", action="store_true", help="run without TLS (trusted networks only)")
+    security.add_argument(
+        "--hash-token", metavar="TOKEN", help="print the digest of TOKEN for a tokens file, and exit"
+    )
     p.add_argument(
         "--record-updates", action="store_true", help="also save every accepted update (debugging)"
     )
@@ -71,13 +93,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, dict[int, str] | None]:
+    """TLS and token settings from the flags, refusing combinations that would not be safe."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    tls = ServerTls(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
+    if args.client_ca and tls is None:
+        raise ConfigError("--client-ca needs --tls-cert and --tls-key")
+    if tls is None and not args.insecure:
+        raise ConfigError(
+            "no TLS: give --tls-cert and --tls-key, "
+            "or pass --insecure to run without TLS on a network you trust"
+        )
+    tokens = load_tokens(args.tokens) if args.tokens else None
+    return tls, tokens
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.hash_token:
+        from fedgrpc.server.auth import hash_token
+
+        print(hash_token(args.hash_token))
+        return 0
     logs.setup("server", verbose=args.verbose)
     device.quiet_tensorflow()
     from fedgrpc.server.app import FederatedServer, RoundPolicy, ServerConfig
 
     try:
+        tls, tokens = security_from(args)
         run = RunSpec(
             rounds=args.rounds,
             num_clients=args.clients,
@@ -97,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             init_seed=args.init_seed,
             record_updates=args.record_updates,
             threads=args.threads,
-            policy=RoundPolicy(min_clients=args.min_clients, timeout_s=args.round_timeout),
+            policy=RoundPolicy(
+                min_clients=args.min_clients, timeout_s=args.round_timeout, join_timeout_s=args.join_timeout
+            ),
             max_examples=args.max_examples,
+            trim_fraction=args.trim_fraction,
+            byzantine=args.byzantine,
+            tls=tls,
+            tokens=tokens,
         )
         server = FederatedServer(config)
         signal.signal(signal.SIGTERM, server.request_stop)

@@ -75,7 +75,7 @@ def run_federation(
     out_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     server_cmd = [
-        str(bin_dir / "fl-server"), "--host", "127.0.0.1", "--port", str(port),
+        str(bin_dir / "fl-server"), "--host", "127.0.0.1", "--port", str(port), "--insecure",
         "--rounds", str(rounds), "--clients", str(clients), "--out", str(out_dir), *server_args,
     ]  # fmt: skip
     if data:
@@ -86,6 +86,7 @@ def run_federation(
     for client_id in range(1, clients + 1):
         cmd = [
             str(bin_dir / "fl-client"),
+            "--insecure",
             "--id",
             str(client_id),
             "--server",

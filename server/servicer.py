@@ -3,7 +3,8 @@
 The only module of fedgrpc.server that touches generated *_pb2 types, and the place where
 fedgrpc's errors become gRPC status codes:
 
-    NotEnrolledError        PERMISSION_DENIED
+    AuthError               UNAUTHENTICATED, or PERMISSION_DENIED for another client's id
+    NotEnrolledError        NOT_FOUND
     StaleRoundError         FAILED_PRECONDITION (the message names the open round)
     UpdateRejectedError     its own code (INVALID_ARGUMENT, ALREADY_EXISTS, ...)
     CodecError              INVALID_ARGUMENT
@@ -20,7 +21,8 @@ import grpc
 import numpy as np
 from fedgrpc.common import wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.errors import CodecError, FedGrpcError, NotEnrolledError, UpdateRejectedError
+from fedgrpc.common.errors import AuthError, CodecError, FedGrpcError, NotEnrolledError, UpdateRejectedError
+from fedgrpc.server.auth import Authenticator
 from fedgrpc.server.rounds import Instruction, RoundCoordinator
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
@@ -43,8 +45,10 @@ SERVER_OPTIONS = [
 
 
 def _status_of(error: FedGrpcError) -> grpc.StatusCode:
+    if isinstance(error, AuthError):
+        return grpc.StatusCode[error.code]
     if isinstance(error, NotEnrolledError):
-        return grpc.StatusCode.PERMISSION_DENIED
+        return grpc.StatusCode.NOT_FOUND
     if isinstance(error, UpdateRejectedError):
         return grpc.StatusCode[error.code]
     if isinstance(error, CodecError):
@@ -66,8 +70,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
         *,
         max_wait_s: float = DEFAULT_MAX_WAIT_S,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self._coordinator = coordinator
+        self._auth = authenticator or Authenticator()
         self._max_wait_s = max_wait_s
         self._chunk_bytes = chunk_bytes
         self._encode_lock = threading.Lock()
@@ -75,7 +81,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
+            self._auth.check(context, request.client_id)
             self._coordinator.check_client(request.client_id)
+        except AuthError as exc:
+            context.abort(_status_of(exc), str(exc))  # logged by the authenticator, once per peer
         except FedGrpcError as exc:
             _abort(context, exc, f"Join of client {request.client_id}")
         log.info("client %d joined from %s", request.client_id, context.peer())
@@ -92,6 +101,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
         remaining = context.time_remaining()
         if remaining is not None:
             wait = max(0.0, min(wait, remaining - _DEADLINE_MARGIN_S))
+        try:
+            self._auth.check(context, request.client_id)
+        except AuthError as exc:
+            context.abort(_status_of(exc), str(exc))
         context.add_callback(self._coordinator.wake)
         try:
             task = self._coordinator.next_task(
@@ -120,6 +133,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
             )
         header = first.header
         what = f"update of client {header.client_id} for round {header.round}"
+        try:
+            self._auth.check(context, header.client_id)
+        except AuthError as exc:
+            context.abort(_status_of(exc), str(exc))
         try:
             specs = [wire.spec_from_pb(t) for t in header.tensors]
             self._coordinator.check_header(header.client_id, header.round, header.num_examples, specs)
@@ -177,10 +194,15 @@ class Health:
 
 
 def serve(
-    server: grpc.Server, coordinator: RoundCoordinator, *, max_wait_s: float = DEFAULT_MAX_WAIT_S
+    server: grpc.Server,
+    coordinator: RoundCoordinator,
+    *,
+    max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    authenticator: Authenticator | None = None,
 ) -> Health:
     """Register the coordinator and the health service on a gRPC server; returns the health switch."""
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, max_wait_s=max_wait_s), server)
+    servicer = CoordinatorServicer(coordinator, max_wait_s=max_wait_s, authenticator=authenticator)
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     checker = Health()
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     return checker

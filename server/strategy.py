@@ -1,17 +1,28 @@
 """Aggregation strategies: small classes over the pure functions of fedgrpc.server.aggregate.
 
 A strategy sees a round's accepted updates one at a time (`add`) and produces the next
-global weights (`result`). Streaming strategies keep O(model) memory.
+global weights (`result`).
+
+| strategy       | use it when                                              | memory          |
+|----------------|----------------------------------------------------------|-----------------|
+| `fedavg`       | clients are trusted (the reference job): weighted mean   | O(model)        |
+| `median`       | some clients may send garbage or attacks; robust to < n/2| O(clients x model) |
+| `trimmed-mean` | as median, smoother: drops the extremes per coordinate   | O(clients x model) |
+| `krum`         | a few clients (f) may be malicious; picks the update(s)  | O(clients x model) |
+|                | closest to the others, needs n > f + 2                   |                 |
+
+The robust strategies ignore example counts on purpose: a client that lies about its
+weights can lie about its count too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 from fedgrpc.common.errors import ConfigError
-from fedgrpc.server.aggregate import WeightedSum, Weights
+from fedgrpc.server.aggregate import WeightedSum, Weights, coordinate_median, krum, trimmed_mean
 
 
 class Strategy(Protocol):
@@ -46,11 +57,60 @@ class FedAvg:
         return self._sum.mean()
 
 
-STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg}
+class _AllUpdates:
+    """Keeps the round's updates, then applies a robust rule to all of them at once."""
+
+    name = ""
+
+    def __init__(self, rule: Callable[[Sequence[Sequence[np.ndarray]]], Weights]) -> None:
+        self._rule = rule
+        self._updates: list[Sequence[np.ndarray]] = []
+
+    def begin_round(self, global_weights: Sequence[np.ndarray]) -> None:
+        self._updates = []
+
+    def add(self, weights: Sequence[np.ndarray], num_examples: int) -> None:
+        self._updates.append(weights)
+
+    def result(self) -> Weights:
+        return self._rule(self._updates)
 
 
-def make_strategy(name: str) -> Strategy:
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
-        raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
+class Median(_AllUpdates):
+    name = "median"
+
+    def __init__(self) -> None:
+        super().__init__(coordinate_median)
+
+
+class TrimmedMean(_AllUpdates):
+    name = "trimmed-mean"
+
+    def __init__(self, trim_fraction: float = 0.2) -> None:
+        if not 0 <= trim_fraction < 0.5:
+            raise ConfigError(f"--trim-fraction must be in [0, 0.5), got {trim_fraction}")
+        super().__init__(lambda updates: trimmed_mean(updates, trim_fraction))
+
+
+class Krum(_AllUpdates):
+    name = "krum"
+
+    def __init__(self, num_byzantine: int = 1) -> None:
+        if num_byzantine < 0:
+            raise ConfigError(f"--byzantine must be >= 0, got {num_byzantine}")
+        super().__init__(lambda updates: krum(updates, num_byzantine))
+
+
+STRATEGIES = ("fedavg", "median", "trimmed-mean", "krum")
+
+
+def make_strategy(name: str, *, trim_fraction: float = 0.2, num_byzantine: int = 1) -> Strategy:
+    if name == "fedavg":
+        return FedAvg()
+    if name == "median":
+        return Median()
+    if name == "trimmed-mean":
+        return TrimmedMean(trim_fraction)
+    if name == "krum":
+        return Krum(num_byzantine)
+    raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")

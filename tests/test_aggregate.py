@@ -74,3 +74,33 @@ def test_fedavg_strategy_averages_one_round_at_a_time() -> None:
 def test_unknown_strategy_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="fedavg"):
         make_strategy("mystery")
+
+
+def test_median_trimmed_mean_and_krum_by_hand() -> None:
+    from fedgrpc.server.aggregate import coordinate_median, krum, trimmed_mean
+
+    honest = [
+        [np.array([1.0, 10.0], np.float32)],
+        [np.array([2.0, 11.0], np.float32)],
+        [np.array([3.0, 12.0], np.float32)],
+    ]
+    evil = [[np.array([1000.0, -1000.0], np.float32)]]
+    updates = honest + [[np.array([4.0, 13.0], np.float32)]] + evil
+    np.testing.assert_array_equal(coordinate_median(updates)[0], [3.0, 11.0])
+    # 20% of 5 = 1 value cut from each end of every coordinate
+    np.testing.assert_allclose(trimmed_mean(updates, 0.2)[0], [3.0, 11.0])
+    chosen = krum(updates, num_byzantine=1)[0]
+    assert chosen.dtype == np.float32 and np.abs(chosen).max() < 20  # never the outlier
+    with pytest.raises(ValueError, match="more than f \\+ 2"):
+        krum(updates[:3], num_byzantine=1)
+
+
+def test_robust_strategies_by_name() -> None:
+    for name in ("median", "trimmed-mean", "krum"):
+        strategy = make_strategy(name)
+        strategy.begin_round([np.zeros(2, np.float32)])
+        for value in (1.0, 2.0, 3.0, 4.0, 500.0):
+            strategy.add([np.full(2, value, np.float32)], 1)
+        assert strategy.result()[0].max() < 10, name
+    with pytest.raises(ConfigError, match="trim-fraction"):
+        make_strategy("trimmed-mean", trim_fraction=0.6)

@@ -30,9 +30,24 @@ def data(tmp_path: Path) -> Path:
 
 def server_args(port: int, data: Path, out: Path, rounds: int, *extra: str) -> list[str]:
     return [
-        "fl-server", "--host", "127.0.0.1", "--port", str(port), "--rounds", str(rounds), "--clients", "3",
-        "--data", str(data), "--out", str(out), "--threads", "1", *extra,
-    ]  # fmt: skip
+        "fl-server",
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--rounds",
+        str(rounds),
+        "--clients",
+        "3",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def start_clients(port: int, data: Path, tmp_path: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:
@@ -40,9 +55,20 @@ def start_clients(port: int, data: Path, tmp_path: Path) -> list[tuple[subproces
     for client_id in (1, 2, 3):
         log = tmp_path / f"client-{client_id}.log"
         client = start(
-            "fl-client", "--id", str(client_id), "--server", f"127.0.0.1:{port}", "--data", str(data),
-            "--threads", "1", "--connect-timeout", "90", log=log,
-        )  # fmt: skip
+            "fl-client",
+            "--insecure",
+            "--id",
+            str(client_id),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--data",
+            str(data),
+            "--threads",
+            "1",
+            "--connect-timeout",
+            "90",
+            log=log,
+        )
         clients.append((client, log))
     return clients
 
@@ -56,7 +82,7 @@ def history(out: Path) -> list[dict[str, object]]:
 def test_a_killed_client_does_not_stall_the_run(tmp_path: Path, data: Path) -> None:
     port, out, server_log = free_port(), tmp_path / "out", tmp_path / "server.log"
     server = start(
-        *server_args(port, data, out, 3, "--min-clients", "2", "--round-timeout", "6"), log=server_log
+        *server_args(port, data, out, 3, "--min-clients", "2", "--round-timeout", "12"), log=server_log
     )
     clients = start_clients(port, data, tmp_path)
     wait_for_line(server_log, "round 1/3", process=server)
@@ -69,8 +95,10 @@ def test_a_killed_client_does_not_stall_the_run(tmp_path: Path, data: Path) -> N
     rounds = history(out)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     ids = [sorted(c["client_id"] for c in r["clients"]) for r in rounds]  # type: ignore[attr-defined]
-    assert ids == [[1, 2, 3], [1, 2], [1, 2]]
-    assert "round 2: closing after 6 s with 2 of 3 updates" in server_log.read_text()
+    # Round 1 normally has all three; on a loaded machine it may close at the timeout with two.
+    assert {1, 2} <= set(ids[0])
+    assert ids[1:] == [[1, 2], [1, 2]]  # the killed client is missing, the others carried the run
+    assert "round 2: closing after 12 s with 2 of 3 updates" in server_log.read_text()
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
@@ -112,9 +140,12 @@ def test_a_damaged_checkpoint_stops_the_server_with_a_clear_message(tmp_path: Pa
     weights_file = out / "checkpoint" / "weights-0001.npz"
     weights_file.write_bytes(weights_file.read_bytes()[:-10])  # truncated
     result = subprocess.run(
-        [str(BIN / "fl-server"), "--port", "0", "--out", str(out), "--data", "unused.npz"],
-        capture_output=True, text=True, env=ENV, timeout=60,
-    )  # fmt: skip
+        [str(BIN / "fl-server"), "--insecure", "--port", "0", "--out", str(out), "--data", "unused.npz"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "weights-0001.npz does not match its checksum (truncated or corrupted)" in result.stderr
     assert "move the folder away" in result.stderr

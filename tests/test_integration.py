@@ -15,17 +15,39 @@ def test_three_clients_two_rounds_end_to_end(tmp_path: Path, synthetic_npz: Path
     port, out = free_port(), tmp_path / "out"
     server_log = tmp_path / "server.log"
     server = start(
-        "fl-server", "--host", "127.0.0.1", "--port", str(port), "--rounds", "2", "--clients", "3",
-        "--data", str(synthetic_npz), "--out", str(out), "--record-updates", log=server_log,
-    )  # fmt: skip
+        "fl-server",
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--rounds",
+        "2",
+        "--clients",
+        "3",
+        "--data",
+        str(synthetic_npz),
+        "--out",
+        str(out),
+        "--record-updates",
+        log=server_log,
+    )
     clients = []
     for client_id in (1, 2, 3):
         log = tmp_path / f"client-{client_id}.log"
         client = start(
-            "fl-client", "--id", str(client_id), "--server", f"127.0.0.1:{port}",
-            "--data", str(synthetic_npz),
-            "--threads", "1", log=log,
-        )  # fmt: skip
+            "fl-client",
+            "--insecure",
+            "--id",
+            str(client_id),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--data",
+            str(synthetic_npz),
+            "--threads",
+            "1",
+            log=log,
+        )
         clients.append((client, log))
     for client, log in clients:
         assert finish(client, log) == 0, log.read_text()
@@ -61,15 +83,39 @@ def test_client_id_outside_the_run_is_refused_clearly(tmp_path: Path, synthetic_
     port = free_port()
     server_log = tmp_path / "server.log"
     server = start(
-        "fl-server", "--host", "127.0.0.1", "--port", str(port), "--rounds", "1", "--clients", "2",
-        "--data", str(synthetic_npz), "--out", str(tmp_path / "out"), log=server_log,
-    )  # fmt: skip
+        "fl-server",
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--rounds",
+        "1",
+        "--clients",
+        "2",
+        "--data",
+        str(synthetic_npz),
+        "--out",
+        str(tmp_path / "out"),
+        log=server_log,
+    )
     try:
         result = subprocess.run(
-            [str(BIN / "fl-client"), "--id", "3", "--server", f"127.0.0.1:{port}",
-             "--data", str(synthetic_npz)],
-            capture_output=True, text=True, env=ENV, timeout=120,
-        )  # fmt: skip
+            [
+                str(BIN / "fl-client"),
+                "--insecure",
+                "--id",
+                "3",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(synthetic_npz),
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=120,
+        )
         assert result.returncode == 2
         assert "client id 3 is not part of this run: ids are 1..2" in result.stderr
     finally:
@@ -79,9 +125,20 @@ def test_client_id_outside_the_run_is_refused_clearly(tmp_path: Path, synthetic_
 
 def test_unreachable_server_fails_after_the_connect_timeout() -> None:
     result = subprocess.run(
-        [str(BIN / "fl-client"), "--id", "1", "--server", f"127.0.0.1:{free_port()}",
-         "--connect-timeout", "2"],
-        capture_output=True, text=True, env=ENV, timeout=60,
-    )  # fmt: skip
+        [
+            str(BIN / "fl-client"),
+            "--insecure",
+            "--id",
+            "1",
+            "--server",
+            f"127.0.0.1:{free_port()}",
+            "--connect-timeout",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "is fl-server running there?" in result.stderr

@@ -50,10 +50,14 @@ def update(
 ) -> list[pb.UpdateMessage]:
     return list(
         wire.update_stream(
-            client_id=client, round_number=round_number, num_examples=n, metrics={"loss": 0.5},
-            specs=SPECS, arrays=arrays if arrays is not None else GLOBAL,
+            client_id=client,
+            round_number=round_number,
+            num_examples=n,
+            metrics={"loss": 0.5},
+            specs=SPECS,
+            arrays=arrays if arrays is not None else GLOBAL,
         )
-    )  # fmt: skip
+    )
 
 
 def test_a_model_over_4mb_goes_down_and_up_exactly(served: tuple[RoundCoordinator, str]) -> None:
@@ -139,7 +143,7 @@ def _bad_dtype_code() -> list[pb.UpdateMessage]:
         (_two_headers, grpc.StatusCode.INVALID_ARGUMENT, "only tensor chunks"),
         (_nan, grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
         (_bad_dtype_code, grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype"),
-        (lambda: update(client=9), grpc.StatusCode.PERMISSION_DENIED, "not part of this run"),
+        (lambda: update(client=9), grpc.StatusCode.NOT_FOUND, "not part of this run"),
         (lambda: update(round_number=3), grpc.StatusCode.FAILED_PRECONDITION, "open round: 1"),
         (lambda: update(n=0), grpc.StatusCode.INVALID_ARGUMENT, "positive"),
     ],
