@@ -27,10 +27,14 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     return cache
 
 
-@pytest.fixture
-def synthetic_npz(tmp_path: Path) -> Path:
-    x_train, y_train = make_synthetic(300, seed=1)
-    x_test, y_test = make_synthetic(100, seed=2)
-    path = tmp_path / "synthetic.npz"
+def write_synthetic(path: Path, *, train: int, test: int) -> Path:
+    """An .npz data source (uint8 x_train, y_train, x_test, y_test) of synthetic images."""
+    x_train, y_train = make_synthetic(train, seed=1)
+    x_test, y_test = make_synthetic(test, seed=2)
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
+
+
+@pytest.fixture
+def synthetic_npz(tmp_path: Path) -> Path:
+    return write_synthetic(tmp_path / "synthetic.npz", train=300, test=100)

@@ -44,3 +44,35 @@ def wait_for_line(
             )
         time.sleep(0.05)
     pytest.fail(f"{text!r} did not appear in {log} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def server_command(
+    port: int, data: Path, out: Path, *, rounds: int, clients: int, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """fl-server on 127.0.0.1 in plain text (tests only ever talk over loopback)."""
+    return [
+        "fl-server", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+        "--rounds", str(rounds), "--clients", str(clients),
+        "--data", str(data), "--out", str(out), "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def start_clients(
+    port: int,
+    data: Path,
+    logs: Path,
+    ids: tuple[int, ...] = (1, 2, 3),
+    extra: tuple[str, ...] = ("--insecure",),
+) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """Start fl-client processes for `ids`, each logging to logs/client-<id>.log."""
+    started = []
+    for client_id in ids:
+        log = logs / f"client-{client_id}.log"
+        command = ["fl-client", "--id", str(client_id), "--server", f"127.0.0.1:{port}", "--data", str(data)]
+        started.append((start(*command, "--threads", "1", "--connect-timeout", "90", *extra, log=log), log))
+    return started
+
+
+def finish_all(processes: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
+    for process, log in processes:
+        assert finish(process, log) == 0, log.read_text()

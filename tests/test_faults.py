@@ -10,67 +10,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import make_synthetic
+from conftest import write_synthetic
 from fedgrpc.common.config import RunSpec
 from fedgrpc.server.checkpoint import CheckpointStore
 from fedgrpc.server.local import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import BIN, ENV, finish, start, wait_for_line
+from helpers import BIN, ENV, finish, finish_all, server_command, start, start_clients, wait_for_line
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     """Enough examples that a round takes long enough to be interrupted in the middle."""
-    x_train, y_train = make_synthetic(3000, seed=1)
-    x_test, y_test = make_synthetic(200, seed=2)
-    path = tmp_path / "faults.npz"
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    return path
-
-
-def server_args(port: int, data: Path, out: Path, rounds: int, *extra: str) -> list[str]:
-    return [
-        "fl-server",
-        "--insecure",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--rounds",
-        str(rounds),
-        "--clients",
-        "3",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--threads",
-        "1",
-        *extra,
-    ]
-
-
-def start_clients(port: int, data: Path, tmp_path: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:
-    clients = []
-    for client_id in (1, 2, 3):
-        log = tmp_path / f"client-{client_id}.log"
-        client = start(
-            "fl-client",
-            "--insecure",
-            "--id",
-            str(client_id),
-            "--server",
-            f"127.0.0.1:{port}",
-            "--data",
-            str(data),
-            "--threads",
-            "1",
-            "--connect-timeout",
-            "90",
-            log=log,
-        )
-        clients.append((client, log))
-    return clients
+    return write_synthetic(tmp_path / "faults.npz", train=3000, test=200)
 
 
 def history(out: Path) -> list[dict[str, object]]:
@@ -82,15 +33,17 @@ def history(out: Path) -> list[dict[str, object]]:
 def test_a_killed_client_does_not_stall_the_run(tmp_path: Path, data: Path) -> None:
     port, out, server_log = free_port(), tmp_path / "out", tmp_path / "server.log"
     server = start(
-        *server_args(port, data, out, 3, "--min-clients", "2", "--round-timeout", "12"), log=server_log
+        *server_command(
+            port, data, out, rounds=3, clients=3, extra=("--min-clients", "2", "--round-timeout", "12")
+        ),
+        log=server_log,
     )
     clients = start_clients(port, data, tmp_path)
     wait_for_line(server_log, "round 1/3", process=server)
     victim, _ = clients[2]
     victim.kill()  # SIGKILL while round 2 is under way
     victim.wait()
-    for client, log in clients[:2]:
-        assert finish(client, log) == 0, log.read_text()
+    finish_all(clients[:2])
     assert finish(server, server_log) == 0, server_log.read_text()
     rounds = history(out)
     assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -104,7 +57,7 @@ def test_a_killed_client_does_not_stall_the_run(tmp_path: Path, data: Path) -> N
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_the_server_resumes_from_its_checkpoint(tmp_path: Path, data: Path, how: str) -> None:
     port, out, server_log = free_port(), tmp_path / "out", tmp_path / "server.log"
-    server = start(*server_args(port, data, out, 4), log=server_log)
+    server = start(*server_command(port, data, out, rounds=4, clients=3), log=server_log)
     clients = start_clients(port, data, tmp_path)
     wait_for_line(server_log, "round 2/4", process=server)
     if how == "sigkill":
@@ -115,15 +68,14 @@ def test_the_server_resumes_from_its_checkpoint(tmp_path: Path, data: Path, how:
         assert server.wait(timeout=60) == 0, server_log.read_text()
         assert "stopped after round 2" in server_log.read_text()
 
-    restarted = start(*server_args(port, data, out, 4), log=server_log)
+    restarted = start(*server_command(port, data, out, rounds=4, clients=3), log=server_log)
     wait_for_line(server_log, "resuming run", process=restarted)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="fedgrpc.v1.Coordinator"), timeout=30, wait_for_ready=True
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    for client, log in clients:
-        assert finish(client, log) == 0, log.read_text()
+    finish_all(clients)
     assert finish(restarted, server_log) == 0, server_log.read_text()
 
     rounds = history(out)

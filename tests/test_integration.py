@@ -8,49 +8,17 @@ from pathlib import Path
 
 import numpy as np
 from fedgrpc.server.local import free_port
-from helpers import BIN, ENV, finish, start
+from helpers import BIN, ENV, finish, finish_all, server_command, start, start_clients
 
 
 def test_three_clients_two_rounds_end_to_end(tmp_path: Path, synthetic_npz: Path) -> None:
     port, out = free_port(), tmp_path / "out"
     server_log = tmp_path / "server.log"
     server = start(
-        "fl-server",
-        "--insecure",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--rounds",
-        "2",
-        "--clients",
-        "3",
-        "--data",
-        str(synthetic_npz),
-        "--out",
-        str(out),
-        "--record-updates",
+        *server_command(port, synthetic_npz, out, rounds=2, clients=3, extra=("--record-updates",)),
         log=server_log,
     )
-    clients = []
-    for client_id in (1, 2, 3):
-        log = tmp_path / f"client-{client_id}.log"
-        client = start(
-            "fl-client",
-            "--insecure",
-            "--id",
-            str(client_id),
-            "--server",
-            f"127.0.0.1:{port}",
-            "--data",
-            str(synthetic_npz),
-            "--threads",
-            "1",
-            log=log,
-        )
-        clients.append((client, log))
-    for client, log in clients:
-        assert finish(client, log) == 0, log.read_text()
+    finish_all(start_clients(port, synthetic_npz, tmp_path))
     assert finish(server, server_log) == 0, server_log.read_text()
 
     history = json.loads((out / "history.json").read_text())
@@ -83,21 +51,7 @@ def test_client_id_outside_the_run_is_refused_clearly(tmp_path: Path, synthetic_
     port = free_port()
     server_log = tmp_path / "server.log"
     server = start(
-        "fl-server",
-        "--insecure",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--rounds",
-        "1",
-        "--clients",
-        "2",
-        "--data",
-        str(synthetic_npz),
-        "--out",
-        str(tmp_path / "out"),
-        log=server_log,
+        *server_command(port, synthetic_npz, tmp_path / "out", rounds=1, clients=2), log=server_log
     )
     try:
         result = subprocess.run(
