@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,14 @@ def make_synthetic(n: int, seed: int, *, size: int = 32, classes: int = 10) -> t
     x = rng.integers(0, 60, (n, size, size, 3)).astype(np.uint8)
     x[..., 0] += (y * (190 // classes)).astype(np.uint8)[:, None, None]
     return x, y
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    yield
+    from helpers import kill_leftovers
+
+    kill_leftovers()
 
 
 @pytest.fixture(autouse=True)

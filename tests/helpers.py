@@ -14,11 +14,26 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+#: Every process a test started; conftest kills the ones still running when the test ends.
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
 def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
     """Start fl-server or fl-client (args[0]) with its output appended to `log`."""
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [str(BIN / args[0]), *args[1:]], stdout=log.open("ab"), stderr=subprocess.STDOUT, env=ENV
     )
+    STARTED.append(process)
+    return process
+
+
+def kill_leftovers() -> None:
+    """Kill what a test left running (a failed assertion skips the test's own waits)."""
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def finish(process: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> int:
