@@ -2,7 +2,8 @@
 
     python bench/reference_run.py [--data ../shared/data/cifar10-jpeg.tar.gz] [--rounds 10]
 
-1. In-process baseline: one process trains the 3 clients one after another each round,
+1. In-process baseline (its first half of rounds before the networked run, the rest after):
+   one process trains the 3 clients one after another each round,
    each from the global weights with a freshly built and compiled model and optimizer (as
    the reference script does), averages them (FedAvg) and evaluates on the test set.
 2. Networked: `fl-local`, i.e. a real fl-server and 3 real fl-client processes over gRPC on
@@ -23,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
-def in_process(data: str, rounds: int, clients: int, seed: int, init_seed: int) -> list[dict[str, float]]:
+def in_process(data: str, rounds: int, clients: int, seed: int, init_seed: int) -> Iterator[dict[str, float]]:
+    """The reference job in one process, one round per `next()`."""
     import keras
     from fedgrpc.common.config import RunSpec
     from fedgrpc.common.data import load_split, model_inputs
@@ -47,7 +50,6 @@ def in_process(data: str, rounds: int, clients: int, seed: int, init_seed: int) 
     keras.utils.set_random_seed(init_seed)
     global_model = build_model(spec.model)
     weights = global_model.get_weights()
-    history = []
     for number in range(1, rounds + 1):
         started = time.monotonic()
         updates = []
@@ -60,12 +62,9 @@ def in_process(data: str, rounds: int, clients: int, seed: int, init_seed: int) 
         global_model.set_weights(weights)
         loss, accuracy = global_model.evaluate(x_test, y_test, batch_size=256, verbose=0)
         seconds = time.monotonic() - started
-        history.append(
-            {"round": number, "accuracy": float(accuracy), "loss": float(loss), "seconds": seconds}
-        )
         print(f"  in-process round {number}/{rounds}  acc {accuracy:.4f}  {seconds:.1f} s", flush=True)
         keras.backend.clear_session()
-    return history
+        yield {"round": number, "accuracy": float(accuracy), "loss": float(loss), "seconds": seconds}
 
 
 def networked(
@@ -109,10 +108,15 @@ def main() -> int:
     load_split(args.data, "test")  # decode (or find) the cache before anything is timed
 
     with tempfile.TemporaryDirectory(prefix="fedgrpc-bench-") as tmp:
+        # In-process rounds before and after the networked run (ABBA), so that the machine's load,
+        # which drifts over the minutes of a run, weighs on both sides alike.
+        print("in-process baseline: one process, clients trained one after another", flush=True)
+        baseline = in_process(args.data, args.rounds, args.clients, args.seed, args.init_seed)
+        base = [next(baseline) for _ in range(args.rounds // 2)]
         print(f"networked: fl-server + {args.clients} fl-client processes over gRPC on loopback", flush=True)
         net, net_wall = networked(args.data, args.rounds, args.clients, args.seed, args.init_seed, Path(tmp))
-        print("in-process baseline: one process, clients trained one after another", flush=True)
-        base = in_process(args.data, args.rounds, args.clients, args.seed, args.init_seed)
+        print("in-process baseline, remaining rounds", flush=True)
+        base += list(baseline)
 
     rows = []
     print()
