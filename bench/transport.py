@@ -7,7 +7,9 @@ Moves the same bytes three ways, down (server to client) and up (client to serve
 - raw TCP socket: sendall / recv_into a preallocated buffer, no framing at all;
 - bare gRPC stream: 1 MiB `bytes` messages with no protobuf (identity serializers);
 - fedgrpc: GetGlobalWeights (long-poll, header, chunks, decoded into numpy arrays) and
-  SubmitUpdate (chunks assembled, checked finite and folded into the FedAvg sum).
+  SubmitUpdate (chunks assembled into numpy arrays, each tensor checked finite as it
+  completes, the update counted; its fold into the FedAvg sum runs on the server's fold
+  thread after the reply, overlapping the next transfer).
 
 The receiving and sending servers run in a child process, the clients in this one, so no
 side shares a GIL with the other. Prints MB/s (best of --repeat) and the ratios; writes JSON.
@@ -123,7 +125,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mb", type=int, default=100, help="model size in MB (default 100)")
     p.add_argument("--big", action="store_true", help="a 1 GB model")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "transport.json")
     args = p.parse_args()
     total_mb = 1024 if args.big else args.mb

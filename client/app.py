@@ -107,7 +107,13 @@ def run_client(config: ClientConfig) -> int:
                 log.debug("waited %.1f s for a turn on the CPU", waited)
             try:
                 received, expected = connection.submit(
-                    task.round, trainer.specs, result.weights, result.num_examples, result.metrics
+                    task.round,
+                    trainer.specs,
+                    result.weights,
+                    result.num_examples,
+                    result.metrics,
+                    method=run.compression,
+                    reference=task.weights,
                 )
             except StaleRoundError as exc:
                 log.warning("round %d closed before this update arrived: %s", task.round, exc)

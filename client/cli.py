@@ -7,9 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedgrpc.common import device, logs
 from fedgrpc.common.errors import FedGrpcError
+
+if TYPE_CHECKING:
+    from fedgrpc.client.connection import ChannelSecurity
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="LOCKFILE",
         help="train only while holding an exclusive lock on LOCKFILE: clients sharing one machine take turns",
+    )
+    p.add_argument(
+        "--chunk-kb", type=int, default=1024, help="size of the update chunks sent up (default 1024 KiB)"
+    )
+    p.add_argument(
+        "--light",
+        action="store_true",
+        help="no TensorFlow, no data: send seeded perturbations of the global weights (benchmarks, tests)",
     )
     security = p.add_argument_group("security")
     security.add_argument(
@@ -83,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.ca is None:
         logging.getLogger("fedgrpc.client").warning("INSECURE: talking to %s without TLS", args.server)
+    if not 1 <= args.chunk_kb <= 8 << 10:
+        print(f"fl-client {args.client_id}: error: --chunk-kb must be in 1..8192", file=sys.stderr)
+        return 2
     security = ChannelSecurity(args.ca, args.tls_cert, args.tls_key, args.token, args.tls_server_name)
+    if args.light:
+        return _run_light(args, security)
 
     config = ClientConfig(
         client_id=args.client_id,
@@ -95,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         turn_lock=args.take_turns,
         security=security,
         progress=sys.stdout.isatty(),
+        chunk_bytes=args.chunk_kb << 10,
     )
     try:
         run_client(config)
@@ -104,6 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fl-client {args.client_id}: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def _run_light(args: argparse.Namespace, security: ChannelSecurity) -> int:
+    from fedgrpc.client.light import run_light_client
+
+    try:
+        stats = run_light_client(
+            args.server,
+            args.client_id,
+            security=security,
+            connect_timeout_s=args.connect_timeout,
+            chunk_bytes=args.chunk_kb << 10,
+        )
+    except FedGrpcError as exc:
+        print(f"fl-client {args.client_id}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("fedgrpc.client").info("light client: %d rounds submitted", stats.rounds)
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
-from fedgrpc.common import wire
+from fedgrpc.common import compression, wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import (
@@ -154,6 +154,12 @@ class Connection:
         self._metadata = security.metadata()
         self._channel = security.channel(target)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
+        # SubmitUpdate with wire.serialize, so chunks go out as encode_chunk wrote them (one copy).
+        self._submit_update = self._channel.stream_unary(
+            f"/{wire.SERVICE}/SubmitUpdate",
+            request_serializer=wire.serialize,
+            response_deserializer=pb.SubmitUpdateReply.FromString,
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -193,8 +199,16 @@ class Connection:
         weights: Sequence[np.ndarray],
         num_examples: int,
         metrics: Mapping[str, float],
+        *,
+        method: str = "none",
+        reference: Sequence[np.ndarray] = (),
     ) -> tuple[int, int]:
-        """Send trained weights; returns (updates the round has received, updates it expects)."""
+        """Send trained weights; returns (updates the round has received, updates it expects).
+
+        With a `method` other than "none" the update travels compressed relative to
+        `reference`, the global weights the round's training started from.
+        """
+        arrays, scales = compression.encode(specs, weights, reference, method)
 
         def call() -> pb.SubmitUpdateReply:
             stream = wire.update_stream(
@@ -203,12 +217,12 @@ class Connection:
                 num_examples=num_examples,
                 metrics=metrics,
                 specs=specs,
-                arrays=weights,
+                arrays=arrays,
                 chunk_bytes=self.chunk_bytes,
+                compression=method,
+                scales=scales,
             )
-            reply: pb.SubmitUpdateReply = self._stub.SubmitUpdate(
-                stream, timeout=300, metadata=self._metadata
-            )
+            reply: pb.SubmitUpdateReply = self._submit_update(stream, timeout=300, metadata=self._metadata)
             return reply
 
         reply = self._retrying("submit", call)

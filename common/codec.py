@@ -9,7 +9,7 @@ contiguous and little-endian (every float32 Keras weight on x86 and ARM); decodi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,7 +107,13 @@ class TensorAssembler:
     mislabelled stream is caught before any array is handed out.
     """
 
-    def __init__(self, specs: Sequence[TensorSpec], *, max_total_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        specs: Sequence[TensorSpec],
+        *,
+        max_total_bytes: int | None = None,
+        on_tensor: Callable[[int, np.ndarray], None] | None = None,
+    ) -> None:
         total = 0
         for spec in specs:
             wire_dtype(spec.dtype)
@@ -118,9 +124,12 @@ class TensorAssembler:
             raise CodecError(f"tensors declare {total} bytes, more than the {max_total_bytes} allowed")
         self.specs = tuple(specs)
         self.total_bytes = total
-        self._buffers = [bytearray(spec.nbytes) for spec in self.specs]
+        self._on_tensor = on_tensor
+        # np.empty, not bytearray: no zero-fill pass over memory that the chunks overwrite anyway.
+        self._buffers = [np.empty(spec.nbytes, dtype=np.uint8) for spec in self.specs]
         self._filled = [0] * len(self.specs)
         self._current = 0
+        self._handed_out = 0  # tensors before this index went to on_tensor
 
     def add(self, index: int, offset: int, data: bytes | memoryview) -> None:
         if not 0 <= index < len(self.specs):
@@ -143,8 +152,10 @@ class TensorAssembler:
             raise CodecError(
                 f"tensor {self.specs[index].name!r} overflows its declared {len(self._buffers[index])} bytes"
             )
-        self._buffers[index][filled:end] = data
+        self._buffers[index][filled:end] = np.frombuffer(data, dtype=np.uint8)
         self._filled[index] = end
+        if end == len(self._buffers[index]):
+            self._hand_out(index + 1)
 
     def finish(self) -> list[np.ndarray]:
         """The decoded tensors; raises if any tensor is incomplete."""
@@ -153,4 +164,17 @@ class TensorAssembler:
                 raise CodecError(
                     f"tensor {spec.name!r} is incomplete: {filled} of {len(buffer)} bytes arrived"
                 )
-        return [from_wire(spec, buffer) for spec, buffer in zip(self.specs, self._buffers, strict=True)]
+        self._hand_out(len(self.specs))
+        return [self._array(i) for i in range(len(self.specs))]
+
+    def _array(self, index: int) -> np.ndarray:
+        return from_wire(self.specs[index], self._buffers[index].data)
+
+    def _hand_out(self, stop: int) -> None:
+        """Give every complete tensor before `stop` to on_tensor, once and in order, so a
+        receiver can check (and decode) each tensor while the next one is still arriving."""
+        while self._handed_out < stop:
+            index = self._handed_out
+            self._handed_out += 1
+            if self._on_tensor is not None:
+                self._on_tensor(index, self._array(index))

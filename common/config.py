@@ -29,6 +29,7 @@ class RunSpec:
     learning_rate: float = 1e-3
     input_shape: tuple[int, ...] = (32, 32, 3)
     num_classes: int = 10
+    compression: str = "none"  # how clients send updates: none, fp16 or int8 (fedgrpc.common.compression)
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -40,6 +41,8 @@ class RunSpec:
             raise ConfigError(f"partition_seed must be >= 0, got {self.partition_seed}")
         if not self.input_shape or any(d < 1 for d in self.input_shape):
             raise ConfigError(f"input_shape must be positive dimensions, got {self.input_shape}")
+        if self.compression not in ("none", "fp16", "int8"):
+            raise ConfigError(f"compression must be none, fp16 or int8, got {self.compression!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
 

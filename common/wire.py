@@ -7,7 +7,7 @@ chunks in order) is written down once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +23,18 @@ _DTYPE_TO_PB = {
     "bool": pb.BOOL,
 }  # fmt: skip
 _DTYPE_FROM_PB = {v: k for k, v in _DTYPE_TO_PB.items()}
+_COMPRESSION_TO_PB = {"none": pb.COMPRESSION_NONE, "fp16": pb.COMPRESSION_FP16, "int8": pb.COMPRESSION_INT8}
+_COMPRESSION_FROM_PB: dict[int, str] = {int(v): k for k, v in _COMPRESSION_TO_PB.items()}
+
+#: The full name of the service, for handlers and calls made without the generated stubs.
+SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+def compression_from_pb(code: int) -> str:
+    name = _COMPRESSION_FROM_PB.get(code)
+    if name is None:
+        raise CodecError(f"unknown compression code {code}")
+    return name
 
 
 def spec_to_pb(spec: TensorSpec) -> pb.TensorSpec:
@@ -48,6 +60,7 @@ def run_to_pb(run: RunSpec) -> pb.RunSpec:
         learning_rate=run.learning_rate,
         input_shape=run.input_shape,
         num_classes=run.num_classes,
+        compression=_COMPRESSION_TO_PB[run.compression],
     )
 
 
@@ -63,12 +76,75 @@ def run_from_pb(message: pb.RunSpec) -> RunSpec:
         learning_rate=message.learning_rate,
         input_shape=tuple(message.input_shape),
         num_classes=message.num_classes,
+        compression=compression_from_pb(message.compression),
     )
 
 
-def _chunk_messages(arrays: Sequence[np.ndarray], chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+# -- chunk messages, serialized by hand ---------------------------------------------------
+#
+# A chunk message is almost all payload. Building a TensorChunk and serializing it copies the
+# payload twice; writing the few bytes of protobuf framing ourselves and joining them with a
+# view of the tensor copies it once. The bytes are exactly what protobuf writes (a test
+# parses them back and compares), so receivers use the generated parser as usual.
+
+_CHUNK_FIELD = 2  # WeightsMessage.chunk and UpdateMessage.chunk
+_LENGTH_DELIMITED = 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+_CHUNK_TAG = _tag(_CHUNK_FIELD, _LENGTH_DELIMITED)
+_INDEX_TAG, _OFFSET_TAG, _DATA_TAG = _tag(1, 0), _tag(2, 0), _tag(3, _LENGTH_DELIMITED)
+
+
+def encode_chunk(index: int, offset: int, data: memoryview) -> bytes:
+    """The serialized WeightsMessage/UpdateMessage that carries this chunk (one copy of data)."""
+    head = b""
+    if index:  # proto3 leaves fields at their default out
+        head += _INDEX_TAG + _varint(index)
+    if offset:
+        head += _OFFSET_TAG + _varint(offset)
+    if len(data):
+        head += _DATA_TAG + _varint(len(data))
+    return b"".join((_CHUNK_TAG, _varint(len(head) + len(data)), head, data))
+
+
+def serialize(message: pb.WeightsMessage | pb.UpdateMessage | bytes) -> bytes:
+    """gRPC serializer for the weight streams: messages, or chunks already encoded by encode_chunk."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A stream message that did not parse; the handler answers it with INVALID_ARGUMENT."""
+
+    size: int
+    reason: str
+
+
+def parse_update_message(data: bytes) -> pb.UpdateMessage | Undecodable:
+    """gRPC deserializer for SubmitUpdate that never raises: gRPC would answer a raising
+    deserializer with INTERNAL, which tells a client nothing about its own mistake."""
+    try:
+        return pb.UpdateMessage.FromString(data)
+    except Exception as exc:  # the parser's error types differ between protobuf backends
+        return Undecodable(len(data), str(exc) or type(exc).__name__)
+
+
+def _encoded_chunks(arrays: Sequence[np.ndarray], chunk_bytes: int) -> Iterator[bytes]:
     for chunk in iter_chunks((to_wire(a) for a in arrays), chunk_bytes):
-        yield pb.TensorChunk(tensor_index=chunk.index, offset=chunk.offset, data=bytes(chunk.data))
+        yield encode_chunk(chunk.index, chunk.offset, chunk.data)
 
 
 def weights_stream(
@@ -78,14 +154,13 @@ def weights_stream(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     *,
     run_id: str = "",
-) -> list[pb.WeightsMessage]:
-    """The whole GetGlobalWeights answer for a TRAIN instruction, built once and sent to every client."""
+) -> Iterator[pb.WeightsMessage | bytes]:
+    """A GetGlobalWeights answer for a TRAIN instruction: the header, then encoded chunks (lazily)."""
     header = pb.WeightsHeader(
         instruction=pb.TRAIN, round=round_number, tensors=[spec_to_pb(s) for s in specs], run_id=run_id
     )
-    messages = [pb.WeightsMessage(header=header)]
-    messages.extend(pb.WeightsMessage(chunk=c) for c in _chunk_messages(arrays, chunk_bytes))
-    return messages
+    yield pb.WeightsMessage(header=header)
+    yield from _encoded_chunks(arrays, chunk_bytes)
 
 
 def update_stream(
@@ -97,8 +172,14 @@ def update_stream(
     specs: Sequence[TensorSpec],
     arrays: Sequence[np.ndarray],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[pb.UpdateMessage]:
-    """A SubmitUpdate request stream: the header, then every tensor's chunks (made lazily)."""
+    compression: str = "none",
+    scales: Sequence[float] = (),
+) -> Iterator[pb.UpdateMessage | bytes]:
+    """A SubmitUpdate request stream: the header, then every tensor's chunks (encoded lazily).
+
+    `specs` are the model's tensors; `arrays` are what travels for them under `compression`
+    (see fedgrpc.common.compression), with their `scales`.
+    """
     yield pb.UpdateMessage(
         header=pb.UpdateHeader(
             client_id=client_id,
@@ -106,10 +187,11 @@ def update_stream(
             num_examples=num_examples,
             metrics=dict(metrics),
             tensors=[spec_to_pb(s) for s in specs],
+            compression=_COMPRESSION_TO_PB[compression],
+            scales=list(scales),
         )
     )
-    for chunk in _chunk_messages(arrays, chunk_bytes):
-        yield pb.UpdateMessage(chunk=chunk)
+    yield from _encoded_chunks(arrays, chunk_bytes)
 
 
 @dataclass(frozen=True)
@@ -125,9 +207,11 @@ def assemble(
     chunks: Iterable[pb.TensorChunk],
     *,
     max_total_bytes: int | None = None,
+    on_tensor: Callable[[int, np.ndarray], None] | None = None,
 ) -> Received:
-    """Check and join a stream of chunks into arrays (raises CodecError on any mismatch)."""
-    assembler = TensorAssembler(specs, max_total_bytes=max_total_bytes)
+    """Check and join a stream of chunks into arrays (raises CodecError on any mismatch);
+    `on_tensor` sees each tensor as soon as its last chunk is in."""
+    assembler = TensorAssembler(specs, max_total_bytes=max_total_bytes, on_tensor=on_tensor)
     wire_bytes = 0
     for chunk in chunks:
         assembler.add(chunk.tensor_index, chunk.offset, chunk.data)

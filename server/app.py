@@ -14,15 +14,17 @@ from types import FrameType
 import grpc
 import numpy as np
 from fedgrpc.common import device
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.data import describe, load_split, model_inputs
 from fedgrpc.common.errors import ConfigError, DataError
 from fedgrpc.common.logs import human_bytes
 from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.checkpoint import CheckpointStore, weights_digest
+from fedgrpc.server.intake import InflightBudget
 from fedgrpc.server.results import ClientReport, RoundRecord, RunResults
 from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.servicer import DEFAULT_MAX_WAIT_S, SERVER_OPTIONS, serve
+from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES, DEFAULT_MAX_WAIT_S, SERVER_OPTIONS, serve
 from fedgrpc.server.strategy import make_strategy
 
 log = logging.getLogger("fedgrpc.server")
@@ -72,6 +74,10 @@ class ServerConfig:
     finish_grace_s: float = 15.0
     record_updates: bool = False
     threads: int | None = None
+    clients_per_round: int | None = None  # None: every enrolled client trains every round
+    sample_seed: int = 0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
 
 
 class FederatedServer:
@@ -153,16 +159,33 @@ class FederatedServer:
             def recorder(round_number: int, client_id: int, arrays: object) -> None:
                 self.results.record_update(round_number, client_id, specs, arrays)  # type: ignore[arg-type]
 
-        coordinator = RoundCoordinator(run, specs, strategy, max_examples=cfg.max_examples, recorder=recorder)
+        coordinator = RoundCoordinator(
+            run,
+            specs,
+            strategy,
+            max_examples=cfg.max_examples,
+            recorder=recorder,
+            clients_per_round=cfg.clients_per_round,
+            sample_seed=cfg.sample_seed,
+        )
         self._coordinator = coordinator
         if self._stop_requested.is_set():
             coordinator.interrupt()
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2 * run.num_clients + 8), options=SERVER_OPTIONS
+            # A waiting client holds a handler thread in its long-poll, so every client gets one.
+            futures.ThreadPoolExecutor(max_workers=2 * run.num_clients + 8),
+            options=SERVER_OPTIONS,
         )
         mutual_tls = cfg.tls is not None and cfg.tls.client_ca is not None
         authenticator = Authenticator(cfg.tokens, mutual_tls=mutual_tls)
-        health = serve(server, coordinator, max_wait_s=cfg.max_wait_s, authenticator=authenticator)
+        health = serve(
+            server,
+            coordinator,
+            max_wait_s=cfg.max_wait_s,
+            authenticator=authenticator,
+            chunk_bytes=cfg.chunk_bytes,
+            inflight=InflightBudget(cfg.max_inflight_bytes),
+        )
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls is not None:
             self.port = server.add_secure_port(address, cfg.tls.credentials())
@@ -200,7 +223,8 @@ class FederatedServer:
                 round_started = time.monotonic()
                 start_digest = weights_digest(weights)
                 coordinator.open_round(number, weights)
-                if not self._collect(coordinator, run, number, minimum):
+                expected = coordinator.expected
+                if not self._collect(coordinator, expected, number, min(minimum, expected)):
                     break
                 outcome = coordinator.close_round()
                 weights = outcome.weights
@@ -226,7 +250,7 @@ class FederatedServer:
                     "round %d/%d  acc %.4f  loss %.3f  %.1f s  up %s  down %s  clients %d/%d",
                     number, run.rounds, record.accuracy, record.loss, record.seconds,
                     human_bytes(record.bytes_in), human_bytes(record.bytes_out),
-                    len(outcome.updates), run.num_clients,
+                    len(outcome.updates), expected,
                 )  # fmt: skip
             if coordinator.interrupted:
                 log.info(
@@ -267,26 +291,22 @@ class FederatedServer:
             coordinator.ready_clients, run.num_clients,
         )  # fmt: skip
 
-    def _collect(self, coordinator: RoundCoordinator, run: RunSpec, number: int, minimum: int) -> bool:
+    def _collect(self, coordinator: RoundCoordinator, expected: int, number: int, minimum: int) -> bool:
         """Wait until the open round may close; False when the server is stopping."""
         timeout = self.config.policy.timeout_s
-        if coordinator.wait_for_updates(run.num_clients, timeout):
+        if coordinator.wait_for_updates(expected, timeout):
             return True
         if coordinator.interrupted:
             return False
         got = coordinator.received
         if got >= minimum:
             log.info(
-                "round %d: closing after %.0f s with %d of %d updates",
-                number,
-                timeout or 0,
-                got,
-                run.num_clients,
+                "round %d: closing after %.0f s with %d of %d updates", number, timeout or 0, got, expected
             )
             return True
         log.warning(
             "round %d: %d of %d updates after %.0f s, fewer than --min-clients %d; waiting for more",
-            number, got, run.num_clients, timeout or 0, minimum,
+            number, got, expected, timeout or 0, minimum,
         )  # fmt: skip
         return coordinator.wait_for_updates(minimum)
 
@@ -298,4 +318,4 @@ class FederatedServer:
                     f"the checkpoint in --out is of a run with {name}={getattr(saved, name)!r}, "
                     f"not {getattr(wanted, name)!r}; use the same settings to resume, or another --out"
                 )
-        return replace(saved, rounds=wanted.rounds)
+        return replace(saved, rounds=wanted.rounds, compression=wanted.compression)  # both may change

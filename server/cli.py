@@ -44,6 +44,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-seed", type=int, default=0, help="seed of the initial global weights")
     p.add_argument("--strategy", default="fedavg", help="aggregation strategy (default %(default)s)")
     p.add_argument(
+        "--compression",
+        choices=("none", "fp16", "int8"),
+        default=defaults.compression,
+        help="how clients send updates: none, fp16 (half the bytes) or int8 (a quarter of them)",
+    )
+    p.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        metavar="K",
+        help="train a seeded sample of K ready clients each round (default: all of them)",
+    )
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the per-round client samples")
+    p.add_argument(
+        "--chunk-kb", type=int, default=1024, help="size of the weight chunks sent down (default 1024 KiB)"
+    )
+    p.add_argument(
+        "--max-inflight-mb",
+        type=int,
+        default=256,
+        help="updates received at once, in MB: more wait their turn, bounding memory (default 256)",
+    )
+    p.add_argument(
         "--min-clients",
         type=int,
         default=None,
@@ -109,6 +132,17 @@ def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, dict[int,
     return tls, tokens
 
 
+def check_sizes(args: argparse.Namespace) -> None:
+    if not 1 <= args.chunk_kb <= 8 << 10:
+        raise ConfigError(f"--chunk-kb must be in 1..8192 (messages stay under 16 MiB), got {args.chunk_kb}")
+    if args.max_inflight_mb < 1:
+        raise ConfigError(f"--max-inflight-mb must be at least 1, got {args.max_inflight_mb}")
+    if args.clients_per_round is not None and not 1 <= args.clients_per_round <= args.clients:
+        raise ConfigError(
+            f"--clients-per-round must be in 1..--clients ({args.clients}), got {args.clients_per_round}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.hash_token:
@@ -130,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             local_epochs=args.local_epochs,
             learning_rate=args.learning_rate,
+            compression=args.compression,
         )
+        check_sizes(args)
         config = ServerConfig(
             run=run,
             host=args.host,
@@ -149,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             byzantine=args.byzantine,
             tls=tls,
             tokens=tokens,
+            clients_per_round=args.clients_per_round,
+            sample_seed=args.sample_seed,
+            chunk_bytes=args.chunk_kb << 10,
+            max_inflight_bytes=args.max_inflight_mb << 20,
         )
         server = FederatedServer(config)
         signal.signal(signal.SIGTERM, server.request_stop)

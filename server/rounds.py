@@ -6,16 +6,24 @@
 
 Who trains a round: every enrolled client that has not yet sent an update for it, except a
 client that first appeared (with no earlier round behind it) while the round was already
-open: such a late joiner takes part from the next round. A client that comes back after a
+open: such a late joiner takes part from the next round. With `clients_per_round` K, each
+round trains a seeded sample of K of the clients ready when it opens (cross-device style);
+the others wait for a later round. A client that comes back after a
 restart of either side says which round it last finished, is not late, and simply gets the
 open round if its update for it is not in.
 
 Thread-safe: gRPC handler threads call next_task/submit while the server's driver thread
-opens and closes rounds. Accepted updates are folded into the strategy as they arrive.
+opens and closes rounds. An accepted update is counted at once and folded into the strategy
+on one background thread (`_Folder`): the client's reply does not wait for the arithmetic,
+the next update is received while the last one is added, and close_round waits for the
+folds to finish before it asks the strategy for the result.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -70,12 +78,48 @@ class RoundOutcome:
 
 
 UpdateRecorder = Callable[[int, int, Sequence[np.ndarray]], None]
+log = logging.getLogger(__name__)
+
+
+class _Folder:
+    """Runs folds one after another on a daemon thread, in the order they were accepted."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def put(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="fedgrpc-fold", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def drain(self) -> None:
+        """Wait until every fold put so far is done; re-raise the first one that failed."""
+        self._jobs.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"folding an accepted update failed: {error}") from error
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException as exc:  # kept for drain(): a fold must never fail silently
+                log.exception("folding an accepted update failed")
+                self._error = self._error or exc
+            finally:
+                del job  # the fold holds an update's arrays: let them go now, not at the next job
+                self._jobs.task_done()
 
 
 @dataclass
 class _Round:
     number: int
     weights: tuple[np.ndarray, ...]
+    participants: frozenset[int] | None = None  # None: every enrolled client
     accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
     bytes_in: int = 0
     bytes_out: int = 0
@@ -92,10 +136,17 @@ class RoundCoordinator:
         *,
         max_examples: int = 10_000_000,
         recorder: UpdateRecorder | None = None,
+        clients_per_round: int | None = None,
+        sample_seed: int = 0,
     ) -> None:
+        if clients_per_round is not None and not 1 <= clients_per_round <= run.num_clients:
+            raise ValueError(f"clients_per_round must be in 1..{run.num_clients}, got {clients_per_round}")
         self.run = run
+        self.clients_per_round = clients_per_round
+        self._sample_seed = sample_seed
         self.specs = tuple(specs)
         self._strategy = strategy
+        self._folder = _Folder()
         self._max_examples = max_examples
         self._recorder = recorder
         self._changed = threading.Condition()
@@ -117,10 +168,28 @@ class RoundCoordinator:
             for w in frozen:
                 w.flags.writeable = False  # shared with every handler thread: nobody may change it
             self._strategy.begin_round(frozen)
-            self._round = _Round(number, frozen)
+            self._round = _Round(number, frozen, self._sample(number))
             self._last_round = number
             self._phase = Phase.TRAINING
             self._changed.notify_all()
+
+    def _sample(self, number: int) -> frozenset[int] | None:
+        """The clients that train round `number`: a sample seeded by (seed, round), so a
+        restarted server draws the same clients again."""
+        if self.clients_per_round is None:
+            return None
+        pool = sorted(self._ready)
+        rng = random.Random(f"{self._sample_seed}:{number}")
+        return frozenset(rng.sample(pool, min(self.clients_per_round, len(pool))))
+
+    @property
+    def expected(self) -> int:
+        """Updates the open round waits for: its sample, or every enrolled client."""
+        with self._changed:
+            current = self._round
+            if current is None or current.participants is None:
+                return self.run.num_clients
+            return len(current.participants)
 
     def wait_ready(self, count: int, timeout: float | None = None) -> bool:
         """Block until `count` clients are ready to train (have asked for their first task)."""
@@ -141,6 +210,7 @@ class RoundCoordinator:
             current = self._require_round()
             if not current.accepted:
                 raise RuntimeError(f"round {current.number} has no updates to aggregate")
+            self._folder.drain()
             weights = self._strategy.result()
             self._phase = Phase.IDLE
             return RoundOutcome(
@@ -240,13 +310,15 @@ class RoundCoordinator:
 
     def check_header(
         self, client_id: int, round_number: int, num_examples: int, specs: Sequence[TensorSpec]
-    ) -> None:
-        """Everything about an update that can be checked before its tensors are read."""
+    ) -> tuple[np.ndarray, ...]:
+        """Everything about an update that can be checked before its tensors are read; returns
+        the weights the round started from (what compressed updates are relative to)."""
         self.check_client(client_id)
         with self._changed:
-            self._check_round(client_id, round_number)
+            current = self._check_round(client_id, round_number)
         check_num_examples(num_examples, self._max_examples)
         check_specs(self.specs, specs)
+        return current.weights
 
     def submit(
         self,
@@ -256,21 +328,68 @@ class RoundCoordinator:
         metrics: Mapping[str, float],
         weights: Sequence[np.ndarray],
         wire_bytes: int,
+        *,
+        finite_checked: bool = False,
+        on_folded: Callable[[], None] | None = None,
     ) -> tuple[int, int]:
-        """Validate and count one update; returns (updates received, updates expected)."""
+        """Validate and count one update; returns (updates received, updates expected).
+
+        `finite_checked`: the caller already checked every value (the stream intake does, tensor
+        by tensor while the stream arrives), so the pass over the whole update is not repeated.
+        `on_folded` runs once the update is in the aggregate (or was refused): the caller's
+        buffers may be reused from then on.
+        """
+        try:
+            return self._accept(
+                client_id,
+                round_number,
+                num_examples,
+                metrics,
+                weights,
+                wire_bytes,
+                finite_checked=finite_checked,
+                on_folded=on_folded,
+            )
+        except BaseException:
+            if on_folded is not None:
+                on_folded()
+            raise
+
+    def _accept(
+        self,
+        client_id: int,
+        round_number: int,
+        num_examples: int,
+        metrics: Mapping[str, float],
+        weights: Sequence[np.ndarray],
+        wire_bytes: int,
+        *,
+        finite_checked: bool,
+        on_folded: Callable[[], None] | None,
+    ) -> tuple[int, int]:
         self.check_client(client_id)
         check_num_examples(num_examples, self._max_examples)
         check_arrays(self.specs, weights)
-        check_finite(self.specs, weights)
+        if not finite_checked:
+            check_finite(self.specs, weights)
         with self._changed:
             current = self._check_round(client_id, round_number)
-            self._strategy.add(weights, num_examples)
+
+            def fold() -> None:
+                try:
+                    self._strategy.add(weights, num_examples)
+                finally:
+                    if on_folded is not None:
+                        on_folded()
+
+            self._folder.put(fold)  # under the lock: folds keep the order of acceptance
             current.accepted[client_id] = AcceptedUpdate(client_id, num_examples, dict(metrics))
             current.bytes_in += wire_bytes
             if self._recorder is not None:
                 self._recorder(round_number, client_id, weights)
             self._changed.notify_all()
-            return len(current.accepted), self.run.num_clients
+            wanted = self.run.num_clients if current.participants is None else len(current.participants)
+            return len(current.accepted), wanted
 
     def count_bytes_out(self, round_number: int, nbytes: int) -> None:
         with self._changed:
@@ -280,7 +399,11 @@ class RoundCoordinator:
     # -- internals (call with the lock held) -----------------------------------------
 
     def _may_train(self, client_id: int, current: _Round) -> bool:
-        return client_id not in current.accepted and self._joined_during.get(client_id, 0) < current.number
+        return (
+            client_id not in current.accepted
+            and self._joined_during.get(client_id, 0) < current.number
+            and (current.participants is None or client_id in current.participants)
+        )
 
     def _require_round(self) -> _Round:
         if self._round is None:
@@ -306,6 +429,12 @@ class RoundCoordinator:
                 f"client {client_id} already submitted an update for round {round_number}; "
                 "it was counted once",
                 code="ALREADY_EXISTS",
+            )
+        if current.participants is not None and client_id not in current.participants:
+            raise StaleRoundError(
+                f"client {client_id} was not sampled for round {current.number}; "
+                "it waits for a round that samples it",
+                current_round=current.number,
             )
         if self._joined_during.get(client_id, 0) >= current.number:
             raise StaleRoundError(

@@ -7,13 +7,16 @@ fedgrpc's errors become gRPC status codes:
     NotEnrolledError        NOT_FOUND
     StaleRoundError         FAILED_PRECONDITION (the message names the open round)
     UpdateRejectedError     its own code (INVALID_ARGUMENT, ALREADY_EXISTS, ...)
-    CodecError              INVALID_ARGUMENT
+    CodecError              INVALID_ARGUMENT (also for a stream message that does not parse)
+
+The service is registered by hand rather than through the generated add_*_to_server so the
+weight streams can use fedgrpc.common.wire's serializers: chunks written with one copy, and a
+request parser that reports garbage instead of raising.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -23,9 +26,9 @@ from fedgrpc.common import wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.errors import AuthError, CodecError, FedGrpcError, NotEnrolledError, UpdateRejectedError
 from fedgrpc.server.auth import Authenticator
+from fedgrpc.server.intake import InflightBudget, UpdateIntake
 from fedgrpc.server.rounds import Instruction, RoundCoordinator
 from fedgrpc.v1 import coordinator_pb2 as pb
-from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_WAIT_S = 30.0
 _DEADLINE_MARGIN_S = 0.5
 MAX_MESSAGE_BYTES = 16 << 20  # one chunk (1 MiB by default) and its framing; larger gets RESOURCE_EXHAUSTED
+DEFAULT_INFLIGHT_BYTES = 256 << 20  # updates received at once (see fedgrpc.server.intake.InflightBudget)
 
 #: Accept the clients' keepalive pings (every 20 s, also between calls) instead of answering
 #: them with GOAWAY, and bound what one message may make the server allocate.
@@ -41,6 +45,7 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
@@ -63,7 +68,7 @@ def _abort(context: grpc.ServicerContext, error: FedGrpcError, what: str) -> NoR
     raise AssertionError("unreachable: context.abort raises")
 
 
-class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  # generated, untyped
+class CoordinatorServicer:
     def __init__(
         self,
         coordinator: RoundCoordinator,
@@ -71,13 +76,36 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
         max_wait_s: float = DEFAULT_MAX_WAIT_S,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         authenticator: Authenticator | None = None,
+        inflight: InflightBudget | None = None,
     ) -> None:
         self._coordinator = coordinator
         self._auth = authenticator or Authenticator()
         self._max_wait_s = max_wait_s
         self._chunk_bytes = chunk_bytes
-        self._encode_lock = threading.Lock()
-        self._encoded: tuple[int, list[pb.WeightsMessage], int] | None = None
+        self._inflight = inflight or InflightBudget(DEFAULT_INFLIGHT_BYTES)
+
+    def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        """The fedgrpc.v1.Coordinator service, with the weight streams' own serializers."""
+        return grpc.method_handlers_generic_handler(
+            wire.SERVICE,
+            {
+                "Join": grpc.unary_unary_rpc_method_handler(
+                    self.Join,
+                    request_deserializer=pb.JoinRequest.FromString,
+                    response_serializer=pb.JoinReply.SerializeToString,
+                ),
+                "GetGlobalWeights": grpc.unary_stream_rpc_method_handler(
+                    self.GetGlobalWeights,
+                    request_deserializer=pb.GetGlobalWeightsRequest.FromString,
+                    response_serializer=wire.serialize,
+                ),
+                "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
+                    self.SubmitUpdate,
+                    request_deserializer=wire.parse_update_message,
+                    response_serializer=pb.SubmitUpdateReply.SerializeToString,
+                ),
+            },
+        )
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
@@ -94,7 +122,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
 
     def GetGlobalWeights(
         self, request: pb.GetGlobalWeightsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WeightsMessage]:
+    ) -> Iterator[pb.WeightsMessage | bytes]:
         wait = self._max_wait_s
         if request.max_wait_ms:
             wait = min(wait, request.max_wait_ms / 1000)
@@ -119,15 +147,25 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
                 header=pb.WeightsHeader(instruction=code, round=task.round, run_id=run_id)
             )
             return
-        messages, nbytes = self._encoded_weights(task.round, task.weights)
-        yield from messages
-        self._coordinator.count_bytes_out(task.round, nbytes)
+        # Encoded per call, chunk by chunk: the server keeps one copy of the weights (the
+        # round's arrays), not one per client or an encoded second copy.
+        sent = 0
+        for message in wire.weights_stream(
+            task.round,
+            self._coordinator.specs,
+            task.weights,
+            self._chunk_bytes,
+            run_id=self._coordinator.run.run_id,
+        ):
+            sent += len(message) if isinstance(message, bytes) else message.ByteSize()
+            yield message
+        self._coordinator.count_bytes_out(task.round, sent)
 
     def SubmitUpdate(
-        self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext
+        self, request_iterator: Iterator[pb.UpdateMessage | wire.Undecodable], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateReply:
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if not isinstance(first, pb.UpdateMessage) or first.WhichOneof("part") != "header":
             _abort(
                 context, UpdateRejectedError("an update stream must start with its header"), "SubmitUpdate"
             )
@@ -139,15 +177,33 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
             context.abort(_status_of(exc), str(exc))
         try:
             specs = [wire.spec_from_pb(t) for t in header.tensors]
-            self._coordinator.check_header(header.client_id, header.round, header.num_examples, specs)
-            received = wire.assemble(specs, self._chunks(request_iterator))
+            reference = self._coordinator.check_header(
+                header.client_id, header.round, header.num_examples, specs
+            )
+            method = wire.compression_from_pb(header.compression)
+            size = UpdateIntake.wire_size(specs, method)
+            reservation = self._inflight.reserve(size, context.time_remaining())
+            if reservation is None:
+                raise UpdateRejectedError(
+                    "the server is busy receiving other updates; send this one again", code="UNAVAILABLE"
+                )
+            try:
+                intake = UpdateIntake(specs, reference, method, list(header.scales))
+                received = self._receive(intake, request_iterator)
+            except BaseException:
+                reservation.release()
+                raise
+            # The reservation ends once the update is folded in (or refused), not when the
+            # stream ends: until then its arrays are still in memory.
             count, expected = self._coordinator.submit(
                 header.client_id,
                 header.round,
                 header.num_examples,
                 dict(header.metrics),
-                received.arrays,
-                received.wire_bytes + first.ByteSize(),
+                received,
+                size + first.ByteSize(),
+                finite_checked=True,
+                on_folded=reservation.release,
             )
         except FedGrpcError as exc:
             _abort(context, exc, what)
@@ -155,27 +211,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):  # type: ignore[misc]  #
         return pb.SubmitUpdateReply(round=header.round, received=count, expected=expected)
 
     @staticmethod
-    def _chunks(messages: Iterator[pb.UpdateMessage]) -> Iterator[pb.TensorChunk]:
-        for message in messages:
+    def _receive(
+        intake: UpdateIntake, messages: Iterator[pb.UpdateMessage | wire.Undecodable]
+    ) -> list[np.ndarray]:
+        for number, message in enumerate(messages, start=2):
+            if isinstance(message, wire.Undecodable):
+                raise CodecError(
+                    f"message #{number} of the update stream ({message.size} bytes) is not a valid "
+                    f"UpdateMessage: {message.reason}"
+                )
             if message.WhichOneof("part") != "chunk":
                 raise UpdateRejectedError("an update stream carries one header, then only tensor chunks")
-            yield message.chunk
-
-    def _encoded_weights(
-        self, round_number: int, weights: tuple[np.ndarray, ...]
-    ) -> tuple[list[pb.WeightsMessage], int]:
-        """The round's weights as messages, encoded once and shared by every client's stream."""
-        with self._encode_lock:
-            if self._encoded is None or self._encoded[0] != round_number:
-                messages = wire.weights_stream(
-                    round_number,
-                    self._coordinator.specs,
-                    weights,
-                    self._chunk_bytes,
-                    run_id=self._coordinator.run.run_id,
-                )
-                self._encoded = (round_number, messages, sum(m.ByteSize() for m in messages))
-            return self._encoded[1], self._encoded[2]
+            chunk = message.chunk
+            intake.add(chunk.tensor_index, chunk.offset, chunk.data)
+        return intake.finish()
 
 
 class Health:
@@ -199,10 +248,18 @@ def serve(
     *,
     max_wait_s: float = DEFAULT_MAX_WAIT_S,
     authenticator: Authenticator | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    inflight: InflightBudget | None = None,
 ) -> Health:
     """Register the coordinator and the health service on a gRPC server; returns the health switch."""
-    servicer = CoordinatorServicer(coordinator, max_wait_s=max_wait_s, authenticator=authenticator)
-    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    servicer = CoordinatorServicer(
+        coordinator,
+        max_wait_s=max_wait_s,
+        chunk_bytes=chunk_bytes,
+        authenticator=authenticator,
+        inflight=inflight,
+    )
+    server.add_generic_rpc_handlers((servicer.handler(),))
     checker = Health()
     health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
     return checker

@@ -54,7 +54,8 @@ class FedAvg:
     def result(self) -> Weights:
         if self._sum is None:
             raise RuntimeError("begin_round was not called")
-        return self._sum.mean()
+        weights, self._sum = self._sum.take_mean(), None
+        return weights
 
 
 class _AllUpdates:

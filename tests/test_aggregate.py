@@ -104,3 +104,32 @@ def test_robust_strategies_by_name() -> None:
         assert strategy.result()[0].max() < 10, name
     with pytest.raises(ConfigError, match="trim-fraction"):
         make_strategy("trimmed-mean", trim_fraction=0.6)
+
+
+def test_take_mean_equals_mean_and_empties_the_sum() -> None:
+    rng = np.random.default_rng(4)
+    updates: list[tuple[list[np.ndarray], int]] = [
+        ([rng.standard_normal((300, 7)).astype(np.float32), rng.integers(0, 9, 5)], n) for n in (3, 11)
+    ]
+    kept, taken = WeightedSum.like(updates[0][0]), WeightedSum.like(updates[0][0])
+    for weights, n in updates:
+        kept.add(weights, n)
+        taken.add(weights, n)
+    for a, b in zip(kept.mean(), taken.take_mean(), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    with pytest.raises(ValueError, match="no updates"):
+        taken.take_mean()
+
+
+def test_the_blocked_fold_matches_a_plain_float64_sum_across_block_edges() -> None:
+    size = WeightedSum.BLOCK * 2 + 3  # two full blocks and a remainder
+    rng = np.random.default_rng(5)
+    updates = [([rng.standard_normal(size).astype(np.float32)], n) for n in (1, 7, 250)]
+    total = WeightedSum.like(updates[0][0])
+    for weights, n in updates:
+        total.add(weights, n)
+    want = np.zeros(size)
+    for w, n in updates:
+        want += w[0].astype(np.float64) * n
+    np.testing.assert_array_equal(total.mean()[0], (want / 258).astype(np.float32))

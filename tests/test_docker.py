@@ -136,7 +136,7 @@ def test_compose_demo_wiring() -> None:
         client = services[f"client{k}"]
         assert f"--id={k}" in client["command"] and "--server=server:50051" in client["command"]
         assert client["depends_on"]["server"]["condition"] == "service_healthy"
-        assert client["restart"] == "on-failure"
+        assert client["restart"] == "on-failure:5"
     for name in SERVICES - {"data"}:
         assert list(services[name]["networks"]) == ["fl"], name
     for name in SERVICES:  # FL_DATA: read-only at the same path, and given as --data

@@ -160,3 +160,54 @@ def test_interrupt_releases_the_driver(coordinator: RoundCoordinator) -> None:
     threading.Timer(0.1, coordinator.interrupt).start()
     assert not coordinator.wait_for_updates(2, timeout=10)
     assert coordinator.interrupted
+
+
+def sampled(k: int, seed: int = 0) -> RoundCoordinator:
+    c = RoundCoordinator(
+        RunSpec(rounds=3, num_clients=6), SPECS, FedAvg(), clients_per_round=k, sample_seed=seed
+    )
+    for client in range(1, 7):
+        c.next_task(client, after_round=0, timeout=0)
+    return c
+
+
+def trainers(c: RoundCoordinator) -> set[int]:
+    return {
+        i for i in range(1, 7) if c.next_task(i, after_round=0, timeout=0).instruction is Instruction.TRAIN
+    }
+
+
+def test_a_sampled_round_trains_k_clients_and_closes_on_their_updates() -> None:
+    c = sampled(2)
+    c.open_round(1, weights(0.0))
+    chosen = trainers(c)
+    assert len(chosen) == 2 and c.expected == 2
+    left_out = min(set(range(1, 7)) - chosen)
+    with pytest.raises(StaleRoundError, match="not sampled"):
+        c.check_header(left_out, 1, 10, SPECS)
+    for client in sorted(chosen):
+        received, expected = submit(c, client, 1.0)
+    assert (received, expected) == (2, 2)
+    assert c.wait_for_updates(c.expected, timeout=0)
+    assert [u.client_id for u in c.close_round().updates] == sorted(chosen)
+
+
+def test_samples_are_seeded_by_seed_and_round() -> None:
+    draws = []
+    for seed in (0, 0, 1):
+        c = sampled(3, seed)
+        rounds = []
+        for number in (1, 2):
+            c.open_round(number, weights(0.0))
+            rounds.append(trainers(c))
+            for client in rounds[-1]:
+                submit(c, client, 1.0, round_number=number)
+            c.close_round()
+        draws.append(rounds)
+    assert draws[0] == draws[1]  # same seed: same clients, e.g. after a server restart
+    assert draws[0] != draws[2] and draws[0][0] != draws[0][1]
+
+
+def test_clients_per_round_must_fit_the_run() -> None:
+    with pytest.raises(ValueError, match="1..6"):
+        RoundCoordinator(RunSpec(num_clients=6), SPECS, FedAvg(), clients_per_round=7)

@@ -32,7 +32,7 @@ def served() -> Iterator[tuple[RoundCoordinator, str]]:
         coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, GLOBAL)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, max_wait_s=2), server)
+    server.add_generic_rpc_handlers((CoordinatorServicer(coordinator, max_wait_s=2).handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield coordinator, f"127.0.0.1:{port}"
@@ -48,16 +48,15 @@ def raw_submit(target: str, messages: list[pb.UpdateMessage]) -> grpc.RpcError:
 def update(
     client: int = 1, round_number: int = 1, arrays: list[np.ndarray] | None = None, n: int = 5
 ) -> list[pb.UpdateMessage]:
-    return list(
-        wire.update_stream(
-            client_id=client,
-            round_number=round_number,
-            num_examples=n,
-            metrics={"loss": 0.5},
-            specs=SPECS,
-            arrays=arrays if arrays is not None else GLOBAL,
-        )
+    stream = wire.update_stream(
+        client_id=client,
+        round_number=round_number,
+        num_examples=n,
+        metrics={"loss": 0.5},
+        specs=SPECS,
+        arrays=arrays if arrays is not None else GLOBAL,
     )
+    return [m if isinstance(m, pb.UpdateMessage) else pb.UpdateMessage.FromString(m) for m in stream]
 
 
 def test_a_model_over_4mb_goes_down_and_up_exactly(served: tuple[RoundCoordinator, str]) -> None:
@@ -185,3 +184,41 @@ def test_client_errors_map_back_to_fedgrpc_errors(served: tuple[RoundCoordinator
         assert info.value.code == "ALREADY_EXISTS"
         with pytest.raises(StaleRoundError):
             connection.submit(2, SPECS, GLOBAL, 1, {})
+
+
+def test_a_stream_that_breaks_off_leaves_the_sum_untouched(served: tuple[RoundCoordinator, str]) -> None:
+    coordinator, target = served
+    poisoned = update(arrays=[w + 1000 for w in GLOBAL])  # would wreck the mean if any of it counted
+
+    def breaks_off() -> Iterator[pb.UpdateMessage]:
+        yield from poisoned[:4]  # the header and a few megabytes of chunks
+        raise ConnectionError("the client's process died mid-update")
+
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.CoordinatorStub(channel).SubmitUpdate(breaks_off(), timeout=10)
+    assert info.value.code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+    assert coordinator.received == 0
+    with Connection(target, 1, connect_timeout_s=5) as one, Connection(target, 2, connect_timeout_s=5) as two:
+        one.submit(1, SPECS, [w + 1 for w in GLOBAL], 3, {})  # the broken client, trying again
+        two.submit(1, SPECS, GLOBAL, 1, {})
+    weights = coordinator.close_round().weights
+    np.testing.assert_allclose(weights[0], GLOBAL[0] + 0.75, atol=1e-6)  # (3*1 + 1*0) / 4
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8"])
+def test_compressed_updates_are_rebuilt_from_the_round_weights(
+    served: tuple[RoundCoordinator, str], method: str
+) -> None:
+    coordinator, target = served
+    rng = np.random.default_rng(3)
+    updates = [[w + rng.standard_normal(w.shape).astype(np.float32) * 0.01 for w in GLOBAL] for _ in range(2)]
+    with Connection(target, 1, connect_timeout_s=5) as one, Connection(target, 2, connect_timeout_s=5) as two:
+        for connection, update_weights, n in ((one, updates[0], 10), (two, updates[1], 30)):
+            task = connection.next_task(after_round=0, max_wait_s=1)
+            connection.submit(1, SPECS, update_weights, n, {}, method=method, reference=task.weights)
+    got = coordinator.close_round().weights
+    for i, spec in enumerate(SPECS):
+        want = (updates[0][i] * 10 + updates[1][i] * 30) / 40
+        largest = max(float(np.abs(u[i] - GLOBAL[i]).max()) for u in updates)
+        bound = largest * (1 / 254 if method == "int8" else 2.0**-11) + 1e-6
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=bound, err_msg=spec.name)

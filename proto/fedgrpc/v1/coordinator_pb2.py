@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64grpc/v1/coordinator.proto\x12\nfedgrpc.v1\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedgrpc.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"A\n\x0bTensorChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd0\x01\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x13\n\x0bnum_clients\x18\x03 \x01(\r\x12\x16\n\x0epartition_seed\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x14\n\x0clocal_epochs\x18\x07 \x01(\r\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x13\n\x0binput_shape\x18\t \x03(\r\x12\x13\n\x0bnum_classes\x18\n \x01(\r\" \n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\"D\n\tJoinReply\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.fedgrpc.v1.RunSpec\x12\x15\n\rcurrent_round\x18\x02 \x01(\r\"V\n\x17GetGlobalWeightsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\r\x12\x13\n\x0bmax_wait_ms\x18\x03 \x01(\r\"\x85\x01\n\rWeightsHeader\x12,\n\x0binstruction\x18\x01 \x01(\x0e\x32\x17.fedgrpc.v1.Instruction\x12\r\n\x05round\x18\x02 \x01(\r\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.fedgrpc.v1.TensorSpec\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"o\n\x0eWeightsMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedgrpc.v1.WeightsHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedgrpc.v1.TensorChunkH\x00\x42\x06\n\x04part\"\xd7\x01\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x36\n\x07metrics\x18\x04 \x03(\x0b\x32%.fedgrpc.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.fedgrpc.v1.TensorSpec\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"m\n\rUpdateMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedgrpc.v1.UpdateHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedgrpc.v1.TensorChunkH\x00\x42\x06\n\x04part\"F\n\x11SubmitUpdateReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08received\x18\x02 \x01(\r\x12\x10\n\x08\x65xpected\x18\x03 \x01(\r*\xa9\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT64\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05INT16\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT64\x10\x07\x12\t\n\x05UINT8\x10\x08\x12\n\n\x06UINT16\x10\t\x12\n\n\x06UINT32\x10\n\x12\n\n\x06UINT64\x10\x0b\x12\x08\n\x04\x42OOL\x10\x0c*M\n\x0bInstruction\x12\x1b\n\x17INSTRUCTION_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x32\xe8\x01\n\x0b\x43oordinator\x12\x36\n\x04Join\x12\x17.fedgrpc.v1.JoinRequest\x1a\x15.fedgrpc.v1.JoinReply\x12U\n\x10GetGlobalWeights\x12#.fedgrpc.v1.GetGlobalWeightsRequest\x1a\x1a.fedgrpc.v1.WeightsMessage0\x01\x12J\n\x0cSubmitUpdate\x12\x19.fedgrpc.v1.UpdateMessage\x1a\x1d.fedgrpc.v1.SubmitUpdateReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64grpc/v1/coordinator.proto\x12\nfedgrpc.v1\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedgrpc.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"A\n\x0bTensorChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xfe\x01\n\x07RunSpec\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x13\n\x0bnum_clients\x18\x03 \x01(\r\x12\x16\n\x0epartition_seed\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x14\n\x0clocal_epochs\x18\x07 \x01(\r\x12\x15\n\rlearning_rate\x18\x08 \x01(\x01\x12\x13\n\x0binput_shape\x18\t \x03(\r\x12\x13\n\x0bnum_classes\x18\n \x01(\r\x12,\n\x0b\x63ompression\x18\x0b \x01(\x0e\x32\x17.fedgrpc.v1.Compression\" \n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\"D\n\tJoinReply\x12 \n\x03run\x18\x01 \x01(\x0b\x32\x13.fedgrpc.v1.RunSpec\x12\x15\n\rcurrent_round\x18\x02 \x01(\r\"V\n\x17GetGlobalWeightsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\r\x12\x13\n\x0bmax_wait_ms\x18\x03 \x01(\r\"\x85\x01\n\rWeightsHeader\x12,\n\x0binstruction\x18\x01 \x01(\x0e\x32\x17.fedgrpc.v1.Instruction\x12\r\n\x05round\x18\x02 \x01(\r\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.fedgrpc.v1.TensorSpec\x12\x0e\n\x06run_id\x18\x04 \x01(\t\"o\n\x0eWeightsMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedgrpc.v1.WeightsHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedgrpc.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x95\x02\n\x0cUpdateHeader\x12\x11\n\tclient_id\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x36\n\x07metrics\x18\x04 \x03(\x0b\x32%.fedgrpc.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.fedgrpc.v1.TensorSpec\x12,\n\x0b\x63ompression\x18\x06 \x01(\x0e\x32\x17.fedgrpc.v1.Compression\x12\x0e\n\x06scales\x18\x07 \x03(\x02\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"m\n\rUpdateMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedgrpc.v1.UpdateHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedgrpc.v1.TensorChunkH\x00\x42\x06\n\x04part\"F\n\x11SubmitUpdateReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08received\x18\x02 \x01(\r\x12\x10\n\x08\x65xpected\x18\x03 \x01(\r*\xa9\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT64\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05INT16\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT64\x10\x07\x12\t\n\x05UINT8\x10\x08\x12\n\n\x06UINT16\x10\t\x12\n\n\x06UINT32\x10\n\x12\n\n\x06UINT64\x10\x0b\x12\x08\n\x04\x42OOL\x10\x0c*O\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_FP16\x10\x01\x12\x14\n\x10\x43OMPRESSION_INT8\x10\x02*M\n\x0bInstruction\x12\x1b\n\x17INSTRUCTION_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x32\xe8\x01\n\x0b\x43oordinator\x12\x36\n\x04Join\x12\x17.fedgrpc.v1.JoinRequest\x1a\x15.fedgrpc.v1.JoinReply\x12U\n\x10GetGlobalWeights\x12#.fedgrpc.v1.GetGlobalWeightsRequest\x1a\x1a.fedgrpc.v1.WeightsMessage0\x01\x12J\n\x0cSubmitUpdate\x12\x19.fedgrpc.v1.UpdateMessage\x1a\x1d.fedgrpc.v1.SubmitUpdateReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1242
-  _globals['_DTYPE']._serialized_end=1411
-  _globals['_INSTRUCTION']._serialized_start=1413
-  _globals['_INSTRUCTION']._serialized_end=1490
+  _globals['_DTYPE']._serialized_start=1350
+  _globals['_DTYPE']._serialized_end=1519
+  _globals['_COMPRESSION']._serialized_start=1521
+  _globals['_COMPRESSION']._serialized_end=1600
+  _globals['_INSTRUCTION']._serialized_start=1602
+  _globals['_INSTRUCTION']._serialized_end=1679
   _globals['_TENSORSPEC']._serialized_start=44
   _globals['_TENSORSPEC']._serialized_end=119
   _globals['_TENSORCHUNK']._serialized_start=121
   _globals['_TENSORCHUNK']._serialized_end=186
   _globals['_RUNSPEC']._serialized_start=189
-  _globals['_RUNSPEC']._serialized_end=397
-  _globals['_JOINREQUEST']._serialized_start=399
-  _globals['_JOINREQUEST']._serialized_end=431
-  _globals['_JOINREPLY']._serialized_start=433
-  _globals['_JOINREPLY']._serialized_end=501
-  _globals['_GETGLOBALWEIGHTSREQUEST']._serialized_start=503
-  _globals['_GETGLOBALWEIGHTSREQUEST']._serialized_end=589
-  _globals['_WEIGHTSHEADER']._serialized_start=592
-  _globals['_WEIGHTSHEADER']._serialized_end=725
-  _globals['_WEIGHTSMESSAGE']._serialized_start=727
-  _globals['_WEIGHTSMESSAGE']._serialized_end=838
-  _globals['_UPDATEHEADER']._serialized_start=841
-  _globals['_UPDATEHEADER']._serialized_end=1056
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1010
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1056
-  _globals['_UPDATEMESSAGE']._serialized_start=1058
-  _globals['_UPDATEMESSAGE']._serialized_end=1167
-  _globals['_SUBMITUPDATEREPLY']._serialized_start=1169
-  _globals['_SUBMITUPDATEREPLY']._serialized_end=1239
-  _globals['_COORDINATOR']._serialized_start=1493
-  _globals['_COORDINATOR']._serialized_end=1725
+  _globals['_RUNSPEC']._serialized_end=443
+  _globals['_JOINREQUEST']._serialized_start=445
+  _globals['_JOINREQUEST']._serialized_end=477
+  _globals['_JOINREPLY']._serialized_start=479
+  _globals['_JOINREPLY']._serialized_end=547
+  _globals['_GETGLOBALWEIGHTSREQUEST']._serialized_start=549
+  _globals['_GETGLOBALWEIGHTSREQUEST']._serialized_end=635
+  _globals['_WEIGHTSHEADER']._serialized_start=638
+  _globals['_WEIGHTSHEADER']._serialized_end=771
+  _globals['_WEIGHTSMESSAGE']._serialized_start=773
+  _globals['_WEIGHTSMESSAGE']._serialized_end=884
+  _globals['_UPDATEHEADER']._serialized_start=887
+  _globals['_UPDATEHEADER']._serialized_end=1164
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1118
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1164
+  _globals['_UPDATEMESSAGE']._serialized_start=1166
+  _globals['_UPDATEMESSAGE']._serialized_end=1275
+  _globals['_SUBMITUPDATEREPLY']._serialized_start=1277
+  _globals['_SUBMITUPDATEREPLY']._serialized_end=1347
+  _globals['_COORDINATOR']._serialized_start=1682
+  _globals['_COORDINATOR']._serialized_end=1914
 # @@protoc_insertion_point(module_scope)

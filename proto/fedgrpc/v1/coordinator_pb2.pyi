@@ -23,6 +23,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT64: _ClassVar[DType]
     BOOL: _ClassVar[DType]
 
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_NONE: _ClassVar[Compression]
+    COMPRESSION_FP16: _ClassVar[Compression]
+    COMPRESSION_INT8: _ClassVar[Compression]
+
 class Instruction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INSTRUCTION_UNSPECIFIED: _ClassVar[Instruction]
@@ -42,6 +48,9 @@ UINT16: DType
 UINT32: DType
 UINT64: DType
 BOOL: DType
+COMPRESSION_NONE: Compression
+COMPRESSION_FP16: Compression
+COMPRESSION_INT8: Compression
 INSTRUCTION_UNSPECIFIED: Instruction
 TRAIN: Instruction
 WAIT: Instruction
@@ -68,7 +77,7 @@ class TensorChunk(_message.Message):
     def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "model", "batch_size", "local_epochs", "learning_rate", "input_shape", "num_classes")
+    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "model", "batch_size", "local_epochs", "learning_rate", "input_shape", "num_classes", "compression")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +88,7 @@ class RunSpec(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rounds: int
     num_clients: int
@@ -89,7 +99,8 @@ class RunSpec(_message.Message):
     learning_rate: float
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
-    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., model: _Optional[str] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
+    compression: Compression
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., model: _Optional[str] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id",)
@@ -136,7 +147,7 @@ class WeightsMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("client_id", "round", "num_examples", "metrics", "tensors")
+    __slots__ = ("client_id", "round", "num_examples", "metrics", "tensors", "compression", "scales")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,12 +160,16 @@ class UpdateHeader(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     round: int
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    compression: Compression
+    scales: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -1,0 +1,167 @@
+"""Many light clients (no TensorFlow) in one round against one real fl-server on loopback.
+
+    python bench/scale.py [--clients 1000] [--per-round K] [--workers 4] [--compression none]
+
+Starts `fl-server` (the reference CNN, a small synthetic test set) for one round of
+--clients clients, and the light clients as threads spread over --workers processes, each
+with its own gRPC channel (its own TCP connection). Measures the round time the server
+logs, each client's SubmitUpdate latency (p50, p99, max), the server's peak RSS (VmHWM),
+and checks the aggregate: the server's checkpointed weights against the example-weighted
+mean of what every light client sent, recomputed here from (client id, round).
+Prints a table and writes JSON (bench/results/scale.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BIN = Path(sys.executable).parent
+
+
+def _clients(target: str, ids: list[int], results: mp.Queue) -> None:  # type: ignore[type-arg]
+    from fedgrpc.client.light import run_light_client
+
+    def one(client_id: int) -> dict[str, Any]:
+        stats = run_light_client(target, client_id, connect_timeout_s=300, keep_weights=client_id == ids[0])
+        return {
+            "id": client_id,
+            "rounds": stats.rounds,
+            "submit_s": stats.submit_seconds,
+            "received": {r: [w.tolist() for w in ws] for r, ws in stats.received.items()},
+        }
+
+    with futures.ThreadPoolExecutor(max_workers=len(ids)) as pool:
+        results.put([f.result() for f in [pool.submit(one, i) for i in ids]])
+
+
+def _peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.is_set():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+        except OSError:
+            return
+        time.sleep(0.1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=1000)
+    p.add_argument("--per-round", type=int, default=None, help="--clients-per-round (default: all)")
+    p.add_argument("--workers", type=int, default=4, help="client processes (threads spread over them)")
+    p.add_argument("--compression", default="none", choices=("none", "fp16", "int8"))
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scale.json")
+    args = p.parse_args()
+
+    from fedgrpc.client.light import light_examples, light_update
+    from fedgrpc.server.checkpoint import CheckpointStore
+    from fedgrpc.server.local import free_port
+
+    with tempfile.TemporaryDirectory(prefix="fedgrpc-scale-") as tmp:
+        work = Path(tmp)
+        rng = np.random.default_rng(0)
+        np.savez(
+            work / "test.npz",
+            x_train=np.zeros((1, 32, 32, 3), np.uint8),
+            y_train=np.zeros(1, np.uint8),
+            x_test=rng.integers(0, 255, (200, 32, 32, 3), dtype=np.uint8),
+            y_test=rng.integers(0, 10, 200).astype(np.uint8),
+        )
+        port, out = free_port(), work / "out"
+        command = [
+            str(BIN / "fl-server"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+            "--rounds", "1", "--clients", str(args.clients), "--data", str(work / "test.npz"),
+            "--out", str(out), "--threads", "1", "--join-timeout", "600", "--compression", args.compression,
+        ]  # fmt: skip
+        if args.per_round:
+            command += ["--clients-per-round", str(args.per_round)]
+        server_log = work / "server.log"
+        server = subprocess.Popen(command, stdout=server_log.open("wb"), stderr=subprocess.STDOUT)
+        stop, peak = threading.Event(), [0]
+        watcher = threading.Thread(target=_peak_rss, args=(server.pid, stop, peak), daemon=True)
+        watcher.start()
+
+        started = time.monotonic()
+        context = mp.get_context("spawn")
+        results: mp.Queue = context.Queue()  # type: ignore[type-arg]
+        ids = list(range(1, args.clients + 1))
+        workers = [
+            context.Process(target=_clients, args=(f"127.0.0.1:{port}", ids[k :: args.workers], results))
+            for k in range(args.workers)
+        ]
+        for worker in workers:
+            worker.start()
+        reports = [r for _ in workers for r in results.get(timeout=1200)]
+        for worker in workers:
+            worker.join()
+        code = server.wait(timeout=300)
+        wall = time.monotonic() - started
+        stop.set()
+        log = server_log.read_text()
+        if code != 0:
+            print(log[-4000:], file=sys.stderr)
+            raise SystemExit(f"fl-server exited {code}")
+        history = json.loads((out / "history.json").read_text())["rounds"][0]
+        saved = CheckpointStore(out / "checkpoint").load()
+        assert saved is not None
+
+    # The aggregate, recomputed from what every light client sent.
+    start_weights = next(
+        [np.asarray(w, np.float32) for w in r["received"][1]] for r in reports if r["received"]
+    )
+    trained = sorted(c["client_id"] for c in history["clients"])
+    total = sum(light_examples(c) for c in trained)
+    expected = [np.zeros(w.shape) for w in start_weights]
+    for c in trained:
+        for acc, w in zip(expected, light_update(start_weights, c, 1), strict=True):
+            acc += w.astype(np.float64) * light_examples(c)
+    error = max(float(np.max(np.abs(e / total - s))) for e, s in zip(expected, saved.weights, strict=True))
+
+    latencies = sorted(s for r in reports for s in r["submit_s"])
+    model_bytes = sum(w.nbytes for w in start_weights)
+    row = {
+        "clients": args.clients,
+        "trained": len(trained),
+        "compression": args.compression,
+        "round_s": history["seconds"],
+        "wall_s_incl_start": wall,
+        "submit_p50_ms": 1e3 * statistics.median(latencies),
+        "submit_p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "submit_max_ms": 1e3 * latencies[-1],
+        "server_peak_rss_MB": peak[0] / 1e6,
+        "model_MB": model_bytes / 1e6,
+        "bytes_up_MB": history["bytes_in"] / 1e6,
+        "bytes_down_MB": history["bytes_out"] / 1e6,
+        "max_abs_error_vs_recomputed_mean": error,
+    }
+    print(f"{args.clients} light clients, {len(trained)} trained, model {model_bytes / 1e6:.2f} MB, loopback")
+    for key, value in row.items():
+        print(f"  {key:<34} {value:>12.4g}" if isinstance(value, float) else f"  {key:<34} {value!s:>12}")
+    ok = error <= 1e-6 and len(trained) == (args.per_round or args.clients)
+    print("aggregate:", "correct (<= 1e-6 from the recomputed mean)" if ok else "WRONG")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps({"config": vars(args) | {"json": str(args.json)}, "result": row}, indent=2)
+    )
+    print(f"wrote {args.json}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Receiving one update stream: bounded memory in, checked float arrays out.
+
+Two jobs, both about the bytes of updates that are still arriving:
+
+- `InflightBudget` caps the bytes of updates being received at once. Each stream reserves
+  its declared size after its header checks out and before its first chunk is read; a
+  stream that does not fit waits (its bytes stay in gRPC's flow-control window, a few MiB at
+  most), so 50 clients sending a 100 MB model at once cost the budget, not 5 GB.
+- `UpdateIntake` turns the chunks of one stream into the model's arrays, tensor by tensor:
+  each tensor is decompressed (fedgrpc.common.compression) and checked for NaN and infinity
+  as soon as its last chunk is in, while the next tensor is still on the wire. Nothing is
+  folded into the aggregate until the whole stream has passed, so a stream that breaks off
+  or fails a check leaves the round's sum untouched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from fedgrpc.common import compression
+from fedgrpc.common.codec import TensorAssembler, TensorSpec
+from fedgrpc.common.errors import UpdateRejectedError
+from fedgrpc.server.validation import check_finite
+
+
+class InflightBudget:
+    """A byte budget shared by the streams being received; one oversized stream may run alone."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError("the in-flight budget must be positive")
+        self.max_bytes = max_bytes
+        self._used = 0
+        self._streams = 0
+        self._peak = 0
+        self._changed = threading.Condition()
+
+    @property
+    def peak_bytes(self) -> int:
+        return self._peak
+
+    def reserve(self, nbytes: int, timeout: float | None) -> Reservation | None:
+        """Reserve nbytes, waiting up to timeout seconds; None when they never fitted."""
+        return Reservation(self, nbytes) if self.acquire(nbytes, timeout) else None
+
+    def acquire(self, nbytes: int, timeout: float | None) -> bool:
+        """Reserve nbytes, waiting up to timeout seconds; False when it never fitted."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while not (self._streams == 0 or self._used + nbytes <= self.max_bytes):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            self._used += nbytes
+            self._streams += 1
+            self._peak = max(self._peak, self._used)
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._changed:
+            self._used -= nbytes
+            self._streams -= 1
+            self._changed.notify_all()
+
+
+class Reservation:
+    """Bytes held in an InflightBudget until release(), which may be called more than once."""
+
+    def __init__(self, budget: InflightBudget, nbytes: int) -> None:
+        self._budget = budget
+        self._nbytes = nbytes
+        self._lock = threading.Lock()
+        self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self._held = False
+        self._budget.release(self._nbytes)
+
+
+class UpdateIntake:
+    """Assembles, decompresses and checks one update's tensors as their chunks arrive."""
+
+    def __init__(
+        self,
+        specs: Sequence[TensorSpec],
+        reference: Sequence[np.ndarray],
+        method: str,
+        scales: Sequence[float],
+    ) -> None:
+        compression.check_scales(len(specs), scales, method)
+        self.specs = tuple(specs)
+        self.wire_specs = tuple(compression.wire_spec(s, method) for s in specs)
+        self.wire_bytes = self.wire_size(specs, method)
+        # The decoder is a separate object, not a method of this one: an assembler holding a
+        # bound method of its owner would be a reference cycle, and the update's buffers would
+        # stay in memory until the cyclic garbage collector happened to run.
+        self._decoded = _Decoder(self.specs, reference, method, list(scales) or [1.0] * len(specs))
+        self._assembler = TensorAssembler(self.wire_specs, on_tensor=self._decoded)
+
+    @staticmethod
+    def wire_size(specs: Sequence[TensorSpec], method: str) -> int:
+        """Bytes of tensor data a stream of these tensors carries under `method`."""
+        return sum(compression.wire_spec(s, method).nbytes for s in specs)
+
+    def add(self, index: int, offset: int, data: bytes | memoryview) -> None:
+        self._assembler.add(index, offset, data)
+
+    def finish(self) -> list[np.ndarray]:
+        """The update's arrays, every one decoded and finite (raises if the stream fell short)."""
+        self._assembler.finish()
+        arrays = [a for a in self._decoded.arrays if a is not None]
+        if len(arrays) != len(self.specs):
+            raise UpdateRejectedError("the update stream ended before every tensor was decoded")
+        return arrays
+
+
+class _Decoder:
+    """Called with each complete tensor: decompress it, check it, keep it."""
+
+    def __init__(
+        self, specs: Sequence[TensorSpec], reference: Sequence[np.ndarray], method: str, scales: list[float]
+    ) -> None:
+        self._specs = specs
+        self._reference = reference
+        self._method = method
+        self._scales = scales
+        self.arrays: list[np.ndarray | None] = [None] * len(specs)
+
+    def __call__(self, index: int, received: np.ndarray) -> None:
+        spec = self._specs[index]
+        array = compression.decode_tensor(
+            spec, received, self._reference[index], self._scales[index], self._method
+        )
+        check_finite((spec,), (array,))
+        self.arrays[index] = array

@@ -1,0 +1,74 @@
+"""Receiving one update stream: the in-flight budget and the tensor-by-tensor intake."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from fedgrpc.common import compression
+from fedgrpc.common.codec import iter_chunks, spec_of, to_wire
+from fedgrpc.common.errors import CodecError, UpdateRejectedError
+from fedgrpc.server.intake import InflightBudget, UpdateIntake
+
+GLOBAL = [np.zeros((64, 8), np.float32), np.zeros(8, np.float32)]
+SPECS = [spec_of("w", GLOBAL[0]), spec_of("b", GLOBAL[1])]
+
+
+def test_the_budget_makes_streams_wait_and_lets_an_oversized_one_run_alone() -> None:
+    budget = InflightBudget(100)
+    first = budget.reserve(60, timeout=0)
+    assert first is not None
+    assert budget.reserve(60, timeout=0.05) is None  # does not fit next to the first
+    admitted = []
+    waiter = threading.Thread(target=lambda: admitted.append(budget.reserve(60, timeout=5)))
+    waiter.start()
+    time.sleep(0.1)
+    assert not admitted
+    first.release()
+    first.release()  # twice is harmless
+    waiter.join()
+    assert admitted[0] is not None
+    admitted[0].release()
+    alone = budget.reserve(500, timeout=0)  # bigger than the budget, but nothing else is in flight
+    assert alone is not None and budget.peak_bytes == 500
+    alone.release()
+
+
+def feed(
+    intake: UpdateIntake, arrays: list[np.ndarray], chunk_bytes: int = 100, stop: int | None = None
+) -> None:
+    for number, chunk in enumerate(iter_chunks((to_wire(a) for a in arrays), chunk_bytes)):
+        if stop is not None and number == stop:
+            return
+        intake.add(chunk.index, chunk.offset, chunk.data)
+
+
+def test_intake_rebuilds_compressed_updates() -> None:
+    update = [GLOBAL[0] + 0.5, GLOBAL[1] - 0.25]
+    sent, scales = compression.encode(SPECS, update, GLOBAL, "int8")
+    intake = UpdateIntake(SPECS, GLOBAL, "int8", scales)
+    assert intake.wire_bytes == sum(s.size for s in SPECS)  # one byte a value
+    feed(intake, sent)
+    for got, want in zip(intake.finish(), update, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_nan_is_caught_when_its_tensor_completes_before_the_rest_arrives() -> None:
+    update = [GLOBAL[0].copy(), GLOBAL[1]]
+    update[0][3, 3] = np.nan
+    intake = UpdateIntake(SPECS, GLOBAL, "none", [])
+    chunks_of_first = SPECS[0].nbytes // 100 + 1
+    with pytest.raises(UpdateRejectedError, match="'w' holds NaN"):
+        feed(intake, update, stop=chunks_of_first + 1)
+
+
+def test_a_short_stream_is_refused() -> None:
+    intake = UpdateIntake(SPECS, GLOBAL, "none", [])
+    feed(intake, GLOBAL, stop=3)
+    with pytest.raises(CodecError, match="incomplete"):
+        intake.finish()
+
+
+def test_scales_must_match_the_tensors() -> None:
+    with pytest.raises(CodecError, match="2 scales"):
+        UpdateIntake(SPECS, GLOBAL, "fp16", [1.0])
