@@ -80,6 +80,9 @@ def _rss() -> tuple[int, int]:
 
 
 def _serve(total_mb: int, clients: int, inflight_mb: int, pipe: Any) -> None:
+    from fedgrpc.server.intake import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as fl-server does, before any thread starts
     from concurrent import futures as cf
 
     import grpc
@@ -99,7 +102,8 @@ def _serve(total_mb: int, clients: int, inflight_mb: int, pipe: Any) -> None:
         coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, weights)
     server = grpc.server(cf.ThreadPoolExecutor(max_workers=2 * clients + 8), options=SERVER_OPTIONS)
-    serve(server, coordinator, inflight=InflightBudget(inflight_mb << 20))
+    budget = InflightBudget(inflight_mb << 20)
+    serve(server, coordinator, inflight=budget)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     before, _ = _rss()
@@ -114,7 +118,13 @@ def _serve(total_mb: int, clients: int, inflight_mb: int, pipe: Any) -> None:
         want = sum(k * (w + np.float32(k)).astype(np.float64) for k in range(1, clients + 1))
         error = max(error, float(np.max(np.abs(result[i] - want / sum(range(1, clients + 1))))))
     pipe.send(
-        {"rss_before": before, "rss_peak_receiving": peak_receiving, "rss_peak": peak, "max_abs_error": error}
+        {
+            "rss_before": before,
+            "rss_peak_receiving": peak_receiving,
+            "rss_peak": peak,
+            "max_abs_error": error,
+            "inflight_peak_bytes": budget.peak_bytes,
+        }
     )
     server.stop(grace=None)
 

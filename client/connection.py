@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -222,7 +223,22 @@ class Connection:
                 compression=method,
                 scales=scales,
             )
-            reply: pb.SubmitUpdateReply = self._submit_update(stream, timeout=300, metadata=self._metadata)
+            started = threading.Event()
+            calls: list[Any] = []  # the call: a grpc.Future that is also a grpc.Call
+
+            def paced() -> Iterator[pb.UpdateMessage | bytes]:
+                # The header goes at once; the chunks only when the server says it is ready
+                # for them (its initial metadata), so an update waiting for the server's
+                # in-flight budget waits here, not in the server's memory.
+                yield next(stream)
+                started.wait()
+                calls[0].initial_metadata()  # returns early too if the call already ended
+                yield from stream
+
+            future = self._submit_update.future(paced(), timeout=300, metadata=self._metadata)
+            calls.append(future)
+            started.set()
+            reply: pb.SubmitUpdateReply = future.result()
             return reply
 
         reply = self._retrying("submit", call)

@@ -64,7 +64,8 @@ class WeightedSum:
             for start in range(0, flat_w.size, self.BLOCK):
                 stop = min(start + self.BLOCK, flat_w.size)
                 scratch = self._scratch[: stop - start]
-                np.multiply(flat_w[start:stop], factor, out=scratch, dtype=np.float64)  # exact: f32 x int
+                np.copyto(scratch, flat_w[start:stop])  # widen to float64: exact
+                scratch *= factor  # exact: a float32 value times an integer below 2**29 fits 53 bits
                 np.add(flat_acc[start:stop], scratch, out=flat_acc[start:stop])
         self.total_examples += num_examples
         self.count += 1

@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(hash_token(args.hash_token))
         return 0
+    from fedgrpc.server.intake import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before TensorFlow and gRPC start their threads
     logs.setup("server", verbose=args.verbose)
     device.quiet_tensorflow()
     from fedgrpc.server.app import FederatedServer, RoundPolicy, ServerConfig

@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_WAIT_S = 30.0
 _DEADLINE_MARGIN_S = 0.5
 MAX_MESSAGE_BYTES = 16 << 20  # one chunk (1 MiB by default) and its framing; larger gets RESOURCE_EXHAUSTED
-DEFAULT_INFLIGHT_BYTES = 256 << 20  # updates received at once (see fedgrpc.server.intake.InflightBudget)
+DEFAULT_INFLIGHT_BYTES = 256 << 20
+#: Initial metadata of SubmitUpdate, sent once the update fits the in-flight budget: clients
+#: hold their chunks back until then, so waiting updates do not pile up in the server's memory.
+READY_FOR_CHUNKS = (
+    "fedgrpc-ready-for-chunks"  # updates received at once (see fedgrpc.server.intake.InflightBudget)
+)
 
 #: Accept the clients' keepalive pings (every 20 s, also between calls) instead of answering
 #: them with GOAWAY, and bound what one message may make the server allocate.
@@ -46,6 +51,7 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1 << 20),
 ]
 
 
@@ -187,6 +193,7 @@ class CoordinatorServicer:
                 raise UpdateRejectedError(
                     "the server is busy receiving other updates; send this one again", code="UNAVAILABLE"
                 )
+            context.send_initial_metadata(((READY_FOR_CHUNKS, "1"),))
             try:
                 intake = UpdateIntake(specs, reference, method, list(header.scales))
                 received = self._receive(intake, request_iterator)
