@@ -149,7 +149,12 @@ class RoundCoordinator:
         self._folder = _Folder()
         self._max_examples = max_examples
         self._recorder = recorder
-        self._changed = threading.Condition()
+        # Two conditions on one lock: the driver waits for progress (clients ready, updates
+        # in), the clients' long-polls wait for phase changes only, so that each of 1000
+        # updates wakes the one driver thread, not the 999 other clients' waiting calls.
+        lock = threading.Lock()
+        self._changed = threading.Condition(lock)
+        self._phase_changed = threading.Condition(lock)
         self._phase = Phase.IDLE
         self._round: _Round | None = None
         self._last_round = 0
@@ -171,7 +176,7 @@ class RoundCoordinator:
             self._round = _Round(number, frozen, self._sample(number))
             self._last_round = number
             self._phase = Phase.TRAINING
-            self._changed.notify_all()
+            self._notify_everyone()
 
     def _sample(self, number: int) -> frozenset[int] | None:
         """The clients that train round `number`: a sample seeded by (seed, round), so a
@@ -224,13 +229,13 @@ class RoundCoordinator:
     def finish(self) -> None:
         with self._changed:
             self._phase = Phase.FINISHED
-            self._changed.notify_all()
+            self._notify_everyone()
 
     def interrupt(self) -> None:
         """Make every driver-side wait return now (the server is stopping)."""
         with self._changed:
             self._interrupted = True
-            self._changed.notify_all()
+            self._notify_everyone()
 
     @property
     def interrupted(self) -> bool:
@@ -293,12 +298,12 @@ class RoundCoordinator:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not active():
                     return Task(Instruction.WAIT, self._last_round)
-                self._changed.wait(remaining)
+                self._phase_changed.wait(remaining)
 
     def wake(self) -> None:
         """Wake every waiting call so that cancelled ones can return."""
         with self._changed:
-            self._changed.notify_all()
+            self._phase_changed.notify_all()
 
     def wait_told_finished(self, client_ids: Sequence[int], timeout: float) -> bool:
         """After finish(): wait until these clients have been told, so none is left hanging."""
@@ -397,6 +402,10 @@ class RoundCoordinator:
                 self._round.bytes_out += nbytes
 
     # -- internals (call with the lock held) -----------------------------------------
+
+    def _notify_everyone(self) -> None:
+        self._changed.notify_all()
+        self._phase_changed.notify_all()
 
     def _may_train(self, client_id: int, current: _Round) -> bool:
         return (

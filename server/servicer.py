@@ -17,6 +17,7 @@ request parser that reports garbage instead of raising.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -139,13 +140,21 @@ class CoordinatorServicer:
             self._auth.check(context, request.client_id)
         except AuthError as exc:
             context.abort(_status_of(exc), str(exc))
-        context.add_callback(self._coordinator.wake)
+        answered = threading.Event()
+
+        def on_end() -> None:  # a call that ended while still waiting was cancelled: wake it
+            if not answered.is_set():
+                self._coordinator.wake()
+
+        context.add_callback(on_end)
         try:
             task = self._coordinator.next_task(
                 request.client_id, request.after_round, wait, active=context.is_active
             )
         except FedGrpcError as exc:
             _abort(context, exc, f"GetGlobalWeights of client {request.client_id}")
+        finally:
+            answered.set()
         if task.instruction is not Instruction.TRAIN:
             code = pb.FINISHED if task.instruction is Instruction.FINISHED else pb.WAIT
             run_id = self._coordinator.run.run_id
