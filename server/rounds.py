@@ -191,10 +191,7 @@ class RoundCoordinator:
     def expected(self) -> int:
         """Updates the open round waits for: its sample, or every enrolled client."""
         with self._changed:
-            current = self._round
-            if current is None or current.participants is None:
-                return self.run.num_clients
-            return len(current.participants)
+            return self._expected(self._round)
 
     def wait_ready(self, count: int, timeout: float | None = None) -> bool:
         """Block until `count` clients are ready to train (have asked for their first task)."""
@@ -344,57 +341,34 @@ class RoundCoordinator:
         `on_folded` runs once the update is in the aggregate (or was refused): the caller's
         buffers may be reused from then on.
         """
+
+        def fold() -> None:
+            try:
+                self._strategy.add(weights, num_examples)
+            finally:
+                if on_folded is not None:
+                    on_folded()
+
+        queued = False
         try:
-            return self._accept(
-                client_id,
-                round_number,
-                num_examples,
-                metrics,
-                weights,
-                wire_bytes,
-                finite_checked=finite_checked,
-                on_folded=on_folded,
-            )
-        except BaseException:
-            if on_folded is not None:
-                on_folded()
-            raise
-
-    def _accept(
-        self,
-        client_id: int,
-        round_number: int,
-        num_examples: int,
-        metrics: Mapping[str, float],
-        weights: Sequence[np.ndarray],
-        wire_bytes: int,
-        *,
-        finite_checked: bool,
-        on_folded: Callable[[], None] | None,
-    ) -> tuple[int, int]:
-        self.check_client(client_id)
-        check_num_examples(num_examples, self._max_examples)
-        check_arrays(self.specs, weights)
-        if not finite_checked:
-            check_finite(self.specs, weights)
-        with self._changed:
-            current = self._check_round(client_id, round_number)
-
-            def fold() -> None:
-                try:
-                    self._strategy.add(weights, num_examples)
-                finally:
-                    if on_folded is not None:
-                        on_folded()
-
-            self._folder.put(fold)  # under the lock: folds keep the order of acceptance
-            current.accepted[client_id] = AcceptedUpdate(client_id, num_examples, dict(metrics))
-            current.bytes_in += wire_bytes
-            if self._recorder is not None:
-                self._recorder(round_number, client_id, weights)
-            self._changed.notify_all()
-            wanted = self.run.num_clients if current.participants is None else len(current.participants)
-            return len(current.accepted), wanted
+            self.check_client(client_id)
+            check_num_examples(num_examples, self._max_examples)
+            check_arrays(self.specs, weights)
+            if not finite_checked:
+                check_finite(self.specs, weights)
+            with self._changed:
+                current = self._check_round(client_id, round_number)
+                self._folder.put(fold)  # under the lock: folds keep the order of acceptance
+                queued = True
+                current.accepted[client_id] = AcceptedUpdate(client_id, num_examples, dict(metrics))
+                current.bytes_in += wire_bytes
+                if self._recorder is not None:
+                    self._recorder(round_number, client_id, weights)
+                self._changed.notify_all()
+                return len(current.accepted), self._expected(current)
+        finally:
+            if not queued and on_folded is not None:
+                on_folded()  # refused: nothing will be folded
 
     def count_bytes_out(self, round_number: int, nbytes: int) -> None:
         with self._changed:
@@ -402,6 +376,11 @@ class RoundCoordinator:
                 self._round.bytes_out += nbytes
 
     # -- internals (call with the lock held) -----------------------------------------
+
+    def _expected(self, current: _Round | None) -> int:
+        if current is None or current.participants is None:
+            return self.run.num_clients
+        return len(current.participants)
 
     def _notify_everyone(self) -> None:
         self._changed.notify_all()
