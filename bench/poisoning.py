@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from fedgrpc.server.strategy import STRATEGIES, make_strategy
+from fedgrpc.server.strategy import STRATEGIES, add_update, make_strategy
 
 CLASSES, FEATURES, CLIENTS = 10, 20, 5
 
@@ -81,7 +81,7 @@ def run(strategy_name: str, attack: str, rounds: int, seed: int) -> float:
             update = local_train(weights, x, y, rng)
             if client == CLIENTS:
                 update = poison(attack, weights, update)
-            strategy.add(update, len(x))
+            add_update(strategy, update, weights, len(x))
         weights = strategy.result()
     return accuracy(weights, x_test, y_test)
 

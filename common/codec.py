@@ -102,9 +102,11 @@ def iter_chunks(buffers: Iterable[memoryview], chunk_bytes: int = DEFAULT_CHUNK_
 class TensorAssembler:
     """Rebuilds tensors from chunks, checking every chunk against the declared specs.
 
-    Each tensor gets one buffer of its declared size up front; chunks are copied into it
-    once and must arrive in order without gaps or overlap, so a short, long, reordered or
-    mislabelled stream is caught before any array is handed out.
+    Each tensor gets one buffer of its declared size; chunks are copied into it once and
+    must arrive in order without gaps or overlap, so a short, long, reordered or mislabelled
+    stream is caught before any array is handed out. With `keep=False` each complete tensor
+    belongs to `on_tensor` alone, so a receiver that stores tensors elsewhere holds one
+    tensor in memory, not the stream.
     """
 
     def __init__(
@@ -113,7 +115,10 @@ class TensorAssembler:
         *,
         max_total_bytes: int | None = None,
         on_tensor: Callable[[int, np.ndarray], None] | None = None,
+        keep: bool = True,
     ) -> None:
+        if not keep and on_tensor is None:
+            raise ValueError("an assembler that keeps no tensor needs on_tensor")
         total = 0
         for spec in specs:
             wire_dtype(spec.dtype)
@@ -125,8 +130,11 @@ class TensorAssembler:
         self.specs = tuple(specs)
         self.total_bytes = total
         self._on_tensor = on_tensor
-        # np.empty, not bytearray: no zero-fill pass over memory that the chunks overwrite anyway.
-        self._buffers = [np.empty(spec.nbytes, dtype=np.uint8) for spec in self.specs]
+        self._keep = keep
+        self._sizes = [spec.nbytes for spec in self.specs]
+        # Allocated when a tensor's first chunk arrives; np.empty, not bytearray: no zero-fill
+        # pass over memory that the chunks overwrite anyway.
+        self._buffers: list[np.ndarray | None] = [None] * len(self.specs)
         self._filled = [0] * len(self.specs)
         self._current = 0
         self._handed_out = 0  # tensors before this index went to on_tensor
@@ -135,7 +143,7 @@ class TensorAssembler:
         if not 0 <= index < len(self.specs):
             raise CodecError(f"chunk for tensor #{index}, but only {len(self.specs)} tensors were declared")
         # Skip past tensors that are complete (zero-byte tensors have no chunks at all).
-        while self._current < index and self._filled[self._current] == len(self._buffers[self._current]):
+        while self._current < index and self._filled[self._current] == self._sizes[self._current]:
             self._current += 1
         if index != self._current:
             name = self.specs[self._current].name
@@ -148,27 +156,30 @@ class TensorAssembler:
                 f"chunk of tensor {self.specs[index].name!r} at offset {offset}, expected {filled}"
             )
         end = filled + len(data)
-        if end > len(self._buffers[index]):
-            raise CodecError(
-                f"tensor {self.specs[index].name!r} overflows its declared {len(self._buffers[index])} bytes"
-            )
-        self._buffers[index][filled:end] = np.frombuffer(data, dtype=np.uint8)
+        size = self._sizes[index]
+        if end > size:
+            raise CodecError(f"tensor {self.specs[index].name!r} overflows its declared {size} bytes")
+        buffer = self._buffers[index]
+        if buffer is None:
+            buffer = self._buffers[index] = np.empty(size, dtype=np.uint8)
+        buffer[filled:end] = np.frombuffer(data, dtype=np.uint8)
         self._filled[index] = end
-        if end == len(self._buffers[index]):
+        if end == size:
             self._hand_out(index + 1)
 
     def finish(self) -> list[np.ndarray]:
-        """The decoded tensors; raises if any tensor is incomplete."""
-        for spec, buffer, filled in zip(self.specs, self._buffers, self._filled, strict=True):
-            if filled != len(buffer):
-                raise CodecError(
-                    f"tensor {spec.name!r} is incomplete: {filled} of {len(buffer)} bytes arrived"
-                )
+        """The decoded tensors (none with keep=False); raises if any tensor is incomplete."""
+        for spec, size, filled in zip(self.specs, self._sizes, self._filled, strict=True):
+            if filled != size:
+                raise CodecError(f"tensor {spec.name!r} is incomplete: {filled} of {size} bytes arrived")
         self._hand_out(len(self.specs))
-        return [self._array(i) for i in range(len(self.specs))]
+        return [self._array(i) for i in range(len(self.specs))] if self._keep else []
 
     def _array(self, index: int) -> np.ndarray:
-        return from_wire(self.specs[index], self._buffers[index].data)
+        buffer = self._buffers[index]
+        if buffer is None:  # a zero-byte tensor: no chunk ever arrived
+            buffer = self._buffers[index] = np.empty(0, dtype=np.uint8)
+        return from_wire(self.specs[index], buffer.data)
 
     def _hand_out(self, stop: int) -> None:
         """Give every complete tensor before `stop` to on_tensor, once and in order, so a
@@ -177,4 +188,7 @@ class TensorAssembler:
             index = self._handed_out
             self._handed_out += 1
             if self._on_tensor is not None:
-                self._on_tensor(index, self._array(index))
+                array = self._array(index)
+                if not self._keep:
+                    self._buffers[index] = None
+                self._on_tensor(index, array)

@@ -10,89 +10,151 @@ Weights = list[np.ndarray]
 
 
 def weighted_mean(updates: Sequence[tuple[Sequence[np.ndarray], int]]) -> Weights:
-    """The example-weighted mean of client weights (FedAvg), accumulated in float64.
+    """The example-weighted mean of client weights (FedAvg's definition), in float64.
 
     Each update is (weights, num_examples). The result has the dtypes and shapes of the
-    first update; integer tensors are rounded to the nearest value.
+    first update; integer tensors are rounded to the nearest value. Keeps nothing between
+    calls: the reference that the streaming `WeightedSum` is tested against.
     """
     if not updates:
         raise ValueError("cannot average zero updates")
-    total = WeightedSum.like(updates[0][0])
-    for weights, num_examples in updates:
-        total.add(weights, num_examples)
-    return total.mean()
+    for _, num_examples in updates:
+        _check_count(num_examples)
+    total = sum(n for _, n in updates)
+    result: Weights = []
+    for index, template in enumerate(updates[0][0]):
+        acc = np.zeros(np.shape(template), dtype=np.float64)
+        for weights, n in updates:
+            acc += np.asarray(weights[index], dtype=np.float64) * n
+        result.append(_cast(acc / total, np.asarray(template).dtype))
+    return result
+
+
+def sum_dtype(dtype: np.dtype[np.generic]) -> np.dtype[np.generic]:
+    """The dtype a tensor's changes are summed in: float32 for float16/float32 weights (changes
+    are small, so float32 keeps them far below one step of the result), float64 otherwise."""
+    if dtype in (np.float16, np.float32):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def weighted_change(
+    weights: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool = False
+) -> np.ndarray:
+    """num_examples x (weights - reference) in sum_dtype: the term FedAvg sums for one tensor.
+
+    in_place: overwrite `weights` when its dtype is already the sum dtype (the caller owns it).
+    """
+    _check_count(num_examples)
+    if weights.shape != reference.shape:
+        raise ValueError(f"shape {weights.shape} does not match {reference.shape}")
+    dtype = sum_dtype(reference.dtype)
+    out = weights if in_place and weights.dtype == dtype and weights.flags.writeable else None
+    change: np.ndarray = np.subtract(weights, reference, out=out, dtype=dtype)
+    change *= change.dtype.type(num_examples)
+    return change
 
 
 class WeightedSum:
-    """A running sum of num_examples * weights in float64: O(model) memory, however many clients.
+    """The running sum of FedAvg: sum of num_examples x (weights - global), O(model) memory.
 
-    Folding updates in one at a time as they arrive gives the same mean as averaging them all
-    at the end (to float64 rounding), without keeping every client's weights. The fold runs in
-    blocks through one small float64 scratch buffer, so it never allocates a tensor-sized
-    temporary and stays close to the speed of a bare in-place `np.add`.
+    Centred on the round's global weights: what is summed is each client's change, which is
+    small next to the weights, so a float32 sum (half the memory of float64) keeps the mean
+    within a few float32 steps of the change, well below one step of the result in training.
+    Folding a change that was weighted beforehand (`add_change`, see `weighted_change`) is one
+    in-place `np.add` per tensor: the work per update happens on the thread that received it,
+    and the fold, which every update passes through one at a time, stays at memory speed.
     """
 
-    BLOCK = 1 << 18  # elements per step: a 2 MiB scratch buffer, big enough to amortise numpy calls
+    BLOCK = 1 << 16  # elements per step of `add`: a scratch buffer that stays in the CPU cache
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype[np.generic]]) -> None:
+    def __init__(self, reference: Sequence[np.ndarray]) -> None:
+        self._reference = [np.asarray(r) for r in reference]
         # np.full writes every page now, so the first fold does not pay the page faults.
-        self._sums = [np.full(shape, 0.0, dtype=np.float64) for shape in shapes]
-        self._dtypes = list(dtypes)
-        self._scratch = np.empty(min(self.BLOCK, max((s.size for s in self._sums), default=0)))
+        self._sums = [np.full(r.shape, 0.0, dtype=sum_dtype(r.dtype)) for r in self._reference]
+        self._scratch = {
+            dtype: np.empty(min(self.BLOCK, max(s.size for s in self._sums if s.dtype == dtype)), dtype)
+            for dtype in {s.dtype for s in self._sums}
+        }
         self.total_examples = 0
         self.count = 0
 
-    @classmethod
-    def like(cls, weights: Sequence[np.ndarray]) -> WeightedSum:
-        return cls([w.shape for w in weights], [w.dtype for w in weights])
-
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self._sums) + self._scratch.nbytes
+        return sum(s.nbytes for s in self._sums) + sum(s.nbytes for s in self._scratch.values())
 
     def add(self, weights: Sequence[np.ndarray], num_examples: int) -> None:
-        if num_examples <= 0:
-            raise ValueError(f"num_examples must be positive, got {num_examples}")
-        if len(weights) != len(self._sums):
-            raise ValueError(f"expected {len(self._sums)} tensors, got {len(weights)}")
-        for acc, w in zip(self._sums, weights, strict=True):
-            if acc.shape != w.shape:
-                raise ValueError(f"shape {w.shape} does not match {acc.shape}")
-        factor = float(num_examples)
-        for acc, w in zip(self._sums, weights, strict=True):
-            flat_acc, flat_w = acc.reshape(-1), np.ascontiguousarray(w).reshape(-1)
+        """Fold in one client's weights (as sent), in cache-sized blocks: no tensor-sized temporary."""
+        _check_count(num_examples)
+        self._check_shapes(weights)
+        for acc, w, g in zip(self._sums, weights, self._reference, strict=True):
+            flat_acc, flat_w, flat_g = acc.reshape(-1), np.ascontiguousarray(w).reshape(-1), g.reshape(-1)
+            factor = acc.dtype.type(num_examples)
             for start in range(0, flat_w.size, self.BLOCK):
                 stop = min(start + self.BLOCK, flat_w.size)
-                scratch = self._scratch[: stop - start]
-                np.copyto(scratch, flat_w[start:stop])  # widen to float64: exact
-                scratch *= factor  # exact: a float32 value times an integer below 2**29 fits 53 bits
-                np.add(flat_acc[start:stop], scratch, out=flat_acc[start:stop])
-        self.total_examples += num_examples
-        self.count += 1
+                block = self._scratch[acc.dtype][: stop - start]
+                np.subtract(flat_w[start:stop], flat_g[start:stop], out=block, dtype=acc.dtype)
+                block *= factor
+                np.add(flat_acc[start:stop], block, out=flat_acc[start:stop])
+        self._counted(num_examples)
+
+    def add_change(self, changes: Sequence[np.ndarray], num_examples: int) -> None:
+        """Fold in `weighted_change` of every tensor of one update (num_examples as given there)."""
+        _check_count(num_examples)
+        self._check_shapes(changes)
+        for acc, change in zip(self._sums, changes, strict=True):
+            if change.dtype != acc.dtype:
+                raise ValueError(f"a change of dtype {change.dtype} cannot be folded into a {acc.dtype} sum")
+            np.add(acc, change, out=acc)
+        self._counted(num_examples)
 
     def mean(self) -> Weights:
-        if self.total_examples == 0:
-            raise ValueError("no updates were added")
-        return [self._mean_of(acc, dtype) for acc, dtype in zip(self._sums, self._dtypes, strict=True)]
+        """The weighted mean of what was folded in, with the reference's dtypes; the sum stays."""
+        self._check_not_empty()
+        return [self._mean_of(acc.copy(), g) for acc, g in zip(self._sums, self._reference, strict=True)]
 
     def take_mean(self) -> Weights:
-        """The mean, freeing each float64 sum as soon as its tensor is converted: at the end of
-        a round the server holds the sums or the result, not both. The sum is empty afterwards."""
-        if self.total_examples == 0:
-            raise ValueError("no updates were added")
+        """The mean, computed in the sums' own memory: at the end of a round the server holds
+        the sums or the result, never both. The sum is empty afterwards."""
+        self._check_not_empty()
         result: Weights = []
         while self._sums:
-            acc = self._sums.pop(0)
-            result.append(self._mean_of(acc, self._dtypes[len(result)], in_place=True))
-            del acc
+            result.append(self._mean_of(self._sums.pop(0), self._reference[len(result)]))
+        self._reference, self._scratch = [], {}
         self.total_examples, self.count = 0, 0
         return result
 
-    def _mean_of(self, acc: np.ndarray, dtype: np.dtype[np.generic], *, in_place: bool = False) -> np.ndarray:
-        mean: np.ndarray = np.divide(acc, self.total_examples, out=acc if in_place else None)
-        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-            np.rint(mean, out=mean)
-        return mean.astype(dtype)
+    def _mean_of(self, acc: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        acc /= acc.dtype.type(self.total_examples)
+        acc += reference
+        return _cast(acc, reference.dtype)
+
+    def _check_shapes(self, arrays: Sequence[np.ndarray]) -> None:
+        if len(arrays) != len(self._sums):
+            raise ValueError(f"expected {len(self._sums)} tensors, got {len(arrays)}")
+        for acc, a in zip(self._sums, arrays, strict=True):
+            if acc.shape != a.shape:
+                raise ValueError(f"shape {a.shape} does not match {acc.shape}")
+
+    def _check_not_empty(self) -> None:
+        if self.total_examples == 0:
+            raise ValueError("no updates were added")
+
+    def _counted(self, num_examples: int) -> None:
+        self.total_examples += num_examples
+        self.count += 1
+
+
+def _check_count(num_examples: int) -> None:
+    if num_examples <= 0:
+        raise ValueError(f"num_examples must be positive, got {num_examples}")
+
+
+def _cast(mean: np.ndarray, dtype: np.dtype[np.generic]) -> np.ndarray:
+    """A mean back in the weights' dtype; integer and boolean tensors are rounded first."""
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        np.rint(mean, out=mean)
+    return mean.astype(dtype, copy=False)
 
 
 def _stack(updates: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:

@@ -78,6 +78,7 @@ class ServerConfig:
     sample_seed: int = 0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
+    spool_dir: Path | None = None  # stage updates being received on disk (see fedgrpc.server.spool)
 
 
 class FederatedServer:
@@ -185,6 +186,7 @@ class FederatedServer:
             authenticator=authenticator,
             chunk_bytes=cfg.chunk_bytes,
             inflight=InflightBudget(cfg.max_inflight_bytes),
+            spool_dir=cfg.spool_dir,
         )
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls is not None:

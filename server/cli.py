@@ -67,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="updates received at once, in MB: more wait their turn, bounding memory (default 256)",
     )
     p.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="stage updates being received on disk in DIR, not in memory: the server's memory then "
+        "holds the global model, the running sum and one tensor per stream (for big models)",
+    )
+    p.add_argument(
         "--min-clients",
         type=int,
         default=None,
@@ -137,6 +145,8 @@ def check_sizes(args: argparse.Namespace) -> None:
         raise ConfigError(f"--chunk-kb must be in 1..8192 (messages stay under 16 MiB), got {args.chunk_kb}")
     if args.max_inflight_mb < 1:
         raise ConfigError(f"--max-inflight-mb must be at least 1, got {args.max_inflight_mb}")
+    if args.spool_dir is not None and not (args.spool_dir.is_dir() and os.access(args.spool_dir, os.W_OK)):
+        raise ConfigError(f"--spool-dir {args.spool_dir} is not a writable directory; create it first")
     if args.clients_per_round is not None and not 1 <= args.clients_per_round <= args.clients:
         raise ConfigError(
             f"--clients-per-round must be in 1..--clients ({args.clients}), got {args.clients_per_round}"
@@ -192,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             sample_seed=args.sample_seed,
             chunk_bytes=args.chunk_kb << 10,
             max_inflight_bytes=args.max_inflight_mb << 20,
+            spool_dir=args.spool_dir,
         )
         server = FederatedServer(config)
         signal.signal(signal.SIGTERM, server.request_stop)

@@ -7,10 +7,11 @@ Two jobs, both about the bytes of updates that are still arriving:
   stream that does not fit waits (its bytes stay in gRPC's flow-control window, a few MiB at
   most), so 50 clients sending a 100 MB model at once cost the budget, not 5 GB.
 - `UpdateIntake` turns the chunks of one stream into the model's arrays, tensor by tensor:
-  each tensor is decompressed (fedgrpc.common.compression) and checked for NaN and infinity
-  as soon as its last chunk is in, while the next tensor is still on the wire. Nothing is
-  folded into the aggregate until the whole stream has passed, so a stream that breaks off
-  or fails a check leaves the round's sum untouched.
+  each tensor is decompressed (fedgrpc.common.compression), checked for NaN and infinity
+  and prepared for the strategy (FedAvg: its weighted change) as soon as its last chunk is
+  in, while the next tensor is still on the wire; then it is kept in memory, or written to
+  a `SpooledUpdate` on disk. Nothing is folded into the aggregate until the whole stream
+  has passed, so a stream that breaks off or fails a check leaves the round's sum untouched.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from fedgrpc.common import compression
 from fedgrpc.common.codec import TensorAssembler, TensorSpec
 from fedgrpc.common.errors import UpdateRejectedError
+from fedgrpc.server.spool import SpooledUpdate
 from fedgrpc.server.validation import check_finite
+
+#: What the intake applies to each checked tensor it owns (see RoundCoordinator.tensor_preparer).
+Preparer = Callable[[int, np.ndarray], np.ndarray]
 
 
 def limit_malloc_arenas(arenas: int = 1) -> bool:
@@ -104,7 +110,11 @@ class Reservation:
 
 
 class UpdateIntake:
-    """Assembles, decompresses and checks one update's tensors as their chunks arrive."""
+    """Assembles, decompresses, checks and prepares one update's tensors as their chunks arrive.
+
+    `prepare`: applied to each checked tensor (None: tensors stay as sent). `spool_dir`: stage
+    the tensors on disk there instead of in memory. Call `close` when the stream is given up.
+    """
 
     def __init__(
         self,
@@ -112,16 +122,27 @@ class UpdateIntake:
         reference: Sequence[np.ndarray],
         method: str,
         scales: Sequence[float],
+        *,
+        prepare: Preparer | None = None,
+        spool_dir: Path | None = None,
     ) -> None:
         compression.check_scales(len(specs), scales, method)
         self.specs = tuple(specs)
         self.wire_specs = tuple(compression.wire_spec(s, method) for s in specs)
         self.wire_bytes = self.wire_size(specs, method)
+        store: list[np.ndarray] | SpooledUpdate = []
+        if spool_dir is not None:
+            try:
+                store = SpooledUpdate(spool_dir)
+            except OSError as exc:
+                raise _spool_failed(exc) from exc
         # The decoder is a separate object, not a method of this one: an assembler holding a
         # bound method of its owner would be a reference cycle, and the update's buffers would
         # stay in memory until the cyclic garbage collector happened to run.
-        self._decoded = _Decoder(self.specs, reference, method, list(scales) or [1.0] * len(specs))
-        self._assembler = TensorAssembler(self.wire_specs, on_tensor=self._decoded)
+        self._decoded = _Decoder(
+            self.specs, reference, method, list(scales) or [1.0] * len(specs), prepare, store
+        )
+        self._assembler = TensorAssembler(self.wire_specs, on_tensor=self._decoded, keep=False)
 
     @staticmethod
     def wire_size(specs: Sequence[TensorSpec], method: str) -> int:
@@ -131,31 +152,70 @@ class UpdateIntake:
     def add(self, index: int, offset: int, data: bytes | memoryview) -> None:
         self._assembler.add(index, offset, data)
 
-    def finish(self) -> list[np.ndarray]:
-        """The update's arrays, every one decoded and finite (raises if the stream fell short)."""
+    def finish(self) -> Sequence[np.ndarray]:
+        """The update's tensors, every one decoded, finite and prepared (raises if the stream
+        fell short). A spooled update must be closed once it has been folded in."""
         self._assembler.finish()
-        arrays = [a for a in self._decoded.arrays if a is not None]
-        if len(arrays) != len(self.specs):
+        store = self._decoded.store
+        if len(store) != len(self.specs):
             raise UpdateRejectedError("the update stream ended before every tensor was decoded")
-        return arrays
+        return store
+
+    def close(self) -> None:
+        """Let go of whatever was staged (the spool file is deleted)."""
+        close(self._decoded.store)
+
+
+def close(update: Sequence[np.ndarray]) -> None:
+    """Delete an update's spool file, if it has one."""
+    if isinstance(update, SpooledUpdate):
+        update.close()
 
 
 class _Decoder:
-    """Called with each complete tensor: decompress it, check it, keep it."""
+    """Called with each complete tensor: decompress it, check it, prepare it, store it."""
 
     def __init__(
-        self, specs: Sequence[TensorSpec], reference: Sequence[np.ndarray], method: str, scales: list[float]
+        self,
+        specs: Sequence[TensorSpec],
+        reference: Sequence[np.ndarray],
+        method: str,
+        scales: list[float],
+        prepare: Preparer | None,
+        store: list[np.ndarray] | SpooledUpdate,
     ) -> None:
         self._specs = specs
         self._reference = reference
         self._method = method
         self._scales = scales
-        self.arrays: list[np.ndarray | None] = [None] * len(specs)
+        self._prepare = prepare
+        self.store = store
 
     def __call__(self, index: int, received: np.ndarray) -> None:
         spec = self._specs[index]
         array = compression.decode_tensor(
             spec, received, self._reference[index], self._scales[index], self._method
         )
-        check_finite((spec,), (array,))
-        self.arrays[index] = array
+        if self._prepare is None:
+            check_finite((spec,), (array,))
+        else:
+            # Checked after preparing: one pass, and it also catches a weighted change that
+            # overflowed (num_examples x a huge value), which would poison the sum as surely.
+            with np.errstate(over="ignore"):  # an overflow is caught just below
+                array = self._prepare(index, array)
+            if not np.isfinite(array).all():
+                raise UpdateRejectedError(
+                    f"tensor {spec.name!r} holds NaN or infinite values, "
+                    "or values so large that num_examples times their change overflows"
+                )
+        try:
+            self.store.append(array)
+        except OSError as exc:  # the spool's disk is full or gone
+            raise _spool_failed(exc) from exc
+
+
+def _spool_failed(error: OSError) -> UpdateRejectedError:
+    return UpdateRejectedError(
+        f"the server could not stage this update on disk ({error.strerror or error}); send it again later",
+        code="UNAVAILABLE",
+    )

@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
-from fedgrpc.server.strategy import Strategy
+from fedgrpc.server.strategy import Strategy, add_update
 from fedgrpc.server.validation import check_arrays, check_finite, check_num_examples, check_specs
 
 
@@ -322,29 +323,50 @@ class RoundCoordinator:
         check_specs(self.specs, specs)
         return current.weights
 
+    def tensor_preparer(
+        self, reference: Sequence[np.ndarray], num_examples: int
+    ) -> Callable[[int, np.ndarray], np.ndarray] | None:
+        """What a stream intake applies to each checked tensor it owns, on the receiving thread
+        (the strategy's `prepare`); None while updates are recorded, since the recorder keeps
+        them as sent: they are then prepared on the fold thread."""
+        if self._recorder is not None:
+            return None
+        strategy = self._strategy
+
+        def prepare(index: int, tensor: np.ndarray) -> np.ndarray:
+            return strategy.prepare(tensor, reference[index], num_examples, in_place=True)
+
+        return prepare
+
     def submit(
         self,
         client_id: int,
         round_number: int,
         num_examples: int,
         metrics: Mapping[str, float],
-        weights: Sequence[np.ndarray],
+        update: Sequence[np.ndarray],
         wire_bytes: int,
         *,
-        finite_checked: bool = False,
+        checked: bool = False,
+        prepared: bool = False,
         on_folded: Callable[[], None] | None = None,
     ) -> tuple[int, int]:
         """Validate and count one update; returns (updates received, updates expected).
 
-        `finite_checked`: the caller already checked every value (the stream intake does, tensor
-        by tensor while the stream arrives), so the pass over the whole update is not repeated.
-        `on_folded` runs once the update is in the aggregate (or was refused): the caller's
-        buffers may be reused from then on.
+        `checked`: the caller already checked every tensor against the specs and every value
+        for NaN and infinity (the stream intake does, tensor by tensor while the stream
+        arrives), so the passes over the whole update are not repeated. `prepared`: every
+        tensor already went through `tensor_preparer`. `on_folded` runs once the update is in
+        the aggregate (or was refused): the caller's buffers may be reused from then on.
         """
+        strategy = self._strategy
 
-        def fold() -> None:
+        def fold(reference: Sequence[np.ndarray]) -> None:
             try:
-                self._strategy.add(weights, num_examples)
+                if prepared:
+                    strategy.add(update, num_examples)
+                else:
+                    add_update(strategy, update, reference, num_examples)
             finally:
                 if on_folded is not None:
                     on_folded()
@@ -353,17 +375,17 @@ class RoundCoordinator:
         try:
             self.check_client(client_id)
             check_num_examples(num_examples, self._max_examples)
-            check_arrays(self.specs, weights)
-            if not finite_checked:
-                check_finite(self.specs, weights)
+            if not checked:
+                check_arrays(self.specs, update)
+                check_finite(self.specs, update)
             with self._changed:
                 current = self._check_round(client_id, round_number)
-                self._folder.put(fold)  # under the lock: folds keep the order of acceptance
+                self._folder.put(partial(fold, current.weights))  # under the lock: folds keep the order
                 queued = True
                 current.accepted[client_id] = AcceptedUpdate(client_id, num_examples, dict(metrics))
                 current.bytes_in += wire_bytes
                 if self._recorder is not None:
-                    self._recorder(round_number, client_id, weights)
+                    self._recorder(round_number, client_id, update)
                 self._changed.notify_all()
                 return len(current.accepted), self._expected(current)
         finally:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -84,8 +85,10 @@ class CoordinatorServicer:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         authenticator: Authenticator | None = None,
         inflight: InflightBudget | None = None,
+        spool_dir: Path | None = None,
     ) -> None:
         self._coordinator = coordinator
+        self._spool_dir = spool_dir
         self._auth = authenticator or Authenticator()
         self._max_wait_s = max_wait_s
         self._chunk_bytes = chunk_bytes
@@ -203,14 +206,27 @@ class CoordinatorServicer:
                     "the server is busy receiving other updates; send this one again", code="UNAVAILABLE"
                 )
             context.send_initial_metadata(((READY_FOR_CHUNKS, "1"),))
+            prepare = self._coordinator.tensor_preparer(reference, header.num_examples)
             try:
-                intake = UpdateIntake(specs, reference, method, list(header.scales))
-                received = self._receive(intake, request_iterator)
+                intake = UpdateIntake(
+                    specs, reference, method, list(header.scales), prepare=prepare, spool_dir=self._spool_dir
+                )
             except BaseException:
                 reservation.release()
                 raise
-            # The reservation ends once the update is folded in (or refused), not when the
-            # stream ends: until then its arrays are still in memory.
+            try:
+                received = self._receive(intake, request_iterator)
+            except BaseException:
+                intake.close()
+                reservation.release()
+                raise
+
+            def folded() -> None:
+                # The reservation ends once the update is folded in (or refused), not when
+                # the stream ends: until then its tensors are still staged.
+                intake.close()
+                reservation.release()
+
             count, expected = self._coordinator.submit(
                 header.client_id,
                 header.round,
@@ -218,8 +234,9 @@ class CoordinatorServicer:
                 dict(header.metrics),
                 received,
                 size + first.ByteSize(),
-                finite_checked=True,
-                on_folded=reservation.release,
+                checked=True,
+                prepared=prepare is not None,
+                on_folded=folded,
             )
         except FedGrpcError as exc:
             _abort(context, exc, what)
@@ -229,7 +246,7 @@ class CoordinatorServicer:
     @staticmethod
     def _receive(
         intake: UpdateIntake, messages: Iterator[pb.UpdateMessage | wire.Undecodable]
-    ) -> list[np.ndarray]:
+    ) -> Sequence[np.ndarray]:
         for number, message in enumerate(messages, start=2):
             if isinstance(message, wire.Undecodable):
                 raise CodecError(
@@ -266,6 +283,7 @@ def serve(
     authenticator: Authenticator | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     inflight: InflightBudget | None = None,
+    spool_dir: Path | None = None,
 ) -> Health:
     """Register the coordinator and the health service on a gRPC server; returns the health switch."""
     servicer = CoordinatorServicer(
@@ -274,6 +292,7 @@ def serve(
         chunk_bytes=chunk_bytes,
         authenticator=authenticator,
         inflight=inflight,
+        spool_dir=spool_dir,
     )
     server.add_generic_rpc_handlers((servicer.handler(),))
     checker = Health()

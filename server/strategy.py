@@ -1,7 +1,10 @@
 """Aggregation strategies: small classes over the pure functions of fedgrpc.server.aggregate.
 
-A strategy sees a round's accepted updates one at a time (`add`) and produces the next
-global weights (`result`).
+A strategy sees a round's accepted updates one at a time and produces the next global
+weights (`result`). Each tensor of an update first goes through `prepare`, on the thread that
+received it and as soon as it has been checked; `add` then takes the prepared tensors of a
+whole update, on the coordinator's one fold thread. FedAvg prepares a tensor into its weighted
+change, so its fold is one in-place addition; the robust strategies keep tensors as sent.
 
 | strategy       | use it when                                              | memory          |
 |----------------|----------------------------------------------------------|-----------------|
@@ -22,7 +25,14 @@ from typing import Protocol
 
 import numpy as np
 from fedgrpc.common.errors import ConfigError
-from fedgrpc.server.aggregate import WeightedSum, Weights, coordinate_median, krum, trimmed_mean
+from fedgrpc.server.aggregate import (
+    WeightedSum,
+    Weights,
+    coordinate_median,
+    krum,
+    trimmed_mean,
+    weighted_change,
+)
 
 
 class Strategy(Protocol):
@@ -30,9 +40,27 @@ class Strategy(Protocol):
 
     def begin_round(self, global_weights: Sequence[np.ndarray]) -> None: ...
 
-    def add(self, weights: Sequence[np.ndarray], num_examples: int) -> None: ...
+    def prepare(
+        self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool
+    ) -> np.ndarray:
+        """One checked tensor as `add` wants it; in_place: the caller owns `tensor`."""
+        ...
+
+    def add(self, update: Sequence[np.ndarray], num_examples: int) -> None:
+        """One accepted update, every tensor of it prepared."""
+        ...
 
     def result(self) -> Weights: ...
+
+
+def add_update(
+    strategy: Strategy, update: Sequence[np.ndarray], reference: Sequence[np.ndarray], num_examples: int
+) -> None:
+    """Prepare and add one update that the caller keeps (none of its arrays is overwritten)."""
+    prepared = [
+        strategy.prepare(t, g, num_examples, in_place=False) for t, g in zip(update, reference, strict=True)
+    ]
+    strategy.add(prepared, num_examples)
 
 
 class FedAvg:
@@ -44,12 +72,17 @@ class FedAvg:
         self._sum: WeightedSum | None = None
 
     def begin_round(self, global_weights: Sequence[np.ndarray]) -> None:
-        self._sum = WeightedSum.like(global_weights)
+        self._sum = WeightedSum(global_weights)
 
-    def add(self, weights: Sequence[np.ndarray], num_examples: int) -> None:
+    def prepare(
+        self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool
+    ) -> np.ndarray:
+        return weighted_change(tensor, reference, num_examples, in_place=in_place)
+
+    def add(self, update: Sequence[np.ndarray], num_examples: int) -> None:
         if self._sum is None:
             raise RuntimeError("begin_round was not called")
-        self._sum.add(weights, num_examples)
+        self._sum.add_change(update, num_examples)
 
     def result(self) -> Weights:
         if self._sum is None:
@@ -70,8 +103,14 @@ class _AllUpdates:
     def begin_round(self, global_weights: Sequence[np.ndarray]) -> None:
         self._updates = []
 
-    def add(self, weights: Sequence[np.ndarray], num_examples: int) -> None:
-        self._updates.append(weights)
+    def prepare(
+        self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool
+    ) -> np.ndarray:
+        return tensor
+
+    def add(self, update: Sequence[np.ndarray], num_examples: int) -> None:
+        # Read into memory now: an update staged on disk is deleted once it has been added.
+        self._updates.append([np.asarray(t) for t in update])
 
     def result(self) -> Weights:
         return self._rule(self._updates)

@@ -2,13 +2,16 @@
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fedgrpc.common import compression
 from fedgrpc.common.codec import iter_chunks, spec_of, to_wire
 from fedgrpc.common.errors import CodecError, UpdateRejectedError
+from fedgrpc.server.aggregate import weighted_change
 from fedgrpc.server.intake import InflightBudget, UpdateIntake
+from fedgrpc.server.spool import SpooledUpdate
 
 GLOBAL = [np.zeros((64, 8), np.float32), np.zeros(8, np.float32)]
 SPECS = [spec_of("w", GLOBAL[0]), spec_of("b", GLOBAL[1])]
@@ -72,3 +75,48 @@ def test_a_short_stream_is_refused() -> None:
 def test_scales_must_match_the_tensors() -> None:
     with pytest.raises(CodecError, match="2 scales"):
         UpdateIntake(SPECS, GLOBAL, "fp16", [1.0])
+
+
+def test_a_spooled_intake_holds_its_tensors_on_disk_until_closed(tmp_path: Path) -> None:
+    update = [GLOBAL[0] + 1.5, GLOBAL[1] - 2.0]
+    intake = UpdateIntake(SPECS, GLOBAL, "none", [], spool_dir=tmp_path)
+    feed(intake, update)
+    staged = intake.finish()
+    assert isinstance(staged, SpooledUpdate) and staged.nbytes == sum(s.nbytes for s in SPECS)
+    for got, want in zip(staged, update, strict=True):
+        np.testing.assert_array_equal(got, want)
+    intake.close()
+    with pytest.raises(ValueError):
+        staged[0]  # the file is closed (and, unlinked from the start, gone)
+
+
+def test_the_spool_keeps_every_dtype_and_shape(tmp_path: Path) -> None:
+    arrays: list[np.ndarray] = [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.array(7, dtype=np.int64),  # 0-d
+        np.zeros((0, 5), np.float16),  # empty
+        np.array([True, False, True]),
+        np.arange(6, dtype=np.float64)[::2],  # not contiguous
+    ]
+    spool = SpooledUpdate(tmp_path)
+    for a in arrays:
+        spool.append(a)
+    assert len(spool) == len(arrays)
+    for got, want in zip(spool, arrays, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    spool.close()
+
+
+def test_the_intake_prepares_each_tensor_and_refuses_an_overflowing_change() -> None:
+    def prepare(index: int, tensor: np.ndarray) -> np.ndarray:
+        return weighted_change(tensor, GLOBAL[index], 10**6, in_place=True)
+
+    intake = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=prepare)
+    feed(intake, [GLOBAL[0] + 2.0, GLOBAL[1] + 3.0])
+    got = intake.finish()
+    np.testing.assert_array_equal(got[0], np.full(SPECS[0].shape, 2e6, np.float32))
+    np.testing.assert_array_equal(got[1], np.full(SPECS[1].shape, 3e6, np.float32))
+    huge = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=prepare)
+    with pytest.raises(UpdateRejectedError, match="'w' holds NaN or infinite values, or values so large"):
+        feed(huge, [GLOBAL[0] + 1e35, GLOBAL[1]])  # finite as sent, infinite times 10**6

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -26,13 +28,16 @@ GLOBAL = [np.random.default_rng(0).standard_normal(s.shape).astype(np.float32) f
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[RoundCoordinator, str]]:
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[RoundCoordinator, str]]:
+    """A server whose updates are staged in memory, or on disk with indirect param "disk"."""
+    spool_dir = tmp_path if getattr(request, "param", "memory") == "disk" else None
     coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg())
     for client in (1, 2):  # ready before the round opens, as the server's driver waits for
         coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, GLOBAL)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((CoordinatorServicer(coordinator, max_wait_s=2).handler(),))
+    servicer = CoordinatorServicer(coordinator, max_wait_s=2, spool_dir=spool_dir)
+    server.add_generic_rpc_handlers((servicer.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield coordinator, f"127.0.0.1:{port}"
@@ -59,6 +64,7 @@ def update(
     return [m if isinstance(m, pb.UpdateMessage) else pb.UpdateMessage.FromString(m) for m in stream]
 
 
+@pytest.mark.parametrize("served", ["memory", "disk"], indirect=True)
 def test_a_model_over_4mb_goes_down_and_up_exactly(served: tuple[RoundCoordinator, str]) -> None:
     coordinator, target = served
     with Connection(target, 1, connect_timeout_s=5) as connection:
@@ -71,6 +77,7 @@ def test_a_model_over_4mb_goes_down_and_up_exactly(served: tuple[RoundCoordinato
         assert connection.submit(1, SPECS, [w + 4 for w in GLOBAL], 30, {}) == (2, 2)
     outcome = coordinator.close_round()
     np.testing.assert_allclose(outcome.weights[0], GLOBAL[0] + 3.25, atol=1e-5)  # (1*10 + 4*30) / 40
+    np.testing.assert_allclose(outcome.weights[1], GLOBAL[1] + 3.25, atol=1e-5)
 
 
 def test_unknown_client_is_refused_at_join(served: tuple[RoundCoordinator, str]) -> None:
@@ -186,7 +193,10 @@ def test_client_errors_map_back_to_fedgrpc_errors(served: tuple[RoundCoordinator
             connection.submit(2, SPECS, GLOBAL, 1, {})
 
 
-def test_a_stream_that_breaks_off_leaves_the_sum_untouched(served: tuple[RoundCoordinator, str]) -> None:
+@pytest.mark.parametrize("served", ["memory", "disk"], indirect=True)
+def test_a_stream_that_breaks_off_leaves_the_sum_untouched(
+    served: tuple[RoundCoordinator, str], tmp_path: Path
+) -> None:
     coordinator, target = served
     poisoned = update(arrays=[w + 1000 for w in GLOBAL])  # would wreck the mean if any of it counted
 
@@ -203,6 +213,18 @@ def test_a_stream_that_breaks_off_leaves_the_sum_untouched(served: tuple[RoundCo
         two.submit(1, SPECS, GLOBAL, 1, {})
     weights = coordinator.close_round().weights
     np.testing.assert_allclose(weights[0], GLOBAL[0] + 0.75, atol=1e-6)  # (3*1 + 1*0) / 4
+    assert not spool_files_open(tmp_path)  # the broken stream's and the folded updates' files are gone
+
+
+def spool_files_open(directory: Path) -> list[str]:
+    """Files of this process under `directory`, open or deleted-but-open."""
+    links = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return [link for link in links if link.startswith(str(directory))]
 
 
 @pytest.mark.parametrize("method", ["fp16", "int8"])
@@ -222,3 +244,15 @@ def test_compressed_updates_are_rebuilt_from_the_round_weights(
         largest = max(float(np.abs(u[i] - GLOBAL[i]).max()) for u in updates)
         bound = largest * (1 / 254 if method == "int8" else 2.0**-11) + 1e-6
         np.testing.assert_allclose(got[i], want, rtol=0, atol=bound, err_msg=spec.name)
+
+
+@pytest.mark.parametrize("served", ["disk"], indirect=True)
+def test_an_update_that_cannot_be_staged_on_disk_is_refused_as_unavailable(
+    served: tuple[RoundCoordinator, str], tmp_path: Path
+) -> None:
+    coordinator, target = served
+    tmp_path.rmdir()  # the spool directory is gone (a disk unmounted, a cleaner too eager)
+    error = raw_submit(target, update())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "could not stage this update on disk" in (error.details() or "")
+    assert coordinator.received == 0
