@@ -130,11 +130,14 @@ class WeightedSum:
         return _cast(acc, reference.dtype)
 
     def _check_shapes(self, arrays: Sequence[np.ndarray]) -> None:
+        """Every shape, before anything is added. An update staged on disk tells its shapes
+        (`shapes`) without being read, so its tensors are read once, by the fold."""
         if len(arrays) != len(self._sums):
             raise ValueError(f"expected {len(self._sums)} tensors, got {len(arrays)}")
-        for acc, a in zip(self._sums, arrays, strict=True):
-            if acc.shape != a.shape:
-                raise ValueError(f"shape {a.shape} does not match {acc.shape}")
+        shapes = getattr(arrays, "shapes", None) or [np.shape(a) for a in arrays]
+        for acc, shape in zip(self._sums, shapes, strict=True):
+            if acc.shape != tuple(shape):
+                raise ValueError(f"shape {tuple(shape)} does not match {acc.shape}")
 
     def _check_not_empty(self) -> None:
         if self.total_examples == 0:

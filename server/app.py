@@ -216,6 +216,8 @@ class FederatedServer:
             run.num_clients,
             self.port,
         )
+        if cfg.spool_dir is not None:
+            log.info("updates being received are staged on disk in %s", cfg.spool_dir)
         try:
             if first_round <= run.rounds:
                 self._wait_for_clients(coordinator, run, minimum)

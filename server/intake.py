@@ -163,13 +163,8 @@ class UpdateIntake:
 
     def close(self) -> None:
         """Let go of whatever was staged (the spool file is deleted)."""
-        close(self._decoded.store)
-
-
-def close(update: Sequence[np.ndarray]) -> None:
-    """Delete an update's spool file, if it has one."""
-    if isinstance(update, SpooledUpdate):
-        update.close()
+        if isinstance(self._decoded.store, SpooledUpdate):
+            self._decoded.store.close()
 
 
 class _Decoder:

@@ -65,6 +65,11 @@ class SpooledUpdate(Sequence[np.ndarray]):
         return out
 
     @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Every tensor's shape, without reading the file."""
+        return [shape for _, _, shape in self._entries]
+
+    @property
     def nbytes(self) -> int:
         return self._end
 

@@ -9,7 +9,7 @@ import pytest
 from fedgrpc.common import compression
 from fedgrpc.common.codec import iter_chunks, spec_of, to_wire
 from fedgrpc.common.errors import CodecError, UpdateRejectedError
-from fedgrpc.server.aggregate import weighted_change
+from fedgrpc.server.aggregate import WeightedSum, weighted_change
 from fedgrpc.server.intake import InflightBudget, UpdateIntake
 from fedgrpc.server.spool import SpooledUpdate
 
@@ -102,6 +102,7 @@ def test_the_spool_keeps_every_dtype_and_shape(tmp_path: Path) -> None:
     for a in arrays:
         spool.append(a)
     assert len(spool) == len(arrays)
+    assert spool.shapes == [a.shape for a in arrays]
     for got, want in zip(spool, arrays, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
@@ -120,3 +121,16 @@ def test_the_intake_prepares_each_tensor_and_refuses_an_overflowing_change() -> 
     huge = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=prepare)
     with pytest.raises(UpdateRejectedError, match="'w' holds NaN or infinite values, or values so large"):
         feed(huge, [GLOBAL[0] + 1e35, GLOBAL[1]])  # finite as sent, infinite times 10**6
+
+
+def test_a_spooled_update_folds_like_one_in_memory(tmp_path: Path) -> None:
+    changes = [weighted_change(g + 0.5, g, 3) for g in GLOBAL]
+    spool = SpooledUpdate(tmp_path)
+    for change in changes:
+        spool.append(change)
+    from_disk, in_memory = WeightedSum(GLOBAL), WeightedSum(GLOBAL)
+    from_disk.add_change(spool, 3)
+    in_memory.add_change(changes, 3)
+    for a, b in zip(from_disk.take_mean(), in_memory.take_mean(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    spool.close()

@@ -15,7 +15,12 @@ CNN_PARAMETERS = 167_562
 
 def test_a_sample_of_light_clients_per_round_with_int8_updates(tmp_path: Path, synthetic_npz: Path) -> None:
     port, out, server_log = free_port(), tmp_path / "out", tmp_path / "server.log"
-    extra = ("--clients-per-round", "4", "--compression", "int8", "--record-updates", "--sample-seed", "5")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    extra = (
+        *("--clients-per-round", "4", "--compression", "int8", "--record-updates", "--sample-seed", "5"),
+        *("--spool-dir", str(spool)),  # updates staged on disk on their way to the sum
+    )
     server = start(
         *server_command(port, synthetic_npz, out, rounds=2, clients=12, extra=extra), log=server_log
     )
@@ -34,6 +39,8 @@ def test_a_sample_of_light_clients_per_round_with_int8_updates(tmp_path: Path, s
         assert 4 * CNN_PARAMETERS < record["bytes_in"] < 4 * CNN_PARAMETERS * 1.1
         assert record["bytes_out"] > 4 * CNN_PARAMETERS * 4
     assert "clients 4/4" in server_log.read_text()
+    assert f"staged on disk in {spool}" in server_log.read_text()
+    assert not list(spool.iterdir())  # spool files are unlinked from the start
 
     import keras
 
