@@ -380,12 +380,12 @@ class RoundCoordinator:
                 check_finite(self.specs, update)
             with self._changed:
                 current = self._check_round(client_id, round_number)
+                if self._recorder is not None:  # before the fold is queued: a fold may free the update
+                    self._recorder(round_number, client_id, update)
                 self._folder.put(partial(fold, current.weights))  # under the lock: folds keep the order
                 queued = True
                 current.accepted[client_id] = AcceptedUpdate(client_id, num_examples, dict(metrics))
                 current.bytes_in += wire_bytes
-                if self._recorder is not None:
-                    self._recorder(round_number, client_id, update)
                 self._changed.notify_all()
                 return len(current.accepted), self._expected(current)
         finally:
