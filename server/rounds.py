@@ -35,6 +35,7 @@ import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
+from fedgrpc.server.intake import Preparer
 from fedgrpc.server.strategy import Strategy, add_update
 from fedgrpc.server.validation import check_arrays, check_finite, check_num_examples, check_specs
 
@@ -323,9 +324,7 @@ class RoundCoordinator:
         check_specs(self.specs, specs)
         return current.weights
 
-    def tensor_preparer(
-        self, reference: Sequence[np.ndarray], num_examples: int
-    ) -> Callable[[int, np.ndarray], np.ndarray] | None:
+    def tensor_preparer(self, reference: Sequence[np.ndarray], num_examples: int) -> Preparer | None:
         """What a stream intake applies to each checked tensor it owns, on the receiving thread
         (the strategy's `prepare`); None while updates are recorded, since the recorder keeps
         them as sent: they are then prepared on the fold thread."""
