@@ -96,14 +96,10 @@ def _serve(total_mb: int, clients: int, inflight_mb: int, staging: str, pipe: An
     from fedgrpc.server.intake import limit_malloc_arenas
 
     limit_malloc_arenas()  # as fl-server does, before any thread starts
-    from concurrent import futures as cf
-
-    import grpc
     from fedgrpc.common.codec import spec_of
     from fedgrpc.common.config import RunSpec
-    from fedgrpc.server.intake import InflightBudget
+    from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
     from fedgrpc.server.rounds import RoundCoordinator
-    from fedgrpc.server.servicer import SERVER_OPTIONS, serve
     from fedgrpc.server.strategy import FedAvg
 
     weights = model(total_mb)
@@ -114,12 +110,17 @@ def _serve(total_mb: int, clients: int, inflight_mb: int, staging: str, pipe: An
     for client in range(1, clients + 1):
         coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, weights)
-    server = grpc.server(cf.ThreadPoolExecutor(max_workers=2 * clients + 8), options=SERVER_OPTIONS)
-    budget = InflightBudget(inflight_mb << 20)
     spool = tempfile.TemporaryDirectory(prefix="fedgrpc-bench-spool-") if staging == "disk" else None
-    serve(server, coordinator, inflight=budget, spool_dir=Path(spool.name) if spool else None)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    endpoint = GrpcEndpoint(
+        coordinator,
+        EndpointConfig(
+            host="127.0.0.1",
+            port=0,
+            max_inflight_bytes=inflight_mb << 20,
+            spool_dir=Path(spool.name) if spool else None,
+        ),
+    )
+    port = endpoint.start()
     before, _ = _rss()
     pipe.send(port)
     coordinator.wait_for_updates(clients)
@@ -143,10 +144,10 @@ def _serve(total_mb: int, clients: int, inflight_mb: int, staging: str, pipe: An
             "rss_peak_receiving": peak_receiving,
             "rss_peak": peak,
             "max_abs_error": error,
-            "inflight_peak_bytes": budget.peak_bytes,
+            "inflight_peak_bytes": endpoint.inflight.peak_bytes,
         }
     )
-    server.stop(grace=None)
+    endpoint.stop(grace=0)
     if spool is not None:
         spool.cleanup()
 

@@ -76,7 +76,7 @@ def run(strategy_name: str, attack: str, rounds: int, seed: int) -> float:
     weights = [np.zeros((FEATURES, CLASSES), np.float32), np.zeros(CLASSES, np.float32)]
     strategy = make_strategy(strategy_name, trim_fraction=0.2, num_byzantine=1)
     for _ in range(rounds):
-        strategy.begin_round(weights)
+        strategy.begin_round(weights, len(shards))
         for client, (x, y) in enumerate(shards, start=1):
             update = local_train(weights, x, y, rng)
             if client == CLIENTS:

@@ -67,8 +67,9 @@ def _serve(total_mb: int, repeat: int, ports: mp.Queue) -> None:  # type: ignore
     limit_malloc_arenas()  # as fl-server does, before any thread starts
     from fedgrpc.common.codec import spec_of
     from fedgrpc.common.config import RunSpec
+    from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint, server_options
+    from fedgrpc.server.limits import Limits
     from fedgrpc.server.rounds import RoundCoordinator
-    from fedgrpc.server.servicer import SERVER_OPTIONS, serve
     from fedgrpc.server.strategy import FedAvg
 
     weights = model(total_mb)
@@ -103,13 +104,15 @@ def _serve(total_mb: int, repeat: int, ports: mp.Queue) -> None:  # type: ignore
     for client in range(1, clients + 1):
         coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, weights)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((bare,))
-    serve(server, coordinator)
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    ports.put((listener.getsockname()[1], grpc_port))
-    server.wait_for_termination()
+    # The bare stream on a plain threaded server with the same options; fedgrpc on its own endpoint.
+    bare_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=server_options(Limits()))
+    bare_server.add_generic_rpc_handlers((bare,))
+    bare_port = bare_server.add_insecure_port("127.0.0.1:0")
+    bare_server.start()
+    endpoint = GrpcEndpoint(coordinator, EndpointConfig(host="127.0.0.1", port=0))
+    fedgrpc_port = endpoint.start()
+    ports.put((listener.getsockname()[1], bare_port, fedgrpc_port))
+    bare_server.wait_for_termination()
 
 
 # -- client side (this process) -----------------------------------------------------------
@@ -133,18 +136,19 @@ def main() -> int:
     args = p.parse_args()
     total_mb = 1024 if args.big else args.mb
 
-    from fedgrpc.client.connection import Connection, Instruction
+    from fedgrpc.client.connection import Connection
     from fedgrpc.common.codec import spec_of
+    from fedgrpc.common.protocol import Instruction
 
     ports: mp.Queue = mp.get_context("spawn").Queue()  # type: ignore[type-arg]
     child = mp.get_context("spawn").Process(target=_serve, args=(total_mb, args.repeat, ports), daemon=True)
     child.start()
-    socket_port, grpc_port = ports.get(timeout=120)
+    socket_port, bare_port, fedgrpc_port = ports.get(timeout=120)
     weights = model(total_mb)
     nbytes = sum(w.nbytes for w in weights)
     payload = memoryview(b"".join(w.tobytes() for w in weights))
     specs = [spec_of(f"t{i}", w) for i, w in enumerate(weights)]
-    target = f"127.0.0.1:{grpc_port}"
+    target = f"127.0.0.1:{fedgrpc_port}"
 
     def socket_down(_: int) -> None:
         with socket.create_connection(("127.0.0.1", socket_port)) as conn:
@@ -161,7 +165,9 @@ def main() -> int:
             conn.sendall(payload)
             conn.recv(1)
 
-    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{bare_port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
     bare_down_call = channel.unary_stream("/bench.Bare/Down", None, None)
     bare_up_call = channel.stream_unary("/bench.Bare/Up", None, None)
 

@@ -10,13 +10,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedgrpc.client.connection import ChannelSecurity, Connection, Instruction
+from fedgrpc.client.connection import ChannelSecurity, Connection
 from fedgrpc.common import device
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.data import describe, load_split
 from fedgrpc.common.errors import ConfigError, RunChangedError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.logs import human_bytes
 from fedgrpc.common.partition import shard_indices
+from fedgrpc.common.protocol import Instruction
 
 log = logging.getLogger("fedgrpc.client")
 

@@ -4,7 +4,8 @@ The only module of fedgrpc.client that touches generated *_pb2 types, and the pl
 gRPC status codes become fedgrpc errors:
 
     UNAVAILABLE, DEADLINE_EXCEEDED,  retried with exponential backoff and jitter until the
-    CANCELLED                        connect timeout, then ServerUnavailableError
+    CANCELLED, RESOURCE_EXHAUSTED    connect timeout, then ServerUnavailableError (the server
+                                     is down, restarting, or at one of its limits)
     UNAUTHENTICATED                  AuthError (missing or wrong credentials)
     PERMISSION_DENIED                AuthError (credentials of another client)
     NOT_FOUND                        NotEnrolledError
@@ -20,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +38,8 @@ from fedgrpc.common.errors import (
     StaleRoundError,
     UpdateRejectedError,
 )
+from fedgrpc.common.metrics import check_metrics
+from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX, Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -45,7 +47,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 # CANCELLED too: this client never cancels its own calls, so a cancel comes from a server stopping.
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# RESOURCE_EXHAUSTED: the server is at a limit on open calls (its messages are far below the
+# size limit), which frees up as other calls end.
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 #: Channel settings: keepalive pings so a dead server is noticed during a long poll, and
 #: message limits well above one chunk (streams never need more).
@@ -56,12 +65,6 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 << 20),
 ]
-
-
-class Instruction(Enum):
-    TRAIN = "train"
-    WAIT = "wait"
-    FINISHED = "finished"
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class ChannelSecurity:
         return grpc.secure_channel(target, credentials, options=options)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        return ((AUTHORIZATION_KEY, f"{BEARER_PREFIX}{self.token}"),) if self.token else ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,7 @@ class Connection:
         With a `method` other than "none" the update travels compressed relative to
         `reference`, the global weights the round's training started from.
         """
+        metrics = check_metrics(metrics)  # the server would refuse them: say so here, before training is lost
         arrays, scales = compression.encode(specs, weights, reference, method)
 
         def call() -> pb.SubmitUpdateReply:

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from fedgrpc.client.connection import ChannelSecurity, Connection, Instruction
+from fedgrpc.client.connection import ChannelSecurity, Connection
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.errors import RunChangedError, StaleRoundError
+from fedgrpc.common.protocol import Instruction
 
 log = logging.getLogger("fedgrpc.client")
 

@@ -11,6 +11,7 @@
     ├── ServerUnavailableError    the server could not be reached in time
     ├── AuthError                 missing, wrong or borrowed credentials (status code inside)
     ├── RunChangedError           the server now runs another run than the one joined
+    ├── RunFailedError            the server cannot go on with a run (its checkpoint is intact)
     └── CheckpointError           a checkpoint that is missing pieces, truncated or corrupted
 
 gRPC status codes are mapped to and from these at the two boundaries only:
@@ -78,3 +79,24 @@ class AuthError(FedGrpcError):
     def __init__(self, message: str, *, code: str = "UNAUTHENTICATED") -> None:
         super().__init__(message)
         self.code = code
+
+
+class MetricsError(FedGrpcError):
+    """Client metrics that break the rules of fedgrpc.common.metrics."""
+
+
+class OverloadError(FedGrpcError):
+    """A call refused for capacity, not content: RESOURCE_EXHAUSTED (a limit on what one peer or
+    client may hold open) or UNAVAILABLE (busy right now). The same call may succeed later."""
+
+    def __init__(self, message: str, *, code: str = "RESOURCE_EXHAUSTED") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StalledError(FedGrpcError):
+    """A peer sent nothing for longer than the server's stall timeout; its call was cut."""
+
+
+class RunFailedError(FedGrpcError):
+    """The run cannot go on (e.g. rounds keep producing unusable weights); the checkpoint is intact."""

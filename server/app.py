@@ -6,25 +6,25 @@ import logging
 import signal
 import threading
 import time
-from concurrent import futures
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
-import grpc
 import numpy as np
 from fedgrpc.common import device
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.data import describe, load_split, model_inputs
-from fedgrpc.common.errors import ConfigError, DataError
+from fedgrpc.common.errors import ConfigError, DataError, RunFailedError
 from fedgrpc.common.logs import human_bytes
 from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.checkpoint import CheckpointStore, weights_digest
-from fedgrpc.server.intake import InflightBudget
+from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
+from fedgrpc.server.limits import Limits
 from fedgrpc.server.results import ClientReport, RoundRecord, RunResults
-from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES, DEFAULT_MAX_WAIT_S, SERVER_OPTIONS, serve
+from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
+from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
 from fedgrpc.server.strategy import make_strategy
 
 log = logging.getLogger("fedgrpc.server")
@@ -70,7 +70,7 @@ class ServerConfig:
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     max_examples: int = 10_000_000
     eval_batch_size: int = 256
-    max_wait_s: float = DEFAULT_MAX_WAIT_S
+    limits: Limits = field(default_factory=Limits)
     finish_grace_s: float = 15.0
     record_updates: bool = False
     threads: int | None = None
@@ -79,6 +79,11 @@ class ServerConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
     spool_dir: Path | None = None  # stage updates being received on disk (see fedgrpc.server.spool)
+
+
+#: A round whose new weights are not finite is trained again from the same weights; after this
+#: many in a row the server stops, keeping the last good checkpoint.
+MAX_ABORTED_ROUNDS = 3
 
 
 class FederatedServer:
@@ -172,25 +177,27 @@ class FederatedServer:
         self._coordinator = coordinator
         if self._stop_requested.is_set():
             coordinator.interrupt()
-        server = grpc.server(
-            # A waiting client holds a handler thread in its long-poll, so every client gets one.
-            futures.ThreadPoolExecutor(max_workers=2 * run.num_clients + 8),
-            options=SERVER_OPTIONS,
-        )
+        if checkpoint is None:
+            # The run's identity (id, spec, initial weights) is on disk before any client can
+            # join it: a server killed at any moment from now on, round 1 included, resumes
+            # this same run, and its clients carry on with it.
+            self.checkpoints.save(run, 0, weights, [])
         mutual_tls = cfg.tls is not None and cfg.tls.client_ca is not None
-        authenticator = Authenticator(cfg.tokens, mutual_tls=mutual_tls)
-        health = serve(
-            server,
+        endpoint = GrpcEndpoint(
             coordinator,
-            max_wait_s=cfg.max_wait_s,
-            authenticator=authenticator,
-            chunk_bytes=cfg.chunk_bytes,
-            inflight=InflightBudget(cfg.max_inflight_bytes),
-            spool_dir=cfg.spool_dir,
+            EndpointConfig(
+                host=cfg.host,
+                port=cfg.port,
+                tls=cfg.tls,
+                authenticator=Authenticator(cfg.tokens, mutual_tls=mutual_tls),
+                limits=cfg.limits,
+                chunk_bytes=cfg.chunk_bytes,
+                max_inflight_bytes=cfg.max_inflight_bytes,
+                spool_dir=cfg.spool_dir,
+            ),
         )
-        address = f"{cfg.host}:{cfg.port}"
+        self.port = endpoint.start()
         if cfg.tls is not None:
-            self.port = server.add_secure_port(address, cfg.tls.credentials())
             what = "mutual TLS" if mutual_tls else "TLS"
             log.info(
                 "%s on, client identity from %s",
@@ -198,17 +205,11 @@ class FederatedServer:
                 "tokens" if cfg.tokens else "certificates" if mutual_tls else "nothing",
             )
         else:
-            self.port = server.add_insecure_port(address)
             log.warning(
                 "INSECURE: no TLS%s; use this only on a network you trust",
                 "" if cfg.tokens else ", no client tokens",
             )
-        if self.port == 0:
-            raise ConfigError(
-                f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine)"
-            )
-        server.start()
-        health.serving(True)
+        endpoint.set_serving(True)
         log.info(
             "run %s: %d rounds, %d clients, listening on port %d",
             run.run_id,
@@ -218,12 +219,12 @@ class FederatedServer:
         )
         if cfg.spool_dir is not None:
             log.info("updates being received are staged on disk in %s", cfg.spool_dir)
+        finished = False
         try:
             if first_round <= run.rounds:
                 self._wait_for_clients(coordinator, run, minimum)
-            for number in range(first_round, run.rounds + 1):
-                if coordinator.interrupted:
-                    break
+            number, aborted = first_round, 0
+            while number <= run.rounds and not coordinator.interrupted:
                 round_started = time.monotonic()
                 start_digest = weights_digest(weights)
                 coordinator.open_round(number, weights)
@@ -231,6 +232,17 @@ class FederatedServer:
                 if not self._collect(coordinator, expected, number, min(minimum, expected)):
                     break
                 outcome = coordinator.close_round()
+                if not _all_finite(outcome.weights):
+                    aborted += 1
+                    self._log_aborted(outcome, aborted)
+                    if aborted >= MAX_ABORTED_ROUNDS:
+                        raise RunFailedError(
+                            f"{aborted} rounds in a row produced non-finite weights; stopping. The "
+                            f"checkpoint after round {number - 1} is intact: leave out the clients named "
+                            "above, or use a robust --strategy, and start the server again to resume"
+                        )
+                    continue  # the same round again, from the same weights
+                aborted = 0
                 weights = outcome.weights
                 model.set_weights(weights)
                 loss, accuracy = model.evaluate(x_test, y_test, batch_size=cfg.eval_batch_size, verbose=0)
@@ -256,13 +268,13 @@ class FederatedServer:
                     human_bytes(record.bytes_in), human_bytes(record.bytes_out),
                     len(outcome.updates), expected,
                 )  # fmt: skip
+                number += 1
             if coordinator.interrupted:
                 log.info(
                     "stopped after round %d; restart with the same --out to resume",
-                    coordinator.current_round - 1,
+                    self.records[-1].round if self.records else 0,
                 )
                 return self.records
-            coordinator.finish()
             model.set_weights(weights)
             model.optimizer.build(
                 model.trainable_variables
@@ -270,6 +282,8 @@ class FederatedServer:
             model.save(self.results.model_path)
             self.results.write_history(run, self.records, finished=True)
             self.results.plot(self.records)
+            coordinator.finish()
+            finished = True
             log.info("run finished: results in %s", cfg.out_dir)
             clients = list(range(1, run.num_clients + 1))
             if not coordinator.wait_told_finished(clients, cfg.finish_grace_s):
@@ -277,10 +291,26 @@ class FederatedServer:
                     "some clients were not told that the run finished within %.0f s", cfg.finish_grace_s
                 )
         finally:
-            health.serving(False)
-            coordinator.finish()
-            server.stop(grace=2.0).wait()
+            endpoint.set_serving(False)
+            if not finished:
+                # Stopping, not finishing: clients are told nothing of the kind; their calls
+                # end with the server and they retry until it is back.
+                coordinator.interrupt()
+            endpoint.stop(grace=2.0)
         return self.records
+
+    @staticmethod
+    def _log_aborted(outcome: RoundOutcome, aborted: int) -> None:
+        suspects = sorted(outcome.updates, key=lambda u: u.largest_change, reverse=True)
+        named = ", ".join(
+            f"client {u.client_id} (n={u.num_examples}, largest weighted change {u.largest_change:.3g})"
+            for u in suspects
+        )
+        log.error(
+            "round %d aborted (%d in a row): the new global weights would not be finite; the weights "
+            "stay as they were and the round is trained again. Updates, largest first: %s",
+            outcome.round, aborted, named,
+        )  # fmt: skip
 
     def _wait_for_clients(self, coordinator: RoundCoordinator, run: RunSpec, minimum: int) -> None:
         """Block until round one may open: `minimum` clients ready, then the rest or the round timeout."""
@@ -323,3 +353,7 @@ class FederatedServer:
                     f"not {getattr(wanted, name)!r}; use the same settings to resume, or another --out"
                 )
         return replace(saved, rounds=wanted.rounds, compression=wanted.compression)  # both may change
+
+
+def _all_finite(weights: Sequence[np.ndarray]) -> bool:
+    return all(np.isfinite(w).all() for w in weights if np.issubdtype(np.asarray(w).dtype, np.floating))

@@ -1,13 +1,16 @@
 """Who may talk to the coordinator: TLS credentials and per-client identities.
 
 A client proves who it is with a bearer token (call metadata `authorization: Bearer <token>`)
-or, under mutual TLS, with its certificate, whose common name must be `client-<id>`. The
-tokens file stores SHA-256 digests, never tokens:
+or, under mutual TLS, with its certificate, whose common name must be exactly `client-<id>`
+(ASCII digits, no leading zero, an id of the run). The tokens file stores SHA-256 digests,
+never tokens:
 
     {"clients": {"1": "<sha256 hex of client 1's token>", "2": "..."}}
 
 (`fl-server --hash-token TOKEN` prints a digest.) Digests are compared in constant time. An
-identity is bound to its client id: client 2 can neither fetch as nor submit for client 3.
+identity is established from the call's metadata when the call starts, before any message is
+read (`identify`), and is bound to its client id: client 2 can neither fetch as nor submit for
+client 3 (`require`).
 Refusals are logged once per peer host and reason, so a misconfigured client cannot flood
 the log.
 """
@@ -18,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +29,15 @@ from typing import Any, NoReturn
 
 import grpc
 from fedgrpc.common.errors import AuthError, ConfigError
+from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
 
 log = logging.getLogger(__name__)
 
 CERT_NAME_PREFIX = "client-"
+_CERT_NAME = re.compile(r"client-([1-9][0-9]{0,9})")
+
+#: The context of a call on the coordinator's grpc.aio server.
+CallContext = grpc.aio.ServicerContext[Any, Any]
 
 
 def hash_token(token: str) -> str:
@@ -79,21 +88,11 @@ class Authenticator:
     def enabled(self) -> bool:
         return self._tokens is not None or self._mutual_tls
 
-    def check(self, context: grpc.ServicerContext, claimed_client: int) -> None:
-        """Raise AuthError unless the caller proved it is `claimed_client`."""
+    def identify(self, context: CallContext) -> int | None:
+        """The client id this call proved from its metadata or certificate (None with no
+        authentication configured); raises AuthError. Reads no message."""
         if not self.enabled:
-            return
-        proven = self._identify(context)
-        if proven != claimed_client:
-            self._refuse(
-                context,
-                AuthError(
-                    f"authenticated as client {proven}, which may not act as client {claimed_client}",
-                    code="PERMISSION_DENIED",
-                ),
-            )
-
-    def _identify(self, context: grpc.ServicerContext) -> int:
+            return None
         if self._tokens is not None:
             token = self._bearer(context)
             if token is None:
@@ -111,27 +110,45 @@ class Authenticator:
         client = self._certificate_client(context)
         if client is None:
             self._refuse(
-                context, AuthError(f"the client certificate's common name must be {CERT_NAME_PREFIX}<id>")
+                context,
+                AuthError(
+                    f"the client certificate's common name must be {CERT_NAME_PREFIX}<id>, e.g. client-3"
+                ),
             )
         return client
 
+    def require(self, context: CallContext, proven: int | None, claimed: int) -> None:
+        """Refuse a call whose identity (from `identify`) is not the client id it claims."""
+        if proven is not None and proven != claimed:
+            self._refuse(
+                context,
+                AuthError(
+                    f"authenticated as client {proven}, which may not act as client {claimed}",
+                    code="PERMISSION_DENIED",
+                ),
+            )
+
+    def check(self, context: CallContext, claimed_client: int) -> None:
+        """Raise AuthError unless the caller proved it is `claimed_client`."""
+        self.require(context, self.identify(context), claimed_client)
+
     @staticmethod
-    def _bearer(context: grpc.ServicerContext) -> str | None:
-        for key, value in context.invocation_metadata():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                return value[len("Bearer ") :]
+    def _bearer(context: CallContext) -> str | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTHORIZATION_KEY and isinstance(value, str) and value.startswith(BEARER_PREFIX):
+                return value[len(BEARER_PREFIX) :]
         return None
 
     @staticmethod
-    def _certificate_client(context: grpc.ServicerContext) -> int | None:
+    def _certificate_client(context: CallContext) -> int | None:
         names: Any = context.auth_context().get("x509_common_name", [])
         for raw in names:
-            name = raw.decode(errors="replace")
-            if name.startswith(CERT_NAME_PREFIX) and name[len(CERT_NAME_PREFIX) :].isdigit():
-                return int(name[len(CERT_NAME_PREFIX) :])
+            match = _CERT_NAME.fullmatch(raw.decode("ascii", errors="replace"))
+            if match:
+                return int(match.group(1))
         return None
 
-    def _refuse(self, context: grpc.ServicerContext, error: AuthError) -> NoReturn:
+    def _refuse(self, context: CallContext, error: AuthError) -> NoReturn:
         host = context.peer().rsplit(":", 1)[0]
         key = (host, str(error))
         with self._lock:

@@ -25,7 +25,7 @@ import numpy as np
 from fedgrpc.common.codec import to_wire
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import CheckpointError
-from fedgrpc.server.results import RoundRecord, write_atomically
+from fedgrpc.server.results import RoundRecord, strict_json, write_atomically
 
 FORMAT_VERSION = 1
 
@@ -48,7 +48,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def _canonical(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    return strict_json(document, sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class CheckpointStore:
             "history": [asdict(r) for r in history],
         }
         document = {**body, "state_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
-        write_atomically(self.state_path, json.dumps(document, indent=1).encode())
+        write_atomically(self.state_path, strict_json(document, indent=1).encode())
         self._fsync_directory()
         for old in self.directory.glob("weights-*.npz"):
             if old.name != weights_path.name:

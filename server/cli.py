@@ -12,6 +12,8 @@ from fedgrpc.common import device, logs
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import ConfigError, FedGrpcError
 from fedgrpc.server.auth import ServerTls, load_tokens
+from fedgrpc.server.limits import Limits
+from fedgrpc.server.strategy import STRATEGIES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--partition-seed", type=int, default=defaults.partition_seed, help="seed of the client shards"
     )
     p.add_argument("--init-seed", type=int, default=0, help="seed of the initial global weights")
-    p.add_argument("--strategy", default="fedavg", help="aggregation strategy (default %(default)s)")
+    p.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="fedavg",
+        help="aggregation: %(choices)s (default %(default)s)",
+    )
     p.add_argument(
         "--compression",
         choices=("none", "fp16", "int8"),
@@ -104,6 +111,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="cap TensorFlow's CPU threads")
     p.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean: share cut from each end")
     p.add_argument("--byzantine", type=int, default=1, help="krum: how many clients may be malicious")
+    limits = p.add_argument_group("limits (what one peer may hold; see fedgrpc.server.limits)")
+    default_limits = Limits()
+    limits.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=default_limits.stall_timeout_s,
+        metavar="S",
+        help="cut a stream silent for S seconds: no header, no next chunk (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-calls",
+        type=int,
+        default=default_limits.max_calls,
+        help="calls open at once, all peers together (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-calls-per-peer",
+        type=int,
+        default=None,
+        metavar="N",
+        help="calls open at once from one network address (default: 4 per client of the run + 64)",
+    )
+    limits.add_argument(
+        "--max-calls-per-client",
+        type=int,
+        default=default_limits.max_calls_per_client,
+        metavar="N",
+        help="long-polls, and update streams, one client id may hold open at once (default %(default)s)",
+    )
+    limits.add_argument(
+        "--max-wait",
+        type=float,
+        default=default_limits.max_wait_s,
+        metavar="S",
+        help="longest hold of a long-poll before it answers WAIT (default %(default)s)",
+    )
+    limits.add_argument(
+        "--inflight-wait",
+        type=float,
+        default=default_limits.inflight_wait_s,
+        metavar="S",
+        help="longest wait for room in --max-inflight-mb, then UNAVAILABLE (default %(default)s)",
+    )
     security = p.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -203,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             chunk_bytes=args.chunk_kb << 10,
             max_inflight_bytes=args.max_inflight_mb << 20,
             spool_dir=args.spool_dir,
+            limits=Limits(
+                stall_timeout_s=args.stall_timeout,
+                max_calls=args.max_calls,
+                max_calls_per_peer=args.max_calls_per_peer,
+                max_calls_per_client=args.max_calls_per_client,
+                max_wait_s=args.max_wait,
+                inflight_wait_s=args.inflight_wait,
+            ),
         )
         server = FederatedServer(config)
         signal.signal(signal.SIGTERM, server.request_stop)

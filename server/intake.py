@@ -4,21 +4,26 @@ Two jobs, both about the bytes of updates that are still arriving:
 
 - `InflightBudget` caps the bytes of updates being received at once. Each stream reserves
   its declared size after its header checks out and before its first chunk is read; a
-  stream that does not fit waits (its bytes stay in gRPC's flow-control window, a few MiB at
-  most), so 50 clients sending a 100 MB model at once cost the budget, not 5 GB.
+  stream that does not fit waits, for a bounded time (its client holds its chunks back
+  until the server says it is ready), so 50 clients sending a 100 MB model at once cost the
+  budget, not 5 GB. It lives on the gRPC event loop; a reservation may be released from any
+  thread (the fold thread releases it once the update is in the sum).
 - `UpdateIntake` turns the chunks of one stream into the model's arrays, tensor by tensor:
-  each tensor is decompressed (fedgrpc.common.compression), checked for NaN and infinity
-  and prepared for the strategy (FedAvg: its weighted change) as soon as its last chunk is
-  in, while the next tensor is still on the wire; then it is kept in memory, or written to
+  each tensor is decompressed (fedgrpc.common.compression), then prepared and bounded for
+  the strategy (`Preparer`: FedAvg makes it a weighted change and refuses NaN, infinity and
+  values that could overflow the sum) as soon as its last chunk is in. Chunks are copied in
+  on the event loop; the per-tensor work runs where the caller says (`process`), so the
+  servicer can move big tensors to worker threads. Tensors are kept in memory or written to
   a `SpooledUpdate` on disk. Nothing is folded into the aggregate until the whole stream
   has passed, so a stream that breaks off or fails a check leaves the round's sum untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from fedgrpc.common.errors import UpdateRejectedError
 from fedgrpc.server.spool import SpooledUpdate
 from fedgrpc.server.validation import check_finite
 
-#: What the intake applies to each checked tensor it owns (see RoundCoordinator.tensor_preparer).
+#: What the intake applies to each decoded tensor it owns (see RoundCoordinator.tensor_preparer).
 Preparer = Callable[[int, np.ndarray], np.ndarray]
 
 
@@ -52,7 +57,10 @@ _M_ARENA_MAX = -8  # from glibc's malloc.h
 
 
 class InflightBudget:
-    """A byte budget shared by the streams being received; one oversized stream may run alone."""
+    """A byte budget shared by the streams being received; one oversized stream may run alone.
+
+    Reserve on the event loop; release from anywhere.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes <= 0:
@@ -61,39 +69,66 @@ class InflightBudget:
         self._used = 0
         self._streams = 0
         self._peak = 0
-        self._changed = threading.Condition()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def peak_bytes(self) -> int:
         return self._peak
 
-    def reserve(self, nbytes: int, timeout: float | None) -> Reservation | None:
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    async def reserve(self, nbytes: int, timeout: float) -> Reservation | None:
         """Reserve nbytes, waiting up to timeout seconds; None when they never fitted."""
-        return Reservation(self, nbytes) if self.acquire(nbytes, timeout) else None
+        loop = self._loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self._streams == 0 or self._used + nbytes <= self.max_bytes):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                return None
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self._used += nbytes
+        self._streams += 1
+        self._peak = max(self._peak, self._used)
+        return Reservation(self, nbytes)
 
-    def acquire(self, nbytes: int, timeout: float | None) -> bool:
-        """Reserve nbytes, waiting up to timeout seconds; False when it never fitted."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._changed:
-            while not (self._streams == 0 or self._used + nbytes <= self.max_bytes):
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._changed.wait(remaining)
-            self._used += nbytes
-            self._streams += 1
-            self._peak = max(self._peak, self._used)
-            return True
+    def _release(self, nbytes: int) -> None:
+        """On the loop: give the bytes back and let every waiter look again."""
+        self._used -= nbytes
+        self._streams -= 1
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
-    def release(self, nbytes: int) -> None:
-        with self._changed:
-            self._used -= nbytes
-            self._streams -= 1
-            self._changed.notify_all()
+    def _release_from_any_thread(self, nbytes: int) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._release(nbytes)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped
+            loop.call_soon_threadsafe(self._release, nbytes)
 
 
 class Reservation:
-    """Bytes held in an InflightBudget until release(), which may be called more than once."""
+    """Bytes held in an InflightBudget until release(), which may be called more than once and
+    from any thread."""
 
     def __init__(self, budget: InflightBudget, nbytes: int) -> None:
         self._budget = budget
@@ -106,14 +141,17 @@ class Reservation:
             if not self._held:
                 return
             self._held = False
-        self._budget.release(self._nbytes)
+        self._budget._release_from_any_thread(self._nbytes)
 
 
 class UpdateIntake:
-    """Assembles, decompresses, checks and prepares one update's tensors as their chunks arrive.
+    """Assembles, decompresses and prepares one update's tensors as their chunks arrive.
 
-    `prepare`: applied to each checked tensor (None: tensors stay as sent). `spool_dir`: stage
-    the tensors on disk there instead of in memory. Call `close` when the stream is given up.
+    `add` copies a chunk in and returns the bytes of tensors now complete and waiting for
+    `process` (decompress, prepare, store), which the caller runs on the loop or on a worker
+    thread. `prepare`: applied to each tensor (default: refuse NaN and infinity only).
+    `spool_dir`: stage the tensors on disk there instead of in memory. Call `close` when
+    the stream is given up.
     """
 
     def __init__(
@@ -130,83 +168,82 @@ class UpdateIntake:
         self.specs = tuple(specs)
         self.wire_specs = tuple(compression.wire_spec(s, method) for s in specs)
         self.wire_bytes = self.wire_size(specs, method)
-        store: list[np.ndarray] | SpooledUpdate = []
+        self._reference = reference
+        self._method = method
+        self._scales = list(scales) or [1.0] * len(specs)
+        self._prepare = prepare or _CheckFinite(self.specs)
+        self._store: list[np.ndarray] | SpooledUpdate = []
         if spool_dir is not None:
             try:
-                store = SpooledUpdate(spool_dir)
+                self._store = SpooledUpdate(spool_dir)
             except OSError as exc:
                 raise _spool_failed(exc) from exc
-        # The decoder is a separate object, not a method of this one: an assembler holding a
-        # bound method of its owner would be a reference cycle, and the update's buffers would
-        # stay in memory until the cyclic garbage collector happened to run.
-        self._decoded = _Decoder(
-            self.specs, reference, method, list(scales) or [1.0] * len(specs), prepare, store
-        )
-        self._assembler = TensorAssembler(self.wire_specs, on_tensor=self._decoded, keep=False)
+        # Complete tensors wait here for `process`. A plain list, not a bound method of this
+        # object: an assembler holding a bound method of its owner would be a reference cycle,
+        # and the update's buffers would stay in memory until the cyclic collector ran.
+        self._pending: list[tuple[int, np.ndarray]] = []
+        self._assembler = TensorAssembler(self.wire_specs, on_tensor=_Appender(self._pending), keep=False)
 
     @staticmethod
     def wire_size(specs: Sequence[TensorSpec], method: str) -> int:
         """Bytes of tensor data a stream of these tensors carries under `method`."""
         return sum(compression.wire_spec(s, method).nbytes for s in specs)
 
-    def add(self, index: int, offset: int, data: bytes | memoryview) -> None:
+    def add(self, index: int, offset: int, data: bytes | memoryview) -> int:
+        """Copy one chunk in; returns the bytes of complete tensors waiting for `process`."""
         self._assembler.add(index, offset, data)
+        return sum(array.nbytes for _, array in self._pending)
+
+    def process(self) -> None:
+        """Decompress, prepare and store every complete tensor (raises on the first bad one)."""
+        while self._pending:
+            index, received = self._pending.pop(0)
+            spec = self.specs[index]
+            array = compression.decode_tensor(
+                spec, received, self._reference[index], self._scales[index], self._method
+            )
+            del received
+            array = self._prepare(index, array)
+            try:
+                self._store.append(array)
+            except OSError as exc:  # the spool's disk is full or gone
+                raise _spool_failed(exc) from exc
 
     def finish(self) -> Sequence[np.ndarray]:
-        """The update's tensors, every one decoded, finite and prepared (raises if the stream
-        fell short). A spooled update must be closed once it has been folded in."""
+        """The update's tensors, every one decoded and prepared (raises if the stream fell
+        short). A spooled update must be closed once it has been folded in."""
         self._assembler.finish()
-        store = self._decoded.store
-        if len(store) != len(self.specs):
+        self.process()
+        if len(self._store) != len(self.specs):
             raise UpdateRejectedError("the update stream ended before every tensor was decoded")
-        return store
+        return self._store
 
     def close(self) -> None:
         """Let go of whatever was staged (the spool file is deleted)."""
-        if isinstance(self._decoded.store, SpooledUpdate):
-            self._decoded.store.close()
+        self._pending.clear()
+        if isinstance(self._store, SpooledUpdate):
+            self._store.close()
 
 
-class _Decoder:
-    """Called with each complete tensor: decompress it, check it, prepare it, store it."""
+class _CheckFinite:
+    """The default preparer: refuse NaN and infinity, keep the tensor as it is."""
 
-    def __init__(
-        self,
-        specs: Sequence[TensorSpec],
-        reference: Sequence[np.ndarray],
-        method: str,
-        scales: list[float],
-        prepare: Preparer | None,
-        store: list[np.ndarray] | SpooledUpdate,
-    ) -> None:
+    def __init__(self, specs: Sequence[TensorSpec]) -> None:
         self._specs = specs
-        self._reference = reference
-        self._method = method
-        self._scales = scales
-        self._prepare = prepare
-        self.store = store
 
-    def __call__(self, index: int, received: np.ndarray) -> None:
-        spec = self._specs[index]
-        array = compression.decode_tensor(
-            spec, received, self._reference[index], self._scales[index], self._method
-        )
-        if self._prepare is None:
-            check_finite((spec,), (array,))
-        else:
-            # Checked after preparing: one pass, and it also catches a weighted change that
-            # overflowed (num_examples x a huge value), which would poison the sum as surely.
-            with np.errstate(over="ignore"):  # an overflow is caught just below
-                array = self._prepare(index, array)
-            if not np.isfinite(array).all():
-                raise UpdateRejectedError(
-                    f"tensor {spec.name!r} holds NaN or infinite values, "
-                    "or values so large that num_examples times their change overflows"
-                )
-        try:
-            self.store.append(array)
-        except OSError as exc:  # the spool's disk is full or gone
-            raise _spool_failed(exc) from exc
+    def __call__(self, index: int, tensor: np.ndarray) -> np.ndarray:
+        check_finite((self._specs[index],), (tensor,))
+        return tensor
+
+
+class _Appender:
+    """on_tensor for the assembler: queue (index, array) for UpdateIntake.process."""
+
+    def __init__(self, pending: list[tuple[int, np.ndarray]]) -> None:
+        self._pending = pending
+
+    def __call__(self, index: int, array: np.ndarray) -> None:
+        self._pending.append((index, array))
 
 
 def _spool_failed(error: OSError) -> UpdateRejectedError:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -31,8 +32,8 @@ class ClientReport:
 @dataclass(frozen=True)
 class RoundRecord:
     round: int
-    accuracy: float
-    loss: float
+    accuracy: float | None  # None: not measured, or not a finite number
+    loss: float | None
     seconds: float
     bytes_in: int
     bytes_out: int
@@ -45,6 +46,22 @@ class RoundRecord:
         fields = dict(data)
         fields["clients"] = [ClientReport(**c) for c in fields.get("clients", [])]
         return cls(**fields)
+
+
+def strict_json(document: Any, **options: Any) -> str:
+    """JSON that every parser reads: a non-finite float becomes null instead of NaN/Infinity
+    (which Python writes by default and strict parsers refuse)."""
+    return json.dumps(_finite_or_null(document), allow_nan=False, **options)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -82,7 +99,7 @@ class RunResults:
             "finished": finished,
             "rounds": [asdict(r) for r in records],
         }
-        write_atomically(self.history_path, (json.dumps(document, indent=2) + "\n").encode())
+        write_atomically(self.history_path, (strict_json(document, indent=2) + "\n").encode())
 
     def record_update(
         self, round_number: int, client_id: int, specs: Sequence[TensorSpec], weights: Sequence[np.ndarray]
@@ -101,9 +118,9 @@ class RunResults:
 
         rounds = [r.round for r in records]
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        left.plot(rounds, [r.accuracy for r in records], marker="o")
+        left.plot(rounds, [_nan_if_none(r.accuracy) for r in records], marker="o")
         left.set(title="Test accuracy", xlabel="round", ylabel="accuracy")
-        right.plot(rounds, [r.loss for r in records], marker="o", color="tab:red")
+        right.plot(rounds, [_nan_if_none(r.loss) for r in records], marker="o", color="tab:red")
         right.set(title="Test loss", xlabel="round", ylabel="loss")
         for axis in (left, right):
             axis.grid(alpha=0.3)
@@ -111,3 +128,7 @@ class RunResults:
         figure.tight_layout()
         figure.savefig(self.curves_path, dpi=100)
         plt.close(figure)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value

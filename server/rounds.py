@@ -1,22 +1,28 @@
 """The round state machine: which round is open, who has reported, when it may close.
 
-    idle --open_round(r)--> training --close_round()--> idle --> ... --finish()--> finished
-                               |
-                               +-- interrupt(): every wait returns, so the server can stop
+    waiting --open_round(r)--> training --close_round()--> aggregating --open_round(r+1)--> ...
+                                                                        --finish()--> finished
+    any phase --interrupt()--> (same phase, interrupted): waits end, clients are told WAIT
+
+`waiting` is the phase before this server process opens its first round (clients are getting
+ready); `aggregating` is between two rounds. An interrupted server (SIGTERM) never tells its
+clients that the run is finished: they keep retrying and carry on with the restarted server.
 
 Who trains a round: every enrolled client that has not yet sent an update for it, except a
 client that first appeared (with no earlier round behind it) while the round was already
 open: such a late joiner takes part from the next round. With `clients_per_round` K, each
 round trains a seeded sample of K of the clients ready when it opens (cross-device style);
-the others wait for a later round. A client that comes back after a
-restart of either side says which round it last finished, is not late, and simply gets the
-open round if its update for it is not in.
+the others wait for a later round. A client that comes back after a restart of either side
+says which round it last finished, is not late, and simply gets the open round if its update
+for it is not in.
 
-Thread-safe: gRPC handler threads call next_task/submit while the server's driver thread
-opens and closes rounds. An accepted update is counted at once and folded into the strategy
-on one background thread (`_Folder`): the client's reply does not wait for the arithmetic,
-the next update is received while the last one is added, and close_round waits for the
-folds to finish before it asks the strategy for the result.
+Threads: the gRPC handlers (one event loop thread) call poll_task/check_header/submit, the
+server's driver thread opens and closes rounds; every method takes one lock briefly and none
+blocks, except the driver's waits and the blocking `next_task`. Listeners added with
+`on_phase_change` are called after every phase change (the gRPC side wakes its long-polls
+with it). An accepted update is counted at once and folded into the strategy on one
+background thread (`_Folder`): the client's reply does not wait for the arithmetic, and
+close_round waits for the folds to finish before it asks the strategy for the result.
 """
 
 from __future__ import annotations
@@ -34,21 +40,17 @@ from functools import partial
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
-from fedgrpc.server.intake import Preparer
-from fedgrpc.server.strategy import Strategy, add_update
-from fedgrpc.server.validation import check_arrays, check_finite, check_num_examples, check_specs
+from fedgrpc.common.errors import MetricsError, StaleRoundError, UpdateRejectedError
+from fedgrpc.common.metrics import check_metrics
+from fedgrpc.common.protocol import Instruction
+from fedgrpc.server.strategy import Strategy, UpdatePreparer, add_update
+from fedgrpc.server.validation import check_arrays, check_num_examples, check_specs
 
 
 class Phase(Enum):
-    IDLE = "idle"
+    WAITING = "waiting"  # no round opened yet by this server process
     TRAINING = "training"
-    FINISHED = "finished"
-
-
-class Instruction(Enum):
-    TRAIN = "train"
-    WAIT = "wait"
+    AGGREGATING = "aggregating"
     FINISHED = "finished"
 
 
@@ -66,6 +68,7 @@ class AcceptedUpdate:
     client_id: int
     num_examples: int
     metrics: Mapping[str, float]
+    largest_change: float = 0.0  # largest prepared magnitude (FedAvg: num_examples x change)
 
 
 @dataclass
@@ -96,6 +99,11 @@ class _Folder:
             self._thread = threading.Thread(target=self._work, name="fedgrpc-fold", daemon=True)
             self._thread.start()
         self._jobs.put(job)
+
+    @property
+    def depth(self) -> int:
+        """Folds queued or running."""
+        return self._jobs.unfinished_tasks
 
     def drain(self) -> None:
         """Wait until every fold put so far is done; re-raise the first one that failed."""
@@ -152,18 +160,24 @@ class RoundCoordinator:
         self._max_examples = max_examples
         self._recorder = recorder
         # Two conditions on one lock: the driver waits for progress (clients ready, updates
-        # in), the clients' long-polls wait for phase changes only, so that each of 1000
-        # updates wakes the one driver thread, not the 999 other clients' waiting calls.
+        # in), blocking long-polls wait for phase changes only, so that each of 1000 updates
+        # wakes the one driver thread, not every waiting call.
         lock = threading.Lock()
         self._changed = threading.Condition(lock)
         self._phase_changed = threading.Condition(lock)
-        self._phase = Phase.IDLE
+        self._listeners: list[Callable[[], None]] = []
+        self._phase = Phase.WAITING
         self._round: _Round | None = None
         self._last_round = 0
         self._interrupted = False
         self._ready: set[int] = set()
         self._joined_during: dict[int, int] = {}  # late joiner -> the round it must sit out
         self._told_finished: set[int] = set()
+
+    def on_phase_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (from whichever thread made the change, no lock held) after every
+        phase change and interrupt; it must not block."""
+        self._listeners.append(listener)
 
     # -- driver side ---------------------------------------------------------------
 
@@ -173,12 +187,16 @@ class RoundCoordinator:
                 raise RuntimeError("the run is finished")
             frozen = tuple(np.asarray(w) for w in weights)
             for w in frozen:
-                w.flags.writeable = False  # shared with every handler thread: nobody may change it
-            self._strategy.begin_round(frozen)
-            self._round = _Round(number, frozen, self._sample(number))
+                w.flags.writeable = False  # shared with every handler: nobody may change it
+            participants = self._sample(number)
+            self._strategy.begin_round(
+                frozen, self.run.num_clients if participants is None else len(participants)
+            )
+            self._round = _Round(number, frozen, participants)
             self._last_round = number
             self._phase = Phase.TRAINING
             self._notify_everyone()
+        self._tell_listeners()
 
     def _sample(self, number: int) -> frozenset[int] | None:
         """The clients that train round `number`: a sample seeded by (seed, round), so a
@@ -214,27 +232,32 @@ class RoundCoordinator:
             current = self._require_round()
             if not current.accepted:
                 raise RuntimeError(f"round {current.number} has no updates to aggregate")
-            self._folder.drain()
-            weights = self._strategy.result()
-            self._phase = Phase.IDLE
-            return RoundOutcome(
-                round=current.number,
-                weights=weights,
-                updates=sorted(current.accepted.values(), key=lambda u: u.client_id),
-                bytes_in=current.bytes_in,
-                bytes_out=current.bytes_out,
-            )
+            self._phase = Phase.AGGREGATING
+            self._notify_everyone()
+        self._tell_listeners()
+        self._folder.drain()  # handlers now refuse new updates: no fold can be queued meanwhile
+        weights = self._strategy.result()
+        return RoundOutcome(
+            round=current.number,
+            weights=weights,
+            updates=sorted(current.accepted.values(), key=lambda u: u.client_id),
+            bytes_in=current.bytes_in,
+            bytes_out=current.bytes_out,
+        )
 
     def finish(self) -> None:
+        """The run is over: every client that asks from now on is told FINISHED."""
         with self._changed:
             self._phase = Phase.FINISHED
             self._notify_everyone()
+        self._tell_listeners()
 
     def interrupt(self) -> None:
-        """Make every driver-side wait return now (the server is stopping)."""
+        """The server is stopping: every wait returns now, clients are told WAIT, not FINISHED."""
         with self._changed:
             self._interrupted = True
             self._notify_everyone()
+        self._tell_listeners()
 
     @property
     def interrupted(self) -> bool:
@@ -247,12 +270,20 @@ class RoundCoordinator:
         return self._last_round
 
     @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
     def finished(self) -> bool:
         return self._phase is Phase.FINISHED
 
     @property
     def ready_clients(self) -> int:
         return len(self._ready)
+
+    @property
+    def fold_queue_depth(self) -> int:
+        return self._folder.depth
 
     @property
     def global_weights(self) -> tuple[np.ndarray, ...]:
@@ -265,44 +296,48 @@ class RoundCoordinator:
         with self._changed:
             return len(self._round.accepted) if self._round is not None else 0
 
-    def next_task(
-        self, client_id: int, after_round: int, timeout: float, *, active: Callable[[], bool] = lambda: True
-    ) -> Task:
-        """Wait up to `timeout` seconds for something for this client to do.
+    def accepted_updates(self) -> list[AcceptedUpdate]:
+        """The open (or last) round's accepted updates, by client id."""
+        with self._changed:
+            current = self._round
+            return [] if current is None else sorted(current.accepted.values(), key=lambda u: u.client_id)
 
-        `after_round` is the last round the client finished (0 for a new client). `active`
-        says whether the caller still wants an answer: a cancelled call stops waiting at the
-        next wake-up (see `wake`).
+    def poll_task(self, client_id: int, after_round: int) -> Task | None:
+        """What this client should do now, or None when it should wait for a phase change.
+
+        `after_round` is the last round the client finished (0 for a new client): the first
+        call marks the client ready. Never blocks; answers WAIT once the server is stopping.
         """
         self.check_client(client_id)
-        deadline = time.monotonic() + timeout
         with self._changed:
             if client_id not in self._ready:
                 self._ready.add(client_id)
                 if after_round == 0 and self._phase is Phase.TRAINING and self._round is not None:
                     self._joined_during[client_id] = self._round.number
                 self._changed.notify_all()
-            while True:
-                if self._phase is Phase.FINISHED:
-                    self._told_finished.add(client_id)
-                    self._changed.notify_all()
-                    return Task(Instruction.FINISHED, self._last_round)
-                current = self._round
-                if (
-                    self._phase is Phase.TRAINING
-                    and current is not None
-                    and self._may_train(client_id, current)
-                ):
-                    return Task(Instruction.TRAIN, current.number, current.weights)
+            if self._phase is Phase.FINISHED:
+                self._told_finished.add(client_id)
+                self._changed.notify_all()
+                return Task(Instruction.FINISHED, self._last_round)
+            if self._interrupted:
+                return Task(Instruction.WAIT, self._last_round)
+            current = self._round
+            if self._phase is Phase.TRAINING and current is not None and self._may_train(client_id, current):
+                return Task(Instruction.TRAIN, current.number, current.weights)
+            return None
+
+    def next_task(self, client_id: int, after_round: int, timeout: float) -> Task:
+        """poll_task, waiting up to `timeout` seconds for something to do (WAIT when nothing came)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self.poll_task(client_id, after_round)
+            if task is not None:
+                return task
+            with self._changed:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not active():
+                if remaining <= 0:
                     return Task(Instruction.WAIT, self._last_round)
                 self._phase_changed.wait(remaining)
-
-    def wake(self) -> None:
-        """Wake every waiting call so that cancelled ones can return."""
-        with self._changed:
-            self._phase_changed.notify_all()
 
     def wait_told_finished(self, client_ids: Sequence[int], timeout: float) -> bool:
         """After finish(): wait until these clients have been told, so none is left hanging."""
@@ -313,7 +348,12 @@ class RoundCoordinator:
         self.run.check_client_id(client_id)
 
     def check_header(
-        self, client_id: int, round_number: int, num_examples: int, specs: Sequence[TensorSpec]
+        self,
+        client_id: int,
+        round_number: int,
+        num_examples: int,
+        specs: Sequence[TensorSpec],
+        metrics: Mapping[str, float] | None = None,
     ) -> tuple[np.ndarray, ...]:
         """Everything about an update that can be checked before its tensors are read; returns
         the weights the round started from (what compressed updates are relative to)."""
@@ -322,20 +362,17 @@ class RoundCoordinator:
             current = self._check_round(client_id, round_number)
         check_num_examples(num_examples, self._max_examples)
         check_specs(self.specs, specs)
+        if metrics is not None:
+            _checked_metrics(metrics)
         return current.weights
 
-    def tensor_preparer(self, reference: Sequence[np.ndarray], num_examples: int) -> Preparer | None:
-        """What a stream intake applies to each checked tensor it owns, on the receiving thread
-        (the strategy's `prepare`); None while updates are recorded, since the recorder keeps
-        them as sent: they are then prepared on the fold thread."""
-        if self._recorder is not None:
-            return None
-        strategy = self._strategy
-
-        def prepare(index: int, tensor: np.ndarray) -> np.ndarray:
-            return strategy.prepare(tensor, reference[index], num_examples, in_place=True)
-
-        return prepare
+    def tensor_preparer(self, reference: Sequence[np.ndarray], num_examples: int) -> UpdatePreparer:
+        """What a stream intake applies to each decoded tensor, on the receiving thread: the
+        strategy's `prepare` and bound. While updates are recorded, tensors are kept as sent
+        (the recorder saves them) and prepared again on the fold thread."""
+        return UpdatePreparer(
+            self._strategy, self.specs, reference, num_examples, keep_as_sent=self._recorder is not None
+        )
 
     def submit(
         self,
@@ -346,19 +383,19 @@ class RoundCoordinator:
         update: Sequence[np.ndarray],
         wire_bytes: int,
         *,
-        checked: bool = False,
-        prepared: bool = False,
+        preparer: UpdatePreparer | None = None,
         on_folded: Callable[[], None] | None = None,
     ) -> tuple[int, int]:
         """Validate and count one update; returns (updates received, updates expected).
 
-        `checked`: the caller already checked every tensor against the specs and every value
-        for NaN and infinity (the stream intake does, tensor by tensor while the stream
-        arrives), so the passes over the whole update are not repeated. `prepared`: every
-        tensor already went through `tensor_preparer`. `on_folded` runs once the update is in
-        the aggregate (or was refused): the caller's buffers may be reused from then on.
+        `preparer`: the one this update's tensors already went through (the stream intake
+        applies it tensor by tensor while the stream arrives), so every tensor was checked
+        against the specs, bounded and prepared; without it the whole update is checked and
+        prepared here. `on_folded` runs once the update is in the aggregate (or was refused):
+        the caller's buffers may be reused from then on.
         """
         strategy = self._strategy
+        prepared = preparer is not None and self._recorder is None
 
         def fold(reference: Sequence[np.ndarray]) -> None:
             try:
@@ -374,16 +411,26 @@ class RoundCoordinator:
         try:
             self.check_client(client_id)
             check_num_examples(num_examples, self._max_examples)
-            if not checked:
+            checked_metrics = _checked_metrics(metrics)
+            with self._changed:
+                current = self._check_round(client_id, round_number)
+            if preparer is None:
                 check_arrays(self.specs, update)
-                check_finite(self.specs, update)
+                # The caller's arrays: checked through prepared copies, never overwritten.
+                preparer = UpdatePreparer(
+                    self._strategy, self.specs, current.weights, num_examples, keep_as_sent=True
+                )
+                for index, tensor in enumerate(update):
+                    preparer(index, tensor)
             with self._changed:
                 current = self._check_round(client_id, round_number)
                 if self._recorder is not None:  # before the fold is queued: a fold may free the update
                     self._recorder(round_number, client_id, update)
                 self._folder.put(partial(fold, current.weights))  # under the lock: folds keep the order
                 queued = True
-                current.accepted[client_id] = AcceptedUpdate(client_id, num_examples, dict(metrics))
+                current.accepted[client_id] = AcceptedUpdate(
+                    client_id, num_examples, checked_metrics, preparer.largest
+                )
                 current.bytes_in += wire_bytes
                 self._changed.notify_all()
                 return len(current.accepted), self._expected(current)
@@ -407,6 +454,10 @@ class RoundCoordinator:
         self._changed.notify_all()
         self._phase_changed.notify_all()
 
+    def _tell_listeners(self) -> None:
+        for listener in self._listeners:
+            listener()
+
     def _may_train(self, client_id: int, current: _Round) -> bool:
         return (
             client_id not in current.accepted
@@ -427,7 +478,12 @@ class RoundCoordinator:
             )
         if current is None or self._phase is not Phase.TRAINING or round_number != current.number:
             open_now = current.number if current is not None and self._phase is Phase.TRAINING else None
-            state = open_now or "none, the server is aggregating"
+            if open_now is not None:
+                state = str(open_now)
+            elif self._phase is Phase.WAITING:
+                state = "none yet, the server is waiting for its clients to be ready"
+            else:
+                state = f"none, the server is aggregating round {self._last_round}"
             raise StaleRoundError(
                 f"round {round_number} is not open (open round: {state}); "
                 "fetch the current weights and train again",
@@ -452,3 +508,10 @@ class RoundCoordinator:
                 current_round=current.number,
             )
         return current
+
+
+def _checked_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    try:
+        return check_metrics(metrics)
+    except MetricsError as exc:
+        raise UpdateRejectedError(str(exc)) from None

@@ -1,4 +1,4 @@
-"""The gRPC face of the coordinator: fedgrpc.v1.Coordinator over a RoundCoordinator.
+"""The gRPC face of the coordinator: fedgrpc.v1.Coordinator over a RoundCoordinator, on grpc.aio.
 
 The only module of fedgrpc.server that touches generated *_pb2 types, and the place where
 fedgrpc's errors become gRPC status codes:
@@ -6,8 +6,16 @@ fedgrpc's errors become gRPC status codes:
     AuthError               UNAUTHENTICATED, or PERMISSION_DENIED for another client's id
     NotEnrolledError        NOT_FOUND
     StaleRoundError         FAILED_PRECONDITION (the message names the open round)
-    UpdateRejectedError     its own code (INVALID_ARGUMENT, ALREADY_EXISTS, ...)
+    UpdateRejectedError     its own code (INVALID_ARGUMENT, ALREADY_EXISTS, UNAVAILABLE, ...)
     CodecError              INVALID_ARGUMENT (also for a stream message that does not parse)
+    OverloadError           RESOURCE_EXHAUSTED (a limit of fedgrpc.server.limits), or UNAVAILABLE
+    StalledError            DEADLINE_EXCEEDED (the stream sent nothing for the stall timeout)
+
+Every handler is a coroutine on one event loop: a waiting long-poll or a silent stream costs
+memory, not a thread. Each call is admitted in this order, before it may wait for anything:
+the per-address limit, then credentials from the call's metadata, then (once the client id is
+known) the per-client limit. Reads inside a stream are bounded by the stall timeout, the wait
+for the in-flight budget by its own bound, whatever deadline the client set.
 
 The service is registered by hand rather than through the generated add_*_to_server so the
 weight streams can use fedgrpc.common.wire's serializers: chunks written with one copy, and a
@@ -16,64 +24,61 @@ request parser that reports garbage instead of raising.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
+from contextlib import ExitStack, suppress
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 import numpy as np
 from fedgrpc.common import wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.errors import AuthError, CodecError, FedGrpcError, NotEnrolledError, UpdateRejectedError
-from fedgrpc.server.auth import Authenticator
+from fedgrpc.common.errors import (
+    AuthError,
+    CodecError,
+    FedGrpcError,
+    NotEnrolledError,
+    OverloadError,
+    StalledError,
+    UpdateRejectedError,
+)
+from fedgrpc.common.protocol import READY_FOR_CHUNKS_KEY, Instruction
+from fedgrpc.server.auth import Authenticator, CallContext
 from fedgrpc.server.intake import InflightBudget, UpdateIntake
-from fedgrpc.server.rounds import Instruction, RoundCoordinator
+from fedgrpc.server.limits import CallCounter, Limits, next_message
+from fedgrpc.server.rounds import RoundCoordinator, Task
 from fedgrpc.v1 import coordinator_pb2 as pb
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_WAIT_S = 30.0
+T = TypeVar("T")
 _DEADLINE_MARGIN_S = 0.5
 MAX_MESSAGE_BYTES = 16 << 20  # one chunk (1 MiB by default) and its framing; larger gets RESOURCE_EXHAUSTED
 DEFAULT_INFLIGHT_BYTES = 256 << 20
-#: Initial metadata of SubmitUpdate, sent once the update fits the in-flight budget: clients
-#: hold their chunks back until then, so waiting updates do not pile up in the server's memory.
-READY_FOR_CHUNKS = (
-    "fedgrpc-ready-for-chunks"  # updates received at once (see fedgrpc.server.intake.InflightBudget)
-)
-
-#: Accept the clients' keepalive pings (every 20 s, also between calls) instead of answering
-#: them with GOAWAY, and bound what one message may make the server allocate.
-SERVER_OPTIONS = [
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 1 << 20),
-]
+#: Tensors at least this big are decoded and prepared on a worker thread, so the event loop
+#: keeps serving other calls meanwhile; smaller ones cost less than the hand-off.
+OFFLOAD_BYTES = 256 << 10
 
 
 def _status_of(error: FedGrpcError) -> grpc.StatusCode:
-    if isinstance(error, AuthError):
+    if isinstance(error, AuthError | UpdateRejectedError | OverloadError):
         return grpc.StatusCode[error.code]
     if isinstance(error, NotEnrolledError):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, UpdateRejectedError):
-        return grpc.StatusCode[error.code]
     if isinstance(error, CodecError):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, StalledError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.INTERNAL
 
 
-def _abort(context: grpc.ServicerContext, error: FedGrpcError, what: str) -> NoReturn:
-    code = _status_of(error)
-    log.warning("refused %s from %s: %s %s", what, context.peer(), code.name, error)
-    context.abort(code, str(error))
-    raise AssertionError("unreachable: context.abort raises")
+def peer_address(context: CallContext) -> str:
+    """The peer's network address without its port: 'ipv4:10.0.0.7', 'ipv6:[::1]', 'unix:...'."""
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
 class CoordinatorServicer:
@@ -81,18 +86,24 @@ class CoordinatorServicer:
         self,
         coordinator: RoundCoordinator,
         *,
-        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        limits: Limits | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         authenticator: Authenticator | None = None,
         inflight: InflightBudget | None = None,
         spool_dir: Path | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self._coordinator = coordinator
+        self._limits = limits or Limits()
         self._spool_dir = spool_dir
         self._auth = authenticator or Authenticator()
-        self._max_wait_s = max_wait_s
         self._chunk_bytes = chunk_bytes
         self._inflight = inflight or InflightBudget(DEFAULT_INFLIGHT_BYTES)
+        self._executor = executor
+        self._per_peer = CallCounter(self._limits.per_peer(coordinator.run.num_clients), "address")
+        self._polls = CallCounter(self._limits.max_calls_per_client, "client")
+        self._submits = CallCounter(self._limits.max_calls_per_client, "client")
+        self._phase_future: asyncio.Future[None] | None = None
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The fedgrpc.v1.Coordinator service, with the weight streams' own serializers."""
@@ -117,137 +128,181 @@ class CoordinatorServicer:
             },
         )
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    def phase_changed(self) -> None:
+        """On the loop: wake every waiting long-poll (see RoundCoordinator.on_phase_change)."""
+        future, self._phase_future = self._phase_future, None
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- RPCs ----------------------------------------------------------------------
+
+    async def Join(self, request: pb.JoinRequest, context: CallContext) -> pb.JoinReply:
+        what = f"Join of client {request.client_id}"
         try:
-            self._auth.check(context, request.client_id)
-            self._coordinator.check_client(request.client_id)
-        except AuthError as exc:
-            context.abort(_status_of(exc), str(exc))  # logged by the authenticator, once per peer
+            with self._per_peer.hold(peer_address(context)):
+                self._auth.check(context, request.client_id)
+                self._coordinator.check_client(request.client_id)
         except FedGrpcError as exc:
-            _abort(context, exc, f"Join of client {request.client_id}")
+            await self._abort(context, exc, what)
         log.info("client %d joined from %s", request.client_id, context.peer())
         return pb.JoinReply(
             run=wire.run_to_pb(self._coordinator.run), current_round=self._coordinator.current_round
         )
 
-    def GetGlobalWeights(
-        self, request: pb.GetGlobalWeightsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WeightsMessage | bytes]:
-        wait = self._max_wait_s
+    async def GetGlobalWeights(
+        self, request: pb.GetGlobalWeightsRequest, context: CallContext
+    ) -> AsyncIterator[pb.WeightsMessage | bytes]:
+        client = request.client_id
+        with ExitStack() as admitted:
+            try:
+                admitted.enter_context(self._per_peer.hold(peer_address(context)))
+                self._auth.check(context, client)
+                self._coordinator.check_client(client)
+                admitted.enter_context(self._polls.hold(client))
+                task = await self._wait_for_task(
+                    client, request.after_round, self._poll_wait(request, context)
+                )
+            except FedGrpcError as exc:
+                await self._abort(context, exc, f"GetGlobalWeights of client {client}")
+            run_id = self._coordinator.run.run_id
+            if task.instruction is not Instruction.TRAIN:
+                code = pb.FINISHED if task.instruction is Instruction.FINISHED else pb.WAIT
+                yield pb.WeightsMessage(
+                    header=pb.WeightsHeader(instruction=code, round=task.round, run_id=run_id)
+                )
+                return
+            # Encoded per call, chunk by chunk: the server keeps one copy of the weights (the
+            # round's arrays), not one per client or an encoded second copy.
+            sent = 0
+            for message in wire.weights_stream(
+                task.round, self._coordinator.specs, task.weights, self._chunk_bytes, run_id=run_id
+            ):
+                sent += len(message) if isinstance(message, bytes) else message.ByteSize()
+                yield message
+            self._coordinator.count_bytes_out(task.round, sent)
+
+    async def SubmitUpdate(
+        self,
+        request_iterator: AsyncIterator[pb.UpdateMessage | wire.Undecodable],
+        context: CallContext,
+    ) -> pb.SubmitUpdateReply:
+        what = "SubmitUpdate"
+        try:
+            with self._per_peer.hold(peer_address(context)):
+                proven = self._auth.identify(context)  # before any message is awaited
+                messages = aiter(request_iterator)
+                first = await next_message(messages, self._limits.stall_timeout_s, "the update's header")
+                if not isinstance(first, pb.UpdateMessage) or first.WhichOneof("part") != "header":
+                    raise UpdateRejectedError("an update stream must start with its header")
+                header = first.header
+                what = f"update of client {header.client_id} for round {header.round}"
+                self._auth.require(context, proven, header.client_id)
+                with self._submits.hold(header.client_id):
+                    count, expected = await self._receive_update(header, first.ByteSize(), messages, context)
+        except FedGrpcError as exc:
+            await self._abort(context, exc, what)
+        log.debug("accepted %s (%d/%d)", what, count, expected)
+        return pb.SubmitUpdateReply(round=header.round, received=count, expected=expected)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _poll_wait(self, request: pb.GetGlobalWeightsRequest, context: CallContext) -> float:
+        """How long this long-poll may be held: the server's cap, the client's wish, its deadline."""
+        wait = self._limits.max_wait_s
         if request.max_wait_ms:
             wait = min(wait, request.max_wait_ms / 1000)
+        return max(0.0, min(wait, self._time_left(context)))
+
+    @staticmethod
+    def _time_left(context: CallContext) -> float:
         remaining = context.time_remaining()
-        if remaining is not None:
-            wait = max(0.0, min(wait, remaining - _DEADLINE_MARGIN_S))
-        try:
-            self._auth.check(context, request.client_id)
-        except AuthError as exc:
-            context.abort(_status_of(exc), str(exc))
-        answered = threading.Event()
+        if remaining is None or remaining > 1e9:  # no deadline (some versions report a huge one)
+            return float("inf")
+        return float(remaining) - _DEADLINE_MARGIN_S
 
-        def on_end() -> None:  # a call that ended while still waiting was cancelled: wake it
-            if not answered.is_set():
-                self._coordinator.wake()
+    async def _wait_for_task(self, client_id: int, after_round: int, wait: float) -> Task:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            # Taken before polling: a phase change after the poll resolves this very future.
+            if self._phase_future is None:
+                self._phase_future = loop.create_future()
+            changed = self._phase_future
+            task = self._coordinator.poll_task(client_id, after_round)
+            if task is not None:
+                return task
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return Task(Instruction.WAIT, self._coordinator.current_round)
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(changed), remaining)
 
-        context.add_callback(on_end)
+    async def _receive_update(
+        self,
+        header: pb.UpdateHeader,
+        header_bytes: int,
+        messages: AsyncIterator[pb.UpdateMessage | wire.Undecodable],
+        context: CallContext,
+    ) -> tuple[int, int]:
+        coordinator = self._coordinator
+        specs = [wire.spec_from_pb(t) for t in header.tensors]
+        metrics = dict(header.metrics)
+        reference = coordinator.check_header(
+            header.client_id, header.round, header.num_examples, specs, metrics
+        )
+        method = wire.compression_from_pb(header.compression)
+        if method != coordinator.run.compression:
+            raise UpdateRejectedError(
+                f"this run's updates travel with compression {coordinator.run.compression!r} "
+                f"(RunSpec.compression), not {method!r}"
+            )
+        size = UpdateIntake.wire_size(specs, method)
+        wait = min(self._limits.inflight_wait_s, self._time_left(context))
+        reservation = await self._inflight.reserve(size, wait)
+        if reservation is None:
+            raise OverloadError(
+                "the server is busy receiving other updates; send this one again", code="UNAVAILABLE"
+            )
+        intake: UpdateIntake | None = None
         try:
-            task = self._coordinator.next_task(
-                request.client_id, request.after_round, wait, active=context.is_active
+            await context.send_initial_metadata(((READY_FOR_CHUNKS_KEY, "1"),))
+            preparer = coordinator.tensor_preparer(reference, header.num_examples)
+            intake = UpdateIntake(
+                specs, reference, method, list(header.scales), prepare=preparer, spool_dir=self._spool_dir
             )
-        except FedGrpcError as exc:
-            _abort(context, exc, f"GetGlobalWeights of client {request.client_id}")
-        finally:
-            answered.set()
-        if task.instruction is not Instruction.TRAIN:
-            code = pb.FINISHED if task.instruction is Instruction.FINISHED else pb.WAIT
-            run_id = self._coordinator.run.run_id
-            yield pb.WeightsMessage(
-                header=pb.WeightsHeader(instruction=code, round=task.round, run_id=run_id)
-            )
-            return
-        # Encoded per call, chunk by chunk: the server keeps one copy of the weights (the
-        # round's arrays), not one per client or an encoded second copy.
-        sent = 0
-        for message in wire.weights_stream(
-            task.round,
-            self._coordinator.specs,
-            task.weights,
-            self._chunk_bytes,
-            run_id=self._coordinator.run.run_id,
-        ):
-            sent += len(message) if isinstance(message, bytes) else message.ByteSize()
-            yield message
-        self._coordinator.count_bytes_out(task.round, sent)
+            received = await self._chunks_into(intake, messages)
 
-    def SubmitUpdate(
-        self, request_iterator: Iterator[pb.UpdateMessage | wire.Undecodable], context: grpc.ServicerContext
-    ) -> pb.SubmitUpdateReply:
-        first = next(request_iterator, None)
-        if not isinstance(first, pb.UpdateMessage) or first.WhichOneof("part") != "header":
-            _abort(
-                context, UpdateRejectedError("an update stream must start with its header"), "SubmitUpdate"
-            )
-        header = first.header
-        what = f"update of client {header.client_id} for round {header.round}"
-        try:
-            self._auth.check(context, header.client_id)
-        except AuthError as exc:
-            context.abort(_status_of(exc), str(exc))
-        try:
-            specs = [wire.spec_from_pb(t) for t in header.tensors]
-            reference = self._coordinator.check_header(
-                header.client_id, header.round, header.num_examples, specs
-            )
-            method = wire.compression_from_pb(header.compression)
-            size = UpdateIntake.wire_size(specs, method)
-            reservation = self._inflight.reserve(size, context.time_remaining())
-            if reservation is None:
-                raise UpdateRejectedError(
-                    "the server is busy receiving other updates; send this one again", code="UNAVAILABLE"
-                )
-            context.send_initial_metadata(((READY_FOR_CHUNKS, "1"),))
-            prepare = self._coordinator.tensor_preparer(reference, header.num_examples)
-            try:
-                intake = UpdateIntake(
-                    specs, reference, method, list(header.scales), prepare=prepare, spool_dir=self._spool_dir
-                )
-            except BaseException:
-                reservation.release()
-                raise
-            try:
-                received = self._receive(intake, request_iterator)
-            except BaseException:
-                intake.close()
-                reservation.release()
-                raise
-
-            def folded() -> None:
+            def folded(intake: UpdateIntake = intake) -> None:
                 # The reservation ends once the update is folded in (or refused), not when
                 # the stream ends: until then its tensors are still staged.
                 intake.close()
                 reservation.release()
 
-            count, expected = self._coordinator.submit(
+            return coordinator.submit(
                 header.client_id,
                 header.round,
                 header.num_examples,
-                dict(header.metrics),
+                metrics,
                 received,
-                size + first.ByteSize(),
-                checked=True,
-                prepared=prepare is not None,
+                size + header_bytes,
+                preparer=preparer,
                 on_folded=folded,
             )
-        except FedGrpcError as exc:
-            _abort(context, exc, what)
-        log.debug("accepted %s (%d/%d)", what, count, expected)
-        return pb.SubmitUpdateReply(round=header.round, received=count, expected=expected)
+        except BaseException:
+            if intake is not None:
+                intake.close()
+            reservation.release()
+            raise
 
-    @staticmethod
-    def _receive(
-        intake: UpdateIntake, messages: Iterator[pb.UpdateMessage | wire.Undecodable]
+    async def _chunks_into(
+        self, intake: UpdateIntake, messages: AsyncIterator[pb.UpdateMessage | wire.Undecodable]
     ) -> Sequence[np.ndarray]:
-        for number, message in enumerate(messages, start=2):
+        number = 1
+        while True:
+            message = await next_message(messages, self._limits.stall_timeout_s, "the next chunk")
+            if message is None:
+                break
+            number += 1
             if isinstance(message, wire.Undecodable):
                 raise CodecError(
                     f"message #{number} of the update stream ({message.size} bytes) is not a valid "
@@ -256,45 +311,19 @@ class CoordinatorServicer:
             if message.WhichOneof("part") != "chunk":
                 raise UpdateRejectedError("an update stream carries one header, then only tensor chunks")
             chunk = message.chunk
-            intake.add(chunk.tensor_index, chunk.offset, chunk.data)
-        return intake.finish()
+            ready = intake.add(chunk.tensor_index, chunk.offset, chunk.data)
+            if ready:
+                await self._run(intake.process, big=ready >= OFFLOAD_BYTES)
+        return await self._run(intake.finish, big=False)
 
+    async def _run(self, work: Callable[[], T], *, big: bool) -> T:
+        if big and self._executor is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        return work()
 
-class Health:
-    """The standard grpc.health.v1 service, SERVING only while the coordinator can take clients."""
-
-    SERVICES = ("", "fedgrpc.v1.Coordinator")
-
-    def __init__(self) -> None:
-        self.servicer = health.HealthServicer()
-        self.serving(False)
-
-    def serving(self, up: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in self.SERVICES:
-            self.servicer.set(service, status)
-
-
-def serve(
-    server: grpc.Server,
-    coordinator: RoundCoordinator,
-    *,
-    max_wait_s: float = DEFAULT_MAX_WAIT_S,
-    authenticator: Authenticator | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    inflight: InflightBudget | None = None,
-    spool_dir: Path | None = None,
-) -> Health:
-    """Register the coordinator and the health service on a gRPC server; returns the health switch."""
-    servicer = CoordinatorServicer(
-        coordinator,
-        max_wait_s=max_wait_s,
-        chunk_bytes=chunk_bytes,
-        authenticator=authenticator,
-        inflight=inflight,
-        spool_dir=spool_dir,
-    )
-    server.add_generic_rpc_handlers((servicer.handler(),))
-    checker = Health()
-    health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
-    return checker
+    async def _abort(self, context: CallContext, error: FedGrpcError, what: str) -> NoReturn:
+        code = _status_of(error)
+        if not isinstance(error, AuthError):  # the authenticator logs its refusals, once per peer
+            log.warning("refused %s from %s: %s %s", what, context.peer(), code.name, error)
+        await context.abort(code, str(error))
+        raise AssertionError("unreachable: context.abort raises")

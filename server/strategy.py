@@ -6,6 +6,10 @@ received it and as soon as it has been checked; `add` then takes the prepared te
 whole update, on the coordinator's one fold thread. FedAvg prepares a tensor into its weighted
 change, so its fold is one in-place addition; the robust strategies keep tensors as sent.
 
+What one update may add is bounded (`bound`): FedAvg's prepared values may not exceed the
+largest float of the sum divided by twice the updates a round can take, so no sequence of
+accepted updates can overflow the sum (`UpdatePreparer` refuses a tensor past the bound).
+
 | strategy       | use it when                                              | memory          |
 |----------------|----------------------------------------------------------|-----------------|
 | `fedavg`       | clients are trusted (the reference job): weighted mean   | O(model)        |
@@ -20,16 +24,19 @@ weights can lie about its count too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
-from fedgrpc.common.errors import ConfigError
+from fedgrpc.common.codec import TensorSpec
+from fedgrpc.common.errors import ConfigError, UpdateRejectedError
 from fedgrpc.server.aggregate import (
     WeightedSum,
     Weights,
     coordinate_median,
     krum,
+    sum_dtype,
     trimmed_mean,
     weighted_change,
 )
@@ -38,7 +45,13 @@ from fedgrpc.server.aggregate import (
 class Strategy(Protocol):
     name: str
 
-    def begin_round(self, global_weights: Sequence[np.ndarray]) -> None: ...
+    def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
+        """A new round from these weights, which takes at most `max_updates` updates."""
+        ...
+
+    def bound(self, reference: np.ndarray) -> float:
+        """The largest magnitude a prepared value of this tensor may have (inf: finite is enough)."""
+        ...
 
     def prepare(
         self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool
@@ -63,6 +76,62 @@ def add_update(
     strategy.add(prepared, num_examples)
 
 
+class UpdatePreparer:
+    """Prepares the tensors of one update for its strategy and refuses any past the bound.
+
+    Called with each decoded tensor on the thread that received it. Remembers the largest
+    prepared magnitude, which names the suspects if a round ever goes wrong. `keep_as_sent`
+    (updates being recorded): the tensor is checked through a prepared copy and kept as sent.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        specs: Sequence[TensorSpec],
+        reference: Sequence[np.ndarray],
+        num_examples: int,
+        *,
+        keep_as_sent: bool = False,
+    ) -> None:
+        self._strategy = strategy
+        self._specs = specs
+        self._reference = reference
+        self._num_examples = num_examples
+        self._keep_as_sent = keep_as_sent
+        self.largest = 0.0
+
+    def __call__(self, index: int, tensor: np.ndarray) -> np.ndarray:
+        reference = self._reference[index]
+        with np.errstate(over="ignore", invalid="ignore"):  # caught just below, with a message
+            prepared = self._strategy.prepare(
+                tensor, reference, self._num_examples, in_place=not self._keep_as_sent
+            )
+        largest = _largest_magnitude(prepared)
+        bound = self._strategy.bound(reference)
+        if not largest <= bound:  # NaN fails this comparison too
+            name = self._specs[index].name
+            if not math.isfinite(largest):
+                raise UpdateRejectedError(
+                    f"tensor {name!r} holds NaN or infinite values, or values so large that "
+                    "num_examples times their change overflows"
+                )
+            raise UpdateRejectedError(
+                f"tensor {name!r} changes by up to {largest:.3g} (weighted by num_examples), above "
+                f"this round's bound of {bound:.3g}: such an update could overflow the aggregate"
+            )
+        self.largest = max(self.largest, largest)
+        return tensor if self._keep_as_sent else prepared
+
+
+def _largest_magnitude(array: np.ndarray) -> float:
+    """max |x| in two reductions without a temporary array; NaN or inf if there is any."""
+    if array.size == 0 or not np.issubdtype(array.dtype, np.number):
+        return 0.0
+    if not np.issubdtype(array.dtype, np.floating):
+        return float(max(abs(int(array.max())), abs(int(array.min()))))
+    return max(abs(float(array.max())), abs(float(array.min())))
+
+
 class FedAvg:
     """Example-weighted mean of the clients' weights (McMahan et al., 2017), folded in as updates arrive."""
 
@@ -70,9 +139,16 @@ class FedAvg:
 
     def __init__(self) -> None:
         self._sum: WeightedSum | None = None
+        self._max_updates = 1
 
-    def begin_round(self, global_weights: Sequence[np.ndarray]) -> None:
+    def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
         self._sum = WeightedSum(global_weights)
+        self._max_updates = max(1, max_updates)
+
+    def bound(self, reference: np.ndarray) -> float:
+        """Each weighted change at most max/(2 x updates): the sum of a whole round stays finite,
+        and so does the mean plus the global weights unless those are already near the top."""
+        return float(np.finfo(sum_dtype(reference.dtype)).max) / (2 * self._max_updates)  # type: ignore[type-var]
 
     def prepare(
         self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool
@@ -100,8 +176,12 @@ class _AllUpdates:
         self._rule = rule
         self._updates: list[Sequence[np.ndarray]] = []
 
-    def begin_round(self, global_weights: Sequence[np.ndarray]) -> None:
+    def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
         self._updates = []
+
+    def bound(self, reference: np.ndarray) -> float:
+        """Finite is enough: medians, trimmed means and Krum's choice stay within the inputs."""
+        return math.inf
 
     def prepare(
         self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
+from fedgrpc.server.rounds import RoundCoordinator
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -91,3 +96,17 @@ def start_clients(
 def finish_all(processes: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
     for process, log in processes:
         assert finish(process, log) == 0, log.read_text()
+
+
+@contextlib.contextmanager
+def serving(coordinator: RoundCoordinator, **config: Any) -> Iterator[GrpcEndpoint]:
+    """The real gRPC endpoint serving `coordinator` on 127.0.0.1 (a free port) until the block ends."""
+    config.setdefault("host", "127.0.0.1")
+    config.setdefault("port", 0)
+    endpoint = GrpcEndpoint(coordinator, EndpointConfig(**config))
+    endpoint.start()
+    endpoint.set_serving(True)
+    try:
+        yield endpoint
+    finally:
+        endpoint.stop(grace=0)

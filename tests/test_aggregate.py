@@ -131,12 +131,12 @@ def test_shape_mismatch_is_refused() -> None:
 
 def test_fedavg_strategy_averages_one_round_at_a_time() -> None:
     strategy, start = FedAvg(), [np.zeros(2, np.float32)]
-    strategy.begin_round(start)
+    strategy.begin_round(start, 2)
     add_update(strategy, [np.array([2.0, 2.0], np.float32)], start, 1)
     add_update(strategy, [np.array([4.0, 8.0], np.float32)], start, 1)
     np.testing.assert_array_equal(strategy.result()[0], [3.0, 5.0])
     start = [np.ones(2, np.float32)]
-    strategy.begin_round(start)  # a new round forgets the last one
+    strategy.begin_round(start, 2)  # a new round forgets the last one
     add_update(strategy, [np.array([2.0, 3.0], np.float32)], start, 5)
     np.testing.assert_array_equal(strategy.result()[0], [2.0, 3.0])
 
@@ -168,7 +168,7 @@ def test_median_trimmed_mean_and_krum_by_hand() -> None:
 def test_robust_strategies_by_name() -> None:
     for name in ("median", "trimmed-mean", "krum"):
         strategy, start = make_strategy(name), [np.zeros(2, np.float32)]
-        strategy.begin_round(start)
+        strategy.begin_round(start, 2)
         for value in (1.0, 2.0, 3.0, 4.0, 500.0):
             add_update(strategy, [np.full(2, value, np.float32)], start, 1)
         assert strategy.result()[0].max() < 10, name

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -17,11 +16,12 @@ from fedgrpc.common import wire
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.server.checkpoint import weights_digest
+from fedgrpc.server.limits import Limits
 from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.servicer import SERVER_OPTIONS, serve
 from fedgrpc.server.strategy import FedAvg
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+from helpers import serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,14 +37,10 @@ def served() -> Iterator[tuple[RoundCoordinator, grpc.Channel]]:
     for client in (1, 2, 3):
         coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, GLOBAL)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=SERVER_OPTIONS)
-    serve(server, coordinator, max_wait_s=1)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield coordinator, channel
-    channel.close()
-    server.stop(grace=None)
+    with serving(coordinator, limits=Limits(max_wait_s=1)) as endpoint:
+        channel = grpc.insecure_channel(f"127.0.0.1:{endpoint.port}")
+        yield coordinator, channel
+        channel.close()
 
 
 good_specs = st.just([wire.spec_to_pb(s) for s in SPECS])

@@ -1,7 +1,8 @@
 """Receiving one update stream: the in-flight budget and the tensor-by-tensor intake."""
 
+import asyncio
+import re
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,29 +13,38 @@ from fedgrpc.common.errors import CodecError, UpdateRejectedError
 from fedgrpc.server.aggregate import WeightedSum, weighted_change
 from fedgrpc.server.intake import InflightBudget, UpdateIntake
 from fedgrpc.server.spool import SpooledUpdate
+from fedgrpc.server.strategy import FedAvg, UpdatePreparer
 
 GLOBAL = [np.zeros((64, 8), np.float32), np.zeros(8, np.float32)]
 SPECS = [spec_of("w", GLOBAL[0]), spec_of("b", GLOBAL[1])]
 
 
 def test_the_budget_makes_streams_wait_and_lets_an_oversized_one_run_alone() -> None:
-    budget = InflightBudget(100)
-    first = budget.reserve(60, timeout=0)
-    assert first is not None
-    assert budget.reserve(60, timeout=0.05) is None  # does not fit next to the first
-    admitted = []
-    waiter = threading.Thread(target=lambda: admitted.append(budget.reserve(60, timeout=5)))
-    waiter.start()
-    time.sleep(0.1)
-    assert not admitted
-    first.release()
-    first.release()  # twice is harmless
-    waiter.join()
-    assert admitted[0] is not None
-    admitted[0].release()
-    alone = budget.reserve(500, timeout=0)  # bigger than the budget, but nothing else is in flight
-    assert alone is not None and budget.peak_bytes == 500
-    alone.release()
+    async def scenario() -> None:
+        budget = InflightBudget(100)
+        first = await budget.reserve(60, timeout=0)
+        assert first is not None
+        assert await budget.reserve(60, timeout=0.05) is None  # does not fit next to the first
+        waiter = asyncio.create_task(budget.reserve(60, timeout=5))
+        await asyncio.sleep(0.1)
+        assert not waiter.done()
+        # Released from another thread, as the fold thread does once an update is in the sum.
+        def release_twice() -> None:  # twice is harmless
+            first.release()
+            first.release()
+
+        releaser = threading.Thread(target=release_twice)
+        releaser.start()
+        admitted = await waiter
+        releaser.join()
+        assert admitted is not None and budget.used_bytes == 60
+        admitted.release()
+        alone = await budget.reserve(500, timeout=0)  # bigger than the budget, but nothing else in flight
+        assert alone is not None and budget.peak_bytes == 500
+        alone.release()
+        assert budget.used_bytes == 0
+
+    asyncio.run(scenario())
 
 
 def feed(
@@ -43,7 +53,8 @@ def feed(
     for number, chunk in enumerate(iter_chunks((to_wire(a) for a in arrays), chunk_bytes)):
         if stop is not None and number == stop:
             return
-        intake.add(chunk.index, chunk.offset, chunk.data)
+        if intake.add(chunk.index, chunk.offset, chunk.data):
+            intake.process()  # the servicer does this on the loop, or on a worker for big tensors
 
 
 def test_intake_rebuilds_compressed_updates() -> None:
@@ -109,18 +120,36 @@ def test_the_spool_keeps_every_dtype_and_shape(tmp_path: Path) -> None:
     spool.close()
 
 
-def test_the_intake_prepares_each_tensor_and_refuses_an_overflowing_change() -> None:
-    def prepare(index: int, tensor: np.ndarray) -> np.ndarray:
-        return weighted_change(tensor, GLOBAL[index], 10**6, in_place=True)
+def fedavg_preparer(num_examples: int, max_updates: int = 3) -> UpdatePreparer:
+    strategy = FedAvg()
+    strategy.begin_round(GLOBAL, max_updates)
+    return UpdatePreparer(strategy, SPECS, GLOBAL, num_examples)
 
-    intake = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=prepare)
+
+def test_the_intake_prepares_each_tensor_and_refuses_an_overflowing_change() -> None:
+    preparer = fedavg_preparer(10**6)
+    intake = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=preparer)
     feed(intake, [GLOBAL[0] + 2.0, GLOBAL[1] + 3.0])
     got = intake.finish()
     np.testing.assert_array_equal(got[0], np.full(SPECS[0].shape, 2e6, np.float32))
     np.testing.assert_array_equal(got[1], np.full(SPECS[1].shape, 3e6, np.float32))
-    huge = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=prepare)
+    assert preparer.largest == 3e6
+    huge = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=fedavg_preparer(10**6))
     with pytest.raises(UpdateRejectedError, match="'w' holds NaN or infinite values, or values so large"):
         feed(huge, [GLOBAL[0] + 1e35, GLOBAL[1]])  # finite as sent, infinite times 10**6
+
+
+def test_no_update_may_add_more_than_its_share_of_the_largest_float() -> None:
+    # Three updates a round: each weighted change at most float32 max / 6, so even three at the
+    # bound sum to half the largest float32. Both of these are finite as sent and as prepared.
+    bound = float(np.finfo(np.float32).max) / 6
+    for weights, n in (([GLOBAL[0] + 3e31, GLOBAL[1]], 10**7), ([GLOBAL[0] + 3e38, GLOBAL[1]], 1)):
+        intake = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=fedavg_preparer(n))
+        with pytest.raises(UpdateRejectedError, match=re.escape(f"above this round's bound of {bound:.3g}")):
+            feed(intake, weights)
+    fits = UpdateIntake(SPECS, GLOBAL, "none", [], prepare=fedavg_preparer(1))
+    feed(fits, [GLOBAL[0] + 5e37, GLOBAL[1]])
+    assert fits.finish()[0].max() == np.float32(5e37)
 
 
 def test_a_spooled_update_folds_like_one_in_memory(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ import pytest
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import NotEnrolledError, StaleRoundError, UpdateRejectedError
-from fedgrpc.server.rounds import Instruction, RoundCoordinator
+from fedgrpc.common.protocol import Instruction
+from fedgrpc.server.rounds import RoundCoordinator
 from fedgrpc.server.strategy import FedAvg
 
 SPECS = [TensorSpec("w", "float32", (2,)), TensorSpec("b", "float32", ())]

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from certs import Authority, Pair
-from fedgrpc.client.connection import ChannelSecurity, Connection, Instruction
+from fedgrpc.client.connection import ChannelSecurity, Connection
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import AuthError, ServerUnavailableError
+from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.auth import Authenticator, ServerTls, hash_token
 from fedgrpc.server.checkpoint import weights_digest
+from fedgrpc.server.limits import Limits
 from fedgrpc.server.local import free_port
 from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.servicer import SERVER_OPTIONS, serve
 from fedgrpc.server.strategy import FedAvg
-from helpers import finish, start
+from helpers import finish, serving, start
 
 SPECS = [TensorSpec("w", "float32", (3,))]
 GLOBAL = [np.arange(3, dtype=np.float32)]
@@ -42,34 +42,31 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pair]:
     }
 
 
+@contextlib.contextmanager
 def serve_secure(
-    pki: dict[str, Pair], *, mutual: bool, tokens: bool
-) -> tuple[RoundCoordinator, int, grpc.Server]:
-    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg())
-    for client in (1, 2):
+    pki: dict[str, Pair], *, mutual: bool, tokens: bool, clients: int = 2
+) -> Iterator[tuple[RoundCoordinator, int]]:
+    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=clients), SPECS, FedAvg())
+    for client in range(1, clients + 1):
         coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, GLOBAL)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=SERVER_OPTIONS)
     digests = {c: hash_token(t) for c, t in TOKENS.items()} if tokens else None
-    serve(server, coordinator, max_wait_s=1, authenticator=Authenticator(digests, mutual_tls=mutual))
     tls = ServerTls(pki["server"].cert, pki["server"].key, pki["ca"].cert if mutual else None)
-    port = server.add_secure_port("127.0.0.1:0", tls.credentials())
-    server.start()
-    return coordinator, port, server
+    authenticator = Authenticator(digests, mutual_tls=mutual)
+    with serving(coordinator, limits=Limits(max_wait_s=1), authenticator=authenticator, tls=tls) as endpoint:
+        yield coordinator, endpoint.port
 
 
 @pytest.fixture
 def token_server(pki: dict[str, Pair]) -> Iterator[tuple[RoundCoordinator, int]]:
-    coordinator, port, server = serve_secure(pki, mutual=False, tokens=True)
-    yield coordinator, port
-    server.stop(grace=None)
+    with serve_secure(pki, mutual=False, tokens=True) as served:
+        yield served
 
 
 @pytest.fixture
 def mtls_server(pki: dict[str, Pair]) -> Iterator[tuple[RoundCoordinator, int]]:
-    coordinator, port, server = serve_secure(pki, mutual=True, tokens=False)
-    yield coordinator, port
-    server.stop(grace=None)
+    with serve_secure(pki, mutual=True, tokens=False) as served:
+        yield served
 
 
 def connect(

@@ -2,46 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from fedgrpc.client.connection import Connection, Instruction
+from fedgrpc.client.connection import Connection
 from fedgrpc.common import wire
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import NotEnrolledError, StaleRoundError, UpdateRejectedError
+from fedgrpc.common.protocol import Instruction
+from fedgrpc.server.limits import Limits
 from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.servicer import CoordinatorServicer
 from fedgrpc.server.strategy import FedAvg
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+from helpers import serving
 
 # Bigger than gRPC's default 4 MB message limit, so only chunked streaming can carry it.
 SPECS = [TensorSpec("dense/kernel", "float32", (1200, 1000)), TensorSpec("dense/bias", "float32", (1000,))]
 GLOBAL = [np.random.default_rng(0).standard_normal(s.shape).astype(np.float32) for s in SPECS]
 
 
+@contextlib.contextmanager
+def serve_round(
+    *, spool_dir: Path | None = None, compression: str = "none"
+) -> Iterator[tuple[RoundCoordinator, str]]:
+    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2, compression=compression), SPECS, FedAvg())
+    for client in (1, 2):  # ready before the round opens, as the server's driver waits for
+        coordinator.next_task(client, after_round=0, timeout=0)
+    coordinator.open_round(1, GLOBAL)
+    with serving(coordinator, limits=Limits(max_wait_s=2), spool_dir=spool_dir) as endpoint:
+        yield coordinator, f"127.0.0.1:{endpoint.port}"
+
+
 @pytest.fixture
 def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[RoundCoordinator, str]]:
     """A server whose updates are staged in memory, or on disk with indirect param "disk"."""
     spool_dir = tmp_path if getattr(request, "param", "memory") == "disk" else None
-    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg())
-    for client in (1, 2):  # ready before the round opens, as the server's driver waits for
-        coordinator.next_task(client, after_round=0, timeout=0)
-    coordinator.open_round(1, GLOBAL)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    servicer = CoordinatorServicer(coordinator, max_wait_s=2, spool_dir=spool_dir)
-    server.add_generic_rpc_handlers((servicer.handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield coordinator, f"127.0.0.1:{port}"
-    server.stop(grace=None)
+    with serve_round(spool_dir=spool_dir) as served:
+        yield served
 
 
 def raw_submit(target: str, messages: list[pb.UpdateMessage]) -> grpc.RpcError:
@@ -228,10 +233,17 @@ def spool_files_open(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("method", ["fp16", "int8"])
-def test_compressed_updates_are_rebuilt_from_the_round_weights(
-    served: tuple[RoundCoordinator, str], method: str
-) -> None:
-    coordinator, target = served
+def test_compressed_updates_are_rebuilt_from_the_round_weights(method: str) -> None:
+    with serve_round(compression=method) as (coordinator, target):
+        with Connection(target, 1, connect_timeout_s=5) as other, pytest.raises(UpdateRejectedError) as info:
+            other.submit(1, SPECS, GLOBAL, 1, {}, method="none")  # not how this run's updates travel
+        assert info.value.code == "INVALID_ARGUMENT"
+        assert f"travel with compression {method!r} (RunSpec.compression), not 'none'" in str(info.value)
+        assert coordinator.received == 0
+        check_compressed_round(coordinator, target, method)
+
+
+def check_compressed_round(coordinator: RoundCoordinator, target: str, method: str) -> None:
     rng = np.random.default_rng(3)
     updates = [[w + rng.standard_normal(w.shape).astype(np.float32) * 0.01 for w in GLOBAL] for _ in range(2)]
     with Connection(target, 1, connect_timeout_s=5) as one, Connection(target, 2, connect_timeout_s=5) as two:

@@ -1,0 +1,160 @@
+"""The coordinator's network endpoint: a grpc.aio server on an event loop thread of its own.
+
+    start() --> serving --set_serving(True/False)--> ... --stop(grace)--> stopped
+
+The server's driver (rounds, evaluation, checkpoints) stays on the calling thread and talks
+to the handlers only through the RoundCoordinator, whose phase changes wake the loop's
+long-polls (`call_soon_threadsafe`). Tensors big enough to matter are decoded and prepared
+on a small worker pool, so the loop keeps serving while they are. The standard
+grpc.health.v1 service reports SERVING only while `set_serving(True)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
+from fedgrpc.common.errors import ConfigError
+from fedgrpc.server.auth import Authenticator, ServerTls
+from fedgrpc.server.intake import InflightBudget
+from fedgrpc.server.limits import Limits
+from fedgrpc.server.rounds import RoundCoordinator
+from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, CoordinatorServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HEALTH_SERVICES = ("", "fedgrpc.v1.Coordinator")
+_START_TIMEOUT_S = 30.0
+
+
+def server_options(limits: Limits) -> list[tuple[str, int]]:
+    """Accept the clients' keepalive pings (every 20 s, also between calls) instead of answering
+    them with GOAWAY, bound what one message may make the server allocate, and close
+    connections that hold no call for long or never finish their handshake."""
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 1 << 20),
+        ("grpc.max_connection_idle_ms", 300_000),
+        ("grpc.server_handshake_timeout_ms", int(limits.stall_timeout_s * 1000)),
+    ]
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    host: str = "[::]"
+    port: int = 50051
+    tls: ServerTls | None = None
+    authenticator: Authenticator = field(default_factory=Authenticator)
+    limits: Limits = field(default_factory=Limits)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
+    spool_dir: Path | None = None
+    intake_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+
+
+class GrpcEndpoint:
+    """Serves one RoundCoordinator over gRPC until stopped."""
+
+    def __init__(self, coordinator: RoundCoordinator, config: EndpointConfig | None = None) -> None:
+        self.coordinator = coordinator
+        self.config = config or EndpointConfig()
+        self.port = 0
+        self.inflight = InflightBudget(self.config.max_inflight_bytes)
+        self._executor = ThreadPoolExecutor(self.config.intake_threads, thread_name_prefix="fedgrpc-intake")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fedgrpc-grpc", daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.servicer = CoordinatorServicer(
+            coordinator,
+            limits=self.config.limits,
+            chunk_bytes=self.config.chunk_bytes,
+            authenticator=self.config.authenticator,
+            inflight=self.inflight,
+            spool_dir=self.config.spool_dir,
+            executor=self._executor,
+        )
+
+    def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING until set_serving); returns the port."""
+        raise_open_files_limit()
+        self._thread.start()
+        self.coordinator.on_phase_change(lambda: self._call_soon(self.servicer.phase_changed))
+        self.port = self._run(self._start())
+        return self.port
+
+    def set_serving(self, up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in HEALTH_SERVICES:
+            self._run(self._health.set(service, status))
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop taking calls, give those in progress `grace` seconds, then end the loop."""
+        if self._server is not None and self._thread.is_alive():
+            self._run(self._server.stop(grace), timeout=grace + _START_TIMEOUT_S)
+            self._server = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _start(self) -> int:
+        cfg = self.config
+        server = grpc.aio.server(
+            options=server_options(cfg.limits), maximum_concurrent_rpcs=cfg.limits.max_calls
+        )
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            if cfg.tls is not None:
+                port = server.add_secure_port(address, cfg.tls.credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ConfigError(
+                f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine)"
+            )
+        for service in HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        return port
+
+    def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = _START_TIMEOUT_S) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _call_soon(self, callback: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(callback)
+
+
+def raise_open_files_limit() -> None:
+    """Every connection is a file descriptor: take the hard limit, so thousands of clients fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.debug("could not raise the open files limit: %s", exc)
