@@ -93,7 +93,7 @@ def _rss() -> tuple[int, int]:
 
 
 def _serve(total_mb: int, clients: int, inflight_mb: int, staging: str, pipe: Any) -> None:
-    from fedgrpc.server.intake import limit_malloc_arenas
+    from fedgrpc.server.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # as fl-server does, before any thread starts
     from fedgrpc.common.codec import spec_of

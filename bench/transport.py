@@ -62,7 +62,7 @@ def _socket_server(listener: socket.socket, payload: memoryview) -> None:
 
 
 def _serve(total_mb: int, repeat: int, ports: mp.Queue) -> None:  # type: ignore[type-arg]
-    from fedgrpc.server.intake import limit_malloc_arenas
+    from fedgrpc.server.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # as fl-server does, before any thread starts
     from fedgrpc.common.codec import spec_of

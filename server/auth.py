@@ -11,8 +11,7 @@ never tokens:
 identity is established from the call's metadata when the call starts, before any message is
 read (`identify`), and is bound to its client id: client 2 can neither fetch as nor submit for
 client 3 (`require`).
-Refusals are logged once per peer host and reason, so a misconfigured client cannot flood
-the log.
+Refusals are logged by the servicer (fedgrpc.server.refusals), so no client can flood the log.
 """
 
 from __future__ import annotations
@@ -20,18 +19,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from fedgrpc.common.errors import AuthError, ConfigError
 from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
-
-log = logging.getLogger(__name__)
 
 CERT_NAME_PREFIX = "client-"
 _CERT_NAME = re.compile(r"client-([1-9][0-9]{0,9})")
@@ -81,8 +76,6 @@ class Authenticator:
     def __init__(self, tokens: dict[int, str] | None = None, *, mutual_tls: bool = False) -> None:
         self._tokens = tokens
         self._mutual_tls = mutual_tls
-        self._logged: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -98,39 +91,31 @@ class Authenticator:
             if token is None:
                 if self._mutual_tls and (client := self._certificate_client(context)) is not None:
                     return client
-                self._refuse(
-                    context,
-                    AuthError("no credentials: send 'authorization: Bearer <token>' (fl-client --token)"),
-                )
+                raise AuthError("no credentials: send 'authorization: Bearer <token>' (fl-client --token)")
             digest = hash_token(token)
             matches = [c for c, known in self._tokens.items() if hmac.compare_digest(digest, known)]
             if not matches:
-                self._refuse(context, AuthError("the token is not valid for this server"))
+                raise AuthError("the token is not valid for this server")
             return matches[0]
         client = self._certificate_client(context)
         if client is None:
-            self._refuse(
-                context,
-                AuthError(
-                    f"the client certificate's common name must be {CERT_NAME_PREFIX}<id>, e.g. client-3"
-                ),
+            raise AuthError(
+                f"the client certificate's common name must be {CERT_NAME_PREFIX}<id>, e.g. client-3"
             )
         return client
 
-    def require(self, context: CallContext, proven: int | None, claimed: int) -> None:
+    @staticmethod
+    def require(proven: int | None, claimed: int) -> None:
         """Refuse a call whose identity (from `identify`) is not the client id it claims."""
         if proven is not None and proven != claimed:
-            self._refuse(
-                context,
-                AuthError(
-                    f"authenticated as client {proven}, which may not act as client {claimed}",
-                    code="PERMISSION_DENIED",
-                ),
+            raise AuthError(
+                f"authenticated as client {proven}, which may not act as client {claimed}",
+                code="PERMISSION_DENIED",
             )
 
     def check(self, context: CallContext, claimed_client: int) -> None:
         """Raise AuthError unless the caller proved it is `claimed_client`."""
-        self.require(context, self.identify(context), claimed_client)
+        self.require(self.identify(context), claimed_client)
 
     @staticmethod
     def _bearer(context: CallContext) -> str | None:
@@ -147,13 +132,3 @@ class Authenticator:
             if match:
                 return int(match.group(1))
         return None
-
-    def _refuse(self, context: CallContext, error: AuthError) -> NoReturn:
-        host = context.peer().rsplit(":", 1)[0]
-        key = (host, str(error))
-        with self._lock:
-            first = key not in self._logged
-            self._logged.add(key)
-        if first:
-            log.warning("refused %s: %s %s (logged once per peer)", host, error.code, error)
-        raise error

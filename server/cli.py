@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(hash_token(args.hash_token))
         return 0
-    from fedgrpc.server.intake import limit_malloc_arenas
+    from fedgrpc.server.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # before TensorFlow and gRPC start their threads
     logs.setup("server", verbose=args.verbose)

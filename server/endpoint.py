@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import grpc
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.errors import ConfigError
+from fedgrpc.server import memory
 from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.intake import InflightBudget
 from fedgrpc.server.limits import Limits
@@ -38,6 +39,10 @@ T = TypeVar("T")
 
 HEALTH_SERVICES = ("", "fedgrpc.v1.Coordinator")
 _START_TIMEOUT_S = 30.0
+#: Look every few seconds whether many calls ended since the last look; if so, give the
+#: heap's freed memory back (see fedgrpc.server.memory.trim).
+_TRIM_EVERY_S = 2.0
+_TRIM_AFTER_CALLS = 100
 
 
 def server_options(limits: Limits) -> list[tuple[str, int]]:
@@ -81,6 +86,7 @@ class GrpcEndpoint:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedgrpc-grpc", daemon=True)
         self._server: grpc.aio.Server | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.servicer = CoordinatorServicer(
             coordinator,
@@ -107,6 +113,8 @@ class GrpcEndpoint:
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop taking calls, give those in progress `grace` seconds, then end the loop."""
+        if self._housekeeping is not None:
+            self._loop.call_soon_threadsafe(self._housekeeping.cancel)
         if self._server is not None and self._thread.is_alive():
             self._run(self._server.stop(grace), timeout=grace + _START_TIMEOUT_S)
             self._server = None
@@ -138,7 +146,16 @@ class GrpcEndpoint:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        self._housekeeping = asyncio.ensure_future(self._give_back_memory())
         return port
+
+    async def _give_back_memory(self) -> None:
+        calls = self.servicer.open_calls
+        while True:
+            await asyncio.sleep(_TRIM_EVERY_S)
+            if calls.peak - calls.total >= _TRIM_AFTER_CALLS:
+                memory.trim()
+            calls.reset_peak()
 
     def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = _START_TIMEOUT_S) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)

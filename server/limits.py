@@ -67,6 +67,8 @@ class CallCounter:
         self.limit = limit
         self._what = what
         self._open: dict[object, int] = {}
+        self.total = 0
+        self.peak = 0  # the most open at once since `reset_peak`
 
     @contextmanager
     def hold(self, key: object) -> Iterator[None]:
@@ -77,18 +79,20 @@ class CallCounter:
                 "server allows; wait for them to end"
             )
         self._open[key] = count + 1
+        self.total += 1
+        self.peak = max(self.peak, self.total)
         try:
             yield
         finally:
+            self.total -= 1
             left = self._open[key] - 1
             if left:
                 self._open[key] = left
             else:
                 del self._open[key]
 
-    @property
-    def total(self) -> int:
-        return sum(self._open.values())
+    def reset_peak(self) -> None:
+        self.peak = self.total
 
 
 async def next_message(messages: AsyncIterator[T], timeout: float, what: str) -> T | None:

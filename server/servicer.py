@@ -31,6 +31,7 @@ from concurrent.futures import Executor
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import NoReturn, TypeVar
+from urllib.parse import unquote
 
 import grpc
 import numpy as np
@@ -49,6 +50,7 @@ from fedgrpc.common.protocol import READY_FOR_CHUNKS_KEY, Instruction
 from fedgrpc.server.auth import Authenticator, CallContext
 from fedgrpc.server.intake import InflightBudget, UpdateIntake
 from fedgrpc.server.limits import CallCounter, Limits, next_message
+from fedgrpc.server.refusals import RefusalLog
 from fedgrpc.server.rounds import RoundCoordinator, Task
 from fedgrpc.v1 import coordinator_pb2 as pb
 
@@ -77,7 +79,7 @@ def _status_of(error: FedGrpcError) -> grpc.StatusCode:
 
 def peer_address(context: CallContext) -> str:
     """The peer's network address without its port: 'ipv4:10.0.0.7', 'ipv6:[::1]', 'unix:...'."""
-    peer = context.peer() or "unknown"
+    peer = unquote(context.peer() or "unknown")  # gRPC writes ipv6:%5B::1%5D:port
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
@@ -92,6 +94,7 @@ class CoordinatorServicer:
         inflight: InflightBudget | None = None,
         spool_dir: Path | None = None,
         executor: Executor | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._coordinator = coordinator
         self._limits = limits or Limits()
@@ -104,6 +107,7 @@ class CoordinatorServicer:
         self._polls = CallCounter(self._limits.max_calls_per_client, "client")
         self._submits = CallCounter(self._limits.max_calls_per_client, "client")
         self._phase_future: asyncio.Future[None] | None = None
+        self.refusals = refusals or RefusalLog()
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The fedgrpc.v1.Coordinator service, with the weight streams' own serializers."""
@@ -128,6 +132,11 @@ class CoordinatorServicer:
             },
         )
 
+    @property
+    def open_calls(self) -> CallCounter:
+        """Every call being served, counted by peer address."""
+        return self._per_peer
+
     def phase_changed(self) -> None:
         """On the loop: wake every waiting long-poll (see RoundCoordinator.on_phase_change)."""
         future, self._phase_future = self._phase_future, None
@@ -149,12 +158,11 @@ class CoordinatorServicer:
             run=wire.run_to_pb(self._coordinator.run), current_round=self._coordinator.current_round
         )
 
-    async def GetGlobalWeights(
-        self, request: pb.GetGlobalWeightsRequest, context: CallContext
-    ) -> AsyncIterator[pb.WeightsMessage | bytes]:
+    async def GetGlobalWeights(self, request: pb.GetGlobalWeightsRequest, context: CallContext) -> None:
         client = request.client_id
-        with ExitStack() as admitted:
-            try:
+        what = f"GetGlobalWeights of client {client}"
+        try:
+            with ExitStack() as admitted:
                 admitted.enter_context(self._per_peer.hold(peer_address(context)))
                 self._auth.check(context, client)
                 self._coordinator.check_client(client)
@@ -162,24 +170,35 @@ class CoordinatorServicer:
                 task = await self._wait_for_task(
                     client, request.after_round, self._poll_wait(request, context)
                 )
-            except FedGrpcError as exc:
-                await self._abort(context, exc, f"GetGlobalWeights of client {client}")
-            run_id = self._coordinator.run.run_id
-            if task.instruction is not Instruction.TRAIN:
-                code = pb.FINISHED if task.instruction is Instruction.FINISHED else pb.WAIT
-                yield pb.WeightsMessage(
-                    header=pb.WeightsHeader(instruction=code, round=task.round, run_id=run_id)
-                )
-                return
-            # Encoded per call, chunk by chunk: the server keeps one copy of the weights (the
-            # round's arrays), not one per client or an encoded second copy.
-            sent = 0
-            for message in wire.weights_stream(
-                task.round, self._coordinator.specs, task.weights, self._chunk_bytes, run_id=run_id
-            ):
-                sent += len(message) if isinstance(message, bytes) else message.ByteSize()
-                yield message
-            self._coordinator.count_bytes_out(task.round, sent)
+                await self._send_task(task, context)
+        except FedGrpcError as exc:
+            await self._abort(context, exc, what)
+
+    async def _send_task(self, task: Task, context: CallContext) -> None:
+        run_id = self._coordinator.run.run_id
+        if task.instruction is not Instruction.TRAIN:
+            code = pb.FINISHED if task.instruction is Instruction.FINISHED else pb.WAIT
+            header = pb.WeightsHeader(instruction=code, round=task.round, run_id=run_id)
+            await self._write(context, pb.WeightsMessage(header=header))
+            return
+        # Encoded per call, chunk by chunk: the server keeps one copy of the weights (the
+        # round's arrays), not one per client or an encoded second copy. A reader that stops
+        # reading holds about one chunk here, until the stall timeout cuts it.
+        sent = 0
+        for message in wire.weights_stream(
+            task.round, self._coordinator.specs, task.weights, self._chunk_bytes, run_id=run_id
+        ):
+            await self._write(context, message)
+            sent += len(message) if isinstance(message, bytes) else message.ByteSize()
+        self._coordinator.count_bytes_out(task.round, sent)
+
+    async def _write(self, context: CallContext, message: pb.WeightsMessage | bytes) -> None:
+        try:
+            await asyncio.wait_for(context.write(message), self._limits.stall_timeout_s)
+        except asyncio.TimeoutError:
+            raise StalledError(
+                f"the client read nothing for {self._limits.stall_timeout_s:.0f} s; the stream was cut"
+            ) from None
 
     async def SubmitUpdate(
         self,
@@ -196,7 +215,7 @@ class CoordinatorServicer:
                     raise UpdateRejectedError("an update stream must start with its header")
                 header = first.header
                 what = f"update of client {header.client_id} for round {header.round}"
-                self._auth.require(context, proven, header.client_id)
+                self._auth.require(proven, header.client_id)
                 with self._submits.hold(header.client_id):
                     count, expected = await self._receive_update(header, first.ByteSize(), messages, context)
         except FedGrpcError as exc:
@@ -323,7 +342,6 @@ class CoordinatorServicer:
 
     async def _abort(self, context: CallContext, error: FedGrpcError, what: str) -> NoReturn:
         code = _status_of(error)
-        if not isinstance(error, AuthError):  # the authenticator logs its refusals, once per peer
-            log.warning("refused %s from %s: %s %s", what, context.peer(), code.name, error)
+        self.refusals.refused(peer_address(context), code.name, what, str(error))
         await context.abort(code, str(error))
         raise AssertionError("unreachable: context.abort raises")

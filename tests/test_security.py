@@ -39,6 +39,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pair]:
         "client-2": ca.issue("client-2"),
         "expired": ca.issue("client-1", expired=True, stem="expired"),
         "unknown": rogue.issue("client-1", stem="unknown"),
+        "leading-zero": ca.issue("client-01", stem="leading-zero"),
+        "arabic-digit": ca.issue("client-\u0661", stem="arabic-digit"),  # ARABIC-INDIC DIGIT ONE
+        "suffix": ca.issue("client-1x", stem="suffix"),
     }
 
 
@@ -127,6 +130,19 @@ def test_a_certificate_identifies_its_client(
     with connect(port, 1, pki, cert="client-2") as connection, pytest.raises(AuthError) as info:
         connection.submit(1, SPECS, GLOBAL, 5, {})
     assert info.value.code == "PERMISSION_DENIED"
+
+
+@pytest.mark.parametrize("cert", ["leading-zero", "arabic-digit", "suffix"])
+def test_only_exact_ascii_certificate_names_identify_a_client(
+    mtls_server: tuple[RoundCoordinator, int], pki: dict[str, Pair], cert: str
+) -> None:
+    """Before: client-01 and client- with a non-ASCII digit were taken for client 1."""
+    coordinator, port = mtls_server
+    with connect(port, 1, pki, cert=cert) as connection, pytest.raises(AuthError) as info:
+        connection.submit(1, SPECS, GLOBAL, 5, {})
+    assert info.value.code == "UNAUTHENTICATED"
+    assert "common name must be client-<id>" in str(info.value)
+    assert unchanged(coordinator)
 
 
 @pytest.mark.parametrize("cert", [None, "expired", "unknown"])

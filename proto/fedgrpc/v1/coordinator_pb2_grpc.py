@@ -55,19 +55,24 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The run's spec. Does not mark the client ready: its first GetGlobalWeights does.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetGlobalWeights(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Long-poll for the next instruction; TRAIN comes with the weights (header, then chunks).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SubmitUpdate(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """One update: a header, then every tensor's chunks. The server sends initial metadata
+        `fedgrpc-ready-for-chunks: 1` once the update fits its in-flight budget; a client should
+        send the header, wait for that metadata, then send the chunks.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
