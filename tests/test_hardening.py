@@ -229,8 +229,13 @@ def test_default_limits_refuse_a_flood_at_once(tmp_path: Path, synthetic_npz: Pa
         ]
         round_number, specs, _ = first_task(port, 4, token=tokens[4])
         member.stalled_submits(50, 4, round_number, specs)
-        assert member.settled(48 + 2 + 48, timeout=60)  # the two long-polls got round 1's weights
-        assert member.outcomes == {"RESOURCE_EXHAUSTED": 96, "OK": 2}, member.outcomes
+        assert member.settled(48 + 2 + 48, timeout=60)
+        # The two long-polls got round 1's weights; every other call was refused at once. (Under
+        # load the hostile side's own gRPC library has reported INTERNAL, once in a few hundred,
+        # for a call refused while it was still writing its request stream.)
+        refused = member.outcomes["RESOURCE_EXHAUSTED"] + member.outcomes["INTERNAL"]
+        assert member.outcomes["OK"] == 2 and refused == 96, (member.outcomes, member.details)
+        assert member.outcomes["RESOURCE_EXHAUSTED"] >= 90, (member.outcomes, member.details)
         assert any("client 4 already has 2 calls of this kind open" in d for d in member.details)
         finish_all(honest)
     finally:
