@@ -47,7 +47,8 @@ def run(method: str, data: str, rounds: int, clients: int, work: Path) -> dict[s
             print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
         raise SystemExit(f"the run with --compression {method} failed")
     history = json.loads((out / "history.json").read_text())["rounds"]
-    return {"method": method, "wall_s": time.monotonic() - started, "rounds": history}
+    flat = [{**r, **r["central"]} for r in history]  # accuracy, loss at the top
+    return {"method": method, "wall_s": time.monotonic() - started, "rounds": flat}
 
 
 def main() -> int:

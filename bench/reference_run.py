@@ -37,7 +37,7 @@ def in_process(data: str, rounds: int, clients: int, seed: int, init_seed: int) 
     import keras
     from fedgrpc.common.config import RunSpec
     from fedgrpc.common.data import load_split, model_inputs
-    from fedgrpc.common.models import build_model
+    from fedgrpc.common.models import reference_cnn
     from fedgrpc.common.partition import shard_indices
     from fedgrpc.server.aggregate import weighted_mean
 
@@ -48,13 +48,13 @@ def in_process(data: str, rounds: int, clients: int, seed: int, init_seed: int) 
     ]
     x_test, y_test = model_inputs(test, 10)
     keras.utils.set_random_seed(init_seed)
-    global_model = build_model(spec.model)
+    global_model = reference_cnn()
     weights = global_model.get_weights()
     for number in range(1, rounds + 1):
         started = time.monotonic()
         updates = []
         for x, y in shards:
-            local = build_model(spec.model)  # fresh model and Adam every round, as the reference does
+            local = reference_cnn()  # fresh model and Adam every round, as the reference does
             local.set_weights(weights)
             local.fit(x, y, batch_size=spec.batch_size, epochs=spec.local_epochs, shuffle=True, verbose=0)
             updates.append((local.get_weights(), len(x)))
@@ -88,7 +88,7 @@ def networked(
             print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
         raise SystemExit("the networked run failed")
     document = json.loads((out / "history.json").read_text())
-    return document["rounds"], wall
+    return [{**r, **r["central"]} for r in document["rounds"]], wall  # accuracy, loss at the top
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""A whole client run: join, load the shard, then train whatever rounds the server opens."""
+"""A whole client run: load the task, join, load this site's data, then train and evaluate
+whatever the server asks for until the run is finished."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedgrpc.client.connection import ChannelSecurity, Connection
-from fedgrpc.common import device
+from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.data import describe, load_split
+from fedgrpc.common.config import DEFAULT_TASK, RunSpec
 from fedgrpc.common.errors import ConfigError, RunChangedError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.logs import human_bytes
-from fedgrpc.common.partition import shard_indices
 from fedgrpc.common.protocol import Instruction
+from fedgrpc.common.task import Site
+from fedgrpc.common.task_loader import LoadedTask, load_task
+
+if TYPE_CHECKING:
+    from fedgrpc.client.trainer import LocalTrainer
 
 log = logging.getLogger("fedgrpc.client")
 
@@ -26,8 +32,8 @@ log = logging.getLogger("fedgrpc.client")
 class ClientConfig:
     client_id: int
     server: str
+    task: str = DEFAULT_TASK
     data: str | None = None
-    whole_dataset: bool = False
     connect_timeout_s: float = 60.0
     max_wait_s: float = 30.0
     threads: int | None = None
@@ -61,6 +67,7 @@ def run_client(config: ClientConfig) -> int:
     """Take part in the run until the server says it is finished; returns rounds trained."""
     if config.client_id < 1:
         raise ConfigError(f"client ids start at 1, got {config.client_id}")
+    loaded = load_task(config.task)  # a task that does not import fails here, before joining
     with Connection(
         config.server,
         config.client_id,
@@ -68,66 +75,99 @@ def run_client(config: ClientConfig) -> int:
         chunk_bytes=config.chunk_bytes,
         security=config.security,
     ) as connection:
-        run, current = connection.join()
+        run, current = connection.join(loaded.ref)
         log.info(
-            "joined run %s at %s: %d rounds, %d clients, model %s (round %d open)",
-            run.run_id, config.server, run.rounds, run.num_clients, run.model, current,
+            "joined run %s at %s: task %s, %d rounds, %d clients (round %d open)",
+            run.run_id, config.server, loaded.name, run.rounds, run.num_clients, current,
         )  # fmt: skip
         log.info("devices: %s", device.configure(config.threads))
-        from fedgrpc.client.trainer import LocalTrainer
+        trainer = prepare_trainer(loaded, run, config)
+        return _take_part(connection, run, trainer, config)
 
-        started = time.monotonic()
-        examples = load_split(config.data, "train")
-        if not config.whole_dataset:
-            shard = config.client_id - 1
-            examples = examples.subset(
-                shard_indices(len(examples), run.num_clients, shard, run.partition_seed)
+
+def prepare_trainer(loaded: LoadedTask, run: RunSpec, config: ClientConfig) -> LocalTrainer:
+    """Load this site's data and build the task's model, checking that the two fit."""
+    from fedgrpc.client.trainer import LocalTrainer
+
+    params = task_loader.check_params(loaded.task, run.task_params)
+    site = Site(
+        client_id=config.client_id,
+        num_clients=run.num_clients,
+        data=config.data,
+        params=params,
+        batch_size=run.batch_size,
+        partition_seed=run.partition_seed,
+        partition=run.partition,
+    )
+    started = time.monotonic()
+    data = task_loader.load_data(loaded, site)
+    model = task_loader.build_model(loaded, params)
+    task_loader.check_fits(loaded, model, data.train, "training data")
+    if data.test is not None:
+        task_loader.check_fits(loaded, model, data.test, "test data")
+    log.info(
+        "data: %d examples to train on, %s held out (%.1f s)",
+        data.num_examples,
+        data.num_test_examples or "none",
+        time.monotonic() - started,
+    )
+    return LocalTrainer(loaded, run, params, data, model)
+
+
+def _take_part(connection: Connection, run: RunSpec, trainer: LocalTrainer, config: ClientConfig) -> int:
+    last_round, trained = 0, 0
+    while True:
+        task = connection.next_task(last_round, config.max_wait_s)
+        if task.run_id and task.run_id != run.run_id:
+            raise RunChangedError(
+                f"the server at {config.server} now runs {task.run_id}, not the run {run.run_id} this "
+                "client joined (it was replaced, not resumed); start the client again to join the new run"
             )
-            where = f"shard {shard + 1}/{run.num_clients} of {describe(config.data)}"
-        else:
-            where = f"all of {describe(config.data)}"
-        log.info("data: %d examples, %s (%.1f s)", len(examples), where, time.monotonic() - started)
-        trainer = LocalTrainer(run, examples, progress=config.progress)
-
-        last_round, trained = 0, 0
-        while True:
-            task = connection.next_task(last_round, config.max_wait_s)
-            if task.run_id and task.run_id != run.run_id:
-                raise RunChangedError(
-                    f"the server at {config.server} now runs {task.run_id}, not the run {run.run_id} this "
-                    "client joined (it was replaced, not resumed); start the client again to join the new run"
-                )
-            if task.instruction is Instruction.FINISHED:
-                log.info("run finished after %d rounds; trained %d of them", task.round, trained)
-                return trained
-            if task.instruction is Instruction.WAIT:
-                continue
-            with training_turn(config.turn_lock) as waited:
-                result = trainer.train(task.weights)
-            if waited > 0.5:
-                log.debug("waited %.1f s for a turn on the CPU", waited)
-            try:
-                received, expected = connection.submit(
-                    task.round,
-                    trainer.specs,
-                    result.weights,
-                    result.num_examples,
-                    result.metrics,
-                    method=run.compression,
-                    reference=task.weights,
-                )
-            except StaleRoundError as exc:
-                log.warning("round %d closed before this update arrived: %s", task.round, exc)
-                last_round = task.round
-                continue
-            except UpdateRejectedError as exc:
-                if exc.code != "ALREADY_EXISTS":  # a retried submit whose first try got through
-                    raise
-                received, expected = 0, run.num_clients
-            last_round, trained = task.round, trained + 1
+        if task.instruction is Instruction.FINISHED:
+            log.info("run finished after %d rounds; trained %d of them", task.round, trained)
+            return trained
+        if task.instruction is Instruction.WAIT:
+            continue
+        if task.instruction is Instruction.EVALUATE:
+            with training_turn(config.turn_lock):
+                evaluation = trainer.evaluate(task.round, task.weights, run.evaluation.personalize_epochs)
+            connection.submit_evaluation(task.round, evaluation.num_examples, evaluation.metrics)
             log.info(
-                "round %d  loss %.4f  acc %.4f  %.1f s  down %s  (%d/%d updates in)",
-                task.round, result.metrics.get("loss", float("nan")),
-                result.metrics.get("accuracy", float("nan")), result.metrics["train_seconds"],
-                human_bytes(task.wire_bytes), received, expected,
+                "evaluated round %d on %d held-out examples: %s",
+                task.round, evaluation.num_examples, _short(evaluation.metrics),
             )  # fmt: skip
+            continue
+        with training_turn(config.turn_lock) as waited:
+            result = trainer.train(task.round, task.weights)
+        if waited > 0.5:
+            log.debug("waited %.1f s for a turn on the CPU", waited)
+        try:
+            received, expected = connection.submit(
+                task.round,
+                trainer.specs,
+                result.weights,
+                result.num_examples,
+                result.metrics,
+                method=run.compression,
+                reference=task.weights,
+            )
+        except StaleRoundError as exc:
+            log.warning("round %d closed before this update arrived: %s", task.round, exc)
+            last_round = task.round
+            continue
+        except UpdateRejectedError as exc:
+            if exc.code != "ALREADY_EXISTS":  # a retried submit whose first try got through
+                raise
+            received, expected = 0, run.num_clients
+        last_round, trained = task.round, trained + 1
+        log.info(
+            "round %d  %s  %.1f s  down %s  (%d/%d updates in)",
+            task.round, _short(result.metrics), result.metrics["train_seconds"],
+            human_bytes(task.wire_bytes), received, expected,
+        )  # fmt: skip
+
+
+def _short(metrics: dict[str, float]) -> str:
+    """The metrics a person looks at first, e.g. 'loss 0.8123  accuracy 0.7011'."""
+    shown = [(k, v) for k, v in metrics.items() if k != "train_seconds"][:4]
+    return "  ".join(f"{k} {v:.4f}" for k, v in shown) or "no metrics"

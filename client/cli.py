@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedgrpc.common import device, logs
+from fedgrpc.common.config import DEFAULT_TASK
 from fedgrpc.common.errors import FedGrpcError
 
 if TYPE_CHECKING:
@@ -27,14 +28,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--server", default="localhost:50051", help="coordinator address host:port (default %(default)s)"
     )
     p.add_argument(
-        "--data",
-        default=os.environ.get("FL_DATA") or None,
-        help="training data: a folder, .tar.gz or .npz (default: $FL_DATA, else CIFAR-10 from Keras)",
+        "--task",
+        default=os.environ.get("FL_TASK") or DEFAULT_TASK,
+        help="the task: a file (my_task.py), module:attribute, or an installed task's name; must be "
+        "the server's (default: $FL_TASK, else %(default)s, the reference CIFAR-10 job)",
     )
     p.add_argument(
-        "--whole-dataset",
-        action="store_true",
-        help="train on all of --data instead of shard id-1 (a client that owns its data)",
+        "--data",
+        default=os.environ.get("FL_DATA") or None,
+        help="this site's data, as the task reads it (cifar10: a folder, .tar.gz or .npz; "
+        "default: $FL_DATA, else CIFAR-10 from Keras)",
     )
     p.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to keep retrying an unreachable server"
@@ -105,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ClientConfig(
         client_id=args.client_id,
         server=args.server,
+        task=args.task,
         data=args.data,
-        whole_dataset=args.whole_dataset,
         connect_timeout_s=args.connect_timeout,
         threads=args.threads,
         turn_lock=args.take_turns,

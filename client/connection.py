@@ -9,7 +9,7 @@ gRPC status codes become fedgrpc errors:
     UNAUTHENTICATED                  AuthError (missing or wrong credentials)
     PERMISSION_DENIED                AuthError (credentials of another client)
     NOT_FOUND                        NotEnrolledError
-    FAILED_PRECONDITION              StaleRoundError
+    FAILED_PRECONDITION              StaleRoundError (TaskMismatchError when it answers Join)
     anything else                    UpdateRejectedError with the server's message
 """
 
@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 from fedgrpc.common import compression, wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
-from fedgrpc.common.config import RunSpec
+from fedgrpc.common.config import RunSpec, TaskRef
 from fedgrpc.common.errors import (
     AuthError,
     ConfigError,
@@ -36,6 +36,7 @@ from fedgrpc.common.errors import (
     NotEnrolledError,
     ServerUnavailableError,
     StaleRoundError,
+    TaskMismatchError,
     UpdateRejectedError,
 )
 from fedgrpc.common.metrics import check_metrics
@@ -174,15 +175,35 @@ class Connection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def join(self) -> tuple[RunSpec, int]:
-        """The run's spec and its current round; retries while the server is not up yet."""
-        reply = self._retrying(
-            "join",
-            lambda: self._stub.Join(
-                pb.JoinRequest(client_id=self.client_id), timeout=10, metadata=self._metadata
-            ),
-        )
+    def join(self, task: TaskRef | None = None) -> tuple[RunSpec, int]:
+        """The run's spec and its current round; retries while the server is not up yet.
+
+        `task`: the task this client runs, which the server compares with the run's (None: a
+        client that runs no task code)."""
+        request = pb.JoinRequest(client_id=self.client_id, task=wire.task_to_pb(task))
+        try:
+            reply = self._retrying(
+                "join", lambda: self._stub.Join(request, timeout=10, metadata=self._metadata)
+            )
+        except StaleRoundError as exc:  # FAILED_PRECONDITION, which Join only answers for this
+            raise TaskMismatchError(str(exc)) from None
         return wire.run_from_pb(reply.run), reply.current_round
+
+    def submit_evaluation(
+        self, round_number: int, num_examples: int, metrics: Mapping[str, float]
+    ) -> tuple[int, int]:
+        """Report the global model's metrics on this client's held-out data (num_examples 0: it has
+        none); returns (reports the server holds for the round, reports it expects)."""
+        request = pb.EvaluationReport(
+            client_id=self.client_id,
+            round=round_number,
+            num_examples=num_examples,
+            metrics=check_metrics(metrics),
+        )
+        reply = self._retrying(
+            "report", lambda: self._stub.SubmitEvaluation(request, timeout=30, metadata=self._metadata)
+        )
+        return reply.received, reply.expected
 
     def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Task:
         """Long-poll for what to do after `after_round`; the weights come with a TRAIN task."""
@@ -258,13 +279,12 @@ class Connection:
         header = first.header
         if header.instruction == pb.FINISHED:
             return Task(Instruction.FINISHED, header.round, run_id=header.run_id)
-        if header.instruction != pb.TRAIN:
+        if header.instruction not in (pb.TRAIN, pb.EVALUATE):
             return Task(Instruction.WAIT, header.round, run_id=header.run_id)
+        instruction = Instruction.TRAIN if header.instruction == pb.TRAIN else Instruction.EVALUATE
         specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
         received = wire.assemble(specs, (m.chunk for m in stream))
-        return Task(
-            Instruction.TRAIN, header.round, specs, received.arrays, received.wire_bytes, header.run_id
-        )
+        return Task(instruction, header.round, specs, received.arrays, received.wire_bytes, header.run_id)
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.connect_timeout_s

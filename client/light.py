@@ -76,6 +76,9 @@ def run_light_client(
                 return stats
             if task.instruction is Instruction.WAIT:
                 continue
+            if task.instruction is Instruction.EVALUATE:  # no data to evaluate on: say so
+                connection.submit_evaluation(task.round, 0, {})
+                continue
             stats.bytes_down += task.wire_bytes
             if keep_weights:
                 stats.received[task.round] = task.weights

@@ -1,17 +1,27 @@
-"""Local training: one client's model, its shard, and a round's worth of epochs."""
+"""Local training and evaluation of a task: one client's model, its data, a round's work.
+
+The model, its compiled steps and the site's data stay warm across rounds. Each round starts
+from the global weights with the optimizer put back to its just-compiled state, as if a new
+one had been built: no optimizer state carries over between rounds (the reference job's
+rule, and the usual one for stateless clients).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.data import Examples
-from fedgrpc.common.errors import DataError
+from fedgrpc.common.errors import MetricsError, TaskError
+from fedgrpc.common.metrics import check_metrics
+from fedgrpc.common.task import LocalData, Params, RoundContext, evaluate_model, fit_model
+from fedgrpc.common.task_loader import LoadedTask, call
+
+PERSONALIZED_PREFIX = "personalized_"
 
 
 @dataclass(frozen=True)
@@ -21,75 +31,79 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-PREFETCH_BATCHES = 2
-
-
-def input_pipeline(examples: Examples, num_classes: int, batch_size: int) -> Any:
-    """Shuffled batches of (pixels in [0, 1], one-hot labels), built per batch from uint8 images.
-
-    Keeping the shard as uint8 and converting each batch on the fly moves a quarter of the
-    bytes of a float32 copy through memory, and prefetching overlaps that with the training
-    step. Each epoch reshuffles the whole shard; the last batch may be short, as in
-    Keras' own array input.
-
-    tf.data's autotuner is off: on a 2-core machine it made many epochs of the reference
-    shard take 20.5 s instead of 10 to 12 s (its threads and periodic re-tuning compete with
-    the training step for the cores). A batch costs a gather and a cast, so one producer
-    and a fixed prefetch keep even a GPU fed.
-    """
-    import tensorflow as tf
-
-    images = tf.constant(examples.x)
-    labels = tf.constant(examples.y.astype(np.int32))
-
-    def batch_of(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x = tf.cast(tf.gather(images, indices), tf.float32) / 255.0
-        y = tf.one_hot(tf.gather(labels, indices), num_classes, dtype=tf.float32)
-        return x, y
-
-    dataset = tf.data.Dataset.range(len(examples))
-    dataset = dataset.shuffle(len(examples), reshuffle_each_iteration=True).batch(batch_size)
-    dataset = dataset.map(batch_of).prefetch(PREFETCH_BATCHES)
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return dataset.with_options(options)
+@dataclass(frozen=True)
+class Evaluation:
+    num_examples: int  # 0: this client has no held-out data
+    metrics: dict[str, float]
 
 
 class LocalTrainer:
-    """Keeps the model, its compiled training step and the shard warm across rounds.
+    """Runs a task's training and evaluation on this client's data, round after round."""
 
-    Each round starts from the global weights with the optimizer reset to its fresh state,
-    as if a new Adam had been built, which is what the reference job does.
-    """
+    def __init__(self, loaded: LoadedTask, run: RunSpec, params: Params, data: LocalData, model: Any) -> None:
+        from fedgrpc.common.models import FreshOptimizer, weight_specs
 
-    def __init__(self, run: RunSpec, examples: Examples, *, progress: bool = False) -> None:
-        from fedgrpc.common.models import FreshOptimizer, build_model, weight_specs
-
-        if len(examples) == 0:
-            raise DataError("this client has no training examples")
-        if tuple(examples.x.shape[1:]) != run.input_shape:
-            raise DataError(
-                f"this client's images are {examples.x.shape[1:]}, the run's model expects {run.input_shape}"
-            )
-        if int(examples.y.max()) >= run.num_classes:
-            raise DataError(
-                f"labels go up to {int(examples.y.max())}, but the run has {run.num_classes} classes"
-            )
+        self.loaded = loaded
         self.run = run
-        self.num_examples = len(examples)
-        self.dataset = input_pipeline(examples, run.num_classes, run.batch_size)
-        self.model = build_model(run.model, run.input_shape, run.num_classes, learning_rate=run.learning_rate)
-        self.specs: list[TensorSpec] = weight_specs(self.model)
-        self._fresh_optimizer = FreshOptimizer(self.model)
-        self._verbose = 1 if progress else 0
+        self.params = params
+        self.data = data
+        self.model = model
+        self.specs: list[TensorSpec] = weight_specs(model)
+        self._fresh_optimizer = FreshOptimizer(model)
+        self._train = loaded.task.train or fit_model
+        self._evaluate = loaded.task.evaluate or evaluate_model
 
-    def train(self, weights: Sequence[np.ndarray]) -> TrainResult:
+    def train(
+        self, round_number: int, weights: Sequence[np.ndarray], epochs: int | None = None
+    ) -> TrainResult:
         started = time.monotonic()
-        self.model.set_weights(list(weights))
-        self._fresh_optimizer.reset()
-        history = self.model.fit(
-            self.dataset, epochs=self.run.local_epochs, shuffle=False, verbose=self._verbose
-        )
-        metrics = {name: float(values[-1]) for name, values in history.history.items()}
+        self._start_from(weights)
+        ctx = self._context(round_number, epochs or self.run.local_epochs)
+        metrics = self._checked("train", call(self.loaded, "train", self._train, self.model, self.data, ctx))
         metrics["train_seconds"] = round(time.monotonic() - started, 3)
-        return TrainResult(self.model.get_weights(), self.num_examples, metrics)
+        num_examples = self.data.num_examples
+        assert num_examples is not None  # LocalData counts or requires it
+        return TrainResult(self.model.get_weights(), num_examples, metrics)
+
+    def evaluate(
+        self, round_number: int, weights: Sequence[np.ndarray], personalize_epochs: int = 0
+    ) -> Evaluation:
+        """The global model's metrics on this client's held-out data; with personalize_epochs,
+        also after that many epochs of local fine-tuning (which is never sent back)."""
+        if self.data.test is None:
+            return Evaluation(0, {})
+        self._start_from(weights)
+        ctx = self._context(round_number, self.run.local_epochs)
+        metrics = self._checked(
+            "evaluate", call(self.loaded, "evaluate", self._evaluate, self.model, self.data.test, ctx)
+        )
+        if personalize_epochs > 0:
+            self.train(round_number, weights, epochs=personalize_epochs)
+            tuned = self._checked(
+                "evaluate", call(self.loaded, "evaluate", self._evaluate, self.model, self.data.test, ctx)
+            )
+            metrics.update({f"{PERSONALIZED_PREFIX}{name}": value for name, value in tuned.items()})
+        return Evaluation(self.data.num_test_examples or 0, metrics)
+
+    def _start_from(self, weights: Sequence[np.ndarray]) -> None:
+        try:
+            self.model.set_weights(list(weights))
+        except ValueError as exc:
+            raise TaskError(
+                f"task {self.loaded.name!r}: the server's weights do not fit this client's model "
+                f"({exc}); are both sides on the same task file?"
+            ) from None
+        self._fresh_optimizer.reset()
+
+    def _context(self, round_number: int, epochs: int) -> RoundContext:
+        return RoundContext(
+            round=round_number, params=self.params, batch_size=self.run.batch_size, epochs=epochs
+        )
+
+    def _checked(self, what: str, metrics: Mapping[str, float] | None) -> dict[str, float]:
+        try:
+            return check_metrics(dict(metrics or {}))
+        except (MetricsError, TypeError, ValueError) as exc:
+            raise TaskError(
+                f"task {self.loaded.name!r}: {what} returned metrics that cannot be reported: {exc}"
+            ) from None

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from fedgrpc.common.compression import COMPRESSIONS
 from fedgrpc.common.errors import ConfigError, NotEnrolledError
+from fedgrpc.common.partition import check_scheme
+
+#: A task parameter's value (see fedgrpc.common.task.ParamValue).
+ParamValue = bool | int | float | str
+
+DEFAULT_TASK = "cifar10"
 
 
 def new_run_id() -> str:
@@ -13,38 +23,74 @@ def new_run_id() -> str:
 
 
 @dataclass(frozen=True)
+class TaskRef:
+    """Which task a run federates: its name and the SHA-256 of the file that defines it."""
+
+    name: str = DEFAULT_TASK
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """When clients evaluate the global model on their own held-out data (federated evaluation)."""
+
+    every: int = 0  # after every Nth round and after the last; 0: never
+    fraction: float = 1.0  # share of the ready clients asked each time
+    personalize_epochs: int = 0  # fine-tune locally this many epochs, then evaluate again
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"--eval-every must be >= 0, got {self.every}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"--eval-fraction must be in (0, 1], got {self.fraction}")
+        if self.personalize_epochs < 0:
+            raise ConfigError(f"--personalize-epochs must be >= 0, got {self.personalize_epochs}")
+
+    def due(self, round_number: int, rounds: int) -> bool:
+        """Whether clients evaluate the global model after `round_number`."""
+        return self.every > 0 and (round_number % self.every == 0 or round_number == rounds)
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """What every client of a run must agree on; the server owns it and sends it at Join.
 
-    Client ids are 1..num_clients; client k trains shard k-1 of a shuffle seeded with
-    partition_seed, so a shard is a pure function of (seed, k, num_clients).
+    Client ids are 1..num_clients. In stand-in federations cut from one dataset, client k
+    trains shard k-1 under `partition` and `partition_seed` (fedgrpc.common.partition), a
+    pure function of the spec.
     """
 
     rounds: int = 10
     num_clients: int = 3
     partition_seed: int = 42
-    model: str = "cnn"
     batch_size: int = 32
     local_epochs: int = 1
-    learning_rate: float = 1e-3
-    input_shape: tuple[int, ...] = (32, 32, 3)
-    num_classes: int = 10
     compression: str = "none"  # how clients send updates: none, fp16 or int8 (fedgrpc.common.compression)
+    task: TaskRef = field(default_factory=TaskRef)
+    task_params: Mapping[str, ParamValue] = field(default_factory=dict)
+    partition: str = "iid"
+    evaluation: EvaluationPlan = field(default_factory=EvaluationPlan)
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "num_clients", "batch_size", "local_epochs", "num_classes"):
+        for name in ("rounds", "num_clients", "batch_size", "local_epochs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.partition_seed < 0:
             raise ConfigError(f"partition_seed must be >= 0, got {self.partition_seed}")
-        if not self.input_shape or any(d < 1 for d in self.input_shape):
-            raise ConfigError(f"input_shape must be positive dimensions, got {self.input_shape}")
-        if self.compression not in ("none", "fp16", "int8"):
-            raise ConfigError(f"compression must be none, fp16 or int8, got {self.compression!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(
+                f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
+        check_scheme(self.partition)
+        for key, value in self.task_params.items():
+            if not isinstance(value, bool | int | float | str):
+                raise ConfigError(
+                    f"task parameter {key!r} is a {type(value).__name__}: use bool, int, float or str"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"task parameter {key!r} is {value}; numbers must be finite")
 
     def check_client_id(self, client_id: int) -> None:
         """Refuse an id outside 1..num_clients, saying what the valid ids are."""
@@ -52,3 +98,17 @@ class RunSpec:
             raise NotEnrolledError(
                 f"client id {client_id} is not part of this run: ids are 1..{self.num_clients}"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (for checkpoints and history)."""
+        document = asdict(self)
+        document["task_params"] = dict(self.task_params)
+        return document
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> RunSpec:
+        fields = dict(document)
+        fields["task"] = TaskRef(**fields.get("task", {}))
+        fields["evaluation"] = EvaluationPlan(**fields.get("evaluation", {}))
+        fields["task_params"] = dict(fields.get("task_params", {}))
+        return cls(**fields)

@@ -3,6 +3,8 @@
     FedGrpcError                  base: catch this to catch anything of ours
     ├── ConfigError               a setting or command-line value that cannot work
     ├── DataError                 a dataset that is missing, unreadable or of the wrong shape
+    ├── TaskError                 a task that cannot be loaded or run (names the task and function)
+    │   └── TaskMismatchError     a client whose task is not the run's (refused at Join)
     ├── CodecError                tensor bytes that cannot be encoded or decoded
     │   └── UnsupportedDTypeError a dtype the wire format does not carry
     ├── UpdateRejectedError       the server refused an update (status and reason inside)
@@ -31,6 +33,14 @@ class ConfigError(FedGrpcError):
 
 class DataError(FedGrpcError):
     """A dataset that is missing, unreadable or malformed."""
+
+
+class TaskError(FedGrpcError):
+    """A task that cannot be loaded, or whose functions fail or return the wrong thing."""
+
+
+class TaskMismatchError(TaskError):
+    """A client runs another task (name or code) than the run's: FAILED_PRECONDITION at Join."""
 
 
 class CodecError(FedGrpcError):

@@ -1,38 +1,13 @@
-"""Keras models by name, so a run's spec can say which one to train.
-
-Register a new model with `@register("name")` on a function that takes the input shape
-and the number of classes and returns an uncompiled keras.Model.
-"""
+"""Keras helpers both sides use: the reference CNN, weight specs, resetting an optimizer."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import keras
 import numpy as np
 from fedgrpc.common.codec import TensorSpec, spec_of
-from fedgrpc.common.errors import ConfigError
-
-ModelBuilder = Callable[[tuple[int, ...], int], keras.Model]
-_REGISTRY: dict[str, ModelBuilder] = {}
 
 
-def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    def add(builder: ModelBuilder) -> ModelBuilder:
-        if name in _REGISTRY:
-            raise ConfigError(f"a model named {name!r} is already registered")
-        _REGISTRY[name] = builder
-        return builder
-
-    return add
-
-
-def available_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-@register("cnn")
-def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+def small_cnn(input_shape: tuple[int, ...] = (32, 32, 3), num_classes: int = 10) -> keras.Model:
     """The reference CNN: Conv32-Pool-Conv64-Pool-Dense64-Dense10, 167,562 parameters on CIFAR-10."""
     return keras.Sequential(
         [
@@ -49,24 +24,19 @@ def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     )
 
 
-def build_model(
-    name: str,
+def reference_cnn(
     input_shape: tuple[int, ...] = (32, 32, 3),
     num_classes: int = 10,
     *,
     learning_rate: float = 1e-3,
     jit_compile: bool = False,
 ) -> keras.Model:
-    """A compiled model (Adam, categorical cross-entropy, accuracy), as the reference job trains it.
+    """The CNN compiled as the reference job trains it: Adam, categorical cross-entropy, accuracy.
 
     XLA is off by default: Keras' "auto" turns it on for this model, and on these CPUs the
     XLA-compiled training step measured 2.5x slower than the plain one.
     """
-    try:
-        builder = _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(available_models())}") from None
-    model = builder(input_shape, num_classes)
+    model = small_cnn(input_shape, num_classes)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="categorical_crossentropy",

@@ -16,6 +16,7 @@ class Instruction(Enum):
     TRAIN = "train"  # train on the weights that come with it, then submit an update
     WAIT = "wait"  # nothing to do yet: ask again
     FINISHED = "finished"  # the run is over: exit
+    EVALUATE = "evaluate"  # evaluate the weights that come with it on local held-out data
 
 
 #: Call metadata that carries a client's token: `authorization: Bearer <token>`.

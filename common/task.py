@@ -76,13 +76,15 @@ Dataset = Any
 class LocalData:
     """One site's data: what it trains on and, optionally, what it evaluates on.
 
-    `num_examples` is what this site's updates weigh in FedAvg; it is counted from `train`
-    when that is an `(x, y)` pair, and must be given for other kinds of dataset.
+    `num_examples` is what this site's updates weigh in FedAvg, and `num_test_examples` what
+    its evaluations weigh; each is counted from its split when that is an `(x, y)` pair of
+    arrays, and must be given for other kinds of dataset.
     """
 
     train: Dataset
     test: Dataset | None = None
     num_examples: int | None = None
+    num_test_examples: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_examples is None:
@@ -94,10 +96,17 @@ class LocalData:
             )
         if self.num_examples <= 0:
             raise TaskError(f"LocalData has {self.num_examples} training examples; a site needs some")
-
-    @property
-    def test_examples(self) -> int | None:
-        return None if self.test is None else count_examples(self.test)
+        if self.test is None:
+            return
+        if self.num_test_examples is None:
+            object.__setattr__(self, "num_test_examples", count_examples(self.test))
+        if self.num_test_examples is None:
+            raise TaskError(
+                "LocalData.test is not an (x, y) pair of arrays, so give num_test_examples: how many "
+                "examples it holds"
+            )
+        if self.num_test_examples <= 0:
+            raise TaskError("LocalData.test holds no examples; leave it out (None) instead")
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class Site:
     num_clients: int
     data: str | None
     params: Params
+    batch_size: int = 32  # the run's (for a task that batches its own input pipeline)
     partition_seed: int = 0
     partition: str = "iid"
 
@@ -241,7 +251,7 @@ def _is_array_input(x: Any) -> bool:
 def _labels(y: Any) -> np.ndarray:
     labels = np.asarray(y)
     if labels.ndim == 2 and labels.shape[1] > 1:  # one-hot
-        return np.argmax(labels, axis=1)
+        labels = np.argmax(labels, axis=1)
     return labels.reshape(len(labels))
 
 
@@ -251,4 +261,3 @@ def _take(array: Any, indices: np.ndarray) -> Any:
     if isinstance(array, list):
         return [_take(value, indices) for value in array]
     return np.asarray(array)[indices]
-

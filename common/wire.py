@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec, iter_chunks, to_wire
-from fedgrpc.common.config import RunSpec
+from fedgrpc.common.config import EvaluationPlan, ParamValue, RunSpec, TaskRef
 from fedgrpc.common.errors import CodecError
+from fedgrpc.common.protocol import Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
 
 _DTYPE_TO_PB = {
@@ -54,13 +55,17 @@ def run_to_pb(run: RunSpec) -> pb.RunSpec:
         rounds=run.rounds,
         num_clients=run.num_clients,
         partition_seed=run.partition_seed,
-        model=run.model,
         batch_size=run.batch_size,
         local_epochs=run.local_epochs,
-        learning_rate=run.learning_rate,
-        input_shape=run.input_shape,
-        num_classes=run.num_classes,
         compression=_COMPRESSION_TO_PB[run.compression],
+        task=task_to_pb(run.task),
+        task_params={key: param_to_pb(value) for key, value in run.task_params.items()},
+        partition=run.partition,
+        evaluation=pb.EvaluationPlan(
+            every=run.evaluation.every,
+            fraction=run.evaluation.fraction,
+            personalize_epochs=run.evaluation.personalize_epochs,
+        ),
     )
 
 
@@ -70,14 +75,44 @@ def run_from_pb(message: pb.RunSpec) -> RunSpec:
         rounds=message.rounds,
         num_clients=message.num_clients,
         partition_seed=message.partition_seed,
-        model=message.model,
         batch_size=message.batch_size,
         local_epochs=message.local_epochs,
-        learning_rate=message.learning_rate,
-        input_shape=tuple(message.input_shape),
-        num_classes=message.num_classes,
         compression=compression_from_pb(message.compression),
+        task=task_from_pb(message.task),
+        task_params={key: param_from_pb(key, value) for key, value in message.task_params.items()},
+        partition=message.partition or "iid",
+        evaluation=EvaluationPlan(
+            every=message.evaluation.every,
+            fraction=message.evaluation.fraction or 1.0,
+            personalize_epochs=message.evaluation.personalize_epochs,
+        ),
     )
+
+
+def task_to_pb(task: TaskRef | None) -> pb.TaskRef:
+    return pb.TaskRef() if task is None else pb.TaskRef(name=task.name, digest=task.digest)
+
+
+def task_from_pb(message: pb.TaskRef) -> TaskRef:
+    return TaskRef(name=message.name, digest=message.digest)
+
+
+def param_to_pb(value: ParamValue) -> pb.ParamValue:
+    if isinstance(value, bool):  # before int: a bool is an int in Python
+        return pb.ParamValue(bool_value=value)
+    if isinstance(value, int):
+        return pb.ParamValue(int_value=value)
+    if isinstance(value, float):
+        return pb.ParamValue(float_value=value)
+    return pb.ParamValue(string_value=value)
+
+
+def param_from_pb(key: str, message: pb.ParamValue) -> ParamValue:
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise CodecError(f"task parameter {key!r} has no value")
+    value: ParamValue = getattr(message, kind)
+    return value
 
 
 # -- chunk messages, serialized by hand ---------------------------------------------------
@@ -147,6 +182,18 @@ def _encoded_chunks(arrays: Sequence[np.ndarray], chunk_bytes: int) -> Iterator[
         yield encode_chunk(chunk.index, chunk.offset, chunk.data)
 
 
+_INSTRUCTION_TO_PB = {
+    Instruction.TRAIN: pb.TRAIN,
+    Instruction.WAIT: pb.WAIT,
+    Instruction.FINISHED: pb.FINISHED,
+    Instruction.EVALUATE: pb.EVALUATE,
+}
+
+
+def instruction_to_pb(instruction: Instruction) -> pb.Instruction:
+    return _INSTRUCTION_TO_PB[instruction]
+
+
 def weights_stream(
     round_number: int,
     specs: Sequence[TensorSpec],
@@ -154,10 +201,15 @@ def weights_stream(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     *,
     run_id: str = "",
+    instruction: Instruction = Instruction.TRAIN,
 ) -> Iterator[pb.WeightsMessage | bytes]:
-    """A GetGlobalWeights answer for a TRAIN instruction: the header, then encoded chunks (lazily)."""
+    """A GetGlobalWeights answer for a TRAIN or EVALUATE instruction: the header, then encoded
+    chunks (lazily)."""
     header = pb.WeightsHeader(
-        instruction=pb.TRAIN, round=round_number, tensors=[spec_to_pb(s) for s in specs], run_id=run_id
+        instruction=instruction_to_pb(instruction),
+        round=round_number,
+        tensors=[spec_to_pb(s) for s in specs],
+        run_id=run_id,
     )
     yield pb.WeightsMessage(header=header)
     yield from _encoded_chunks(arrays, chunk_bytes)

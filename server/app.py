@@ -1,4 +1,10 @@
-"""A whole server run: load the test set, build or resume the model, serve, drive the rounds."""
+"""A whole server run: load the task, build or resume the model, serve, drive the rounds.
+
+Each round: open it, collect updates (see RoundPolicy), aggregate, check that the new
+weights are finite (else the round is trained again from the same weights), evaluate
+(centrally when the task gives the server a test set, federated when the evaluation plan
+says so), write the checkpoint and history, print one line.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,26 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import numpy as np
-from fedgrpc.common import device
+from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.data import describe, load_split, model_inputs
-from fedgrpc.common.errors import ConfigError, DataError, RunFailedError
+from fedgrpc.common.config import DEFAULT_TASK, RunSpec
+from fedgrpc.common.errors import ConfigError, RunFailedError, TaskError
 from fedgrpc.common.logs import human_bytes
+from fedgrpc.common.task import Site
+from fedgrpc.common.task_loader import LoadedTask
 from fedgrpc.server.auth import Authenticator, ServerTls
-from fedgrpc.server.checkpoint import CheckpointStore, weights_digest
+from fedgrpc.server.checkpoint import Checkpoint, CheckpointStore, weights_digest
 from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
+from fedgrpc.server.evaluation import CentralEvaluator, FederatedEvaluation, describe, main_metric
 from fedgrpc.server.limits import Limits
-from fedgrpc.server.results import ClientReport, RoundRecord, RunResults
+from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
 from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
 from fedgrpc.server.strategy import make_strategy
@@ -30,7 +39,13 @@ from fedgrpc.server.strategy import make_strategy
 log = logging.getLogger("fedgrpc.server")
 
 #: RunSpec fields a resumed run must share with its checkpoint (rounds may be extended).
-_RESUME_MUST_MATCH = ("num_clients", "partition_seed", "model", "batch_size", "local_epochs", "learning_rate")
+_RESUME_MUST_MATCH = (
+    "num_clients", "partition_seed", "partition", "batch_size", "local_epochs", "task", "task_params",
+)  # fmt: skip
+
+#: A round whose new weights are not finite is trained again from the same weights; after this
+#: many in a row the server stops, keeping the last good checkpoint.
+MAX_ABORTED_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -40,7 +55,8 @@ class RoundPolicy:
     A round closes as soon as all enrolled clients have reported. After `timeout_s` it closes
     with what it has, if that is at least `min_clients`; with fewer it keeps waiting. The first
     round opens when every client is ready, or after `join_timeout_s` with `min_clients`
-    (clients start slowly: a TensorFlow import and a shard to load).
+    (clients start slowly: a TensorFlow import and a shard to load). Federated evaluations
+    close when every asked client has reported, or after `timeout_s` with what came.
     """
 
     min_clients: int | None = None  # None: all enrolled clients
@@ -57,6 +73,10 @@ class RoundPolicy:
 @dataclass(frozen=True)
 class ServerConfig:
     run: RunSpec = field(default_factory=RunSpec)
+    task: str = DEFAULT_TASK  # a task file, module:attribute or installed name (--task)
+    task_params: Mapping[str, Any] = field(default_factory=dict)  # overrides of the task's defaults
+    init_model: Path | None = None  # start from this saved Keras model's weights
+    federated_eval: bool | None = None  # None: federated evaluation when there is no central test set
     host: str = "[::]"
     port: int = 50051
     data: str | None = None
@@ -69,7 +89,6 @@ class ServerConfig:
     init_seed: int = 0
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     max_examples: int = 10_000_000
-    eval_batch_size: int = 256
     limits: Limits = field(default_factory=Limits)
     finish_grace_s: float = 15.0
     record_updates: bool = False
@@ -81,9 +100,16 @@ class ServerConfig:
     spool_dir: Path | None = None  # stage updates being received on disk (see fedgrpc.server.spool)
 
 
-#: A round whose new weights are not finite is trained again from the same weights; after this
-#: many in a row the server stops, keeping the last good checkpoint.
-MAX_ABORTED_ROUNDS = 3
+@dataclass
+class _Job:
+    """What a run works with once it is set up."""
+
+    loaded: LoadedTask
+    run: RunSpec
+    model: Any
+    weights: list[np.ndarray]
+    first_round: int
+    central: CentralEvaluator | None
 
 
 class FederatedServer:
@@ -120,45 +146,11 @@ class FederatedServer:
                 f"{cfg.byzantine + 2} updates; "
                 f"raise --min-clients (now {minimum}) or lower --byzantine"
             )
-        log.info("devices: %s", device.configure(cfg.threads))
-        import keras
-        from fedgrpc.common.models import build_model, weight_specs
+        job = self._set_up(checkpoint)
+        run = job.run
+        from fedgrpc.common.models import weight_specs
 
-        started = time.monotonic()
-        test = load_split(cfg.data, "test")
-        if len(test) and int(test.y.max()) >= cfg.run.num_classes:
-            raise DataError(
-                f"test labels go up to {int(test.y.max())}, but the run has {cfg.run.num_classes} classes"
-            )
-        x_test, y_test = model_inputs(test, cfg.run.num_classes)
-        run = replace(cfg.run, input_shape=tuple(int(d) for d in x_test.shape[1:]))
-        log.info(
-            "test set: %d examples from %s (%.1f s)",
-            len(test),
-            describe(cfg.data),
-            time.monotonic() - started,
-        )
-
-        keras.utils.set_random_seed(cfg.init_seed)
-        model = build_model(run.model, run.input_shape, run.num_classes, learning_rate=run.learning_rate)
-        specs = weight_specs(model)
-        weights: list[np.ndarray] = model.get_weights()
-        first_round = 1
-        if checkpoint is not None:
-            run = self._resumable(run, checkpoint.run)
-            weights, self.records, first_round = (
-                checkpoint.weights,
-                list(checkpoint.history),
-                checkpoint.round + 1,
-            )
-            log.info(
-                "resuming run %s after round %d (weights %s)",
-                run.run_id,
-                checkpoint.round,
-                checkpoint.digest[:12],
-            )
-        log.info("model %s: %d tensors, %d parameters", run.model, len(specs), sum(s.size for s in specs))
-
+        specs = weight_specs(job.model)
         recorder = None
         if cfg.record_updates:
 
@@ -181,7 +173,102 @@ class FederatedServer:
             # The run's identity (id, spec, initial weights) is on disk before any client can
             # join it: a server killed at any moment from now on, round 1 included, resumes
             # this same run, and its clients carry on with it.
-            self.checkpoints.save(run, 0, weights, [])
+            self.checkpoints.save(run, 0, job.weights, [])
+        endpoint = self._start_endpoint(coordinator)
+        finished = False
+        try:
+            if job.first_round <= run.rounds:
+                self._wait_for_clients(coordinator, run, minimum)
+            self._drive(job, coordinator, minimum)
+            if coordinator.interrupted:
+                log.info(
+                    "stopped after round %d; restart with the same --out to resume",
+                    self.records[-1].round if self.records else 0,
+                )
+                return self.records
+            self._save_results(job)
+            coordinator.finish()
+            finished = True
+            log.info("run finished: results in %s", cfg.out_dir)
+            clients = list(range(1, run.num_clients + 1))
+            if not coordinator.wait_told_finished(clients, cfg.finish_grace_s):
+                log.warning(
+                    "some clients were not told that the run finished within %.0f s", cfg.finish_grace_s
+                )
+        finally:
+            endpoint.set_serving(False)
+            if not finished:
+                # Stopping, not finishing: clients are told nothing of the kind; their calls
+                # end with the server and they retry until it is back.
+                coordinator.interrupt()
+            endpoint.stop(grace=2.0)
+        return self.records
+
+    # -- setting up ----------------------------------------------------------------
+
+    def _set_up(self, checkpoint: Checkpoint | None) -> _Job:
+        """The task, its model and central test set, and the weights to start from."""
+        cfg = self.config
+        loaded = task_loader.load_task(cfg.task)
+        params = task_loader.resolve_params(loaded.task, cfg.task_params)
+        log.info("task %s from %s (digest %s)", loaded.name, loaded.source, loaded.ref.digest[:12])
+        log.info("devices: %s", device.configure(cfg.threads))
+        import keras
+
+        keras.utils.set_random_seed(cfg.init_seed)
+        model = task_loader.build_model(loaded, params)
+        site = Site(
+            client_id=0,
+            num_clients=cfg.run.num_clients,
+            data=cfg.data,
+            params=params,
+            batch_size=cfg.run.batch_size,
+            partition_seed=cfg.run.partition_seed,
+            partition=cfg.run.partition,
+        )
+        started = time.monotonic()
+        test = task_loader.load_test_data(loaded, site)
+        central = None
+        if test is not None:
+            task_loader.check_fits(loaded, model, test, "test set")
+            central = CentralEvaluator(loaded, model, test, params, cfg.run.batch_size)
+            log.info(
+                "central test set from %s loaded (%.1f s)", cfg.data or "the task", time.monotonic() - started
+            )
+        federated = cfg.federated_eval if cfg.federated_eval is not None else central is None
+        evaluation = cfg.run.evaluation
+        if federated and evaluation.every == 0:
+            evaluation = replace(evaluation, every=1)
+        elif not federated:
+            evaluation = replace(evaluation, every=0)
+        run = replace(cfg.run, task=loaded.ref, task_params=params, evaluation=evaluation)
+        weights: list[np.ndarray] = (
+            _weights_of_saved_model(cfg.init_model, model) if cfg.init_model else model.get_weights()
+        )
+        first_round = 1
+        if checkpoint is not None:
+            run = self._resumable(run, checkpoint.run)
+            weights, self.records, first_round = (
+                checkpoint.weights,
+                list(checkpoint.history),
+                checkpoint.round + 1,
+            )
+            log.info(
+                "resuming run %s after round %d (weights %s)",
+                run.run_id,
+                checkpoint.round,
+                checkpoint.digest[:12],
+            )
+        log.info(
+            "model: %d tensors, %d parameters; evaluation: %s",
+            len(weights),
+            sum(int(np.size(w)) for w in weights),
+            _evaluation_plan(central is not None, run),
+        )
+        return _Job(loaded, run, model, weights, first_round, central)
+
+    def _start_endpoint(self, coordinator: RoundCoordinator) -> GrpcEndpoint:
+        cfg, run = self.config, coordinator.run
         mutual_tls = cfg.tls is not None and cfg.tls.client_ca is not None
         endpoint = GrpcEndpoint(
             coordinator,
@@ -219,85 +306,94 @@ class FederatedServer:
         )
         if cfg.spool_dir is not None:
             log.info("updates being received are staged on disk in %s", cfg.spool_dir)
-        finished = False
-        try:
-            if first_round <= run.rounds:
-                self._wait_for_clients(coordinator, run, minimum)
-            number, aborted = first_round, 0
-            while number <= run.rounds and not coordinator.interrupted:
-                round_started = time.monotonic()
-                start_digest = weights_digest(weights)
-                coordinator.open_round(number, weights)
-                expected = coordinator.expected
-                if not self._collect(coordinator, expected, number, min(minimum, expected)):
-                    break
-                outcome = coordinator.close_round()
-                if not _all_finite(outcome.weights):
-                    aborted += 1
-                    self._log_aborted(outcome, aborted)
-                    if aborted >= MAX_ABORTED_ROUNDS:
-                        raise RunFailedError(
-                            f"{aborted} rounds in a row produced non-finite weights; stopping. The "
-                            f"checkpoint after round {number - 1} is intact: leave out the clients named "
-                            "above, or use a robust --strategy, and start the server again to resume"
-                        )
-                    continue  # the same round again, from the same weights
-                aborted = 0
-                weights = outcome.weights
-                model.set_weights(weights)
-                loss, accuracy = model.evaluate(x_test, y_test, batch_size=cfg.eval_batch_size, verbose=0)
-                record = RoundRecord(
-                    round=number,
-                    accuracy=float(accuracy),
-                    loss=float(loss),
-                    seconds=round(time.monotonic() - round_started, 3),
-                    bytes_in=outcome.bytes_in,
-                    bytes_out=outcome.bytes_out,
-                    clients=[
-                        ClientReport(u.client_id, u.num_examples, dict(u.metrics)) for u in outcome.updates
-                    ],
-                    start_digest=start_digest,
-                    end_digest=weights_digest(weights),
-                )
-                self.records.append(record)
-                self.checkpoints.save(run, number, weights, self.records)
-                self.results.write_history(run, self.records, finished=False)
-                log.info(
-                    "round %d/%d  acc %.4f  loss %.3f  %.1f s  up %s  down %s  clients %d/%d",
-                    number, run.rounds, record.accuracy, record.loss, record.seconds,
-                    human_bytes(record.bytes_in), human_bytes(record.bytes_out),
-                    len(outcome.updates), expected,
-                )  # fmt: skip
-                number += 1
+        return endpoint
+
+    # -- the rounds ----------------------------------------------------------------
+
+    def _drive(self, job: _Job, coordinator: RoundCoordinator, minimum: int) -> None:
+        run = job.run
+        number, aborted = job.first_round, 0
+        while number <= run.rounds and not coordinator.interrupted:
+            round_started = time.monotonic()
+            start_digest = weights_digest(job.weights)
+            coordinator.open_round(number, job.weights)
+            expected = coordinator.expected
+            if not self._collect(coordinator, expected, number, min(minimum, expected)):
+                return
+            outcome = coordinator.close_round()
+            if not _all_finite(outcome.weights):
+                aborted += 1
+                self._log_aborted(outcome, aborted)
+                if aborted >= MAX_ABORTED_ROUNDS:
+                    raise RunFailedError(
+                        f"{aborted} rounds in a row produced non-finite weights; stopping. The "
+                        f"checkpoint after round {number - 1} is intact: leave out the clients named "
+                        "above, or use a robust --strategy, and start the server again to resume"
+                    )
+                continue  # the same round again, from the same weights
+            aborted = 0
+            job.weights = outcome.weights
+            central = job.central(number, job.weights) if job.central else None
+            federated = None
+            if run.evaluation.due(number, run.rounds):
+                federated = self._federated_evaluation(coordinator, number, job.weights)
+                if federated is None:
+                    return  # interrupted
+            record = RoundRecord(
+                round=number,
+                seconds=round(time.monotonic() - round_started, 3),
+                bytes_in=outcome.bytes_in,
+                bytes_out=outcome.bytes_out,
+                clients=[ClientReport(u.client_id, u.num_examples, dict(u.metrics)) for u in outcome.updates],
+                central=central,
+                federated=federated,
+                start_digest=start_digest,
+                end_digest=weights_digest(job.weights),
+            )
+            self.records.append(record)
+            self.checkpoints.save(run, number, job.weights, self.records)
+            self.results.write_history(run, self.records, finished=False)
+            fed_metrics = federated.metrics if federated else None
+            main = main_metric(job.loaded.task.main_metric, central, fed_metrics)
+            log.info(
+                "round %d/%d  %s  %.1f s  up %s  down %s  clients %d/%d",
+                number, run.rounds, describe(main, central, fed_metrics), record.seconds,
+                human_bytes(record.bytes_in), human_bytes(record.bytes_out), len(outcome.updates), expected,
+            )  # fmt: skip
+            number += 1
+
+    def _federated_evaluation(
+        self, coordinator: RoundCoordinator, number: int, weights: Sequence[np.ndarray]
+    ) -> FederatedRecord | None:
+        """Ask the clients to evaluate the new weights; None when the server is stopping."""
+        plan = coordinator.run.evaluation
+        asked = coordinator.open_evaluation(number, weights, plan.fraction)
+        if not coordinator.wait_for_evaluations(asked, self.config.policy.timeout_s):
             if coordinator.interrupted:
-                log.info(
-                    "stopped after round %d; restart with the same --out to resume",
-                    self.records[-1].round if self.records else 0,
-                )
-                return self.records
-            model.set_weights(weights)
-            model.optimizer.build(
-                model.trainable_variables
-            )  # saved with fresh Adam slots: loads without warnings
-            model.save(self.results.model_path)
-            self.results.write_history(run, self.records, finished=True)
-            self.results.plot(self.records)
-            coordinator.finish()
-            finished = True
-            log.info("run finished: results in %s", cfg.out_dir)
-            clients = list(range(1, run.num_clients + 1))
-            if not coordinator.wait_told_finished(clients, cfg.finish_grace_s):
-                log.warning(
-                    "some clients were not told that the run finished within %.0f s", cfg.finish_grace_s
-                )
-        finally:
-            endpoint.set_serving(False)
-            if not finished:
-                # Stopping, not finishing: clients are told nothing of the kind; their calls
-                # end with the server and they retry until it is back.
-                coordinator.interrupt()
-            endpoint.stop(grace=2.0)
-        return self.records
+                return None
+            log.info("round %d: evaluation closed after %.0f s", number, self.config.policy.timeout_s or 0)
+        reports = coordinator.close_evaluation()
+        result = FederatedEvaluation.of(reports)
+        return FederatedRecord(
+            clients=result.clients,
+            num_examples=result.num_examples,
+            metrics=result.metrics,
+            reports=[ClientReport(r.client_id, r.num_examples, dict(r.metrics)) for r in reports],
+        )
+
+    def _save_results(self, job: _Job) -> None:
+        job.model.set_weights(job.weights)
+        if getattr(job.model, "optimizer", None) is not None:
+            job.model.optimizer.build(job.model.trainable_variables)  # saved with fresh slots: loads cleanly
+        job.model.save(self.results.model_path)
+        self.results.write_history(job.run, self.records, finished=True)
+        last = self.records[-1] if self.records else None
+        main = main_metric(
+            job.loaded.task.main_metric,
+            last.central if last else None,
+            last.federated.metrics if last and last.federated else None,
+        )
+        self.results.plot(self.records, main)
 
     @staticmethod
     def _log_aborted(outcome: RoundOutcome, aborted: int) -> None:
@@ -352,7 +448,44 @@ class FederatedServer:
                     f"the checkpoint in --out is of a run with {name}={getattr(saved, name)!r}, "
                     f"not {getattr(wanted, name)!r}; use the same settings to resume, or another --out"
                 )
-        return replace(saved, rounds=wanted.rounds, compression=wanted.compression)  # both may change
+        # These may change between two starts of one run.
+        return replace(
+            saved, rounds=wanted.rounds, compression=wanted.compression, evaluation=wanted.evaluation
+        )
+
+
+def _weights_of_saved_model(path: Path, model: Any) -> list[np.ndarray]:
+    """The weights of a saved .keras model (loaded in safe mode: no code runs), which must have
+    the task model's tensors, in order."""
+    import keras
+
+    try:
+        saved = keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:
+        raise ConfigError(f"--init-model {path} cannot be loaded as a Keras model: {exc}") from None
+    weights = [np.asarray(w) for w in saved.get_weights()]
+    want = [(tuple(w.shape), w.dtype) for w in model.get_weights()]
+    got = [(tuple(w.shape), w.dtype) for w in weights]
+    if got != want:
+        raise TaskError(
+            f"--init-model {path} has {len(got)} tensors {got[:3]}..., but the task's model has "
+            f"{len(want)} {want[:3]}...: it is not a saved model of this task"
+        )
+    log.info("starting from the weights of %s", path)
+    return weights
+
+
+def _evaluation_plan(central: bool, run: RunSpec) -> str:
+    parts = ["central, on the server's test set"] if central else []
+    plan = run.evaluation
+    if plan.every:
+        share = "all" if plan.fraction >= 1 else f"{plan.fraction:.0%} of the"
+        every = "every round" if plan.every == 1 else f"every {plan.every} rounds"
+        personal = (
+            f", then after {plan.personalize_epochs} epochs of fine-tuning" if plan.personalize_epochs else ""
+        )
+        parts.append(f"federated, {share} clients {every}{personal}")
+    return "; ".join(parts) or "none"
 
 
 def _all_finite(weights: Sequence[np.ndarray]) -> bool:

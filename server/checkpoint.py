@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from fedgrpc.common.codec import to_wire
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import CheckpointError
+from fedgrpc.common.errors import CheckpointError, FedGrpcError
 from fedgrpc.server.results import RoundRecord, strict_json, write_atomically
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: run specs name a task and its parameters
 
 
 def weights_digest(weights: Sequence[np.ndarray]) -> str:
@@ -83,7 +83,7 @@ class CheckpointStore:
         digest = weights_digest(weights)
         body: dict[str, Any] = {
             "format": FORMAT_VERSION,
-            "run": asdict(run),
+            "run": run.to_dict(),
             "round": round_number,
             "weights_file": weights_path.name,
             "weights_file_sha256": _file_sha256(weights_path),
@@ -129,10 +129,14 @@ class CheckpointStore:
             raise CheckpointError(f"{weights_path} cannot be read ({exc}); {advice}") from None
         if weights_digest(weights) != document["weights_digest"]:
             raise CheckpointError(f"{weights_path} holds other weights than {where} recorded; {advice}")
-        run_fields = dict(document["run"])
-        run_fields["input_shape"] = tuple(run_fields["input_shape"])
+        try:
+            run = RunSpec.from_dict(document["run"])
+        except (TypeError, KeyError, ValueError, FedGrpcError) as exc:
+            raise CheckpointError(
+                f"{where} holds a run spec this fedgrpc cannot read ({exc}); {advice}"
+            ) from None
         return Checkpoint(
-            run=RunSpec(**run_fields),
+            run=run,
             round=int(document["round"]),
             weights=weights,
             history=[RoundRecord.from_dict(r) for r in document["history"]],

@@ -7,73 +7,169 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedgrpc.common import device, logs
-from fedgrpc.common.config import RunSpec
+from fedgrpc.common.compression import COMPRESSIONS
+from fedgrpc.common.config import DEFAULT_TASK, EvaluationPlan, RunSpec
 from fedgrpc.common.errors import ConfigError, FedGrpcError
+from fedgrpc.common.partition import SCHEMES
+from fedgrpc.server import runfile
 from fedgrpc.server.auth import ServerTls, load_tokens
 from fedgrpc.server.limits import Limits
 from fedgrpc.server.strategy import STRATEGIES
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = RunSpec()
+def build_parser() -> argparse.ArgumentParser:
+    defaults, limits_defaults = RunSpec(), Limits()
     p = argparse.ArgumentParser(
         prog="fl-server", description="Coordinate a federated learning run over gRPC."
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="RUN.toml",
+        help="a run file: [run] holds any of these flags without dashes, [task] the task's parameters; "
+        "flags given too override it",
     )
     p.add_argument(
         "--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)"
     )
     p.add_argument("--host", default="[::]", help="address to bind (default: all interfaces)")
-    p.add_argument(
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for history, curves and model")
+    p.add_argument("--threads", type=int, default=None, help="cap the CPU threads of evaluation")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    task = p.add_argument_group("the task (see fedgrpc.common.task)")
+    task.add_argument(
+        "--task",
+        default=os.environ.get("FL_TASK") or DEFAULT_TASK,
+        help="a task file (my_task.py), module:attribute, or an installed task's name "
+        "(default: $FL_TASK, else %(default)s, the reference CIFAR-10 job)",
+    )
+    task.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one of the task's parameters (repeatable; overrides [task] of --config)",
+    )
+    task.add_argument(
+        "--data",
+        default=os.environ.get("FL_DATA") or None,
+        help="what the task's load_test_data reads, if it has one: the server's own test set "
+        "(cifar10: a folder, .tar.gz or .npz; default $FL_DATA, else the Keras download)",
+    )
+    task.add_argument(
+        "--init-model",
+        type=Path,
+        metavar="MODEL.keras",
+        help="start from the weights of this saved Keras model (loaded in safe mode)",
+    )
+    task.add_argument("--init-seed", type=int, default=0, help="seed of the initial global weights")
+
+    run = p.add_argument_group("the run")
+    run.add_argument(
         "--rounds", type=int, default=defaults.rounds, help="federated rounds (default %(default)s)"
     )
-    p.add_argument(
+    run.add_argument(
         "--clients",
         type=int,
         default=defaults.num_clients,
-        help="clients per round, ids 1..N (default %(default)s)",
+        help="clients of the run, ids 1..N (default %(default)s)",
     )
-    p.add_argument(
-        "--model", default=defaults.model, help="model name from the registry (default %(default)s)"
+    run.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
+    run.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="(default %(default)s)")
+    run.add_argument(
+        "--partition",
+        default=defaults.partition,
+        metavar="SCHEME",
+        help=f"how stand-in federations cut one dataset: {', '.join(SCHEMES)} (default %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
-    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    p.add_argument(
+    run.add_argument(
         "--partition-seed", type=int, default=defaults.partition_seed, help="seed of the client shards"
     )
-    p.add_argument("--init-seed", type=int, default=0, help="seed of the initial global weights")
-    p.add_argument(
+    run.add_argument(
         "--strategy",
         choices=STRATEGIES,
         default="fedavg",
         help="aggregation: %(choices)s (default %(default)s)",
     )
-    p.add_argument(
+    run.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean: share cut from each end")
+    run.add_argument("--byzantine", type=int, default=1, help="krum: how many clients may be malicious")
+    run.add_argument(
         "--compression",
-        choices=("none", "fp16", "int8"),
+        choices=COMPRESSIONS,
         default=defaults.compression,
-        help="how clients send updates: none, fp16 (half the bytes) or int8 (a quarter of them)",
+        help="how clients send updates: %(choices)s (fp16 halves the bytes, int8 quarters them)",
     )
-    p.add_argument(
+    run.add_argument(
         "--clients-per-round",
         type=int,
         default=None,
         metavar="K",
         help="train a seeded sample of K ready clients each round (default: all of them)",
     )
-    p.add_argument("--sample-seed", type=int, default=0, help="seed of the per-round client samples")
-    p.add_argument(
+    run.add_argument("--sample-seed", type=int, default=0, help="seed of the per-round client samples")
+
+    evaluation = p.add_argument_group("evaluation")
+    evaluation.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="federated evaluation (clients evaluate the global model on their own held-out data) after "
+        "every Nth round and the last; 0: never (default: every round when the task gives the server "
+        "no test set, else never)",
+    )
+    evaluation.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=1.0,
+        help="share of the ready clients asked to evaluate (default %(default)s: all)",
+    )
+    evaluation.add_argument(
+        "--personalize-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="clients also fine-tune N epochs on their own data (not sent back) and evaluate again",
+    )
+
+    policy = p.add_argument_group("rounds")
+    policy.add_argument(
+        "--min-clients",
+        type=int,
+        default=None,
+        help="after --round-timeout, close a round with at least this many updates (default: all clients)",
+    )
+    policy.add_argument(
+        "--round-timeout",
+        type=float,
+        default=None,
+        help="seconds after which a round may close without every client (default: wait for all)",
+    )
+    policy.add_argument(
+        "--join-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the first round waits for every client, then starts with --min-clients (default 120)",
+    )
+    policy.add_argument(
+        "--max-examples", type=int, default=10_000_000, help="largest example count an update may claim"
+    )
+
+    big = p.add_argument_group("big models, many clients")
+    big.add_argument(
         "--chunk-kb", type=int, default=1024, help="size of the weight chunks sent down (default 1024 KiB)"
     )
-    p.add_argument(
+    big.add_argument(
         "--max-inflight-mb",
         type=int,
         default=256,
         help="updates received at once, in MB: more wait their turn, bounding memory (default 256)",
     )
-    p.add_argument(
+    big.add_argument(
         "--spool-dir",
         type=Path,
         default=None,
@@ -81,49 +177,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stage updates being received on disk in DIR, not in memory: the server's memory then "
         "holds the global model, the running sum and one tensor per stream (for big models)",
     )
-    p.add_argument(
-        "--min-clients",
-        type=int,
-        default=None,
-        help="after --round-timeout, close a round with at least this many updates (default: all clients)",
-    )
-    p.add_argument(
-        "--round-timeout",
-        type=float,
-        default=None,
-        help="seconds after which a round may close without every client (default: wait for all)",
-    )
-    p.add_argument(
-        "--join-timeout",
-        type=float,
-        default=120.0,
-        help="seconds the first round waits for every client, then starts with --min-clients (default 120)",
-    )
-    p.add_argument(
-        "--max-examples", type=int, default=10_000_000, help="largest example count an update may claim"
-    )
-    p.add_argument(
-        "--data",
-        default=os.environ.get("FL_DATA") or None,
-        help="test data: a folder, .tar.gz or .npz (default: $FL_DATA, else CIFAR-10 downloaded by Keras)",
-    )
-    p.add_argument("--out", type=Path, default=Path("results"), help="folder for history, curves and model")
-    p.add_argument("--threads", type=int, default=None, help="cap TensorFlow's CPU threads")
-    p.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean: share cut from each end")
-    p.add_argument("--byzantine", type=int, default=1, help="krum: how many clients may be malicious")
+
     limits = p.add_argument_group("limits (what one peer may hold; see fedgrpc.server.limits)")
-    default_limits = Limits()
     limits.add_argument(
         "--stall-timeout",
         type=float,
-        default=default_limits.stall_timeout_s,
+        default=limits_defaults.stall_timeout_s,
         metavar="S",
         help="cut a stream silent for S seconds: no header, no next chunk (default %(default)s)",
     )
     limits.add_argument(
         "--max-calls",
         type=int,
-        default=default_limits.max_calls,
+        default=limits_defaults.max_calls,
         help="calls open at once, all peers together (default %(default)s)",
     )
     limits.add_argument(
@@ -136,24 +202,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument(
         "--max-calls-per-client",
         type=int,
-        default=default_limits.max_calls_per_client,
+        default=limits_defaults.max_calls_per_client,
         metavar="N",
         help="long-polls, and update streams, one client id may hold open at once (default %(default)s)",
     )
     limits.add_argument(
         "--max-wait",
         type=float,
-        default=default_limits.max_wait_s,
+        default=limits_defaults.max_wait_s,
         metavar="S",
         help="longest hold of a long-poll before it answers WAIT (default %(default)s)",
     )
     limits.add_argument(
         "--inflight-wait",
         type=float,
-        default=default_limits.inflight_wait_s,
+        default=limits_defaults.inflight_wait_s,
         metavar="S",
         help="longest wait for room in --max-inflight-mb, then UNAVAILABLE (default %(default)s)",
     )
+
     security = p.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     security.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -170,8 +237,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--record-updates", action="store_true", help="also save every accepted update (debugging)"
     )
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The flags, with a run file's [run] as their defaults, and the task parameters ([task],
+    then every --param)."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    task_params: dict[str, Any] = {}
+    if first.config is not None:
+        settings, task_params = runfile.load(first.config)
+        runfile.apply(parser, settings, first.config)
+    args = parser.parse_args(argv)
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r}: write KEY=VALUE, e.g. --param learning_rate=0.01")
+        task_params[key.strip()] = value
+    return args, task_params
 
 
 def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, dict[int, str] | None]:
@@ -203,8 +287,69 @@ def check_sizes(args: argparse.Namespace) -> None:
         )
 
 
+def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
+    from fedgrpc.server.app import RoundPolicy, ServerConfig
+
+    tls, tokens = security_from(args)
+    check_sizes(args)
+    run = RunSpec(
+        rounds=args.rounds,
+        num_clients=args.clients,
+        partition_seed=args.partition_seed,
+        partition=args.partition,
+        batch_size=args.batch_size,
+        local_epochs=args.local_epochs,
+        compression=args.compression,
+        evaluation=EvaluationPlan(
+            every=args.eval_every or 0,
+            fraction=args.eval_fraction,
+            personalize_epochs=args.personalize_epochs,
+        ),
+    )
+    return ServerConfig(
+        run=run,
+        task=args.task,
+        task_params=task_params,
+        init_model=args.init_model,
+        federated_eval=None if args.eval_every is None else args.eval_every > 0,
+        host=args.host,
+        port=args.port,
+        data=args.data,
+        out_dir=args.out,
+        strategy=args.strategy,
+        init_seed=args.init_seed,
+        record_updates=args.record_updates,
+        threads=args.threads,
+        policy=RoundPolicy(
+            min_clients=args.min_clients, timeout_s=args.round_timeout, join_timeout_s=args.join_timeout
+        ),
+        max_examples=args.max_examples,
+        trim_fraction=args.trim_fraction,
+        byzantine=args.byzantine,
+        tls=tls,
+        tokens=tokens,
+        clients_per_round=args.clients_per_round,
+        sample_seed=args.sample_seed,
+        chunk_bytes=args.chunk_kb << 10,
+        max_inflight_bytes=args.max_inflight_mb << 20,
+        spool_dir=args.spool_dir,
+        limits=Limits(
+            stall_timeout_s=args.stall_timeout,
+            max_calls=args.max_calls,
+            max_calls_per_peer=args.max_calls_per_peer,
+            max_calls_per_client=args.max_calls_per_client,
+            max_wait_s=args.max_wait,
+            inflight_wait_s=args.inflight_wait,
+        ),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args, task_params = parse_args(argv)
+    except FedGrpcError as exc:
+        print(f"fl-server: error: {exc}", file=sys.stderr)
+        return 2
     if args.hash_token:
         from fedgrpc.server.auth import hash_token
 
@@ -215,54 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     limit_malloc_arenas()  # before TensorFlow and gRPC start their threads
     logs.setup("server", verbose=args.verbose)
     device.quiet_tensorflow()
-    from fedgrpc.server.app import FederatedServer, RoundPolicy, ServerConfig
+    from fedgrpc.server.app import FederatedServer
 
     try:
-        tls, tokens = security_from(args)
-        run = RunSpec(
-            rounds=args.rounds,
-            num_clients=args.clients,
-            partition_seed=args.partition_seed,
-            model=args.model,
-            batch_size=args.batch_size,
-            local_epochs=args.local_epochs,
-            learning_rate=args.learning_rate,
-            compression=args.compression,
-        )
-        check_sizes(args)
-        config = ServerConfig(
-            run=run,
-            host=args.host,
-            port=args.port,
-            data=args.data,
-            out_dir=args.out,
-            strategy=args.strategy,
-            init_seed=args.init_seed,
-            record_updates=args.record_updates,
-            threads=args.threads,
-            policy=RoundPolicy(
-                min_clients=args.min_clients, timeout_s=args.round_timeout, join_timeout_s=args.join_timeout
-            ),
-            max_examples=args.max_examples,
-            trim_fraction=args.trim_fraction,
-            byzantine=args.byzantine,
-            tls=tls,
-            tokens=tokens,
-            clients_per_round=args.clients_per_round,
-            sample_seed=args.sample_seed,
-            chunk_bytes=args.chunk_kb << 10,
-            max_inflight_bytes=args.max_inflight_mb << 20,
-            spool_dir=args.spool_dir,
-            limits=Limits(
-                stall_timeout_s=args.stall_timeout,
-                max_calls=args.max_calls,
-                max_calls_per_peer=args.max_calls_per_peer,
-                max_calls_per_client=args.max_calls_per_client,
-                max_wait_s=args.max_wait,
-                inflight_wait_s=args.inflight_wait,
-            ),
-        )
-        server = FederatedServer(config)
+        server = FederatedServer(config_from(args, task_params))
         signal.signal(signal.SIGTERM, server.request_stop)
         signal.signal(signal.SIGINT, server.request_stop)
         server.run()

@@ -59,6 +59,7 @@ def run_federation(
     rounds: int,
     data: str | None,
     out_dir: Path,
+    task: str | None = None,
     threads: int | None = None,
     schedule: str = "auto",
     server_args: Sequence[str] = (),
@@ -73,19 +74,25 @@ def run_federation(
         schedule = "turns" if clients > cores else "parallel"
     turn_lock = out_dir / ".train.lock" if schedule == "turns" else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent
+    # The same interpreter, by module: works wherever fedgrpc is importable (a venv, a --target
+    # folder on PYTHONPATH), not only where the console scripts sit beside sys.executable.
     server_cmd = [
-        str(bin_dir / "fl-server"), "--host", "127.0.0.1", "--port", str(port), "--insecure",
+        sys.executable, "-m", "fedgrpc.server.cli", "--host", "127.0.0.1", "--port", str(port), "--insecure",
         "--rounds", str(rounds), "--clients", str(clients), "--out", str(out_dir), *server_args,
     ]  # fmt: skip
-    if data:
-        server_cmd += ["--data", data]
+    shared = ["--task", task] if task else []
+    per_client = data is not None and "{id}" in data  # each client its own file
+    if data and not per_client:
+        shared += ["--data", data]
+    server_cmd += shared
     if logs_dir:
         logs_dir.mkdir(parents=True, exist_ok=True)
     procs = [_spawn(server_cmd, logs_dir / "server.log" if logs_dir else None)]
     for client_id in range(1, clients + 1):
         cmd = [
-            str(bin_dir / "fl-client"),
+            sys.executable,
+            "-m",
+            "fedgrpc.client.cli",
             "--insecure",
             "--id",
             str(client_id),
@@ -96,8 +103,9 @@ def run_federation(
         ]
         if turn_lock:
             cmd += ["--take-turns", str(turn_lock)]
-        if data:
-            cmd += ["--data", data]
+        cmd += shared
+        if per_client:
+            cmd += ["--data", str(data).replace("{id}", str(client_id))]
         procs.append(_spawn(cmd, logs_dir / f"client-{client_id}.log" if logs_dir else None))
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -134,9 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument(
+        "--task",
+        default=os.environ.get("FL_TASK") or None,
+        help="the task for the server and every client (default: $FL_TASK, else cifar10)",
+    )
+    p.add_argument(
         "--data",
         default=os.environ.get("FL_DATA") or None,
-        help="data for server and clients (default $FL_DATA, else download)",
+        help="data for server and clients; {id} in it becomes each client's id, for sites with files "
+        "of their own, e.g. data/hospital_{id}.csv (default $FL_DATA, else the task's default)",
     )
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument(
@@ -156,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds,
         data=args.data,
         out_dir=args.out,
+        task=args.task,
         threads=args.threads,
         schedule=args.schedule,
         server_args=extra,

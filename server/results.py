@@ -1,7 +1,7 @@
-"""What a run leaves in its output folder: history JSON, accuracy/loss curves, the final model.
+"""What a run leaves in its output folder: history JSON, curves, the final model.
 
 <out>/history.json        the run's spec and one record per round (rewritten after every round)
-<out>/curves.png          test accuracy and loss per round
+<out>/curves.png          the main metric and loss per round: central, federated, personalized
 <out>/final_model.keras   the final global model (Keras' zip format: JSON and HDF5, no pickle)
 <out>/updates/round-NNNN/client-K.npz   accepted updates, only with --record-updates
 """
@@ -30,22 +30,47 @@ class ClientReport:
 
 
 @dataclass(frozen=True)
+class FederatedRecord:
+    """The clients' evaluation of the global model, example-weighted (see server.evaluation)."""
+
+    clients: int
+    num_examples: int
+    metrics: Mapping[str, float]
+    reports: list[ClientReport] = field(default_factory=list)  # each client's own
+
+
+@dataclass(frozen=True)
 class RoundRecord:
     round: int
-    accuracy: float | None  # None: not measured, or not a finite number
-    loss: float | None
     seconds: float
     bytes_in: int
     bytes_out: int
-    clients: list[ClientReport] = field(default_factory=list)
+    clients: list[ClientReport] = field(default_factory=list)  # the training reports
+    central: Mapping[str, float] | None = None  # on the server's test set, if it has one
+    federated: FederatedRecord | None = None  # on the clients' held-out data, when asked
     start_digest: str = ""  # weights_digest of the global weights the round started from
     end_digest: str = ""  # ... and of the new global weights it produced
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
+        """A record read back from JSON, where a metric that was not finite is null (NaN here)."""
         fields = dict(data)
         fields["clients"] = [ClientReport(**c) for c in fields.get("clients", [])]
+        if fields.get("central") is not None:
+            fields["central"] = _nan_for_null(fields["central"])
+        federated = fields.get("federated")
+        if federated is not None:
+            federated = dict(federated)
+            federated["metrics"] = _nan_for_null(federated["metrics"])
+            federated["reports"] = [ClientReport(**c) for c in federated.get("reports", [])]
+            fields["federated"] = FederatedRecord(**federated)
         return cls(**fields)
+
+    def metric(self, name: str, *, source: str = "central") -> float | None:
+        """One metric of this round's central or federated evaluation (None where not measured)."""
+        metrics = self.central if source == "central" else self.federated.metrics if self.federated else None
+        value = metrics.get(name) if metrics else None
+        return None if value is None or not math.isfinite(value) else float(value)
 
 
 def strict_json(document: Any, **options: Any) -> str:
@@ -95,7 +120,7 @@ class RunResults:
 
     def write_history(self, run: RunSpec, records: Sequence[RoundRecord], *, finished: bool) -> None:
         document: dict[str, Any] = {
-            "run": asdict(run),
+            "run": run.to_dict(),
             "finished": finished,
             "rounds": [asdict(r) for r in records],
         }
@@ -109,8 +134,9 @@ class RunResults:
         arrays: dict[str, Any] = {f"{i:04d}": w for i, w in enumerate(weights)}
         np.savez(path, **arrays)
 
-    def plot(self, records: Sequence[RoundRecord]) -> None:
-        """Accuracy and loss against rounds, side by side, as a PNG a person can glance at."""
+    def plot(self, records: Sequence[RoundRecord], main: str = "accuracy") -> None:
+        """The main metric and the loss against rounds, side by side: central evaluation,
+        federated evaluation and personalized (after local fine-tuning), where measured."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -118,16 +144,28 @@ class RunResults:
 
         rounds = [r.round for r in records]
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        left.plot(rounds, [_nan_if_none(r.accuracy) for r in records], marker="o")
-        left.set(title="Test accuracy", xlabel="round", ylabel="accuracy")
-        right.plot(rounds, [_nan_if_none(r.loss) for r in records], marker="o", color="tab:red")
-        right.set(title="Test loss", xlabel="round", ylabel="loss")
-        for axis in (left, right):
+        lines = (
+            ("central (server's test set)", "central", "", "tab:blue"),
+            ("federated (clients' held-out data)", "federated", "", "tab:orange"),
+            ("personalized (after local fine-tuning)", "federated", "personalized_", "tab:green"),
+        )
+        for axis, metric in ((left, main), (right, "loss")):
+            for label, source, prefix, color in lines:
+                values = [_nan_if_none(r.metric(prefix + metric, source=source)) for r in records]
+                if any(not math.isnan(v) for v in values):
+                    axis.plot(rounds, values, marker="o", label=label, color=color)
+            axis.set(title=metric, xlabel="round", ylabel=metric)
             axis.grid(alpha=0.3)
             axis.set_xticks(rounds)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(self.curves_path, dpi=100)
         plt.close(figure)
+
+
+def _nan_for_null(metrics: Mapping[str, float | None]) -> dict[str, float]:
+    return {name: math.nan if value is None else float(value) for name, value in metrics.items()}
 
 
 def _nan_if_none(value: float | None) -> float:

@@ -1,12 +1,17 @@
 """The round state machine: which round is open, who has reported, when it may close.
 
     waiting --open_round(r)--> training --close_round()--> aggregating --open_round(r+1)--> ...
-                                                                        --finish()--> finished
+                                                              |   ^
+                                          open_evaluation(r)  v   |  close_evaluation()
+                                                            evaluating
+    aggregating --finish()--> finished
     any phase --interrupt()--> (same phase, interrupted): waits end, clients are told WAIT
 
 `waiting` is the phase before this server process opens its first round (clients are getting
-ready); `aggregating` is between two rounds. An interrupted server (SIGTERM) never tells its
-clients that the run is finished: they keep retrying and carry on with the restarted server.
+ready); `aggregating` is between two rounds; in `evaluating`, a sample of the ready clients
+evaluates the new global weights on its own held-out data (federated evaluation). An
+interrupted server (SIGTERM) never tells its clients that the run is finished: they keep
+retrying and carry on with the restarted server.
 
 Who trains a round: every enrolled client that has not yet sent an update for it, except a
 client that first appeared (with no earlier round behind it) while the round was already
@@ -51,6 +56,7 @@ class Phase(Enum):
     WAITING = "waiting"  # no round opened yet by this server process
     TRAINING = "training"
     AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"
     FINISHED = "finished"
 
 
@@ -69,6 +75,23 @@ class AcceptedUpdate:
     num_examples: int
     metrics: Mapping[str, float]
     largest_change: float = 0.0  # largest prepared magnitude (FedAvg: num_examples x change)
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """One client's metrics of the global model on its held-out data (num_examples 0: it has none)."""
+
+    client_id: int
+    num_examples: int
+    metrics: Mapping[str, float]
+
+
+@dataclass
+class _Evaluation:
+    number: int
+    weights: tuple[np.ndarray, ...]
+    participants: frozenset[int]
+    reports: dict[int, EvaluationReport] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +191,7 @@ class RoundCoordinator:
         self._listeners: list[Callable[[], None]] = []
         self._phase = Phase.WAITING
         self._round: _Round | None = None
+        self._evaluation: _Evaluation | None = None
         self._last_round = 0
         self._interrupted = False
         self._ready: set[int] = set()
@@ -244,6 +268,38 @@ class RoundCoordinator:
             bytes_in=current.bytes_in,
             bytes_out=current.bytes_out,
         )
+
+    def open_evaluation(self, number: int, weights: Sequence[np.ndarray], fraction: float = 1.0) -> int:
+        """Ask a seeded sample (`fraction`) of the ready clients to evaluate `weights`, the global
+        model after round `number`; returns how many were asked."""
+        with self._changed:
+            frozen = tuple(np.asarray(w) for w in weights)
+            for w in frozen:
+                w.flags.writeable = False
+            pool = sorted(self._ready)
+            size = max(1, round(fraction * len(pool))) if pool else 0
+            chosen = random.Random(f"evaluate:{self._sample_seed}:{number}").sample(pool, size)
+            self._evaluation = _Evaluation(number, frozen, frozenset(chosen))
+            self._phase = Phase.EVALUATING
+            self._notify_everyone()
+        self._tell_listeners()
+        return size
+
+    def wait_for_evaluations(self, count: int, timeout: float | None = None) -> bool:
+        """Block until `count` reports are in; False on timeout or interrupt."""
+        with self._changed:
+            current = self._require_evaluation()
+            self._changed.wait_for(lambda: len(current.reports) >= count or self._interrupted, timeout)
+            return len(current.reports) >= count and not self._interrupted
+
+    def close_evaluation(self) -> list[EvaluationReport]:
+        with self._changed:
+            current = self._require_evaluation()
+            self._evaluation = None
+            self._phase = Phase.AGGREGATING
+            self._notify_everyone()
+        self._tell_listeners()
+        return sorted(current.reports.values(), key=lambda r: r.client_id)
 
     def finish(self) -> None:
         """The run is over: every client that asks from now on is told FINISHED."""
@@ -324,6 +380,14 @@ class RoundCoordinator:
             current = self._round
             if self._phase is Phase.TRAINING and current is not None and self._may_train(client_id, current):
                 return Task(Instruction.TRAIN, current.number, current.weights)
+            evaluation = self._evaluation
+            if (
+                self._phase is Phase.EVALUATING
+                and evaluation is not None
+                and client_id in evaluation.participants
+                and client_id not in evaluation.reports
+            ):
+                return Task(Instruction.EVALUATE, evaluation.number, evaluation.weights)
             return None
 
     def next_task(self, client_id: int, after_round: int, timeout: float) -> Task:
@@ -438,6 +502,34 @@ class RoundCoordinator:
             if not queued and on_folded is not None:
                 on_folded()  # refused: nothing will be folded
 
+    def submit_evaluation(
+        self, client_id: int, round_number: int, num_examples: int, metrics: Mapping[str, float]
+    ) -> tuple[int, int]:
+        """Record one client's evaluation report; returns (reports received, reports expected)."""
+        self.check_client(client_id)
+        if num_examples > self._max_examples:
+            raise UpdateRejectedError(
+                f"num_examples {num_examples} is above this server's limit of {self._max_examples}"
+            )
+        checked = _checked_metrics(metrics)
+        with self._changed:
+            evaluation = self._evaluation
+            if self._phase is not Phase.EVALUATING or evaluation is None or evaluation.number != round_number:
+                raise StaleRoundError(
+                    f"the server is not collecting evaluations of round {round_number}; "
+                    "ask for the next instruction"
+                )
+            if client_id not in evaluation.participants:
+                raise StaleRoundError(f"client {client_id} was not asked to evaluate round {round_number}")
+            if client_id in evaluation.reports:
+                raise UpdateRejectedError(
+                    f"client {client_id} already reported its evaluation of round {round_number}",
+                    code="ALREADY_EXISTS",
+                )
+            evaluation.reports[client_id] = EvaluationReport(client_id, num_examples, checked)
+            self._changed.notify_all()
+            return len(evaluation.reports), len(evaluation.participants)
+
     def count_bytes_out(self, round_number: int, nbytes: int) -> None:
         with self._changed:
             if self._round is not None and self._round.number == round_number:
@@ -465,6 +557,11 @@ class RoundCoordinator:
             and (current.participants is None or client_id in current.participants)
         )
 
+    def _require_evaluation(self) -> _Evaluation:
+        if self._evaluation is None:
+            raise RuntimeError("no evaluation was opened")
+        return self._evaluation
+
     def _require_round(self) -> _Round:
         if self._round is None:
             raise RuntimeError("no round was opened")
@@ -482,6 +579,8 @@ class RoundCoordinator:
                 state = str(open_now)
             elif self._phase is Phase.WAITING:
                 state = "none yet, the server is waiting for its clients to be ready"
+            elif self._phase is Phase.EVALUATING:
+                state = f"none, clients are evaluating round {self._last_round}"
             else:
                 state = f"none, the server is aggregating round {self._last_round}"
             raise StaleRoundError(

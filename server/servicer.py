@@ -6,6 +6,7 @@ fedgrpc's errors become gRPC status codes:
     AuthError               UNAUTHENTICATED, or PERMISSION_DENIED for another client's id
     NotEnrolledError        NOT_FOUND
     StaleRoundError         FAILED_PRECONDITION (the message names the open round)
+    TaskMismatchError       FAILED_PRECONDITION (at Join: the client's task is not the run's)
     UpdateRejectedError     its own code (INVALID_ARGUMENT, ALREADY_EXISTS, UNAVAILABLE, ...)
     CodecError              INVALID_ARGUMENT (also for a stream message that does not parse)
     OverloadError           RESOURCE_EXHAUSTED (a limit of fedgrpc.server.limits), or UNAVAILABLE
@@ -37,6 +38,7 @@ import grpc
 import numpy as np
 from fedgrpc.common import wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
+from fedgrpc.common.config import TaskRef
 from fedgrpc.common.errors import (
     AuthError,
     CodecError,
@@ -44,6 +46,7 @@ from fedgrpc.common.errors import (
     NotEnrolledError,
     OverloadError,
     StalledError,
+    TaskMismatchError,
     UpdateRejectedError,
 )
 from fedgrpc.common.protocol import READY_FOR_CHUNKS_KEY, Instruction
@@ -70,6 +73,8 @@ def _status_of(error: FedGrpcError) -> grpc.StatusCode:
         return grpc.StatusCode[error.code]
     if isinstance(error, NotEnrolledError):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, TaskMismatchError):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(error, CodecError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, StalledError):
@@ -129,6 +134,11 @@ class CoordinatorServicer:
                     request_deserializer=wire.parse_update_message,
                     response_serializer=pb.SubmitUpdateReply.SerializeToString,
                 ),
+                "SubmitEvaluation": grpc.unary_unary_rpc_method_handler(
+                    self.SubmitEvaluation,
+                    request_deserializer=pb.EvaluationReport.FromString,
+                    response_serializer=pb.SubmitEvaluationReply.SerializeToString,
+                ),
             },
         )
 
@@ -151,9 +161,10 @@ class CoordinatorServicer:
             with self._per_peer.hold(peer_address(context)):
                 self._auth.check(context, request.client_id)
                 self._coordinator.check_client(request.client_id)
+                self._check_task(request.client_id, wire.task_from_pb(request.task))
         except FedGrpcError as exc:
             await self._abort(context, exc, what)
-        log.info("client %d joined from %s", request.client_id, context.peer())
+        log.info("client %d joined from %s", request.client_id, peer_address(context))
         return pb.JoinReply(
             run=wire.run_to_pb(self._coordinator.run), current_round=self._coordinator.current_round
         )
@@ -174,11 +185,36 @@ class CoordinatorServicer:
         except FedGrpcError as exc:
             await self._abort(context, exc, what)
 
+    async def SubmitEvaluation(
+        self, request: pb.EvaluationReport, context: CallContext
+    ) -> pb.SubmitEvaluationReply:
+        what = f"evaluation of client {request.client_id} for round {request.round}"
+        try:
+            with self._per_peer.hold(peer_address(context)):
+                self._auth.check(context, request.client_id)
+                received, expected = self._coordinator.submit_evaluation(
+                    request.client_id, request.round, request.num_examples, dict(request.metrics)
+                )
+        except FedGrpcError as exc:
+            await self._abort(context, exc, what)
+        return pb.SubmitEvaluationReply(round=request.round, received=received, expected=expected)
+
+    def _check_task(self, client_id: int, task: TaskRef) -> None:
+        """A client that runs task code must run the run's task: same name, same file."""
+        run_task = self._coordinator.run.task
+        if (task.name or task.digest) and task != run_task:
+            raise TaskMismatchError(
+                f"client {client_id} runs task {task.name!r} (file digest {task.digest[:12]}), but this "
+                f"run's task is {run_task.name!r} (file digest {run_task.digest[:12]}): give the client "
+                "the same --task file as the server"
+            )
+
     async def _send_task(self, task: Task, context: CallContext) -> None:
         run_id = self._coordinator.run.run_id
-        if task.instruction is not Instruction.TRAIN:
-            code = pb.FINISHED if task.instruction is Instruction.FINISHED else pb.WAIT
-            header = pb.WeightsHeader(instruction=code, round=task.round, run_id=run_id)
+        if task.instruction in (Instruction.WAIT, Instruction.FINISHED):
+            header = pb.WeightsHeader(
+                instruction=wire.instruction_to_pb(task.instruction), round=task.round, run_id=run_id
+            )
             await self._write(context, pb.WeightsMessage(header=header))
             return
         # Encoded per call, chunk by chunk: the server keeps one copy of the weights (the
@@ -186,7 +222,12 @@ class CoordinatorServicer:
         # reading holds about one chunk here, until the stall timeout cuts it.
         sent = 0
         for message in wire.weights_stream(
-            task.round, self._coordinator.specs, task.weights, self._chunk_bytes, run_id=run_id
+            task.round,
+            self._coordinator.specs,
+            task.weights,
+            self._chunk_bytes,
+            run_id=run_id,
+            instruction=task.instruction,
         ):
             await self._write(context, message)
             sent += len(message) if isinstance(message, bytes) else message.ByteSize()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import CheckpointError
 from fedgrpc.server.checkpoint import CheckpointStore, weights_digest
-from fedgrpc.server.results import ClientReport, RoundRecord
+from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord
 
 RUN = RunSpec(rounds=5, num_clients=2, run_id="abc")
 
@@ -20,7 +22,17 @@ def weights(value: float) -> list[np.ndarray]:
 
 
 def record(n: int) -> RoundRecord:
-    return RoundRecord(n, 0.5, 1.0, 2.0, 10, 20, [ClientReport(1, 5, {"loss": 0.1})], "a", "b")
+    return RoundRecord(
+        round=n,
+        seconds=2.0,
+        bytes_in=10,
+        bytes_out=20,
+        clients=[ClientReport(1, 5, {"loss": 0.1})],
+        central={"accuracy": 0.5, "loss": 1.25},
+        federated=FederatedRecord(2, 40, {"accuracy": 0.25}, [ClientReport(1, 30, {"accuracy": 0.3})]),
+        start_digest="a",
+        end_digest="b",
+    )
 
 
 @pytest.fixture
@@ -80,3 +92,14 @@ def test_missing_weights_are_refused(store: CheckpointStore) -> None:
     (store.directory / "weights-0002.npz").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         store.load()
+
+
+def test_a_metric_that_is_not_finite_is_written_as_null(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoint")
+    diverged = replace(record(1), central={"accuracy": 0.1, "loss": float("inf")})
+    store.save(RUN, 1, weights(1.0), [diverged])
+    text = store.state_path.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)["history"][0]["central"] == {"accuracy": 0.1, "loss": None}
+    checkpoint = store.load()
+    assert checkpoint is not None and math.isnan(checkpoint.history[0].central["loss"])  # type: ignore[index]

@@ -28,6 +28,7 @@ def test_the_budget_makes_streams_wait_and_lets_an_oversized_one_run_alone() -> 
         waiter = asyncio.create_task(budget.reserve(60, timeout=5))
         await asyncio.sleep(0.1)
         assert not waiter.done()
+
         # Released from another thread, as the fold thread does once an update is in the sum.
         def release_twice() -> None:  # twice is harmless
             first.release()

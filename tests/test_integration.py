@@ -25,7 +25,8 @@ def test_three_clients_two_rounds_end_to_end(tmp_path: Path, synthetic_npz: Path
     assert history["finished"] is True
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     for record in history["rounds"]:
-        assert 0.0 <= record["accuracy"] <= 1.0 and record["loss"] > 0
+        assert 0.0 <= record["central"]["accuracy"] <= 1.0 and record["central"]["loss"] > 0
+        assert record["federated"] is None  # the server has a test set: central evaluation only
         assert sorted(c["client_id"] for c in record["clients"]) == [1, 2, 3]
         assert record["bytes_in"] > 3 * 167_562 * 4 and record["bytes_out"] > 3 * 167_562 * 4
     assert "round 2/2  acc" in server_log.read_text()

@@ -18,10 +18,10 @@ from fedgrpc.server.cli import check_sizes, parse_args
 )
 def test_bad_sizes_and_paths_are_refused(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        check_sizes(parse_args(flags))
+        check_sizes(parse_args(flags)[0])
 
 
 def test_a_writable_spool_dir_is_taken(tmp_path: Path) -> None:
-    args = parse_args(["--spool-dir", str(tmp_path)])
+    args, _ = parse_args(["--spool-dir", str(tmp_path)])
     check_sizes(args)
     assert args.spool_dir == tmp_path

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from fedgrpc.common import wire
-from fedgrpc.common.config import RunSpec
+from fedgrpc.common.config import EvaluationPlan, RunSpec, TaskRef
 from fedgrpc.v1 import coordinator_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
@@ -42,6 +42,18 @@ def test_the_update_parser_reports_garbage_instead_of_raising(garbage: bytes) ->
     assert parsed.size == len(garbage) and parsed.reason
 
 
-def test_run_spec_round_trips_with_its_compression() -> None:
-    run = RunSpec(rounds=4, num_clients=7, compression="int8", input_shape=(8, 8, 1))
-    assert wire.run_from_pb(wire.run_to_pb(run)) == run
+def test_run_spec_round_trips_with_its_task_and_settings() -> None:
+    run = RunSpec(
+        rounds=4,
+        num_clients=7,
+        compression="int8",
+        task=TaskRef("hospitals", "ab" * 32),
+        task_params={"lr": 0.5, "layers": 3, "scaled": True, "name": "mlp", "big": 2**40},
+        partition="dirichlet:0.3",
+        evaluation=EvaluationPlan(every=2, fraction=0.5, personalize_epochs=1),
+    )
+    back = wire.run_from_pb(wire.run_to_pb(run))
+    assert back == run
+    assert {k: type(v) for k, v in back.task_params.items()} == {
+        k: type(v) for k, v in run.task_params.items()
+    }

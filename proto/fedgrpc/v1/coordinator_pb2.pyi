@@ -35,6 +35,7 @@ class Instruction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRAIN: _ClassVar[Instruction]
     WAIT: _ClassVar[Instruction]
     FINISHED: _ClassVar[Instruction]
+    EVALUATE: _ClassVar[Instruction]
 DTYPE_UNSPECIFIED: DType
 FLOAT16: DType
 FLOAT32: DType
@@ -55,6 +56,7 @@ INSTRUCTION_UNSPECIFIED: Instruction
 TRAIN: Instruction
 WAIT: Instruction
 FINISHED: Instruction
+EVALUATE: Instruction
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -76,37 +78,76 @@ class TensorChunk(_message.Message):
     data: bytes
     def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class TaskRef(_message.Message):
+    __slots__ = ("name", "digest")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: str
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ParamValue(_message.Message):
+    __slots__ = ("bool_value", "int_value", "float_value", "string_value")
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    bool_value: bool
+    int_value: int
+    float_value: float
+    string_value: str
+    def __init__(self, bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ...) -> None: ...
+
+class EvaluationPlan(_message.Message):
+    __slots__ = ("every", "fraction", "personalize_epochs")
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZE_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    every: int
+    fraction: float
+    personalize_epochs: int
+    def __init__(self, every: _Optional[int] = ..., fraction: _Optional[float] = ..., personalize_epochs: _Optional[int] = ...) -> None: ...
+
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "model", "batch_size", "local_epochs", "learning_rate", "input_shape", "num_classes", "compression")
+    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "batch_size", "local_epochs", "compression", "task", "task_params", "partition", "evaluation")
+    class TaskParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ParamValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ParamValue, _Mapping]] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     PARTITION_SEED_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
-    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
-    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TASK_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rounds: int
     num_clients: int
     partition_seed: int
-    model: str
     batch_size: int
     local_epochs: int
-    learning_rate: float
-    input_shape: _containers.RepeatedScalarFieldContainer[int]
-    num_classes: int
     compression: Compression
-    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., model: _Optional[str] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    task: TaskRef
+    task_params: _containers.MessageMap[str, ParamValue]
+    partition: str
+    evaluation: EvaluationPlan
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ..., task_params: _Optional[_Mapping[str, ParamValue]] = ..., partition: _Optional[str] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_id",)
+    __slots__ = ("client_id", "task")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     client_id: int
-    def __init__(self, client_id: _Optional[int] = ...) -> None: ...
+    task: TaskRef
+    def __init__(self, client_id: _Optional[int] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("run", "current_round")
@@ -178,6 +219,35 @@ class UpdateMessage(_message.Message):
     header: UpdateHeader
     chunk: TensorChunk
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class EvaluationReport(_message.Message):
+    __slots__ = ("client_id", "round", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    round: int
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SubmitEvaluationReply(_message.Message):
+    __slots__ = ("round", "received", "expected")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    received: int
+    expected: int
+    def __init__(self, round: _Optional[int] = ..., received: _Optional[int] = ..., expected: _Optional[int] = ...) -> None: ...
 
 class SubmitUpdateReply(_message.Message):
     __slots__ = ("round", "received", "expected")

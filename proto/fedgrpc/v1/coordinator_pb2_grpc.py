@@ -49,6 +49,11 @@ class CoordinatorStub:
                 request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.UpdateMessage.SerializeToString,
                 response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitUpdateReply.FromString,
                 _registered_method=True)
+        self.SubmitEvaluation = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/SubmitEvaluation',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -77,6 +82,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitEvaluation(self, request, context):
+        """The answer to an EVALUATE instruction: metrics of the global model on local held-out data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.UpdateMessage.FromString,
                     response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitUpdateReply.SerializeToString,
+            ),
+            'SubmitEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEvaluation,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +194,33 @@ class Coordinator:
             '/fedgrpc.v1.Coordinator/SubmitUpdate',
             fedgrpc_dot_v1_dot_coordinator__pb2.UpdateMessage.SerializeToString,
             fedgrpc_dot_v1_dot_coordinator__pb2.SubmitUpdateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/SubmitEvaluation',
+            fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.FromString,
             options,
             channel_credentials,
             insecure,

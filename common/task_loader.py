@@ -1,0 +1,267 @@
+"""Finding a task, checking its parameters, and calling its functions with errors that help.
+
+A task spec (`--task`) is one of:
+
+- a Python file, `my_task.py`: imported from its path (its folder is put on sys.path so it
+  can import its own helpers); it must assign a `fedgrpc.common.task.Task` to `task`;
+- `package.module:attribute`: an importable module and the Task in it;
+- the name of an installed task: an entry point in the `fedgrpc.tasks` group (the packaging
+  convention; fedgrpc registers `cifar10`, the reference job, and uses it by default).
+
+The task's identity is its name and the SHA-256 of the source file that defines it: what the
+server announces and each client compares. A task is user code and runs only on the machine
+of whoever passes it; nothing here ever runs code that arrived over the network.
+
+Every failure is a TaskError naming the task, the function and what was wrong, raised before
+any round starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from fedgrpc.common.config import ParamValue, TaskRef
+from fedgrpc.common.errors import FedGrpcError, TaskError
+from fedgrpc.common.task import Dataset, LocalData, Params, Site, Task
+
+ENTRY_POINT_GROUP = "fedgrpc.tasks"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LoadedTask:
+    task: Task
+    ref: TaskRef
+    source: str  # where it came from, for messages
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+
+def load_task(spec: str) -> LoadedTask:
+    """The task `spec` names (see the module docstring)."""
+    if spec.endswith(".py") or Path(spec).is_file():
+        return _from_file(Path(spec))
+    if ":" in spec:
+        module_name, _, attribute = spec.partition(":")
+        return _from_module(spec, module_name, attribute)
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == spec]
+    if not found:
+        installed = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        raise TaskError(
+            f"no task named {spec!r}: give a task file (my_task.py), module:attribute, or the name of "
+            f"an installed task ({', '.join(installed) or 'none installed'})"
+        )
+    module_name, _, attribute = found[0].value.partition(":")
+    return _from_module(spec, module_name, attribute or "task")
+
+
+def _from_file(path: Path) -> LoadedTask:
+    if not path.is_file():
+        raise TaskError(f"task file {path} does not exist")
+    path = path.resolve()
+    name = f"fedgrpc_task_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TaskError(f"task file {path} cannot be imported as Python")
+    module = importlib.util.module_from_spec(spec)
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # so the task can import its own helper modules
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[name]
+        raise TaskError(f"task file {path} could not be imported: {_describe(exc, path)}") from exc
+    return _task_in(module, "task", str(path), path)
+
+
+def _from_module(spec: str, module_name: str, attribute: str) -> LoadedTask:
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:
+        raise TaskError(
+            f"task module {module_name!r} ({spec}) could not be imported: {_describe(exc)}"
+        ) from exc
+    file = getattr(module, "__file__", None)
+    if file is None:
+        raise TaskError(f"task module {module_name!r} has no source file to identify it by")
+    return _task_in(module, attribute, spec, Path(file))
+
+
+def _task_in(module: ModuleType, attribute: str, source: str, file: Path) -> LoadedTask:
+    task = getattr(module, attribute, None)
+    if not isinstance(task, Task):
+        found = type(task).__name__ if task is not None else "nothing"
+        raise TaskError(
+            f"{source} defines no task: `{attribute}` is {found}; assign a fedgrpc.common.task.Task "
+            f"to `{attribute}`"
+        )
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    return LoadedTask(task, TaskRef(task.name, digest), source)
+
+
+def _describe(exc: BaseException, path: Path | None = None) -> str:
+    """The exception in one line, with the line of the task file where it happened."""
+    what = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        what += f" (line {exc.lineno})"
+    elif path is not None:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path]
+        if frames:
+            what += f" (line {frames[-1].lineno})"
+    return what
+
+
+# -- parameters --------------------------------------------------------------------------
+
+
+def resolve_params(task: Task, overrides: Mapping[str, Any]) -> dict[str, ParamValue]:
+    """The task's declared defaults with a run's overrides applied, each of its default's type.
+
+    Strings (from the command line) are parsed as the default's type; TOML values must have it
+    already (an int is taken for a float).
+    """
+    params: dict[str, ParamValue] = dict(task.params)
+    for key, value in overrides.items():
+        if key not in task.params:
+            known = ", ".join(sorted(task.params)) or "none"
+            raise TaskError(f"task {task.name!r} has no parameter {key!r}; its parameters: {known}")
+        params[key] = _typed(task, key, value)
+    return params
+
+
+def check_params(task: Task, received: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
+    """Parameters a client received from the server: exactly this task's, each of its type."""
+    missing = sorted(set(task.params) - set(received))
+    extra = sorted(set(received) - set(task.params))
+    if missing or extra:
+        raise TaskError(
+            f"the server's parameters for task {task.name!r} do not match this client's task "
+            f"(missing {missing or 'none'}, unknown {extra or 'none'}): are both sides on the same task file?"
+        )
+    return {key: _typed(task, key, value, parse=False) for key, value in received.items()}
+
+
+def _typed(task: Task, key: str, value: Any, *, parse: bool = True) -> ParamValue:
+    default = task.params[key]
+    kind = type(default)
+    problem = (
+        f"task {task.name!r}: parameter {key!r} must be a {kind.__name__} "
+        f"(its default is {default!r}), got {value!r}"
+    )
+    if isinstance(value, str) and kind is not str and parse:
+        return _parse(kind, value, problem)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise TaskError(f"{problem} ({type(value).__name__})")
+    return value
+
+
+def _parse(kind: type, text: str, problem: str) -> ParamValue:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "yes", "1", "on"):
+            return True
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        raise TaskError(problem)
+    try:
+        return kind(text)  # type: ignore[no-any-return]
+    except ValueError:
+        raise TaskError(problem) from None
+
+
+# -- calling the task's functions ------------------------------------------------------------
+
+
+def call(loaded: LoadedTask, what: str, function: Callable[..., T], *args: Any) -> T:
+    """Call one of the task's functions; anything it raises becomes a TaskError naming it."""
+    try:
+        return function(*args)
+    except FedGrpcError as exc:  # ours, raised inside the task (LocalData's checks, data loaders)
+        raise TaskError(f"task {loaded.name!r}: {what} failed: {exc}") from exc
+    except Exception as exc:
+        raise TaskError(f"task {loaded.name!r}: {what} failed: {_describe(exc)}") from exc
+
+
+def build_model(loaded: LoadedTask, params: Params) -> Any:
+    """The task's compiled model, checked."""
+    import keras
+
+    model = call(loaded, "build_model", loaded.task.build_model, params)
+    if not isinstance(model, keras.Model):
+        raise TaskError(
+            f"task {loaded.name!r}: build_model returned {type(model).__name__}, not a keras.Model"
+        )
+    if not model.built:
+        raise TaskError(
+            f"task {loaded.name!r}: build_model returned a model whose weights do not exist yet; "
+            "give it an input shape (keras.Input(shape=...)) so both sides can agree on its weights"
+        )
+    if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", False):
+        raise TaskError(
+            f"task {loaded.name!r}: build_model must return a compiled model (call model.compile(...))"
+        )
+    return model
+
+
+def load_data(loaded: LoadedTask, site: Site) -> LocalData:
+    data = call(loaded, "load_data", loaded.task.load_data, site)
+    if not isinstance(data, LocalData):
+        raise TaskError(
+            f"task {loaded.name!r}: load_data returned {type(data).__name__}, not "
+            "fedgrpc.common.task.LocalData(train=..., test=...)"
+        )
+    return data
+
+
+def load_test_data(loaded: LoadedTask, site: Site) -> Dataset | None:
+    function = loaded.task.load_test_data
+    return None if function is None else call(loaded, "load_test_data", function, site)
+
+
+def check_fits(loaded: LoadedTask, model: Any, dataset: Dataset, what: str) -> None:
+    """Run the model on a couple of examples of `dataset`: shapes that do not fit fail here,
+    with the task's name, before any round, rather than in the middle of one."""
+    sample = _sample(dataset)
+    try:
+        if isinstance(sample, tuple) and len(sample) == 2:
+            model.evaluate(sample[0], sample[1], verbose=0)
+        else:
+            model.evaluate(sample, verbose=0, steps=1)
+    except Exception as exc:
+        source = "load_test_data" if what == "test set" else "load_data"
+        raise TaskError(
+            f"task {loaded.name!r}: the {what} from {source} does not fit the model from "
+            f"build_model: {_describe(exc)}"
+        ) from exc
+
+
+def _sample(dataset: Dataset) -> Any:
+    from fedgrpc.common.task import _split
+
+    x, y = _split(dataset)
+    if y is None:
+        return dataset
+    return (_head(x), _head(y))
+
+
+def _head(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _head(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_head(item) for item in value]
+    return value[:2]
