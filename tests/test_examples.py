@@ -140,3 +140,24 @@ def test_the_make_sites_scripts_are_seeded(tmp_path: Path, example: str) -> None
     make_sites(example, tmp_path / "b")
     for a in sorted((tmp_path / "a").iterdir()):
         assert a.read_bytes() == (tmp_path / "b" / a.name).read_bytes()
+
+
+def test_the_readme_task_runs_as_the_readme_says(tmp_path: Path) -> None:
+    """The task file and the fl-local line of the README's "Your own task", as written there."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    source = readme.split("```python\n# my_task.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_task.py").write_text(source)
+    make_sites("hospitals", tmp_path / "data")
+    line = next(ln for ln in readme.splitlines() if ln.startswith("fl-local --task my_task.py"))
+    command = line.split("#", 1)[0].replace("'data/hospital_{id}.csv'", "data/hospital_{id}.csv").split()
+    assert command[:3] == ["fl-local", "--task", "my_task.py"]
+    command[command.index("--rounds") + 1] = "2"  # as written, but two rounds
+    dash = command.index("--")
+    command[dash:dash] = ["--threads", "1", "--out", "out"]
+    result = subprocess.run(
+        [sys.executable, "-m", "fedgrpc.server.local", *command[1:]],
+        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
+    assert len(rounds) == 2 and rounds[-1]["federated"]["clients"] == 4

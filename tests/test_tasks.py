@@ -242,3 +242,85 @@ def test_a_server_with_a_bad_task_stops_before_serving(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "fl-server: error: task 'table': build_model returned NoneType, not a keras.Model" in result.stderr
     assert "listening" not in result.stderr
+
+
+def test_init_model_takes_the_weights_of_a_saved_model_of_the_task(tmp_path: Path) -> None:
+    import keras
+    from fedgrpc.server.app import _weights_of_saved_model
+
+    loaded = load_task(str(write_task(tmp_path)))
+    saved = build_model(loaded, resolve_params(loaded.task, {}))
+    saved.set_weights([np.full(w.shape, 0.5, w.dtype) for w in saved.get_weights()])
+    saved.save(tmp_path / "start.keras")
+    fresh = build_model(loaded, resolve_params(loaded.task, {}))
+    for got in _weights_of_saved_model(tmp_path / "start.keras", fresh):
+        assert np.all(got == 0.5)
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    other.save(tmp_path / "other.keras")
+    with pytest.raises(TaskError, match="it is not a saved model of this task"):
+        _weights_of_saved_model(tmp_path / "other.keras", fresh)
+
+
+def test_several_inputs_and_outputs_with_custom_training_and_evaluation() -> None:
+    """Dict inputs, two outputs (a class and a regression target), a task's own training step
+    and its own metric: the client trainer runs them as it runs the defaults."""
+    import keras
+    from fedgrpc.client.trainer import LocalTrainer
+    from fedgrpc.common.config import RunSpec, TaskRef
+    from fedgrpc.common.task import Task
+    from fedgrpc.common.task_loader import LoadedTask
+
+    def build(params: Any) -> Any:
+        image = keras.Input((4, 4, 1), name="image")
+        table = keras.Input((3,), name="table")
+        joined = keras.layers.Concatenate()([keras.layers.Flatten()(image), table])
+        hidden = keras.layers.Dense(8, activation="relu")(joined)
+        model = keras.Model(
+            {"image": image, "table": table},
+            [
+                keras.layers.Dense(2, activation="softmax", name="kind")(hidden),
+                keras.layers.Dense(1, name="size")(hidden),
+            ],
+        )
+        model.compile(optimizer="adam", loss=["sparse_categorical_crossentropy", "mse"])
+        return model
+
+    rng = np.random.default_rng(0)
+    x = {"image": rng.random((40, 4, 4, 1), dtype=np.float32), "table": rng.random((40, 3), dtype=np.float32)}
+    y = [rng.integers(0, 2, 40), rng.random((40, 1), dtype=np.float32)]
+    steps: list[int] = []
+
+    def train(model: Any, data: LocalData, ctx: Any) -> dict[str, float]:  # a loop of its own
+        inputs, targets = data.train
+        for first in range(0, 40, ctx.batch_size):
+            part = slice(first, first + ctx.batch_size)
+            loss = model.train_on_batch({k: v[part] for k, v in inputs.items()}, [t[part] for t in targets])
+            steps.append(first)
+        return {"last_loss": float(np.ravel(loss)[0])}
+
+    def evaluate(model: Any, data: Any, ctx: Any) -> dict[str, float]:
+        kind, size = model.predict(data[0], verbose=0)
+        return {
+            "kind_accuracy": float(np.mean(kind.argmax(axis=1) == data[1][0])),
+            "size_mae": float(np.mean(np.abs(size - data[1][1]))),
+        }
+
+    task = Task(
+        "multi", build, lambda site: LocalData(train=(x, y), test=(x, y)), train=train, evaluate=evaluate
+    )
+    loaded = LoadedTask(task, TaskRef("multi", "0" * 64), "test")
+    model = build_model(loaded, {})
+    data = LocalData(train=(x, y), test=(x, y))
+    check_fits(loaded, model, data.train, "training data")
+    trainer = LocalTrainer(loaded, RunSpec(batch_size=16), {}, data, model)
+    result = trainer.train(1, model.get_weights())
+    assert len(steps) == 3 and set(result.metrics) == {"last_loss", "train_seconds"}
+    assert result.num_examples == 40
+    evaluation = trainer.evaluate(1, result.weights, personalize_epochs=1)
+    assert evaluation.num_examples == 40
+    assert set(evaluation.metrics) == {
+        "kind_accuracy",
+        "size_mae",
+        "personalized_kind_accuracy",
+        "personalized_size_mae",
+    }

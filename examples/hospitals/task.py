@@ -24,15 +24,19 @@ def read_site(path: str | None) -> tuple[np.ndarray, np.ndarray]:
     with Path(path).open(newline="") as handle:
         rows = list(csv.reader(handle))[1:]
     table = np.asarray(rows, dtype=np.float64)
-    # All measurements are positive and span orders of magnitude: their logarithm puts them on
-    # one scale without statistics that one hospital would have to share with the others.
-    return np.log1p(table[:, :FEATURES]).astype(np.float32), table[:, FEATURES:].astype(np.float32)
+    # All measurements are positive and span orders of magnitude: work with their logarithm.
+    return np.log1p(table[:, :FEATURES]), table[:, FEATURES:].astype(np.float32)
 
 
 def split(x: np.ndarray, y: np.ndarray, held_out: float, seed: int) -> tuple[tuple[np.ndarray, ...], ...]:
+    """A seeded held-out share, then each hospital standardizes its measurements with its own
+    training patients' means and deviations: no statistic leaves the hospital."""
     order = np.random.default_rng(seed).permutation(len(y))
     cut = len(y) - max(1, int(round(held_out * len(y))))
-    return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
+    train, test = order[:cut], order[cut:]
+    mean, std = x[train].mean(axis=0), x[train].std(axis=0) + 1e-6
+    scaled = ((x - mean) / std).astype(np.float32)
+    return (scaled[train], y[train]), (scaled[test], y[test])
 
 
 def build_model(params: Params) -> keras.Model:
