@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from fedgrpc.server.strategy import STRATEGIES, add_update, make_strategy
+from fedgrpc.server.strategy import ROBUST, StrategySettings, add_update, make_strategy
+
+ROBUST_AND_FEDAVG = ("fedavg", *ROBUST)
 
 CLASSES, FEATURES, CLIENTS = 10, 20, 5
 
@@ -74,7 +76,7 @@ def run(strategy_name: str, attack: str, rounds: int, seed: int) -> float:
     shards, (x_test, y_test) = make_data(seed)
     rng = np.random.default_rng(seed + 1)
     weights = [np.zeros((FEATURES, CLASSES), np.float32), np.zeros(CLASSES, np.float32)]
-    strategy = make_strategy(strategy_name, trim_fraction=0.2, num_byzantine=1)
+    strategy = make_strategy(StrategySettings(strategy_name, trim_fraction=0.2, byzantine=1))
     for _ in range(rounds):
         strategy.begin_round(weights, len(shards))
         for client, (x, y) in enumerate(shards, start=1):
@@ -93,7 +95,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "poisoning.json")
     args = p.parse_args()
     attacks = ("none", "sign-flip", "noise")
-    table = {s: {a: run(s, a, args.rounds, args.seed) for a in attacks} for s in STRATEGIES}
+    table = {s: {a: run(s, a, args.rounds, args.seed) for a in attacks} for s in ROBUST_AND_FEDAVG}
     print(f"{'strategy':<13} | {'clean':>6} {'sign-flip':>9} {'noise':>6} | worst drop")
     print("-" * 52)
     ok = True

@@ -154,11 +154,15 @@ class Federation:
     def rounds(self, model: Any = None, *, evaluate: Evaluate | None = None) -> Iterator[Round]:
         """Every round the server opens for this client, until the run is finished. With a model,
         its weights are set (and its optimizer reset) before each round is handed out."""
-        fresh = None
-        if model is not None:
+        fresh = proximal = None
+        if model is not None and getattr(model, "optimizer", None) is not None:
             from fedgrpc.common.models import FreshOptimizer
 
-            fresh = FreshOptimizer(model) if getattr(model, "optimizer", None) is not None else None
+            if self.run.proximal_mu > 0:  # FedProx: the optimizer pulls toward the global weights
+                from fedgrpc.client.proximal import install
+
+                proximal = install(model, self.run.proximal_mu)
+            fresh = FreshOptimizer(model)
         while True:
             task = self.connection.next_task(self._last_round)
             if task.run_id and task.run_id != self.run.run_id:
@@ -175,6 +179,8 @@ class Federation:
                 _set_weights(model, task.weights)
                 if fresh is not None:
                     fresh.reset()
+                if proximal is not None:
+                    proximal.set_anchors()
             if task.instruction is Instruction.EVALUATE:
                 count, metrics = (0, {}) if evaluate is None or model is None else evaluate(model)
                 self.connection.submit_evaluation(task.round, int(count), metrics)

@@ -3,7 +3,8 @@
 The model, its compiled steps and the site's data stay warm across rounds. Each round starts
 from the global weights with the optimizer put back to its just-compiled state, as if a new
 one had been built: no optimizer state carries over between rounds (the reference job's
-rule, and the usual one for stateless clients).
+rule, and the usual one for stateless clients). Under FedProx (the run's proximal_mu > 0) the
+optimizer also pulls the weights toward the round's global weights (fedgrpc.client.proximal).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ class LocalTrainer:
         self.data = data
         self.model = model
         self.specs: list[TensorSpec] = weight_specs(model)
+        self._proximal = None
+        if run.proximal_mu > 0:
+            from fedgrpc.client import proximal
+
+            self._proximal = proximal.install(model, run.proximal_mu)
         self._fresh_optimizer = FreshOptimizer(model)
         self._train = loaded.task.train or fit_model
         self._evaluate = loaded.task.evaluate or evaluate_model
@@ -94,10 +100,16 @@ class LocalTrainer:
                 f"({exc}); are both sides on the same task file?"
             ) from None
         self._fresh_optimizer.reset()
+        if self._proximal is not None:
+            self._proximal.set_anchors()
 
     def _context(self, round_number: int, epochs: int) -> RoundContext:
         return RoundContext(
-            round=round_number, params=self.params, batch_size=self.run.batch_size, epochs=epochs
+            round=round_number,
+            params=self.params,
+            batch_size=self.run.batch_size,
+            epochs=epochs,
+            proximal_mu=self.run.proximal_mu,
         )
 
     def _checked(self, what: str, metrics: Mapping[str, float] | None) -> dict[str, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fedgrpc.common.data import Examples, load_split, model_inputs
+from fedgrpc.common.data import Examples, load_labels, load_split, model_inputs
 from fedgrpc.common.models import reference_cnn
 from fedgrpc.common.partition import matching_indices
 from fedgrpc.common.task import LocalData, Params, Site, Task
@@ -42,6 +42,10 @@ def load_data(site: Site) -> LocalData:
 
 def load_test_data(site: Site) -> tuple[np.ndarray, np.ndarray]:
     return model_inputs(load_split(site.data, "test"), NUM_CLASSES)
+
+
+def partition_labels(site: Site) -> np.ndarray:
+    return load_labels(site.data, "train")
 
 
 def input_pipeline(examples: Examples, num_classes: int, batch_size: int) -> Any:
@@ -80,5 +84,6 @@ task = Task(
     build_model=build_model,
     load_data=load_data,
     load_test_data=load_test_data,
+    partition_labels=partition_labels,
     params={"learning_rate": 1e-3},
 )

@@ -70,6 +70,7 @@ class RunSpec:
     task_params: Mapping[str, ParamValue] = field(default_factory=dict)
     partition: str = "iid"
     evaluation: EvaluationPlan = field(default_factory=EvaluationPlan)
+    proximal_mu: float = 0.0  # FedProx: clients add mu/2 ||w - w_global||^2 to their loss
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ class RunSpec:
                 f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
             )
         check_scheme(self.partition)
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ConfigError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
         for key, value in self.task_params.items():
             if not isinstance(value, bool | int | float | str):
                 raise ConfigError(

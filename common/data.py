@@ -90,6 +90,21 @@ def load_split(source: str | None, split: Split) -> Examples:
     return _from_npz(_cached_decode(path), split)
 
 
+def load_labels(source: str | None, split: Split) -> np.ndarray:
+    """Only the labels of one split (cheap from a cached or .npz source: the images stay on disk)."""
+    if not source or source == "cifar10":
+        return load_split(source, split).y
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data source {source!r} does not exist")
+    npz = path if path.suffix == ".npz" else _cached_decode(path)
+    try:
+        with np.load(npz, allow_pickle=False) as archive:
+            return np.asarray(archive[f"y_{split}"]).reshape(-1)
+    except KeyError as exc:
+        raise DataError(f"{npz} has no y_{split} array") from exc
+
+
 def _from_keras(split: Split) -> Examples:
     import keras  # heavy import, only when this source is used
 

@@ -31,6 +31,8 @@ What each function gets and when it runs:
 | `load_test_data(site)`     | server | once at start: a central test set      | none: federated evaluation  |
 | `train(model, data, ctx)`  | client | each round, from the global weights    | `fit_model`                 |
 | `evaluate(model, data, ctx)`| both  | after rounds, on held-out data         | `evaluate_model`            |
+| `partition_labels(site)`   | server | once at start: labels of a stand-in    | no partition summary        |
+|                            |        | dataset, for the partition summary     |                             |
 
 `params` are the task's own settings: their defaults and types are declared in `Task.params`,
 a run may override them (`[task]` in `fl-server --config run.toml`, or `--param key=value`),
@@ -145,6 +147,7 @@ class RoundContext:
     params: Params
     batch_size: int
     epochs: int
+    proximal_mu: float = 0.0  # FedProx's mu: already applied through the model's optimizer
 
 
 TrainFunction = Callable[["keras.Model", LocalData, RoundContext], Mapping[str, float] | None]
@@ -165,6 +168,7 @@ class Task:
     load_test_data: Callable[[Site], Dataset | None] | None = None
     train: TrainFunction | None = None
     evaluate: EvaluateFunction | None = None
+    partition_labels: Callable[[Site], np.ndarray] | None = None
     params: Params = field(default_factory=dict)
     main_metric: str | None = None
 
@@ -174,7 +178,7 @@ class Task:
         for what in ("build_model", "load_data"):
             if not callable(getattr(self, what)):
                 raise TaskError(f"task {self.name!r}: {what} must be a function")
-        for what in ("load_test_data", "train", "evaluate"):
+        for what in ("load_test_data", "train", "evaluate", "partition_labels"):
             value = getattr(self, what)
             if value is not None and not callable(value):
                 raise TaskError(f"task {self.name!r}: {what} must be a function or None")

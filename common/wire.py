@@ -66,6 +66,7 @@ def run_to_pb(run: RunSpec) -> pb.RunSpec:
             fraction=run.evaluation.fraction,
             personalize_epochs=run.evaluation.personalize_epochs,
         ),
+        proximal_mu=run.proximal_mu,
     )
 
 
@@ -86,6 +87,7 @@ def run_from_pb(message: pb.RunSpec) -> RunSpec:
             fraction=message.evaluation.fraction or 1.0,
             personalize_epochs=message.evaluation.personalize_epochs,
         ),
+        proximal_mu=message.proximal_mu,
     )
 
 

@@ -124,6 +124,19 @@ class WeightedSum:
         self.total_examples, self.count = 0, 0
         return result
 
+    def take_mean_change(self) -> Weights:
+        """The mean change, sum / total examples, in the sums' own memory and dtype (what the
+        server optimizers step with); the sum is empty afterwards."""
+        self._check_not_empty()
+        total = self.total_examples
+        changes: Weights = []
+        for acc in self._sums:
+            acc /= acc.dtype.type(total)
+            changes.append(acc)
+        self._sums, self._reference, self._scratch = [], [], {}
+        self.total_examples, self.count = 0, 0
+        return changes
+
     def _mean_of(self, acc: np.ndarray, reference: np.ndarray) -> np.ndarray:
         acc /= acc.dtype.type(self.total_examples)
         acc += reference
@@ -210,3 +223,48 @@ def krum(updates: Sequence[Sequence[np.ndarray]], num_byzantine: int, num_select
         for i in range(len(updates[0]))
     ]
     return _like(result, updates[0])
+
+
+# -- server optimizers: a step on the round's mean change, the "pseudo-gradient" ---------------
+#
+# Reddi et al., "Adaptive Federated Optimization" (2021), Algorithm 2, and Hsu et al. (2019)
+# for server momentum. delta is the example-weighted mean of (client weights - global), so
+# plain FedAvg is x + delta; each rule below returns the step that replaces delta. One tensor
+# at a time, float64 in and out of the state (the state lives in the checkpoint).
+
+
+def momentum_velocity(velocity: np.ndarray, delta: np.ndarray, beta: float) -> np.ndarray:
+    """FedAvgM: v <- beta * v + delta; the step is server_lr * v."""
+    result: np.ndarray = beta * velocity + delta
+    return result
+
+
+def first_moment(m: np.ndarray, delta: np.ndarray, beta1: float) -> np.ndarray:
+    """m <- beta1 * m + (1 - beta1) * delta (shared by FedAdagrad, FedAdam and FedYogi)."""
+    result: np.ndarray = beta1 * m + (1.0 - beta1) * delta
+    return result
+
+
+def adagrad_second_moment(v: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """FedAdagrad: v <- v + delta^2."""
+    result: np.ndarray = v + delta * delta
+    return result
+
+
+def adam_second_moment(v: np.ndarray, delta: np.ndarray, beta2: float) -> np.ndarray:
+    """FedAdam: v <- beta2 * v + (1 - beta2) * delta^2."""
+    result: np.ndarray = beta2 * v + (1.0 - beta2) * delta * delta
+    return result
+
+
+def yogi_second_moment(v: np.ndarray, delta: np.ndarray, beta2: float) -> np.ndarray:
+    """FedYogi: v <- v - (1 - beta2) * delta^2 * sign(v - delta^2)."""
+    squared = delta * delta
+    result: np.ndarray = v - (1.0 - beta2) * squared * np.sign(v - squared)
+    return result
+
+
+def adaptive_step(m: np.ndarray, v: np.ndarray, server_lr: float, tau: float) -> np.ndarray:
+    """The adaptive family's step: server_lr * m / (sqrt(v) + tau)."""
+    result: np.ndarray = server_lr * m / (np.sqrt(v) + tau)
+    return result

@@ -34,7 +34,7 @@ from fedgrpc.server.limits import Limits
 from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
 from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
-from fedgrpc.server.strategy import make_strategy
+from fedgrpc.server.strategy import Strategy, StrategySettings, make_strategy
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -81,9 +81,7 @@ class ServerConfig:
     port: int = 50051
     data: str | None = None
     out_dir: Path = Path("results")
-    strategy: str = "fedavg"
-    trim_fraction: float = 0.2
-    byzantine: int = 1
+    strategy: StrategySettings = field(default_factory=StrategySettings)
     tls: ServerTls | None = None
     tokens: dict[int, str] | None = None
     init_seed: int = 0
@@ -137,15 +135,17 @@ class FederatedServer:
 
     def run(self) -> list[RoundRecord]:
         cfg = self.config
-        strategy = make_strategy(cfg.strategy, trim_fraction=cfg.trim_fraction, num_byzantine=cfg.byzantine)
+        strategy = make_strategy(cfg.strategy)
         checkpoint = self.checkpoints.load()  # a damaged checkpoint stops us here, before anything else
         minimum = cfg.policy.minimum(cfg.run)
-        if cfg.strategy == "krum" and minimum <= cfg.byzantine + 2:
+        byzantine = cfg.strategy.byzantine
+        if cfg.strategy.name == "krum" and minimum <= byzantine + 2:
             raise ConfigError(
-                f"krum with --byzantine {cfg.byzantine} needs rounds of more than "
-                f"{cfg.byzantine + 2} updates; "
+                f"krum with --byzantine {byzantine} needs rounds of more than {byzantine + 2} updates; "
                 f"raise --min-clients (now {minimum}) or lower --byzantine"
             )
+        if checkpoint is not None:
+            strategy.restore(checkpoint.strategy_state)  # the same optimizer trajectory, resumed
         job = self._set_up(checkpoint)
         run = job.run
         from fedgrpc.common.models import weight_specs
@@ -173,13 +173,13 @@ class FederatedServer:
             # The run's identity (id, spec, initial weights) is on disk before any client can
             # join it: a server killed at any moment from now on, round 1 included, resumes
             # this same run, and its clients carry on with it.
-            self.checkpoints.save(run, 0, job.weights, [])
+            self.checkpoints.save(run, 0, job.weights, [], strategy.state())
         endpoint = self._start_endpoint(coordinator)
         finished = False
         try:
             if job.first_round <= run.rounds:
                 self._wait_for_clients(coordinator, run, minimum)
-            self._drive(job, coordinator, minimum)
+            self._drive(job, coordinator, strategy, minimum)
             if coordinator.interrupted:
                 log.info(
                     "stopped after round %d; restart with the same --out to resume",
@@ -235,13 +235,27 @@ class FederatedServer:
             log.info(
                 "central test set from %s loaded (%.1f s)", cfg.data or "the task", time.monotonic() - started
             )
+        if loaded.task.partition_labels is not None and checkpoint is None:
+            labels = task_loader.call(loaded, "partition_labels", loaded.task.partition_labels, site)
+            summary = self.results.write_partition(cfg.run, np.asarray(labels))
+            sizes = [c["examples"] for c in summary["clients"]]
+            log.info(
+                "partition %s: %d to %d examples a client (%s)",
+                cfg.run.partition, min(sizes), max(sizes), self.results.out_dir / "partition.json",
+            )  # fmt: skip
         federated = cfg.federated_eval if cfg.federated_eval is not None else central is None
         evaluation = cfg.run.evaluation
         if federated and evaluation.every == 0:
             evaluation = replace(evaluation, every=1)
         elif not federated:
             evaluation = replace(evaluation, every=0)
-        run = replace(cfg.run, task=loaded.ref, task_params=params, evaluation=evaluation)
+        run = replace(
+            cfg.run,
+            task=loaded.ref,
+            task_params=params,
+            evaluation=evaluation,
+            proximal_mu=cfg.strategy.client_proximal_mu,
+        )
         weights: list[np.ndarray] = (
             _weights_of_saved_model(cfg.init_model, model) if cfg.init_model else model.get_weights()
         )
@@ -310,7 +324,7 @@ class FederatedServer:
 
     # -- the rounds ----------------------------------------------------------------
 
-    def _drive(self, job: _Job, coordinator: RoundCoordinator, minimum: int) -> None:
+    def _drive(self, job: _Job, coordinator: RoundCoordinator, strategy: Strategy, minimum: int) -> None:
         run = job.run
         number, aborted = job.first_round, 0
         while number <= run.rounds and not coordinator.interrupted:
@@ -351,7 +365,7 @@ class FederatedServer:
                 end_digest=weights_digest(job.weights),
             )
             self.records.append(record)
-            self.checkpoints.save(run, number, job.weights, self.records)
+            self.checkpoints.save(run, number, job.weights, self.records, strategy.state())
             self.results.write_history(run, self.records, finished=False)
             fed_metrics = federated.metrics if federated else None
             main = main_metric(job.loaded.task.main_metric, central, fed_metrics)

@@ -2,8 +2,9 @@
 
     <out>/checkpoint/state.json          run spec, last complete round, history, checksums
     <out>/checkpoint/weights-NNNN.npz    the global weights after round NNNN (no pickle)
+    <out>/checkpoint/strategy-NNNN.npz   the strategy's state then (server optimizers' moments)
 
-A checkpoint is written weights first, then state.json, each to a temporary file that is
+A checkpoint is written weights and strategy state first, then state.json, each to a temporary file that is
 fsynced and renamed over the old one, so a crash at any moment leaves either the new
 checkpoint or the previous one, never a mix. state.json carries a SHA-256 of itself and of
 the weights file; anything that does not match, a truncated file, a flipped byte, a missing
@@ -16,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class Checkpoint:
     weights: list[np.ndarray]
     history: list[RoundRecord]
     digest: str
+    strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -69,17 +71,19 @@ class CheckpointStore:
         return self.directory / "state.json"
 
     def save(
-        self, run: RunSpec, round_number: int, weights: Sequence[np.ndarray], history: Sequence[RoundRecord]
+        self,
+        run: RunSpec,
+        round_number: int,
+        weights: Sequence[np.ndarray],
+        history: Sequence[RoundRecord],
+        strategy_state: Mapping[str, np.ndarray] | None = None,
     ) -> str:
         """Write the checkpoint of a completed round; returns the weights' digest."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        weights_path = self.directory / f"weights-{round_number:04d}.npz"
-        tmp = weights_path.with_name(f".{weights_path.name}.tmp")
-        with tmp.open("wb") as handle:
-            np.savez(handle, **{f"{i:04d}": np.asarray(w) for i, w in enumerate(weights)})  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, weights_path)
+        weights_path = self._write_npz(
+            f"weights-{round_number:04d}.npz", {f"{i:04d}": w for i, w in enumerate(weights)}
+        )
+        strategy_path = self._write_npz(f"strategy-{round_number:04d}.npz", dict(strategy_state or {}))
         digest = weights_digest(weights)
         body: dict[str, Any] = {
             "format": FORMAT_VERSION,
@@ -88,15 +92,28 @@ class CheckpointStore:
             "weights_file": weights_path.name,
             "weights_file_sha256": _file_sha256(weights_path),
             "weights_digest": digest,
+            "strategy_file": strategy_path.name,
+            "strategy_file_sha256": _file_sha256(strategy_path),
             "history": [asdict(r) for r in history],
         }
         document = {**body, "state_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
         write_atomically(self.state_path, strict_json(document, indent=1).encode())
         self._fsync_directory()
-        for old in self.directory.glob("weights-*.npz"):
-            if old.name != weights_path.name:
-                old.unlink()
+        for pattern, keep in (("weights-*.npz", weights_path), ("strategy-*.npz", strategy_path)):
+            for old in self.directory.glob(pattern):
+                if old.name != keep.name:
+                    old.unlink()
         return digest
+
+    def _write_npz(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
+        path = self.directory / name
+        tmp = path.with_name(f".{name}.tmp")
+        with tmp.open("wb") as handle:
+            np.savez(handle, **{key: np.asarray(value) for key, value in arrays.items()})  # type: ignore[arg-type]
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return path
 
     def load(self) -> Checkpoint | None:
         """The last complete checkpoint, None when there is none; raises CheckpointError if it is damaged."""
@@ -115,18 +132,10 @@ class CheckpointStore:
             raise CheckpointError(
                 f"{where} has format {document.get('format')}, this fedgrpc reads {FORMAT_VERSION}"
             )
+        stored = self._read_npz(document, "weights", where, advice)
+        weights = [stored[name] for name in sorted(stored)]
+        strategy_state = self._read_npz(document, "strategy", where, advice)
         weights_path = self.directory / document["weights_file"]
-        if not weights_path.exists():
-            raise CheckpointError(f"{where} names {weights_path.name}, which is missing; {advice}")
-        if _file_sha256(weights_path) != document["weights_file_sha256"]:
-            raise CheckpointError(
-                f"{weights_path} does not match its checksum (truncated or corrupted); {advice}"
-            )
-        try:
-            with np.load(weights_path, allow_pickle=False) as npz:
-                weights = [npz[name] for name in sorted(npz.files)]
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights_path} cannot be read ({exc}); {advice}") from None
         if weights_digest(weights) != document["weights_digest"]:
             raise CheckpointError(f"{weights_path} holds other weights than {where} recorded; {advice}")
         try:
@@ -141,7 +150,23 @@ class CheckpointStore:
             weights=weights,
             history=[RoundRecord.from_dict(r) for r in document["history"]],
             digest=document["weights_digest"],
+            strategy_state=strategy_state,
         )
+
+    def _read_npz(
+        self, document: Mapping[str, Any], what: str, where: str, advice: str
+    ) -> dict[str, np.ndarray]:
+        """The arrays of the file state.json names for `what`, checked against its checksum."""
+        path = self.directory / document[f"{what}_file"]
+        if not path.exists():
+            raise CheckpointError(f"{where} names {path.name}, which is missing; {advice}")
+        if _file_sha256(path) != document[f"{what}_file_sha256"]:
+            raise CheckpointError(f"{path} does not match its checksum (truncated or corrupted); {advice}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} cannot be read ({exc}); {advice}") from None
 
     def _fsync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)

@@ -17,7 +17,7 @@ from fedgrpc.common.partition import SCHEMES
 from fedgrpc.server import runfile
 from fedgrpc.server.auth import ServerTls, load_tokens
 from fedgrpc.server.limits import Limits
-from fedgrpc.server.strategy import STRATEGIES
+from fedgrpc.server.strategy import STRATEGIES, StrategySettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,14 +89,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--partition-seed", type=int, default=defaults.partition_seed, help="seed of the client shards"
     )
-    run.add_argument(
+    strategy = p.add_argument_group("strategy (see fedgrpc.server.strategy and fedgrpc.server.fedopt)")
+    strategy.add_argument(
         "--strategy",
         choices=STRATEGIES,
         default="fedavg",
         help="aggregation: %(choices)s (default %(default)s)",
     )
-    run.add_argument("--trim-fraction", type=float, default=0.2, help="trimmed-mean: share cut from each end")
-    run.add_argument("--byzantine", type=int, default=1, help="krum: how many clients may be malicious")
+    strategy.add_argument(
+        "--server-lr",
+        type=float,
+        default=None,
+        help="server optimizers' learning rate (fedavgm 1.0; fedadagrad, fedadam, fedyogi 0.01)",
+    )
+    strategy.add_argument(
+        "--server-momentum",
+        type=float,
+        default=None,
+        help="fedavgm's momentum (0.9), or the adaptive family's beta1 (0.9)",
+    )
+    strategy.add_argument("--server-beta2", type=float, default=None, help="fedadam, fedyogi: beta2 (0.99)")
+    strategy.add_argument(
+        "--server-tau", type=float, default=None, help="fedadagrad, fedadam, fedyogi: adaptivity tau (1e-3)"
+    )
+    strategy.add_argument(
+        "--proximal-mu",
+        type=float,
+        default=None,
+        metavar="MU",
+        help="clients add MU/2 ||w - w_global||^2 to their loss (FedProx; default 0.01 with fedprox, else 0)",
+    )
+    strategy.add_argument(
+        "--trim-fraction", type=float, default=0.2, help="trimmed-mean: share cut from each end"
+    )
+    strategy.add_argument("--byzantine", type=int, default=1, help="krum: how many clients may be malicious")
     run.add_argument(
         "--compression",
         choices=COMPRESSIONS,
@@ -316,7 +342,16 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         port=args.port,
         data=args.data,
         out_dir=args.out,
-        strategy=args.strategy,
+        strategy=StrategySettings(
+            name=args.strategy,
+            trim_fraction=args.trim_fraction,
+            byzantine=args.byzantine,
+            server_lr=args.server_lr,
+            server_momentum=args.server_momentum,
+            server_beta2=args.server_beta2,
+            server_tau=args.server_tau,
+            proximal_mu=args.proximal_mu,
+        ),
         init_seed=args.init_seed,
         record_updates=args.record_updates,
         threads=args.threads,
@@ -324,8 +359,6 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
             min_clients=args.min_clients, timeout_s=args.round_timeout, join_timeout_s=args.join_timeout
         ),
         max_examples=args.max_examples,
-        trim_fraction=args.trim_fraction,
-        byzantine=args.byzantine,
         tls=tls,
         tokens=tokens,
         clients_per_round=args.clients_per_round,

@@ -3,6 +3,8 @@
 <out>/history.json        the run's spec and one record per round (rewritten after every round)
 <out>/curves.png          the main metric and loss per round: central, federated, personalized
 <out>/final_model.keras   the final global model (Keras' zip format: JSON and HDF5, no pickle)
+<out>/partition.json      stand-in federations: each client's example count and label histogram
+<out>/partition.png       ... as stacked bars, one per client
 <out>/updates/round-NNNN/client-K.npz   accepted updates, only with --record-updates
 """
 
@@ -133,6 +135,62 @@ class RunResults:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {f"{i:04d}": w for i, w in enumerate(weights)}
         np.savez(path, **arrays)
+
+    def write_partition(self, run: RunSpec, labels: np.ndarray) -> dict[str, Any]:
+        """The run's stand-in partition, from the labels of the dataset it cuts: what each client
+        will train on (computed as every client computes its own shard)."""
+        from fedgrpc.common.partition import all_partitions
+
+        classes = int(labels.max()) + 1 if len(labels) else 0
+        shards = all_partitions(labels, run.num_clients, run.partition_seed, run.partition)
+        summary: dict[str, Any] = {
+            "partition": run.partition,
+            "seed": run.partition_seed,
+            "examples": len(labels),
+            "clients": [
+                {
+                    "client_id": k,
+                    "examples": len(shard),
+                    "labels": np.bincount(labels[shard].astype(np.int64), minlength=classes).tolist(),
+                }
+                for k, shard in enumerate(shards, start=1)
+            ],
+        }
+        write_atomically(self.out_dir / "partition.json", (strict_json(summary, indent=1) + "\n").encode())
+        self._plot_partition(summary, classes)
+        return summary
+
+    def _plot_partition(self, summary: Mapping[str, Any], classes: int) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        clients = summary["clients"]
+        figure, axis = plt.subplots(figsize=(max(6, 0.5 * len(clients) + 2), 4))
+        bottom = np.zeros(len(clients))
+        colors = plt.get_cmap("tab10" if classes <= 10 else "tab20")
+        for label in range(classes):
+            counts = np.array([c["labels"][label] for c in clients], dtype=np.float64)
+            axis.bar(
+                [c["client_id"] for c in clients],
+                counts,
+                bottom=bottom,
+                color=colors(label % 20),
+                label=str(label),
+            )
+            bottom += counts
+        axis.set_xticks([c["client_id"] for c in clients])
+        axis.set(
+            title=f"partition {summary['partition']} (seed {summary['seed']})",
+            xlabel="client",
+            ylabel="training examples",
+        )
+        if classes <= 20:
+            axis.legend(title="label", fontsize=7, ncols=2)
+        figure.tight_layout()
+        figure.savefig(self.out_dir / "partition.png", dpi=100)
+        plt.close(figure)
 
     def plot(self, records: Sequence[RoundRecord], main: str = "accuracy") -> None:
         """The main metric and the loss against rounds, side by side: central evaluation,

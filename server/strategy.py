@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -64,6 +65,14 @@ class Strategy(Protocol):
         ...
 
     def result(self) -> Weights: ...
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What the strategy carries from round to round (for the checkpoint); {} if nothing."""
+        ...
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Take up the state a checkpoint saved."""
+        ...
 
 
 def add_update(
@@ -166,6 +175,12 @@ class FedAvg:
         weights, self._sum = self._sum.take_mean(), None
         return weights
 
+    def state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        _no_state(self.name, state)
+
 
 class _AllUpdates:
     """Keeps the round's updates, then applies a robust rule to all of them at once."""
@@ -195,6 +210,12 @@ class _AllUpdates:
     def result(self) -> Weights:
         return self._rule(self._updates)
 
+    def state(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        _no_state(self.name, state)
+
 
 class Median(_AllUpdates):
     name = "median"
@@ -221,16 +242,86 @@ class Krum(_AllUpdates):
         super().__init__(lambda updates: krum(updates, num_byzantine))
 
 
-STRATEGIES = ("fedavg", "median", "trimmed-mean", "krum")
+def _no_state(name: str, state: dict[str, np.ndarray]) -> None:
+    if state:
+        raise ConfigError(f"the checkpoint holds server optimizer state, but --strategy {name} keeps none")
 
 
-def make_strategy(name: str, *, trim_fraction: float = 0.2, num_byzantine: int = 1) -> Strategy:
-    if name == "fedavg":
+ROBUST = ("median", "trimmed-mean", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", *ROBUST)
+DEFAULT_PROXIMAL_MU = 0.01
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """`--strategy` and its parameters. None: the strategy's own default.
+
+    fedprox is FedAvg on the server with a proximal term mu/2 ||w - w_global||^2 in every
+    client's loss (`proximal_mu`, which travels in the run spec); any strategy may add it.
+    """
+
+    name: str = "fedavg"
+    trim_fraction: float = 0.2  # trimmed-mean
+    byzantine: int = 1  # krum
+    server_lr: float | None = None
+    server_momentum: float | None = None  # fedavgm's momentum, the adaptive family's beta1
+    server_beta2: float | None = None
+    server_tau: float | None = None
+    proximal_mu: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.name!r}; choose from {', '.join(STRATEGIES)}")
+        given = [flag for flag, value in self._server_flags() if value is not None]
+        if given and self.name not in _SERVER_OPTIMIZER_NAMES:
+            raise ConfigError(
+                f"{', '.join(given)} set a server optimizer, which --strategy {self.name} does not have; "
+                f"use one of {', '.join(_SERVER_OPTIMIZER_NAMES)}"
+            )
+        if self.name == "fedavgm" and (self.server_beta2 is not None or self.server_tau is not None):
+            raise ConfigError("--server-beta2 and --server-tau belong to fedadagrad, fedadam and fedyogi")
+        if self.proximal_mu is not None and self.proximal_mu < 0:
+            raise ConfigError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
+
+    @property
+    def client_proximal_mu(self) -> float:
+        """The mu clients add to their loss (0: none)."""
+        if self.proximal_mu is not None:
+            return self.proximal_mu
+        return DEFAULT_PROXIMAL_MU if self.name == "fedprox" else 0.0
+
+    def _server_flags(self) -> list[tuple[str, float | None]]:
+        return [
+            ("--server-lr", self.server_lr),
+            ("--server-momentum", self.server_momentum),
+            ("--server-beta2", self.server_beta2),
+            ("--server-tau", self.server_tau),
+        ]
+
+
+_SERVER_OPTIMIZER_NAMES = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
+
+
+def make_strategy(settings: StrategySettings) -> Strategy:
+    name = settings.name
+    if name in ("fedavg", "fedprox"):
         return FedAvg()
     if name == "median":
         return Median()
     if name == "trimmed-mean":
-        return TrimmedMean(trim_fraction)
+        return TrimmedMean(settings.trim_fraction)
     if name == "krum":
-        return Krum(num_byzantine)
-    raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        return Krum(settings.byzantine)
+    from fedgrpc.server.fedopt import SERVER_OPTIMIZERS
+
+    options = {
+        key: value
+        for key, value in (
+            ("server_lr", settings.server_lr),
+            ("momentum" if name == "fedavgm" else "beta1", settings.server_momentum),
+            ("beta2", settings.server_beta2),
+            ("tau", settings.server_tau),
+        )
+        if value is not None
+    }
+    return SERVER_OPTIMIZERS[name](**options)

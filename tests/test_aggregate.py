@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from fedgrpc.common.errors import ConfigError
 from fedgrpc.server.aggregate import WeightedSum, sum_dtype, weighted_change, weighted_mean
-from fedgrpc.server.strategy import FedAvg, add_update, make_strategy
+from fedgrpc.server.strategy import FedAvg, StrategySettings, add_update, make_strategy
 
 
 def test_weighted_mean_matches_a_hand_computed_example() -> None:
@@ -143,7 +143,7 @@ def test_fedavg_strategy_averages_one_round_at_a_time() -> None:
 
 def test_unknown_strategy_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="fedavg"):
-        make_strategy("mystery")
+        make_strategy(StrategySettings("mystery"))
 
 
 def test_median_trimmed_mean_and_krum_by_hand() -> None:
@@ -167,13 +167,13 @@ def test_median_trimmed_mean_and_krum_by_hand() -> None:
 
 def test_robust_strategies_by_name() -> None:
     for name in ("median", "trimmed-mean", "krum"):
-        strategy, start = make_strategy(name), [np.zeros(2, np.float32)]
+        strategy, start = make_strategy(StrategySettings(name)), [np.zeros(2, np.float32)]
         strategy.begin_round(start, 2)
         for value in (1.0, 2.0, 3.0, 4.0, 500.0):
             add_update(strategy, [np.full(2, value, np.float32)], start, 1)
         assert strategy.result()[0].max() < 10, name
     with pytest.raises(ConfigError, match="trim-fraction"):
-        make_strategy("trimmed-mean", trim_fraction=0.6)
+        make_strategy(StrategySettings("trimmed-mean", trim_fraction=0.6))
 
 
 def test_take_mean_equals_mean_and_empties_the_sum() -> None:

@@ -97,3 +97,23 @@ def test_unreachable_server_fails_after_the_connect_timeout() -> None:
     )
     assert result.returncode == 2
     assert "is fl-server running there?" in result.stderr
+
+
+def test_a_skewed_partition_is_summarised_as_the_clients_cut_it(tmp_path: Path) -> None:
+    from conftest import write_synthetic
+
+    data = write_synthetic(tmp_path / "data.npz", train=600, test=100)
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    extra = ("--partition", "dirichlet:0.3", "--partition-seed", "5")
+    server = start(*server_command(port, data, out, rounds=1, clients=3, extra=extra), log=log)
+    finish_all(start_clients(port, data, tmp_path))
+    assert finish(server, log) == 0, log.read_text()
+    summary = json.loads((out / "partition.json").read_text())
+    trained = {
+        c["client_id"]: c["num_examples"]
+        for c in json.loads((out / "history.json").read_text())["rounds"][0]["clients"]
+    }
+    assert {c["client_id"]: c["examples"] for c in summary["clients"]} == trained
+    assert all(sum(c["labels"]) == c["examples"] for c in summary["clients"])
+    assert len(set(trained.values())) > 1  # skewed, not equal IID shards
+    assert (out / "partition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -38,7 +38,7 @@ def test_a_run_file_sets_flags_and_task_parameters_and_flags_win(tmp_path: Path)
     config = write_run_file(
         tmp_path,
         '[run]\ntask = "my_task.py"\nrounds = 7\nround_timeout = 30\nout = "results"\ninsecure = true\n'
-        '[task]\nlearning_rate = 0.01\nunits = 16\n',
+        "[task]\nlearning_rate = 0.01\nunits = 16\n",
     )
     args, params = parse_args(["--config", str(config), "--rounds", "3", "--param", "units=32"])
     assert args.rounds == 3 and args.round_timeout == 30 and args.insecure is True
