@@ -76,12 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--insecure", action="store_true", help="talk to the server without TLS (trusted networks only)"
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text",
+        help="log lines for people or one JSON object a line",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.setup(f"client {args.client_id}", verbose=args.verbose)
+    logs.setup(f"client {args.client_id}", verbose=args.verbose, log_format=args.log_format)
     device.quiet_tensorflow()
     from fedgrpc.client.app import ClientConfig, run_client
     from fedgrpc.client.connection import ChannelSecurity

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,7 +30,9 @@ from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.checkpoint import Checkpoint, CheckpointStore, weights_digest
 from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
 from fedgrpc.server.evaluation import CentralEvaluator, FederatedEvaluation, describe, main_metric
+from fedgrpc.server.http import DashboardServer, HttpConfig
 from fedgrpc.server.limits import Limits
+from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
 from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
@@ -96,6 +98,8 @@ class ServerConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
     spool_dir: Path | None = None  # stage updates being received on disk (see fedgrpc.server.spool)
+    http: HttpConfig | None = None  # the dashboard and /metrics (fedgrpc.server.http)
+    tensorboard: Path | None = None  # write TensorBoard scalars there
 
 
 @dataclass
@@ -119,6 +123,9 @@ class FederatedServer:
         self.checkpoints = CheckpointStore(config.out_dir / "checkpoint")
         self.port = 0
         self.records: list[RoundRecord] = []
+        self.monitor: Monitor | None = None
+        self.dashboard: DashboardServer | None = None
+        self._tensorboard: Any = None
         self._coordinator: RoundCoordinator | None = None
         self._stop_requested = threading.Event()
 
@@ -174,7 +181,20 @@ class FederatedServer:
             # join it: a server killed at any moment from now on, round 1 included, resumes
             # this same run, and its clients carry on with it.
             self.checkpoints.save(run, 0, job.weights, [], strategy.state())
+        self.monitor = Monitor(run)
+        for record in self.records:  # a resumed run shows its past rounds too
+            self.monitor.round_recorded(asdict(record), job.loaded.task.main_metric or "accuracy")
+        if cfg.tensorboard is not None:
+            from fedgrpc.server.tensorboard import TensorBoardWriter
+
+            self._tensorboard = TensorBoardWriter(cfg.tensorboard)
         endpoint = self._start_endpoint(coordinator)
+        if cfg.http is not None:
+            self.dashboard = DashboardServer(self.monitor, cfg.http)
+            http_port = self.dashboard.start()
+            log.info(
+                "dashboard on http://%s:%d/ (read-only; /metrics for Prometheus)", cfg.http.host, http_port
+            )
         finished = False
         try:
             if job.first_round <= run.rounds:
@@ -189,6 +209,7 @@ class FederatedServer:
             self._save_results(job)
             coordinator.finish()
             finished = True
+            self.monitor.phase("finished", run.rounds)
             log.info("run finished: results in %s", cfg.out_dir)
             clients = list(range(1, run.num_clients + 1))
             if not coordinator.wait_told_finished(clients, cfg.finish_grace_s):
@@ -196,6 +217,10 @@ class FederatedServer:
                     "some clients were not told that the run finished within %.0f s", cfg.finish_grace_s
                 )
         finally:
+            if self.dashboard is not None:
+                self.dashboard.stop()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
             endpoint.set_serving(False)
             if not finished:
                 # Stopping, not finishing: clients are told nothing of the kind; their calls
@@ -296,6 +321,7 @@ class FederatedServer:
                 max_inflight_bytes=cfg.max_inflight_bytes,
                 spool_dir=cfg.spool_dir,
             ),
+            monitor=self.monitor,
         )
         self.port = endpoint.start()
         if cfg.tls is not None:
@@ -331,10 +357,13 @@ class FederatedServer:
             round_started = time.monotonic()
             start_digest = weights_digest(job.weights)
             coordinator.open_round(number, job.weights)
+            monitor = self._monitor()
+            monitor.phase("training", number)
             expected = coordinator.expected
             if not self._collect(coordinator, expected, number, min(minimum, expected)):
                 return
             outcome = coordinator.close_round()
+            monitor.phase("aggregating", number, coordinator.participants(number))
             if not _all_finite(outcome.weights):
                 aborted += 1
                 self._log_aborted(outcome, aborted)
@@ -350,6 +379,7 @@ class FederatedServer:
             central = job.central(number, job.weights) if job.central else None
             federated = None
             if run.evaluation.due(number, run.rounds):
+                monitor.phase("evaluating", number)
                 federated = self._federated_evaluation(coordinator, number, job.weights)
                 if federated is None:
                     return  # interrupted
@@ -369,6 +399,10 @@ class FederatedServer:
             self.results.write_history(run, self.records, finished=False)
             fed_metrics = federated.metrics if federated else None
             main = main_metric(job.loaded.task.main_metric, central, fed_metrics)
+            as_dict = asdict(record)
+            monitor.round_recorded(as_dict, main)
+            if self._tensorboard is not None:
+                self._tensorboard.round(as_dict)
             log.info(
                 "round %d/%d  %s  %.1f s  up %s  down %s  clients %d/%d",
                 number, run.rounds, describe(main, central, fed_metrics), record.seconds,
@@ -408,6 +442,11 @@ class FederatedServer:
             last.federated.metrics if last and last.federated else None,
         )
         self.results.plot(self.records, main)
+
+    def _monitor(self) -> Monitor:
+        if self.monitor is None:
+            raise RuntimeError("the monitor is made before the rounds start")
+        return self.monitor
 
     @staticmethod
     def _log_aborted(outcome: RoundOutcome, aborted: int) -> None:

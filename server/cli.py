@@ -13,9 +13,11 @@ from fedgrpc.common import device, logs
 from fedgrpc.common.compression import COMPRESSIONS
 from fedgrpc.common.config import DEFAULT_TASK, EvaluationPlan, RunSpec
 from fedgrpc.common.errors import ConfigError, FedGrpcError
+from fedgrpc.common.logs import FORMATS
 from fedgrpc.common.partition import SCHEMES
 from fedgrpc.server import runfile
 from fedgrpc.server.auth import ServerTls, load_tokens
+from fedgrpc.server.http import HttpConfig
 from fedgrpc.server.limits import Limits
 from fedgrpc.server.strategy import STRATEGIES, StrategySettings
 
@@ -39,6 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for history, curves and model")
     p.add_argument("--threads", type=int, default=None, help="cap the CPU threads of evaluation")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--log-format", choices=FORMATS, default="text", help="log lines for people or one JSON object a line"
+    )
+    observe = p.add_argument_group("watching the run")
+    observe.add_argument(
+        "--http",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the live dashboard and Prometheus /metrics on PORT (read-only; 0 picks a free port)",
+    )
+    observe.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        help="address of the dashboard (default 127.0.0.1: this machine only; it shows metadata, no data)",
+    )
+    observe.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard scalars for every round to DIR",
+    )
 
     task = p.add_argument_group("the task (see fedgrpc.common.task)")
     task.add_argument(
@@ -366,6 +391,8 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         chunk_bytes=args.chunk_kb << 10,
         max_inflight_bytes=args.max_inflight_mb << 20,
         spool_dir=args.spool_dir,
+        http=None if args.http is None else HttpConfig(port=args.http, host=args.http_host),
+        tensorboard=args.tensorboard,
         limits=Limits(
             stall_timeout_s=args.stall_timeout,
             max_calls=args.max_calls,
@@ -391,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedgrpc.server.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # before TensorFlow and gRPC start their threads
-    logs.setup("server", verbose=args.verbose)
+    logs.setup("server", verbose=args.verbose, log_format=args.log_format)
     device.quiet_tensorflow()
     from fedgrpc.server.app import FederatedServer
 

@@ -6,7 +6,9 @@ The server's driver (rounds, evaluation, checkpoints) stays on the calling threa
 to the handlers only through the RoundCoordinator, whose phase changes wake the loop's
 long-polls (`call_soon_threadsafe`). Tensors big enough to matter are decoded and prepared
 on a small worker pool, so the loop keeps serving while they are. The standard
-grpc.health.v1 service reports SERVING only while `set_serving(True)`.
+grpc.health.v1 service reports SERVING only while `set_serving(True)`, and gRPC server
+reflection lists and describes the services (`grpcurl -plaintext HOST:PORT list`) without
+the proto file.
 """
 
 from __future__ import annotations
@@ -24,15 +26,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from fedgrpc.common import wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.errors import ConfigError
 from fedgrpc.server import memory
 from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.intake import InflightBudget
 from fedgrpc.server.limits import Limits
+from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.rounds import RoundCoordinator
 from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, CoordinatorServicer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,7 +82,12 @@ class EndpointConfig:
 class GrpcEndpoint:
     """Serves one RoundCoordinator over gRPC until stopped."""
 
-    def __init__(self, coordinator: RoundCoordinator, config: EndpointConfig | None = None) -> None:
+    def __init__(
+        self,
+        coordinator: RoundCoordinator,
+        config: EndpointConfig | None = None,
+        monitor: Monitor | None = None,
+    ) -> None:
         self.coordinator = coordinator
         self.config = config or EndpointConfig()
         self.port = 0
@@ -96,6 +106,24 @@ class GrpcEndpoint:
             inflight=self.inflight,
             spool_dir=self.config.spool_dir,
             executor=self._executor,
+            monitor=monitor,
+        )
+        self.monitor = self.servicer.monitor
+        self.monitor.gauge(
+            "fedgrpc_inflight_bytes",
+            "Update bytes reserved for streams being received",
+            lambda: self.inflight.used_bytes,
+        )
+        self.monitor.gauge(
+            "fedgrpc_fold_queue_depth",
+            "Accepted updates waiting to be folded in",
+            lambda: coordinator.fold_queue_depth,
+        )
+        self.monitor.gauge(
+            "fedgrpc_open_calls", "gRPC calls being served", lambda: self.servicer.open_calls.total
+        )
+        self.monitor.gauge(
+            "fedgrpc_clients_ready", "Clients that have asked for work", lambda: coordinator.ready_clients
         )
 
     def start(self) -> int:
@@ -130,6 +158,14 @@ class GrpcEndpoint:
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                wire.SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
         address = f"{cfg.host}:{cfg.port}"
         try:
             if cfg.tls is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("fedgrpc.server.refusals")
 
@@ -19,14 +20,21 @@ WINDOW_S = 60.0
 MAX_KINDS = 4096
 
 
+#: Told of every refusal, rate limit or not: (address, code, what, message, client id if known).
+Listener = Callable[[str, str, str, str, "int | None"], None]
+
+
 class RefusalLog:
-    def __init__(self, window_s: float = WINDOW_S) -> None:
+    def __init__(self, window_s: float = WINDOW_S, listener: Listener | None = None) -> None:
         self._window_s = window_s
         self._kinds: dict[tuple[str, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
+        self._listener = listener
         self.total = 0
 
-    def refused(self, address: str, code: str, what: str, message: str) -> None:
+    def refused(self, address: str, code: str, what: str, message: str, client_id: int | None = None) -> None:
+        if self._listener is not None:
+            self._listener(address, code, what, message, client_id)
         now = time.monotonic()
         with self._lock:
             self.total += 1

@@ -231,6 +231,16 @@ class RoundCoordinator:
         rng = random.Random(f"{self._sample_seed}:{number}")
         return frozenset(rng.sample(pool, min(self.clients_per_round, len(pool))))
 
+    def participants(self, number: int) -> list[int]:
+        """Who was to train round `number` (the open or last round): its sample, or every client."""
+        with self._changed:
+            current = self._round
+            if current is None or current.number != number:
+                return []
+            if current.participants is None:
+                return list(range(1, self.run.num_clients + 1))
+            return sorted(current.participants)
+
     @property
     def expected(self) -> int:
         """Updates the open round waits for: its sample, or every enrolled client."""

@@ -53,6 +53,7 @@ from fedgrpc.common.protocol import READY_FOR_CHUNKS_KEY, Instruction
 from fedgrpc.server.auth import Authenticator, CallContext
 from fedgrpc.server.intake import InflightBudget, UpdateIntake
 from fedgrpc.server.limits import CallCounter, Limits, next_message
+from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.refusals import RefusalLog
 from fedgrpc.server.rounds import RoundCoordinator, Task
 from fedgrpc.v1 import coordinator_pb2 as pb
@@ -99,7 +100,7 @@ class CoordinatorServicer:
         inflight: InflightBudget | None = None,
         spool_dir: Path | None = None,
         executor: Executor | None = None,
-        refusals: RefusalLog | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self._coordinator = coordinator
         self._limits = limits or Limits()
@@ -112,7 +113,8 @@ class CoordinatorServicer:
         self._polls = CallCounter(self._limits.max_calls_per_client, "client")
         self._submits = CallCounter(self._limits.max_calls_per_client, "client")
         self._phase_future: asyncio.Future[None] | None = None
-        self.refusals = refusals or RefusalLog()
+        self.monitor = monitor or Monitor(coordinator.run)
+        self.refusals = RefusalLog(listener=self.monitor.refused)
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The fedgrpc.v1.Coordinator service, with the weight streams' own serializers."""
@@ -163,8 +165,9 @@ class CoordinatorServicer:
                 self._coordinator.check_client(request.client_id)
                 self._check_task(request.client_id, wire.task_from_pb(request.task))
         except FedGrpcError as exc:
-            await self._abort(context, exc, what)
+            await self._abort(context, exc, what, request.client_id)
         log.info("client %d joined from %s", request.client_id, peer_address(context))
+        self.monitor.client_joined(request.client_id, peer_address(context))
         return pb.JoinReply(
             run=wire.run_to_pb(self._coordinator.run), current_round=self._coordinator.current_round
         )
@@ -181,9 +184,9 @@ class CoordinatorServicer:
                 task = await self._wait_for_task(
                     client, request.after_round, self._poll_wait(request, context)
                 )
-                await self._send_task(task, context)
+                await self._send_task(client, task, context)
         except FedGrpcError as exc:
-            await self._abort(context, exc, what)
+            await self._abort(context, exc, what, client)
 
     async def SubmitEvaluation(
         self, request: pb.EvaluationReport, context: CallContext
@@ -196,7 +199,8 @@ class CoordinatorServicer:
                     request.client_id, request.round, request.num_examples, dict(request.metrics)
                 )
         except FedGrpcError as exc:
-            await self._abort(context, exc, what)
+            await self._abort(context, exc, what, request.client_id)
+        self.monitor.evaluation_reported(request.client_id, request.round)
         return pb.SubmitEvaluationReply(round=request.round, received=received, expected=expected)
 
     def _check_task(self, client_id: int, task: TaskRef) -> None:
@@ -209,14 +213,17 @@ class CoordinatorServicer:
                 "the same --task file as the server"
             )
 
-    async def _send_task(self, task: Task, context: CallContext) -> None:
+    async def _send_task(self, client: int, task: Task, context: CallContext) -> None:
         run_id = self._coordinator.run.run_id
         if task.instruction in (Instruction.WAIT, Instruction.FINISHED):
             header = pb.WeightsHeader(
                 instruction=wire.instruction_to_pb(task.instruction), round=task.round, run_id=run_id
             )
             await self._write(context, pb.WeightsMessage(header=header))
+            self.monitor.waiting(client, finished=task.instruction is Instruction.FINISHED)
             return
+        kind = "download" if task.instruction is Instruction.TRAIN else "evaluate"
+        self.monitor.task_started(client, task.round, kind)
         # Encoded per call, chunk by chunk: the server keeps one copy of the weights (the
         # round's arrays), not one per client or an encoded second copy. A reader that stops
         # reading holds about one chunk here, until the stall timeout cuts it.
@@ -232,6 +239,7 @@ class CoordinatorServicer:
             await self._write(context, message)
             sent += len(message) if isinstance(message, bytes) else message.ByteSize()
         self._coordinator.count_bytes_out(task.round, sent)
+        self.monitor.task_sent(client, task.round, sent)
 
     async def _write(self, context: CallContext, message: pb.WeightsMessage | bytes) -> None:
         try:
@@ -246,7 +254,7 @@ class CoordinatorServicer:
         request_iterator: AsyncIterator[pb.UpdateMessage | wire.Undecodable],
         context: CallContext,
     ) -> pb.SubmitUpdateReply:
-        what = "SubmitUpdate"
+        what, client = "SubmitUpdate", None
         try:
             with self._per_peer.hold(peer_address(context)):
                 proven = self._auth.identify(context)  # before any message is awaited
@@ -257,10 +265,11 @@ class CoordinatorServicer:
                 header = first.header
                 what = f"update of client {header.client_id} for round {header.round}"
                 self._auth.require(proven, header.client_id)
+                client = header.client_id
                 with self._submits.hold(header.client_id):
                     count, expected = await self._receive_update(header, first.ByteSize(), messages, context)
         except FedGrpcError as exc:
-            await self._abort(context, exc, what)
+            await self._abort(context, exc, what, client)
         log.debug("accepted %s (%d/%d)", what, count, expected)
         return pb.SubmitUpdateReply(round=header.round, received=count, expected=expected)
 
@@ -317,6 +326,7 @@ class CoordinatorServicer:
                 f"(RunSpec.compression), not {method!r}"
             )
         size = UpdateIntake.wire_size(specs, method)
+        self.monitor.upload_started(header.client_id, header.round)
         wait = min(self._limits.inflight_wait_s, self._time_left(context))
         reservation = await self._inflight.reserve(size, wait)
         if reservation is None:
@@ -338,7 +348,7 @@ class CoordinatorServicer:
                 intake.close()
                 reservation.release()
 
-            return coordinator.submit(
+            result = coordinator.submit(
                 header.client_id,
                 header.round,
                 header.num_examples,
@@ -348,6 +358,8 @@ class CoordinatorServicer:
                 preparer=preparer,
                 on_folded=folded,
             )
+            self.monitor.update_accepted(header.client_id, header.round, size + header_bytes)
+            return result
         except BaseException:
             if intake is not None:
                 intake.close()
@@ -381,8 +393,10 @@ class CoordinatorServicer:
             return await asyncio.get_running_loop().run_in_executor(self._executor, work)
         return work()
 
-    async def _abort(self, context: CallContext, error: FedGrpcError, what: str) -> NoReturn:
+    async def _abort(
+        self, context: CallContext, error: FedGrpcError, what: str, client_id: int | None = None
+    ) -> NoReturn:
         code = _status_of(error)
-        self.refusals.refused(peer_address(context), code.name, what, str(error))
+        self.refusals.refused(peer_address(context), code.name, what, str(error), client_id)
         await context.abort(code, str(error))
         raise AssertionError("unreachable: context.abort raises")

@@ -1,0 +1,158 @@
+// The fedgrpc dashboard: draws the server's /api/state snapshot, and again whenever the
+// /api/events stream sends a newer one. Everything a client sent (metric names, messages) is
+// put on the page as text (textContent), never parsed as markup.
+"use strict";
+
+const STRIP_MAX_SECONDS = 300; // the client strips show the run so far, at most its last five minutes
+const STRIP_MIN_SECONDS = 10;
+let charts = null;
+let lastSnapshot = null;
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function setText(id, text) {
+  document.getElementById(id).textContent = text;
+}
+
+function seconds(value) {
+  if (value === null || value === undefined) return "-";
+  if (value < 90) return `${value.toFixed(0)} s`;
+  if (value < 5400) return `${(value / 60).toFixed(1)} min`;
+  return `${(value / 3600).toFixed(1)} h`;
+}
+
+function makeChart(id, series, yLabel) {
+  const target = document.getElementById(id);
+  const options = {
+    width: Math.max(380, target.clientWidth || 420),
+    height: 220,
+    scales: { x: { time: false } },
+    legend: { live: false },
+    axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, { label: yLabel }],
+    series: [{ label: "round" }, ...series.map(([label, stroke]) => ({ label, stroke, width: 2, points: { show: true } }))],
+  };
+  return new uPlot(options, [[], ...series.map(() => [])], target);
+}
+
+function setupCharts(main) {
+  const title = main === "accuracy" ? "Accuracy" : main;
+  document.getElementById("metric-title").textContent = `${title} by round`;
+  return {
+    metric: makeChart("chart-metric", [["central", "#4c78a8"], ["federated", "#f58518"], ["personalized", "#54a24b"]], main),
+    loss: makeChart("chart-loss", [["central", "#4c78a8"], ["federated", "#f58518"]], "loss"),
+    bytes: makeChart("chart-bytes", [["up", "#54a24b"], ["down", "#4c78a8"]], "MB"),
+    seconds: makeChart("chart-seconds", [["round", "#b279a2"]], "s"),
+  };
+}
+
+function value(metrics, name) {
+  return metrics && typeof metrics[name] === "number" ? metrics[name] : null;
+}
+
+function drawCharts(rounds) {
+  const main = rounds.length ? rounds[rounds.length - 1].main : "accuracy";
+  if (!charts) charts = setupCharts(main);
+  const x = rounds.map((r) => r.round);
+  charts.metric.setData([x, rounds.map((r) => value(r.central, main)), rounds.map((r) => value(r.federated, main)),
+    rounds.map((r) => value(r.federated, "personalized_" + main))]);
+  charts.loss.setData([x, rounds.map((r) => value(r.central, "loss")), rounds.map((r) => value(r.federated, "loss"))]);
+  charts.bytes.setData([x, rounds.map((r) => r.bytes_in / 1e6), rounds.map((r) => r.bytes_out / 1e6)]);
+  charts.seconds.setData([x, rounds.map((r) => r.seconds)]);
+  return main;
+}
+
+function stripWindow(clients, now) {
+  let earliest = now;
+  for (const client of clients.listed) for (const span of client.timeline) earliest = Math.min(earliest, span.start);
+  return Math.min(STRIP_MAX_SECONDS, Math.max(STRIP_MIN_SECONDS, now - earliest));
+}
+
+function drawClients(clients, now) {
+  const box = document.getElementById("clients");
+  box.replaceChildren();
+  const STRIP_SECONDS = stripWindow(clients, now);
+  const header = el("div", "client-row header");
+  for (const name of ["client", "state", "address", "last seen", `last ${STRIP_SECONDS.toFixed(0)} s`]) header.append(el("span", "", name));
+  box.append(header);
+  for (const client of clients.listed) {
+    const row = el("div", "client-row");
+    row.dataset.client = client.id;
+    row.append(el("span", "", client.id), el("span", `state ${client.state}`, client.state), el("span", "muted", client.address),
+      el("span", "muted", client.last_seen_s === null ? "-" : `${client.last_seen_s} s ago`));
+    const strip = el("div", "strip");
+    for (const span of client.timeline) {
+      const end = span.end === null ? now : span.end;
+      if (end < now - STRIP_SECONDS) continue;
+      const left = Math.max(0, (span.start - (now - STRIP_SECONDS)) / STRIP_SECONDS) * 100;
+      const width = Math.max(0.4, ((end - Math.max(span.start, now - STRIP_SECONDS)) / STRIP_SECONDS) * 100);
+      const bar = el("span", span.kind);
+      bar.style.left = `${left}%`;
+      bar.style.width = `${width}%`;
+      bar.title = `round ${span.round}: ${span.kind} ${(end - span.start).toFixed(1)} s`;
+      strip.append(bar);
+    }
+    row.append(strip);
+    box.append(row);
+  }
+  const counts = Object.entries(clients.by_state).map(([state, n]) => `${n} ${state}`).join(", ");
+  const more = clients.total > clients.listed.length ? ` (first ${clients.listed.length} listed)` : "";
+  setText("client-counts", `${clients.total} seen: ${counts}${more}`);
+}
+
+function drawRefusals(refusals) {
+  const body = document.querySelector("#refusals tbody");
+  body.replaceChildren();
+  for (const r of refusals.recent) {
+    const row = el("tr");
+    row.append(el("td", "", new Date(r.time * 1000).toLocaleTimeString()), el("td", "", r.address), el("td", "", r.code),
+      el("td", "", r.what), el("td", "message", r.message));
+    body.append(row);
+  }
+  const total = Object.values(refusals.by_code).reduce((a, b) => a + b, 0);
+  setText("refused", total);
+  setText("refusal-counts", Object.entries(refusals.by_code).map(([code, n]) => `${n} ${code}`).join(", "));
+}
+
+function draw(snapshot) {
+  if (lastSnapshot && snapshot.version < lastSnapshot.version) return;
+  lastSnapshot = snapshot;
+  const run = snapshot.run, state = snapshot.state;
+  setText("run", `run ${run.run_id} · task ${run.task} · ${run.clients} clients · partition ${run.partition} · compression ${run.compression}`);
+  setText("phase", state.phase);
+  setText("round", `${state.round} / ${run.rounds}`);
+  setText("in-round", state.phase === "finished" ? "-" : seconds(state.time_in_round_s));
+  setText("eta", seconds(state.eta_s));
+  const main = drawCharts(snapshot.rounds);
+  const last = snapshot.rounds[snapshot.rounds.length - 1];
+  const shown = last ? value(last.central, main) ?? value(last.federated, main) : null;
+  setText("main-label", main);
+  setText("main", shown === null ? "-" : shown.toFixed(4));
+  drawClients(snapshot.clients, snapshot.now);
+  drawRefusals(snapshot.refusals);
+}
+
+function live(on) {
+  const badge = document.getElementById("live");
+  badge.textContent = on ? "live" : "offline";
+  badge.className = `badge ${on ? "on" : "off"}`;
+}
+
+async function start() {
+  try {
+    const reply = await fetch("/api/state", { cache: "no-store" });
+    draw(await reply.json());
+  } catch (error) {
+    live(false);
+  }
+  const events = new EventSource("/api/events");
+  events.onopen = () => live(true);
+  events.onerror = () => live(false);
+  events.onmessage = (message) => draw(JSON.parse(message.data));
+}
+
+start();

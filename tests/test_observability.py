@@ -1,0 +1,219 @@
+"""Watching a real run: the dashboard in a real browser, /metrics, TensorBoard, reflection, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from fedgrpc.client.connection import Connection
+from fedgrpc.common.protocol import Instruction
+from fedgrpc.server.local import free_port
+from helpers import finish, finish_all, server_command, start, start_clients, wait_for_line
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+XSS = "<img src=x onerror=document.title='pwned'>"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
+
+
+def get(port: int, path: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.headers.get("Content-Type", ""), reply.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("Content-Type", ""), error.read()
+
+
+def hostile_metric(port: int, client_id: int) -> None:
+    """A member of the run whose update carries a metric named like markup: refused, and shown."""
+    with Connection(f"127.0.0.1:{port}", client_id, connect_timeout_s=60) as connection:
+        while True:
+            task = connection.next_task(0, max_wait_s=5)
+            if task.instruction is Instruction.TRAIN:
+                break
+        from fedgrpc.common import wire
+        from fedgrpc.v1 import coordinator_pb2 as pb
+        from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+
+        stream = list(
+            wire.update_stream(
+                client_id=client_id, round_number=task.round, num_examples=5, metrics={},
+                specs=task.specs, arrays=task.weights,
+            )
+        )  # fmt: skip
+        messages = [m if isinstance(m, pb.UpdateMessage) else pb.UpdateMessage.FromString(m) for m in stream]
+        messages[0].header.metrics[XSS] = 1.0
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.CoordinatorStub(channel).SubmitUpdate(iter(messages), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"), reason="no chromium (apt-get install chromium)"
+)
+def test_the_dashboard_shows_a_live_run_in_a_real_browser(tmp_path: Path) -> None:
+    """Three clients train for real; a fourth first sends an update with a metric named like
+    markup (refused, and shown as text), then goes on as a light client. Meanwhile 200 HTTP
+    connections are opened and never send a byte. The page is watched in Debian's chromium."""
+    from conftest import write_synthetic
+    from playwright.sync_api import sync_playwright
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert CHROMIUM is not None, "CI installs chromium (.ci/run)"
+    data = write_synthetic(tmp_path / "data.npz", train=1200, test=300)
+    port, http, out, log = free_port(), free_port(), tmp_path / "out", tmp_path / "server.log"
+    extra = (
+        *("--http", str(http), "--tensorboard", str(tmp_path / "tb")),
+        *("--eval-every", "1", "--personalize-epochs", "1"),  # central, federated and personalized curves
+    )
+    server = start(*server_command(port, data, out, rounds=6, clients=4, extra=extra), log=log)
+    wait_for_line(log, f"dashboard on http://127.0.0.1:{http}/", process=server)
+    idle = [socket.create_connection(("127.0.0.1", http)) for _ in range(200)]  # slow clients: never send
+    clients = start_clients(port, data, tmp_path, ids=(1, 2, 3))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            for connection in idle[:150]:  # make room: past its connection limit the server answers 503
+                connection.close()
+            page.goto(f"http://127.0.0.1:{http}/")
+            page.wait_for_selector("#live.on", timeout=60_000)
+            hostile_metric(port, 4)
+            clients += start_clients(port, data, tmp_path, ids=(4,), extra=("--insecure", "--light"))
+            seen, scraped = set(), b""
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and "finished" not in seen:
+                seen.add(page.text_content("#round") or "")
+                seen.add(page.text_content("#phase") or "")
+                if "3 / 6" in seen and not scraped:  # Prometheus scrapes a run in progress
+                    status, content_type, scraped = get(http, "/metrics")
+                    assert status == 200 and content_type.startswith("text/plain")
+                time.sleep(0.2)
+            assert {"1 / 6", "3 / 6", "6 / 6", "finished"} <= seen, (
+                seen
+            )  # the run advanced on the page itself
+            assert XSS in (page.text_content("#refusals tbody") or "")  # shown as text ...
+            assert page.query_selector("#refusals img") is None  # ... never as markup
+            assert page.title() == "fedgrpc dashboard"
+            assert page.query_selector_all(".client-row .strip span")  # the round timeline strips
+            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+            if os.environ.get("FEDGRPC_UPDATE_SCREENSHOT"):
+                shutil.copy(tmp_path / "dashboard.png", SCREENSHOT)
+            browser.close()
+        families = {f.name: f for f in text_string_to_metric_families(scraped.decode())}
+        for name in (
+            "fedgrpc_rounds_completed", "fedgrpc_round_duration_seconds", "fedgrpc_received_bytes",
+            "fedgrpc_sent_bytes", "fedgrpc_updates_accepted", "fedgrpc_refusals", "fedgrpc_clients_connected",
+            "fedgrpc_inflight_bytes", "fedgrpc_fold_queue_depth", "process_resident_memory_bytes",
+        ):  # fmt: skip
+            assert name in families, sorted(families)
+        samples = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+        assert samples["fedgrpc_rounds_completed_total"] >= 2 and samples["fedgrpc_round"] >= 3
+        refused = {s.labels.get("code"): s.value for s in families["fedgrpc_refusals"].samples}
+        assert refused.get("INVALID_ARGUMENT", 0) >= 1
+        finish_all(clients)
+        assert finish(server, log) == 0, log.read_text()
+    finally:
+        for connection in idle:
+            connection.close()
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    check_tensorboard(tmp_path / "tb")
+
+
+def check_tensorboard(logdir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    want = {"central/accuracy", "federated/personalized_accuracy", "round/seconds", "clients/1/train/loss"}
+    assert want | {"clients/2/evaluate/accuracy"} <= set(tags), sorted(tags)
+    assert [e.step for e in events.Scalars("central/accuracy")][:2] == [1, 2]
+
+
+def test_the_http_server_refuses_what_it_does_not_serve(tmp_path: Path) -> None:
+    from fedgrpc.common.config import RunSpec
+    from fedgrpc.server.http import DashboardServer, HttpConfig
+    from fedgrpc.server.monitor import Monitor
+
+    monitor = Monitor(RunSpec())
+    server = DashboardServer(monitor, HttpConfig(port=0, max_connections=5))
+    port = server.start()
+    try:
+        assert get(port, "/healthz")[0] == 200
+        assert get(port, "/static/../../../etc/passwd")[0] == 404
+        assert get(port, "/nope")[0] == 404
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/state", method="POST", data=b"x")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=5)
+        assert info.value.code == 405
+        with socket.create_connection(("127.0.0.1", port)) as big:
+            big.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 9000)
+            assert big.recv(100).startswith(b"HTTP/1.1 431")
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\n")  # and never the rest of the head
+            started = time.monotonic()
+            assert slow.recv(100).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 10
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port)) as extra:
+            assert extra.recv(100).startswith(b"HTTP/1.1 503")
+        for connection in held:
+            connection.close()
+        headers = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).headers
+        assert (
+            "script-src 'self'" in headers["Content-Security-Policy"]
+            and headers["X-Content-Type-Options"] == "nosniff"
+        )
+    finally:
+        server.stop()
+
+
+def test_reflection_lists_and_describes_the_services(tmp_path: Path, synthetic_npz: Path) -> None:
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    port, log = free_port(), tmp_path / "server.log"
+    server = start(*server_command(port, synthetic_npz, tmp_path / "out", rounds=1, clients=1), log=log)
+    try:
+        wait_for_line(log, "listening on port", process=server)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = set(database.get_services())
+            assert {"fedgrpc.v1.Coordinator", "grpc.health.v1.Health"} <= services
+            coordinator = DescriptorPool(database).FindServiceByName("fedgrpc.v1.Coordinator")
+            assert {m.name for m in coordinator.methods} == {
+                "Join",
+                "GetGlobalWeights",
+                "SubmitUpdate",
+                "SubmitEvaluation",
+            }
+    finally:
+        server.kill()
+
+
+def test_json_logs_carry_the_same_events(tmp_path: Path, synthetic_npz: Path) -> None:
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    extra = ("--log-format", "json")
+    server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=2, extra=extra), log=log)
+    clients = start_clients(
+        port, synthetic_npz, tmp_path, ids=(1, 2), extra=("--insecure", "--light", "--log-format", "json")
+    )
+    finish_all(clients)
+    assert finish(server, log) == 0, log.read_text()
+    events: list[dict[str, Any]] = []
+    for path in (log, tmp_path / "client-1.log"):
+        ours = [line for line in path.read_text().splitlines() if line.startswith("{")]
+        assert ours, path.read_text()
+        events += [json.loads(line) for line in ours]
+    assert all(set(e) >= {"time", "level", "role", "logger", "message"} for e in events)
+    messages = [e["message"] for e in events if e["role"] == "server"]
+    assert any(m.startswith("round 2/2  acc") for m in messages)
+    assert any(e["role"] == "client 1" and "light client: 2 rounds submitted" in e["message"] for e in events)
