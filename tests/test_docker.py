@@ -33,6 +33,7 @@ pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.yaml"
 COMPOSE_GPU = REPO / "docker" / "compose.gpu.yaml"
+COMPOSE_MONITORING = REPO / "docker" / "compose.monitoring.yaml"
 DOCKERFILE = "docker/Dockerfile"
 OFFLINE_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -117,10 +118,30 @@ def load_yaml(text: str) -> dict[str, Any]:
 
 
 def test_compose_files_are_valid() -> None:
-    for files in ((COMPOSE,), (COMPOSE, COMPOSE_GPU)):
+    for files in ((COMPOSE,), (COMPOSE, COMPOSE_GPU), (COMPOSE, COMPOSE_MONITORING)):
         for variables in ({}, {"FL_DATA": "/srv/data/cifar10-jpeg.tar.gz", "FL_ROUNDS": "2"}):
             config = compose_config(*files, **variables)
-            assert set(config["services"]) == SERVICES, files
+            extra = {"prometheus", "grafana"} if COMPOSE_MONITORING in files else set()
+            assert set(config["services"]) == SERVICES | extra, files
+
+
+def test_monitoring_overlay_scrapes_the_server_and_keeps_it_internal() -> None:
+    """Prometheus and Grafana images cannot be pulled here (no Docker Hub): the overlay is checked
+    by Compose, its Prometheus target against the server's --http port, and the Grafana
+    dashboard's queries against the metrics a live server exports (tests/test_observability.py)."""
+    config = compose_config(COMPOSE, COMPOSE_MONITORING, FL_ROUNDS="3")
+    services, networks = config["services"], config["networks"]
+    server = services["server"]
+    assert "--http=8080" in server["command"] and "--rounds=3" in server["command"]
+    assert "ports" not in server and set(server["networks"]) == {"fl", "monitoring"}
+    assert networks["fl"]["internal"] is True and networks["monitoring"]["internal"] is True
+    assert set(services["prometheus"]["networks"]) == {"monitoring", "ui"}
+    for name, port in (("prometheus", 9090), ("grafana", 3000)):
+        published = services[name]["ports"][0]
+        assert published["host_ip"] == "127.0.0.1" and int(published["target"]) == port, published
+    prometheus = load_yaml((REPO / "docker" / "monitoring" / "prometheus.yml").read_text())
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["server:8080"]
 
 
 def test_compose_demo_wiring() -> None:

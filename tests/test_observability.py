@@ -217,3 +217,36 @@ def test_json_logs_carry_the_same_events(tmp_path: Path, synthetic_npz: Path) ->
     messages = [e["message"] for e in events if e["role"] == "server"]
     assert any(m.startswith("round 2/2  acc") for m in messages)
     assert any(e["role"] == "client 1" and "light client: 2 rounds submitted" in e["message"] for e in events)
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_server_exports() -> None:
+    import re
+
+    from fedgrpc.common.codec import TensorSpec
+    from fedgrpc.common.config import RunSpec
+    from fedgrpc.server.rounds import RoundCoordinator
+    from fedgrpc.server.strategy import FedAvg
+    from helpers import serving
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dashboard = json.loads(
+        (
+            SCREENSHOT.parents[1] / "docker" / "monitoring" / "grafana" / "dashboards" / "fedgrpc.json"
+        ).read_text()
+    )
+    asked = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(?:fedgrpc|process)_[a-z_]+", target["expr"])
+    }
+    coordinator = RoundCoordinator(RunSpec(), [TensorSpec("w", "float32", (2,))], FedAvg())
+    with serving(coordinator) as endpoint:
+        text = generate_latest(endpoint.monitor.registry).decode()
+    exported = set()
+    for family in text_string_to_metric_families(text):  # labelled families have no samples yet
+        exported |= {sample.name for sample in family.samples} | {family.name}
+        if family.type == "counter":
+            exported.add(family.name + "_total")
+    assert asked and asked <= exported, asked - exported
