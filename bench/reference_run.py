@@ -68,7 +68,7 @@ def in_process(data: str, rounds: int, clients: int, seed: int, init_seed: int) 
 
 
 def networked(
-    data: str, rounds: int, clients: int, seed: int, init_seed: int, work: Path
+    data: str, rounds: int, clients: int, seed: int, init_seed: int, work: Path, observe: bool = False
 ) -> tuple[list[dict[str, Any]], float]:
     from fedgrpc.server.local import run_federation
 
@@ -79,7 +79,10 @@ def networked(
         rounds=rounds,
         data=data,
         out_dir=out,
-        server_args=["--partition-seed", str(seed), "--init-seed", str(init_seed)],
+        server_args=[
+            *("--partition-seed", str(seed), "--init-seed", str(init_seed)),
+            *(("--http", "0", "--tensorboard", str(work / "tensorboard")) if observe else ()),
+        ],
         logs_dir=work / "logs",
     )
     wall = time.monotonic() - started
@@ -98,10 +101,22 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--seed", type=int, default=42, help="partition seed")
     p.add_argument("--init-seed", type=int, default=0)
+    p.add_argument(
+        "--backend",
+        choices=("tensorflow", "jax", "torch"),
+        default=os.environ.get("KERAS_BACKEND", "tensorflow"),
+        help="the Keras backend of both runs (default: $KERAS_BACKEND, else tensorflow)",
+    )
+    p.add_argument(
+        "--observe",
+        action="store_true",
+        help="the networked run with --http (dashboard, /metrics) and --tensorboard",
+    )
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "reference_run.json")
     args = p.parse_args()
     if not Path(args.data).exists():
         raise SystemExit(f"no data at {args.data}; pass --data")
+    os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported, here and in every process
 
     from fedgrpc.common.data import load_split
 
@@ -114,7 +129,9 @@ def main() -> int:
         baseline = in_process(args.data, args.rounds, args.clients, args.seed, args.init_seed)
         base = [next(baseline) for _ in range(args.rounds // 2)]
         print(f"networked: fl-server + {args.clients} fl-client processes over gRPC on loopback", flush=True)
-        net, net_wall = networked(args.data, args.rounds, args.clients, args.seed, args.init_seed, Path(tmp))
+        net, net_wall = networked(
+            args.data, args.rounds, args.clients, args.seed, args.init_seed, Path(tmp), args.observe
+        )
         print("in-process baseline, remaining rounds", flush=True)
         base += list(baseline)
 

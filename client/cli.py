@@ -43,7 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--connect-timeout", type=float, default=60.0, help="seconds to keep retrying an unreachable server"
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="cap TensorFlow's CPU threads (e.g. cores / clients)"
+        "--threads", type=int, default=None, help="cap the backend's CPU threads (e.g. cores / clients)"
+    )
+    p.add_argument(
+        "--gpu",
+        default=None,
+        metavar="N[,M]",
+        help="use only these GPUs (sets CUDA_VISIBLE_DEVICES); several clients may share one",
     )
     p.add_argument(
         "--take-turns",
@@ -88,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.setup(f"client {args.client_id}", verbose=args.verbose, log_format=args.log_format)
-    device.quiet_tensorflow()
+    device.prepare(args.threads, args.gpu)
     from fedgrpc.client.app import ClientConfig, run_client
     from fedgrpc.client.connection import ChannelSecurity
 

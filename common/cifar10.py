@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 import numpy as np
 from fedgrpc.common.data import Examples, load_labels, load_split, model_inputs
 from fedgrpc.common.models import reference_cnn
@@ -34,7 +35,7 @@ def load_data(site: Site) -> LocalData:
     )
     shard = Examples(x, y)
     return LocalData(
-        train=input_pipeline(shard, NUM_CLASSES, site.batch_size),
+        train=batches(shard, NUM_CLASSES, site.batch_size),
         num_examples=len(shard),
         test=model_inputs(test.subset(keep), NUM_CLASSES),
     )
@@ -46,6 +47,38 @@ def load_test_data(site: Site) -> tuple[np.ndarray, np.ndarray]:
 
 def partition_labels(site: Site) -> np.ndarray:
     return load_labels(site.data, "train")
+
+
+def batches(examples: Examples, num_classes: int, batch_size: int) -> Any:
+    """The shard as shuffled batches for the backend at hand: tf.data on TensorFlow (measured
+    faster there), a keras.utils.PyDataset elsewhere (JAX and PyTorch need no TensorFlow)."""
+    if keras.backend.backend() == "tensorflow":
+        return input_pipeline(examples, num_classes, batch_size)
+    return ShuffledBatches(examples, num_classes, batch_size)
+
+
+class ShuffledBatches(keras.utils.PyDataset):  # type: ignore[misc]
+    """Batches of (pixels in [0, 1], one-hot labels) built from uint8 images, reshuffled every
+    epoch: the same data, order rule and short last batch as the tf.data pipeline."""
+
+    def __init__(self, examples: Examples, num_classes: int, batch_size: int) -> None:
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.examples, self.num_classes, self.batch_size = examples, num_classes, batch_size
+        self.order = np.random.default_rng().permutation(len(examples))
+
+    def __len__(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        x = self.examples.x[rows].astype(np.float32)
+        x /= 255.0
+        y = np.zeros((len(rows), self.num_classes), np.float32)
+        y[np.arange(len(rows)), self.examples.y[rows].astype(np.int64)] = 1.0
+        return x, y
+
+    def on_epoch_end(self) -> None:
+        self.order = np.random.default_rng().permutation(len(self.examples))
 
 
 def input_pipeline(examples: Examples, num_classes: int, batch_size: int) -> Any:

@@ -40,7 +40,8 @@ def setup(role: str, *, verbose: bool = False, log_format: str = "text") -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL"):
+    # Frameworks' own start-up lines (JAX logs that it found no TPU, in every process).
+    for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -304,6 +304,13 @@ class FederatedServer:
             sum(int(np.size(w)) for w in weights),
             _evaluation_plan(central is not None, run),
         )
+        if central is not None and first_round == 1:
+            # While the clients start: the baseline, and the evaluation compiled for every batch
+            # shape it will see, so that round 1 does not pay for it (on JAX, seconds).
+            started = time.monotonic()
+            initial = central(0, weights)
+            main = main_metric(loaded.task.main_metric, initial)
+            log.info("initial model: %s (%.1f s)", describe(main, initial, None), time.monotonic() - started)
         return _Job(loaded, run, model, weights, first_round, central)
 
     def _start_endpoint(self, coordinator: RoundCoordinator) -> GrpcEndpoint:

@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
     limit_malloc_arenas()  # before TensorFlow and gRPC start their threads
     logs.setup("server", verbose=args.verbose, log_format=args.log_format)
-    device.quiet_tensorflow()
+    device.prepare(args.threads)
     from fedgrpc.server.app import FederatedServer
 
     try:

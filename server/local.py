@@ -1,10 +1,12 @@
 """`fl-local`: a whole federation on this machine, one fl-server and N fl-client processes.
 
 Real processes talking gRPC over loopback, as on separate machines; this only saves typing
-the N+1 commands. Clients that share one machine share its cores, so by default each client
-gets all cores as TensorFlow intra-op threads, and when there are more clients than cores
-they take turns training (a lock file), which on 2 cores finished a round of 3 clients
-sooner than time-slicing them: see `fl-client --take-turns`.
+the N+1 commands. Clients that share one machine's CPU share its cores, so by default each
+client gets all cores as intra-op threads, and when there are more clients than cores they
+take turns training (a lock file), which on 2 cores finished a round of 3 clients sooner
+than time-slicing them: see `fl-client --take-turns`. On a machine with NVIDIA GPUs the
+clients train at once, sharing the cards (`--gpus 0,1`: client k on card k mod 2; memory is
+taken as needed, see fedgrpc.common.device); KERAS_BACKEND picks the backend of every process.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from fedgrpc.common.device import gpus_present
+
 #: TensorFlow's C++ start-up lines, printed before logging is set up; noise in a demo.
 _NOISE = re.compile(
     r"absl::InitializeLog|cudart_stub|cuda_platform|cpu_feature_guard|rebuild TensorFlow|"
-    r"oneDNN custom operations|computation placer already registered|Unable to register cu"
+    r"oneDNN custom operations|computation placer already registered|Unable to register cu|"
+    r"Unable to initialize backend 'tpu'|An NVIDIA GPU may be present on this machine"
 )
 
 
@@ -62,6 +67,7 @@ def run_federation(
     task: str | None = None,
     threads: int | None = None,
     schedule: str = "auto",
+    gpus: Sequence[str] = (),
     server_args: Sequence[str] = (),
     logs_dir: Path | None = None,
     timeout_s: float | None = None,
@@ -71,7 +77,8 @@ def run_federation(
     cores = os.cpu_count() or 1
     threads = threads or cores
     if schedule == "auto":
-        schedule = "turns" if clients > cores else "parallel"
+        on_gpu = bool(gpus) or gpus_present() > 0
+        schedule = "parallel" if on_gpu or clients <= cores else "turns"
     turn_lock = out_dir / ".train.lock" if schedule == "turns" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     # The same interpreter, by module: works wherever fedgrpc is importable (a venv, a --target
@@ -103,6 +110,8 @@ def run_federation(
         ]
         if turn_lock:
             cmd += ["--take-turns", str(turn_lock)]
+        if gpus:
+            cmd += ["--gpu", gpus[(client_id - 1) % len(gpus)]]
         cmd += shared
         if per_client:
             cmd += ["--data", str(data).replace("{id}", str(client_id))]
@@ -153,14 +162,19 @@ def main(argv: list[str] | None = None) -> int:
         "of their own, e.g. data/hospital_{id}.csv (default $FL_DATA, else the task's default)",
     )
     p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per client (default: all cores)")
     p.add_argument(
-        "--threads", type=int, default=None, help="TensorFlow threads per client (default: all cores)"
+        "--gpus",
+        default="",
+        metavar="0,1,...",
+        help="GPUs for the clients, round robin: client k trains on card k mod their number",
     )
     p.add_argument(
         "--schedule",
         choices=["auto", "turns", "parallel"],
         default="auto",
-        help="clients train one at a time (turns) or at once (parallel); auto: turns when clients > cores",
+        help="clients train one at a time (turns) or at once (parallel); auto: at once on a GPU "
+        "machine or when clients <= cores, else turns",
     )
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more fl-server options")
     args = p.parse_args(argv)
@@ -173,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task,
         threads=args.threads,
         schedule=args.schedule,
+        gpus=[g for g in args.gpus.split(",") if g.strip()],
         server_args=extra,
     )
 

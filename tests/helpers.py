@@ -23,10 +23,13 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 STARTED: list[subprocess.Popen[bytes]] = []
 
 
-def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    """Start fl-server or fl-client (args[0]) with its output appended to `log`."""
+def start(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start fl-server or fl-client (args[0]) with its output appended to `log` (`env`: more variables)."""
     process = subprocess.Popen(
-        [str(BIN / args[0]), *args[1:]], stdout=log.open("ab"), stderr=subprocess.STDOUT, env=ENV
+        [str(BIN / args[0]), *args[1:]],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env={**ENV, **(env or {})},
     )
     STARTED.append(process)
     return process
