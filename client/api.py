@@ -196,6 +196,10 @@ class Federation:
     def _submit(
         self, current: Round, weights: list[np.ndarray], num_examples: int, metrics: dict[str, float]
     ) -> None:
+        if self.run.dp_clip > 0:  # the run's DP: updates leave clipped
+            from fedgrpc.client.app import privatized
+
+            weights = privatized(weights, current.weights, self.run, None, None)
         try:
             received, expected = self.connection.submit(
                 current.number,

@@ -10,14 +10,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from fedgrpc.client.connection import ChannelSecurity, Connection
 from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec
 from fedgrpc.common.errors import ConfigError, RunChangedError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.logs import human_bytes
+from fedgrpc.common.privacy import PrivacyAccountant, clip_factor, l2_norm, noise_generator, privatize_locally
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.common.task import Site
 from fedgrpc.common.task_loader import LoadedTask, load_task
@@ -41,6 +43,49 @@ class ClientConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     turn_lock: Path | None = None
     security: ChannelSecurity = field(default_factory=ChannelSecurity)
+    local_dp: LocalDP | None = None
+
+
+@dataclass(frozen=True)
+class LocalDP:
+    """Local differential privacy: this client clips and noises its own update before it leaves
+    (for a server it does not trust to add noise), and accounts for the epsilon it spends."""
+
+    clip: float
+    noise_multiplier: float
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (self.clip > 0 and self.noise_multiplier > 0):
+            raise ConfigError("--local-dp-clip and --local-dp-noise-multiplier must be positive")
+
+
+def privatized(
+    weights: list[np.ndarray], reference: list[np.ndarray], run: RunSpec, local: LocalDP | None, rng: Any
+) -> list[np.ndarray]:
+    """The update as it may leave: clipped to the run's dp_clip, or clipped and noised under
+    local DP (the stricter of the two clips)."""
+    if local is not None:
+        clip = min(local.clip, run.dp_clip) if run.dp_clip > 0 else local.clip
+        return privatize_locally(weights, reference, clip, local.noise_multiplier, rng)
+    if run.dp_clip > 0:
+        changes = [
+            np.asarray(w, np.float64) - np.asarray(g, np.float64)
+            for w, g in zip(weights, reference, strict=True)
+        ]
+        factor = clip_factor(
+            l2_norm(
+                [c for c, w in zip(changes, weights, strict=True) if np.issubdtype(w.dtype, np.floating)]
+            ),
+            run.dp_clip,
+        )
+        return [
+            (np.asarray(g, np.float64) + c * factor).astype(w.dtype)
+            if np.issubdtype(w.dtype, np.floating)
+            else w
+            for w, g, c in zip(weights, reference, changes, strict=True)
+        ]
+    return weights
 
 
 @contextlib.contextmanager
@@ -116,6 +161,12 @@ def prepare_trainer(loaded: LoadedTask, run: RunSpec, config: ClientConfig) -> L
 
 def _take_part(connection: Connection, run: RunSpec, trainer: LocalTrainer, config: ClientConfig) -> int:
     last_round, trained = 0, 0
+    rng = noise_generator()
+    accountant = (
+        PrivacyAccountant(config.local_dp.noise_multiplier, config.local_dp.delta)
+        if config.local_dp
+        else None
+    )
     while True:
         task = connection.next_task(last_round, config.max_wait_s)
         if task.run_id and task.run_id != run.run_id:
@@ -141,11 +192,12 @@ def _take_part(connection: Connection, run: RunSpec, trainer: LocalTrainer, conf
             result = trainer.train(task.round, task.weights)
         if waited > 0.5:
             log.debug("waited %.1f s for a turn on the CPU", waited)
+        weights = privatized(result.weights, list(task.weights), run, config.local_dp, rng)
         try:
             received, expected = connection.submit(
                 task.round,
                 trainer.specs,
-                result.weights,
+                weights,
                 result.num_examples,
                 result.metrics,
                 method=run.compression,
@@ -160,6 +212,12 @@ def _take_part(connection: Connection, run: RunSpec, trainer: LocalTrainer, conf
                 raise
             received, expected = 0, run.num_clients
         last_round, trained = task.round, trained + 1
+        if accountant is not None:
+            log.info(
+                "local DP: epsilon %.3f spent so far (delta %g)",
+                accountant.epsilon(trained),
+                accountant.delta,
+            )
         log.info(
             "round %d  %s  %.1f s  down %s  (%d/%d updates in)",
             task.round, _short(result.metrics), result.metrics["train_seconds"],

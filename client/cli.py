@@ -66,6 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="no TensorFlow, no data: send seeded perturbations of the global weights (benchmarks, tests)",
     )
+    privacy = p.add_argument_group("local differential privacy (this client trusts nobody to add noise)")
+    privacy.add_argument(
+        "--local-dp-clip", type=float, default=None, metavar="C", help="clip each update to L2 C"
+    )
+    privacy.add_argument(
+        "--local-dp-noise-multiplier",
+        type=float,
+        default=None,
+        metavar="Z",
+        help="add Gaussian noise of std Z*C to each update before it leaves",
+    )
+    privacy.add_argument(
+        "--local-dp-delta", type=float, default=1e-5, help="the delta epsilon is reported for"
+    )
     security = p.add_argument_group("security")
     security.add_argument(
         "--ca", type=Path, help="CA certificate that signed the server's certificate: turns on TLS"
@@ -117,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.light:
         return _run_light(args, security)
 
+    local_dp = None
+    if args.local_dp_clip is not None or args.local_dp_noise_multiplier is not None:
+        from fedgrpc.client.app import LocalDP
+
+        if args.local_dp_clip is None or args.local_dp_noise_multiplier is None:
+            message = "--local-dp-clip and --local-dp-noise-multiplier go together"
+            print(f"fl-client {args.client_id}: error: {message}", file=sys.stderr)
+            return 2
+        local_dp = LocalDP(args.local_dp_clip, args.local_dp_noise_multiplier, args.local_dp_delta)
     config = ClientConfig(
         client_id=args.client_id,
         server=args.server,
@@ -128,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         security=security,
         progress=sys.stdout.isatty(),
         chunk_bytes=args.chunk_kb << 10,
+        local_dp=local_dp,
     )
     try:
         run_client(config)

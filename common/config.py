@@ -71,6 +71,7 @@ class RunSpec:
     partition: str = "iid"
     evaluation: EvaluationPlan = field(default_factory=EvaluationPlan)
     proximal_mu: float = 0.0  # FedProx: clients add mu/2 ||w - w_global||^2 to their loss
+    dp_clip: float = 0.0  # DP: clients clip their change to this L2 norm (0: they do not)
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -85,8 +86,10 @@ class RunSpec:
                 f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
             )
         check_scheme(self.partition)
-        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
-            raise ConfigError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
+        for name in ("proximal_mu", "dp_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         for key, value in self.task_params.items():
             if not isinstance(value, bool | int | float | str):
                 raise ConfigError(

@@ -67,6 +67,7 @@ def run_to_pb(run: RunSpec) -> pb.RunSpec:
             personalize_epochs=run.evaluation.personalize_epochs,
         ),
         proximal_mu=run.proximal_mu,
+        dp_clip=run.dp_clip,
     )
 
 
@@ -88,6 +89,7 @@ def run_from_pb(message: pb.RunSpec) -> RunSpec:
             personalize_epochs=message.evaluation.personalize_epochs,
         ),
         proximal_mu=message.proximal_mu,
+        dp_clip=message.dp_clip,
     )
 
 

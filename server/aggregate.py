@@ -124,6 +124,17 @@ class WeightedSum:
         self.total_examples, self.count = 0, 0
         return result
 
+    @property
+    def reference(self) -> list[np.ndarray]:
+        return self._reference
+
+    def take_sum(self) -> Weights:
+        """The sums themselves (zeros if nothing was added); this WeightedSum is empty afterwards."""
+        sums = self._sums
+        self._sums, self._reference, self._scratch = [], [], {}
+        self.total_examples, self.count = 0, 0
+        return sums
+
     def take_mean_change(self) -> Weights:
         """The mean change, sum / total examples, in the sums' own memory and dtype (what the
         server optimizers step with); the sum is empty afterwards."""

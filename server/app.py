@@ -24,6 +24,7 @@ from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec
 from fedgrpc.common.errors import ConfigError, RunFailedError, TaskError
 from fedgrpc.common.logs import human_bytes
+from fedgrpc.common.privacy import PrivacyAccountant
 from fedgrpc.common.task import Site
 from fedgrpc.common.task_loader import LoadedTask
 from fedgrpc.server.auth import Authenticator, ServerTls
@@ -36,7 +37,7 @@ from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
 from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
-from fedgrpc.server.strategy import Strategy, StrategySettings, make_strategy
+from fedgrpc.server.strategy import CentralDP, Strategy, StrategySettings, make_strategy
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -73,6 +74,23 @@ class RoundPolicy:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """Central DP-FedAvg (fedgrpc.common.privacy): clip, noise, and the budget to stop at."""
+
+    clip: float
+    noise_multiplier: float
+    clip_on: str = "client"  # client: clients clip (works under secure aggregation); server: it does
+    delta: float = 1e-5
+    target_epsilon: float | None = None  # stop before a round would spend more
+
+    def __post_init__(self) -> None:
+        if self.clip_on not in ("client", "server"):
+            raise ConfigError(f"--dp-clip-on must be client or server, got {self.clip_on!r}")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ConfigError(f"--dp-target-epsilon must be positive, got {self.target_epsilon}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     run: RunSpec = field(default_factory=RunSpec)
     task: str = DEFAULT_TASK  # a task file, module:attribute or installed name (--task)
@@ -84,6 +102,8 @@ class ServerConfig:
     data: str | None = None
     out_dir: Path = Path("results")
     strategy: StrategySettings = field(default_factory=StrategySettings)
+    privacy: PrivacySettings | None = None
+    client_sampling: str = "fixed"  # with --clients-per-round: fixed-size samples, or poisson
     tls: ServerTls | None = None
     tokens: dict[int, str] | None = None
     init_seed: int = 0
@@ -124,6 +144,7 @@ class FederatedServer:
         self.port = 0
         self.records: list[RoundRecord] = []
         self.monitor: Monitor | None = None
+        self._accountant: PrivacyAccountant | None = None
         self.dashboard: DashboardServer | None = None
         self._tensorboard: Any = None
         self._coordinator: RoundCoordinator | None = None
@@ -142,7 +163,16 @@ class FederatedServer:
 
     def run(self) -> list[RoundRecord]:
         cfg = self.config
-        strategy = make_strategy(cfg.strategy)
+        per_round = cfg.clients_per_round or cfg.run.num_clients
+        dp = cfg.privacy
+        central_dp = None if dp is None else CentralDP(dp.clip, dp.noise_multiplier, per_round)
+        strategy = make_strategy(cfg.strategy, central_dp)
+        self._accountant = None
+        if dp is not None and dp.noise_multiplier > 0:
+            sampling = "all" if per_round >= cfg.run.num_clients else cfg.client_sampling
+            self._accountant = PrivacyAccountant(
+                dp.noise_multiplier, dp.delta, sampling, cfg.run.num_clients, per_round
+            )
         checkpoint = self.checkpoints.load()  # a damaged checkpoint stops us here, before anything else
         minimum = cfg.policy.minimum(cfg.run)
         byzantine = cfg.strategy.byzantine
@@ -172,6 +202,7 @@ class FederatedServer:
             recorder=recorder,
             clients_per_round=cfg.clients_per_round,
             sample_seed=cfg.sample_seed,
+            sampling=cfg.client_sampling,
         )
         self._coordinator = coordinator
         if self._stop_requested.is_set():
@@ -280,6 +311,7 @@ class FederatedServer:
             task_params=params,
             evaluation=evaluation,
             proximal_mu=cfg.strategy.client_proximal_mu,
+            dp_clip=cfg.privacy.clip if cfg.privacy is not None and cfg.privacy.clip_on == "client" else 0.0,
         )
         weights: list[np.ndarray] = (
             _weights_of_saved_model(cfg.init_model, model) if cfg.init_model else model.get_weights()
@@ -361,6 +393,16 @@ class FederatedServer:
         run = job.run
         number, aborted = job.first_round, 0
         while number <= run.rounds and not coordinator.interrupted:
+            dp = self.config.privacy
+            epsilon = self._accountant.epsilon(number) if self._accountant is not None else None
+            target = dp.target_epsilon if dp is not None else None
+            if epsilon is not None and target is not None and epsilon > target:
+                log.info(
+                    "privacy budget: round %d would spend epsilon %.3f > --dp-target-epsilon %g; "
+                    "the run ends after round %d",
+                    number, epsilon, target, number - 1,
+                )  # fmt: skip
+                return
             round_started = time.monotonic()
             start_digest = weights_digest(job.weights)
             coordinator.open_round(number, job.weights)
@@ -369,7 +411,7 @@ class FederatedServer:
             expected = coordinator.expected
             if not self._collect(coordinator, expected, number, min(minimum, expected)):
                 return
-            outcome = coordinator.close_round()
+            outcome = coordinator.close_round(allow_empty=self.config.privacy is not None)
             monitor.phase("aggregating", number, coordinator.participants(number))
             if not _all_finite(outcome.weights):
                 aborted += 1
@@ -398,6 +440,7 @@ class FederatedServer:
                 clients=[ClientReport(u.client_id, u.num_examples, dict(u.metrics)) for u in outcome.updates],
                 central=central,
                 federated=federated,
+                privacy=None if epsilon is None or dp is None else {"epsilon": epsilon, "delta": dp.delta},
                 start_digest=start_digest,
                 end_digest=weights_digest(job.weights),
             )
@@ -410,9 +453,10 @@ class FederatedServer:
             monitor.round_recorded(as_dict, main)
             if self._tensorboard is not None:
                 self._tensorboard.round(as_dict)
+            spent = f"  epsilon {epsilon:.3f}" if epsilon is not None else ""
             log.info(
-                "round %d/%d  %s  %.1f s  up %s  down %s  clients %d/%d",
-                number, run.rounds, describe(main, central, fed_metrics), record.seconds,
+                "round %d/%d  %s%s  %.1f s  up %s  down %s  clients %d/%d",
+                number, run.rounds, describe(main, central, fed_metrics), spent, record.seconds,
                 human_bytes(record.bytes_in), human_bytes(record.bytes_out), len(outcome.updates), expected,
             )  # fmt: skip
             number += 1

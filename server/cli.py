@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-lr",
         type=float,
         default=None,
-        help="server optimizers' learning rate (fedavgm 1.0; fedadagrad, fedadam, fedyogi 0.01)",
+        help="server optimizers' learning rate (fedavgm 0.1; fedadagrad, fedadam, fedyogi 0.01)",
     )
     strategy.add_argument(
         "--server-momentum",
@@ -162,6 +162,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a seeded sample of K ready clients each round (default: all of them)",
     )
     run.add_argument("--sample-seed", type=int, default=0, help="seed of the per-round client samples")
+
+    privacy = p.add_argument_group("differential privacy (DP-FedAvg; see fedgrpc.common.privacy)")
+    privacy.add_argument(
+        "--dp-clip", type=float, default=None, metavar="C", help="clip each update to L2 norm C"
+    )
+    privacy.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=None,
+        metavar="Z",
+        help="add Gaussian noise of std Z*C to the sum of updates (each weighted 1, not by examples)",
+    )
+    privacy.add_argument(
+        "--dp-clip-on",
+        choices=("client", "server"),
+        default="client",
+        help="who clips: clients (works with secure aggregation) or the server (default %(default)s)",
+    )
+    privacy.add_argument("--dp-delta", type=float, default=1e-5, help="the delta epsilon is reported for")
+    privacy.add_argument(
+        "--dp-target-epsilon",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="end the run before a round would spend more than EPS",
+    )
+    run.add_argument(
+        "--client-sampling",
+        choices=("fixed", "poisson"),
+        default="fixed",
+        help="with --clients-per-round K: K clients a round, or each with chance K/N (default %(default)s)",
+    )
 
     evaluation = p.add_argument_group("evaluation")
     evaluation.add_argument(
@@ -338,6 +370,22 @@ def check_sizes(args: argparse.Namespace) -> None:
         )
 
 
+def privacy_from(args: argparse.Namespace) -> Any:
+    from fedgrpc.server.app import PrivacySettings
+
+    if args.dp_clip is None and args.dp_noise_multiplier is None:
+        return None
+    if args.dp_clip is None or args.dp_noise_multiplier is None:
+        raise ConfigError("--dp-clip and --dp-noise-multiplier go together")
+    return PrivacySettings(
+        clip=args.dp_clip,
+        noise_multiplier=args.dp_noise_multiplier,
+        clip_on=args.dp_clip_on,
+        delta=args.dp_delta,
+        target_epsilon=args.dp_target_epsilon,
+    )
+
+
 def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
     from fedgrpc.server.app import RoundPolicy, ServerConfig
 
@@ -367,6 +415,8 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         port=args.port,
         data=args.data,
         out_dir=args.out,
+        privacy=privacy_from(args),
+        client_sampling=args.client_sampling,
         strategy=StrategySettings(
             name=args.strategy,
             trim_fraction=args.trim_fraction,

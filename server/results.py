@@ -50,6 +50,7 @@ class RoundRecord:
     clients: list[ClientReport] = field(default_factory=list)  # the training reports
     central: Mapping[str, float] | None = None  # on the server's test set, if it has one
     federated: FederatedRecord | None = None  # on the clients' held-out data, when asked
+    privacy: Mapping[str, float] | None = None  # DP: epsilon spent so far, for delta
     start_digest: str = ""  # weights_digest of the global weights the round started from
     end_digest: str = ""  # ... and of the new global weights it produced
 
@@ -201,7 +202,9 @@ class RunResults:
         import matplotlib.pyplot as plt
 
         rounds = [r.round for r in records]
-        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        private = any(r.privacy for r in records)
+        figure, axes = plt.subplots(1, 3 if private else 2, figsize=(15 if private else 10, 4))
+        left, right = axes[0], axes[1]
         lines = (
             ("central (server's test set)", "central", "", "tab:blue"),
             ("federated (clients' held-out data)", "federated", "", "tab:orange"),
@@ -217,6 +220,13 @@ class RunResults:
             axis.set_xticks(rounds)
             if axis.get_legend_handles_labels()[0]:
                 axis.legend(fontsize=8)
+        if private:
+            spent = [_nan_if_none((r.privacy or {}).get("epsilon")) for r in records]
+            delta = next(r.privacy["delta"] for r in records if r.privacy)
+            axes[2].plot(rounds, spent, marker="o", color="tab:purple")
+            axes[2].set(title=f"privacy spent (delta {delta:g})", xlabel="round", ylabel="epsilon")
+            axes[2].grid(alpha=0.3)
+            axes[2].set_xticks(rounds)
         figure.tight_layout()
         figure.savefig(self.curves_path, dpi=100)
         plt.close(figure)

@@ -171,11 +171,15 @@ class RoundCoordinator:
         recorder: UpdateRecorder | None = None,
         clients_per_round: int | None = None,
         sample_seed: int = 0,
+        sampling: str = "fixed",
     ) -> None:
         if clients_per_round is not None and not 1 <= clients_per_round <= run.num_clients:
             raise ValueError(f"clients_per_round must be in 1..{run.num_clients}, got {clients_per_round}")
         self.run = run
+        if sampling not in ("fixed", "poisson"):
+            raise ValueError(f"sampling must be fixed or poisson, got {sampling!r}")
         self.clients_per_round = clients_per_round
+        self.sampling = sampling
         self._sample_seed = sample_seed
         self.specs = tuple(specs)
         self._strategy = strategy
@@ -229,6 +233,9 @@ class RoundCoordinator:
             return None
         pool = sorted(self._ready)
         rng = random.Random(f"{self._sample_seed}:{number}")
+        if self.sampling == "poisson":  # each client on its own, with probability K/N: may be none
+            rate = self.clients_per_round / self.run.num_clients
+            return frozenset(client for client in pool if rng.random() < rate)
         return frozenset(rng.sample(pool, min(self.clients_per_round, len(pool))))
 
     def participants(self, number: int) -> list[int]:
@@ -261,10 +268,12 @@ class RoundCoordinator:
             self._changed.wait_for(lambda: len(current.accepted) >= count or self._interrupted, timeout)
             return len(current.accepted) >= count and not self._interrupted
 
-    def close_round(self) -> RoundOutcome:
+    def close_round(self, *, allow_empty: bool = False) -> RoundOutcome:
+        """Stop taking updates and aggregate them. `allow_empty`: a round with none is still
+        aggregated (DP with Poisson sampling: its global weights move by noise alone)."""
         with self._changed:
             current = self._require_round()
-            if not current.accepted:
+            if not current.accepted and not allow_empty:
                 raise RuntimeError(f"round {current.number} has no updates to aggregate")
             self._phase = Phase.AGGREGATING
             self._notify_everyone()

@@ -32,6 +32,7 @@ from typing import Protocol
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.errors import ConfigError, UpdateRejectedError
+from fedgrpc.common.privacy import clip_factor, gaussian_noise, l2_norm, noise_generator
 from fedgrpc.server.aggregate import (
     WeightedSum,
     Weights,
@@ -141,14 +142,34 @@ def _largest_magnitude(array: np.ndarray) -> float:
     return max(abs(float(array.max())), abs(float(array.min())))
 
 
+@dataclass(frozen=True)
+class CentralDP:
+    """DP-FedAvg's server side (fedgrpc.common.privacy): every update clipped to L2 `clip` and
+    weighted 1, Gaussian noise of std noise_multiplier * clip added to the sum, which is divided
+    by the expected number of updates a round (fixed, so the noise is not scaled by chance)."""
+
+    clip: float
+    noise_multiplier: float
+    expected_updates: int
+
+    def __post_init__(self) -> None:
+        if not self.clip > 0:
+            raise ConfigError(f"--dp-clip must be positive, got {self.clip}")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"--dp-noise-multiplier must be >= 0, got {self.noise_multiplier}")
+
+
 class FedAvg:
-    """Example-weighted mean of the clients' weights (McMahan et al., 2017), folded in as updates arrive."""
+    """Example-weighted mean of the clients' weights (McMahan et al., 2017), folded in as updates
+    arrive; with `privacy`, DP-FedAvg (McMahan et al., 2018) instead."""
 
     name = "fedavg"
 
-    def __init__(self) -> None:
+    def __init__(self, privacy: CentralDP | None = None) -> None:
         self._sum: WeightedSum | None = None
         self._max_updates = 1
+        self.privacy = privacy
+        self._noise = noise_generator() if privacy is not None else None
 
     def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
         self._sum = WeightedSum(global_weights)
@@ -162,18 +183,48 @@ class FedAvg:
     def prepare(
         self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool
     ) -> np.ndarray:
-        return weighted_change(tensor, reference, num_examples, in_place=in_place)
+        weight = num_examples if self.privacy is None else 1  # DP: each client weighs the same
+        return weighted_change(tensor, reference, weight, in_place=in_place)
 
     def add(self, update: Sequence[np.ndarray], num_examples: int) -> None:
         if self._sum is None:
             raise RuntimeError("begin_round was not called")
-        self._sum.add_change(update, num_examples)
+        if self.privacy is None:
+            self._sum.add_change(update, num_examples)
+            return
+        floating = [np.asarray(t) for t in update]  # read once (a spooled update reads from disk)
+        factor = clip_factor(
+            l2_norm([t for t in floating if np.issubdtype(t.dtype, np.floating)]), self.privacy.clip
+        )
+        for tensor in floating:
+            if factor < 1.0 and np.issubdtype(tensor.dtype, np.floating):
+                tensor *= tensor.dtype.type(factor)
+        self._sum.add_change(floating, 1)
 
     def result(self) -> Weights:
         if self._sum is None:
             raise RuntimeError("begin_round was not called")
-        weights, self._sum = self._sum.take_mean(), None
-        return weights
+        if self.privacy is None:  # the plain mean, computed in the sum's memory
+            weights, self._sum = self._sum.take_mean(), None
+            return weights
+        reference = self._sum.reference
+        return [(r + d).astype(r.dtype) for r, d in zip(reference, self._mean_change(), strict=True)]
+
+    def _mean_change(self) -> Weights:
+        """The round's mean change: sum / examples, or under DP (sum + noise) / expected updates."""
+        if self._sum is None:
+            raise RuntimeError("begin_round was not called")
+        if self.privacy is None:
+            changes, self._sum = self._sum.take_mean_change(), None
+            return changes
+        sums, self._sum = self._sum.take_sum(), None
+        dp, rng = self.privacy, self._noise
+        assert rng is not None
+        for total in sums:
+            if np.issubdtype(total.dtype, np.floating):
+                total += gaussian_noise(total.shape, dp.noise_multiplier * dp.clip, rng, total.dtype)
+            total /= total.dtype.type(dp.expected_updates)
+        return sums
 
     def state(self) -> dict[str, np.ndarray]:
         return {}
@@ -302,10 +353,15 @@ class StrategySettings:
 _SERVER_OPTIMIZER_NAMES = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
 
 
-def make_strategy(settings: StrategySettings) -> Strategy:
+def make_strategy(settings: StrategySettings, privacy: CentralDP | None = None) -> Strategy:
     name = settings.name
+    if privacy is not None and name in ROBUST:
+        raise ConfigError(
+            f"differential privacy needs a mean to add its noise to: --strategy {name} cannot take it; "
+            "use fedavg, fedprox or a server optimizer"
+        )
     if name in ("fedavg", "fedprox"):
-        return FedAvg()
+        return FedAvg(privacy)
     if name == "median":
         return Median()
     if name == "trimmed-mean":
@@ -324,4 +380,4 @@ def make_strategy(settings: StrategySettings) -> Strategy:
         )
         if value is not None
     }
-    return SERVER_OPTIMIZERS[name](**options)
+    return SERVER_OPTIMIZERS[name](**options, privacy=privacy)

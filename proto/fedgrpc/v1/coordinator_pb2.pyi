@@ -109,7 +109,7 @@ class EvaluationPlan(_message.Message):
     def __init__(self, every: _Optional[int] = ..., fraction: _Optional[float] = ..., personalize_epochs: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "batch_size", "local_epochs", "compression", "task", "task_params", "partition", "evaluation", "proximal_mu")
+    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "batch_size", "local_epochs", "compression", "task", "task_params", "partition", "evaluation", "proximal_mu", "dp_clip")
     class TaskParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class RunSpec(_message.Message):
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rounds: int
     num_clients: int
@@ -141,7 +142,8 @@ class RunSpec(_message.Message):
     partition: str
     evaluation: EvaluationPlan
     proximal_mu: float
-    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ..., task_params: _Optional[_Mapping[str, ParamValue]] = ..., partition: _Optional[str] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
+    dp_clip: float
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ..., task_params: _Optional[_Mapping[str, ParamValue]] = ..., partition: _Optional[str] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ..., dp_clip: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "task")
