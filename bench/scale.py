@@ -1,13 +1,15 @@
 """Many light clients (no TensorFlow) in one round against one real fl-server on loopback.
 
-    python bench/scale.py [--clients 1000] [--per-round K] [--workers 4] [--compression none]
+    python bench/scale.py [--clients 1000] [--per-round K] [--rounds 1] [--workers 4] [--compression none]
 
-Starts `fl-server` (the reference CNN, a small synthetic test set) for one round of
---clients clients, and the light clients as threads spread over --workers processes, each
-with its own gRPC channel (its own TCP connection). Measures the round time the server
-logs, each client's SubmitUpdate latency (p50, p99, max), the server's peak RSS (VmHWM),
-and checks the aggregate: the server's checkpointed weights against the example-weighted
-mean of what every light client sent, recomputed here from (client id, round).
+Starts `fl-server` (the reference CNN, a small synthetic test set) for --rounds rounds of
+--clients clients (K of them sampled a round with --per-round), and the light clients as
+threads spread over --workers processes, each with its own gRPC channel (its own TCP
+connection). Measures the round times the server logs, each client's SubmitUpdate latency
+(p50, p99, max), the server's peak RSS (VmHWM), its threads and open file descriptors at
+their highest, and checks the aggregate of the first round: the server's weights against
+the example-weighted mean of what every light client sent, recomputed here from (client
+id, round).
 Prints a table and writes JSON (bench/results/scale.json).
 """
 
@@ -32,31 +34,42 @@ import numpy as np
 BIN = Path(sys.executable).parent
 
 
-def _clients(target: str, ids: list[int], results: mp.Queue) -> None:  # type: ignore[type-arg]
+def _clients(target: str, ids: list[int], last_round: int, results: mp.Queue) -> None:  # type: ignore[type-arg]
     from fedgrpc.client.light import run_light_client
 
+    threading.stack_size(512 << 10)  # thousands of client threads: small stacks
+    keepers = set(ids[:50])  # clients that keep the weights they were sent, to check the last round
+
     def one(client_id: int) -> dict[str, Any]:
-        stats = run_light_client(target, client_id, connect_timeout_s=300, keep_weights=client_id == ids[0])
+        stats = run_light_client(target, client_id, connect_timeout_s=600, keep_weights=client_id in keepers)
         return {
             "id": client_id,
             "rounds": stats.rounds,
             "submit_s": stats.submit_seconds,
-            "received": {r: [w.tolist() for w in ws] for r, ws in stats.received.items()},
+            "last": stats.received.get(last_round),
         }
 
     with futures.ThreadPoolExecutor(max_workers=len(ids)) as pool:
-        results.put([f.result() for f in [pool.submit(one, i) for i in ids]])
+        done = [f.result() for f in [pool.submit(one, i) for i in ids]]
+    last = next((d["last"] for d in done if d["last"] is not None), None)
+    for d in done:
+        d.pop("last")
+    results.put((done, None if last is None else [w.tolist() for w in last]))
 
 
 def _peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    """peak = [VmHWM bytes, most threads, most open file descriptors] of process `pid`."""
     while not stop.is_set():
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+                if line.startswith("Threads:"):
+                    peak[1] = max(peak[1], int(line.split()[1]))
+            peak[2] = max(peak[2], len(os.listdir(f"/proc/{pid}/fd")))
         except OSError:
             return
-        time.sleep(0.1)
+        time.sleep(0.2)
 
 
 def main() -> int:
@@ -64,13 +77,14 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--per-round", type=int, default=None, help="--clients-per-round (default: all)")
     p.add_argument("--workers", type=int, default=4, help="client processes (threads spread over them)")
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--compression", default="none", choices=("none", "fp16", "int8"))
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = p.parse_args()
 
     from fedgrpc.client.light import light_examples, light_update
+    from fedgrpc.common.processes import free_port
     from fedgrpc.server.checkpoint import CheckpointStore
-    from fedgrpc.server.local import free_port
 
     with tempfile.TemporaryDirectory(prefix="fedgrpc-scale-") as tmp:
         work = Path(tmp)
@@ -85,14 +99,14 @@ def main() -> int:
         port, out = free_port(), work / "out"
         command = [
             str(BIN / "fl-server"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-            "--rounds", "1", "--clients", str(args.clients), "--data", str(work / "test.npz"),
+            "--rounds", str(args.rounds), "--clients", str(args.clients), "--data", str(work / "test.npz"),
             "--out", str(out), "--threads", "1", "--join-timeout", "600", "--compression", args.compression,
         ]  # fmt: skip
         if args.per_round:
             command += ["--clients-per-round", str(args.per_round)]
         server_log = work / "server.log"
         server = subprocess.Popen(command, stdout=server_log.open("wb"), stderr=subprocess.STDOUT)
-        stop, peak = threading.Event(), [0]
+        stop, peak = threading.Event(), [0, 0, 0]
         watcher = threading.Thread(target=_peak_rss, args=(server.pid, stop, peak), daemon=True)
         watcher.start()
 
@@ -101,12 +115,16 @@ def main() -> int:
         results: mp.Queue = context.Queue()  # type: ignore[type-arg]
         ids = list(range(1, args.clients + 1))
         workers = [
-            context.Process(target=_clients, args=(f"127.0.0.1:{port}", ids[k :: args.workers], results))
+            context.Process(
+                target=_clients, args=(f"127.0.0.1:{port}", ids[k :: args.workers], args.rounds, results)
+            )
             for k in range(args.workers)
         ]
         for worker in workers:
             worker.start()
-        reports = [r for _ in workers for r in results.get(timeout=1200)]
+        answers = [results.get(timeout=3600) for _ in workers]
+        reports = [r for done, _ in answers for r in done]
+        last_weights = next((w for _, w in answers if w is not None), None)
         for worker in workers:
             worker.join()
         code = server.wait(timeout=300)
@@ -116,19 +134,20 @@ def main() -> int:
         if code != 0:
             print(log[-4000:], file=sys.stderr)
             raise SystemExit(f"fl-server exited {code}")
-        history = json.loads((out / "history.json").read_text())["rounds"][0]
+        rounds = json.loads((out / "history.json").read_text())["rounds"]
+        history = rounds[-1]
         saved = CheckpointStore(out / "checkpoint").load()
         assert saved is not None
 
-    # The aggregate, recomputed from what every light client sent.
-    start_weights = next(
-        [np.asarray(w, np.float32) for w in r["received"][1]] for r in reports if r["received"]
-    )
+    # The last round's aggregate, recomputed from what every light client sent.
+    if last_weights is None:
+        raise SystemExit("no client that kept its weights was sampled in the last round; run again")
+    start_weights = [np.asarray(w, np.float32) for w in last_weights]
     trained = sorted(c["client_id"] for c in history["clients"])
     total = sum(light_examples(c) for c in trained)
     expected = [np.zeros(w.shape) for w in start_weights]
     for c in trained:
-        for acc, w in zip(expected, light_update(start_weights, c, 1), strict=True):
+        for acc, w in zip(expected, light_update(start_weights, c, args.rounds), strict=True):
             acc += w.astype(np.float64) * light_examples(c)
     error = max(float(np.max(np.abs(e / total - s))) for e, s in zip(expected, saved.weights, strict=True))
 
@@ -138,12 +157,15 @@ def main() -> int:
         "clients": args.clients,
         "trained": len(trained),
         "compression": args.compression,
-        "round_s": history["seconds"],
+        "rounds": args.rounds,
+        "round_s": [r["seconds"] for r in rounds],
         "wall_s_incl_start": wall,
         "submit_p50_ms": 1e3 * statistics.median(latencies),
         "submit_p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "submit_max_ms": 1e3 * latencies[-1],
         "server_peak_rss_MB": peak[0] / 1e6,
+        "server_peak_threads": peak[1],
+        "server_peak_fds": peak[2],
         "model_MB": model_bytes / 1e6,
         "bytes_up_MB": history["bytes_in"] / 1e6,
         "bytes_down_MB": history["bytes_out"] / 1e6,

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from fedgrpc.client.connection import ChannelSecurity, Connection
+from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import (
     ConfigError,
@@ -125,6 +126,7 @@ class Federation:
         self.client_id = connection.client_id
         self._specs: Sequence[Any] = ()
         self._last_round = 0
+        self._secure: SecureRound | None = None
 
     def __enter__(self) -> Federation:
         return self
@@ -185,6 +187,14 @@ class Federation:
                 count, metrics = (0, {}) if evaluate is None or model is None else evaluate(model)
                 self.connection.submit_evaluation(task.round, int(count), metrics)
                 continue
+            self._secure = None
+            if self.run.secagg is not None:  # keys and shares before training, as fl-client does
+                self._secure = SecureRound(self.connection, self.run, task.round)
+                try:
+                    self._secure.share_keys()
+                except StaleRoundError as exc:
+                    log.warning("round %d: %s", task.round, exc)
+                    continue
             current = Round(task.round, task.weights, self)
             yield current
             if not current.submitted:
@@ -201,15 +211,19 @@ class Federation:
 
             weights = privatized(weights, current.weights, self.run, None, None)
         try:
-            received, expected = self.connection.submit(
-                current.number,
-                self._specs,
-                weights,
-                num_examples,
-                metrics,
-                method=self.run.compression,
-                reference=current.weights,
-            )
+            if self._secure is not None:
+                received, expected = self._secure.submit(self._specs, weights, current.weights, num_examples)
+                self._secure.reveal()
+            else:
+                received, expected = self.connection.submit(
+                    current.number,
+                    self._specs,
+                    weights,
+                    num_examples,
+                    metrics,
+                    method=self.run.compression,
+                    reference=current.weights,
+                )
             log.info("round %d submitted (%d/%d updates in)", current.number, received, expected)
         except StaleRoundError as exc:
             log.warning("round %d closed before this update arrived: %s", current.number, exc)

@@ -7,25 +7,27 @@ import contextlib
 import fcntl
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from fedgrpc.client.connection import ChannelSecurity, Connection
+from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common import device, task_loader
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec
 from fedgrpc.common.errors import ConfigError, RunChangedError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.logs import human_bytes
-from fedgrpc.common.privacy import PrivacyAccountant, clip_factor, l2_norm, noise_generator, privatize_locally
+from fedgrpc.common.privacy import PrivacyAccountant, clip_update, noise_generator, privatize_locally
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.common.task import Site
 from fedgrpc.common.task_loader import LoadedTask, load_task
 
 if TYPE_CHECKING:
-    from fedgrpc.client.trainer import LocalTrainer
+    from fedgrpc.client.trainer import Evaluation, LocalTrainer, TrainResult
 
 log = logging.getLogger("fedgrpc.client")
 
@@ -69,22 +71,7 @@ def privatized(
         clip = min(local.clip, run.dp_clip) if run.dp_clip > 0 else local.clip
         return privatize_locally(weights, reference, clip, local.noise_multiplier, rng)
     if run.dp_clip > 0:
-        changes = [
-            np.asarray(w, np.float64) - np.asarray(g, np.float64)
-            for w, g in zip(weights, reference, strict=True)
-        ]
-        factor = clip_factor(
-            l2_norm(
-                [c for c, w in zip(changes, weights, strict=True) if np.issubdtype(w.dtype, np.floating)]
-            ),
-            run.dp_clip,
-        )
-        return [
-            (np.asarray(g, np.float64) + c * factor).astype(w.dtype)
-            if np.issubdtype(w.dtype, np.floating)
-            else w
-            for w, g, c in zip(weights, reference, changes, strict=True)
-        ]
+        return clip_update(weights, reference, run.dp_clip)
     return weights
 
 
@@ -127,7 +114,7 @@ def run_client(config: ClientConfig) -> int:
         )  # fmt: skip
         log.info("devices: %s", device.configure(config.threads))
         trainer = prepare_trainer(loaded, run, config)
-        return _take_part(connection, run, trainer, config)
+        return take_part(connection, run, trainer, config)
 
 
 def prepare_trainer(loaded: LoadedTask, run: RunSpec, config: ClientConfig) -> LocalTrainer:
@@ -159,7 +146,29 @@ def prepare_trainer(loaded: LoadedTask, run: RunSpec, config: ClientConfig) -> L
     return LocalTrainer(loaded, run, params, data, model)
 
 
-def _take_part(connection: Connection, run: RunSpec, trainer: LocalTrainer, config: ClientConfig) -> int:
+class Trainer(Protocol):
+    """What take_part trains with: a LocalTrainer, or one client id's view of a shared one."""
+
+    specs: list[TensorSpec]
+
+    def train(self, round_number: int, weights: Sequence[np.ndarray]) -> TrainResult: ...
+
+    def evaluate(
+        self, round_number: int, weights: Sequence[np.ndarray], personalize_epochs: int = 0
+    ) -> Evaluation: ...
+
+
+def take_part(
+    connection: Connection,
+    run: RunSpec,
+    trainer: Trainer,
+    config: ClientConfig,
+    *,
+    turn: Callable[[], AbstractContextManager[float]] | None = None,
+) -> int:
+    """Train and evaluate whatever the server asks until the run is finished; returns rounds
+    trained. `turn`: held while training or evaluating (default: --take-turns' lock file)."""
+    hold = turn or (lambda: training_turn(config.turn_lock))
     last_round, trained = 0, 0
     rng = noise_generator()
     accountant = (
@@ -180,7 +189,7 @@ def _take_part(connection: Connection, run: RunSpec, trainer: LocalTrainer, conf
         if task.instruction is Instruction.WAIT:
             continue
         if task.instruction is Instruction.EVALUATE:
-            with training_turn(config.turn_lock):
+            with hold():
                 evaluation = trainer.evaluate(task.round, task.weights, run.evaluation.personalize_epochs)
             connection.submit_evaluation(task.round, evaluation.num_examples, evaluation.metrics)
             log.info(
@@ -188,21 +197,33 @@ def _take_part(connection: Connection, run: RunSpec, trainer: LocalTrainer, conf
                 task.round, evaluation.num_examples, _short(evaluation.metrics),
             )  # fmt: skip
             continue
-        with training_turn(config.turn_lock) as waited:
-            result = trainer.train(task.round, task.weights)
-        if waited > 0.5:
-            log.debug("waited %.1f s for a turn on the CPU", waited)
-        weights = privatized(result.weights, list(task.weights), run, config.local_dp, rng)
         try:
-            received, expected = connection.submit(
-                task.round,
-                trainer.specs,
-                weights,
-                result.num_examples,
-                result.metrics,
-                method=run.compression,
-                reference=task.weights,
-            )
+            secure = None
+            if run.secagg is not None:  # keys and shares first: they are ready when training ends
+                secure = SecureRound(connection, run, task.round, max_wait_s=config.max_wait_s)
+                secure.share_keys()
+            with hold() as waited:
+                result = trainer.train(task.round, task.weights)
+            if waited > 0.5:
+                log.debug("waited %.1f s for a turn on the CPU", waited)
+            weights = privatized(result.weights, list(task.weights), run, config.local_dp, rng)
+            if secure is not None:
+                # One client's training metrics would say something of its data: only the time goes.
+                timing = {"train_seconds": result.metrics["train_seconds"]}
+                received, expected = secure.submit(
+                    trainer.specs, weights, task.weights, result.num_examples, timing
+                )
+                secure.reveal()
+            else:
+                received, expected = connection.submit(
+                    task.round,
+                    trainer.specs,
+                    weights,
+                    result.num_examples,
+                    result.metrics,
+                    method=run.compression,
+                    reference=task.weights,
+                )
         except StaleRoundError as exc:
             log.warning("round %d closed before this update arrived: %s", task.round, exc)
             last_round = task.round

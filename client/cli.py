@@ -21,8 +21,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="fl-client", description="Train on local data as one client of a federated run."
     )
+    from_env = os.environ.get("FL_CLIENT_ID", "").strip()
     p.add_argument(
-        "--id", type=int, required=True, dest="client_id", help="this client's id, 1..N (trains shard id-1)"
+        "--id",
+        type=int,
+        required=not from_env.isdigit(),
+        default=int(from_env) if from_env.isdigit() else None,
+        dest="client_id",
+        help="this client's id, 1..N (trains shard id-1; default: $FL_CLIENT_ID, as a Kubernetes pod index)",
     )
     p.add_argument(
         "--server", default="localhost:50051", help="coordinator address host:port (default %(default)s)"
@@ -93,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--token", default=os.environ.get("FL_TOKEN") or None, help="this client's token ($FL_TOKEN)"
     )
     security.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="read the token from this file; {id} in the path becomes the client id (a mounted "
+        "Secret of many clients' tokens, e.g. /etc/fedgrpc/tokens/client-{id})",
+    )
+    security.add_argument(
         "--insecure", action="store_true", help="talk to the server without TLS (trusted networks only)"
     )
     p.add_argument("-v", "--verbose", action="store_true")
@@ -127,7 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.chunk_kb <= 8 << 10:
         print(f"fl-client {args.client_id}: error: --chunk-kb must be in 1..8192", file=sys.stderr)
         return 2
-    security = ChannelSecurity(args.ca, args.tls_cert, args.tls_key, args.token, args.tls_server_name)
+    token = args.token
+    if args.token_file is not None:
+        path = Path(str(args.token_file).replace("{id}", str(args.client_id)))
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            print(f"fl-client {args.client_id}: error: --token-file {path}: {exc.strerror}", file=sys.stderr)
+            return 2
+    security = ChannelSecurity(args.ca, args.tls_cert, args.tls_key, token, args.tls_server_name)
     if args.light:
         return _run_light(args, security)
 

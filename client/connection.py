@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from fedgrpc.common import compression, wire
+from fedgrpc.common import secagg as sa
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import RunSpec, TaskRef
 from fedgrpc.common.errors import (
@@ -76,6 +77,14 @@ class Task:
     weights: list[np.ndarray] = field(default_factory=list)
     wire_bytes: int = 0
     run_id: str = ""
+
+
+@dataclass
+class Traffic:
+    """Protobuf bytes this connection sent and received (gRPC's own framing not counted)."""
+
+    sent: int = 0
+    received: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,7 @@ class Connection:
         self._metadata = security.metadata()
         self._channel = security.channel(target)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self.traffic = Traffic()
         # SubmitUpdate with wire.serialize, so chunks go out as encode_chunk wrote them (one copy).
         self._submit_update = self._channel.stream_unary(
             f"/{wire.SERVICE}/SubmitUpdate",
@@ -182,9 +192,7 @@ class Connection:
         client that runs no task code)."""
         request = pb.JoinRequest(client_id=self.client_id, task=wire.task_to_pb(task))
         try:
-            reply = self._retrying(
-                "join", lambda: self._stub.Join(request, timeout=10, metadata=self._metadata)
-            )
+            reply = self._unary("join", self._stub.Join, request, timeout=10)
         except StaleRoundError as exc:  # FAILED_PRECONDITION, which Join only answers for this
             raise TaskMismatchError(str(exc)) from None
         return wire.run_from_pb(reply.run), reply.current_round
@@ -200,9 +208,7 @@ class Connection:
             num_examples=num_examples,
             metrics=check_metrics(metrics),
         )
-        reply = self._retrying(
-            "report", lambda: self._stub.SubmitEvaluation(request, timeout=30, metadata=self._metadata)
-        )
+        reply = self._unary("report", self._stub.SubmitEvaluation, request)
         return reply.received, reply.expected
 
     def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Task:
@@ -210,6 +216,7 @@ class Connection:
         request = pb.GetGlobalWeightsRequest(
             client_id=self.client_id, after_round=after_round, max_wait_ms=int(max_wait_s * 1000)
         )
+        self.traffic.sent += request.ByteSize()
         return self._retrying(
             "fetch",
             lambda: self._receive(
@@ -255,23 +262,90 @@ class Connection:
                 # The header goes at once; the chunks only when the server says it is ready
                 # for them (its initial metadata), so an update waiting for the server's
                 # in-flight budget waits here, not in the server's memory.
-                yield next(stream)
+                header = next(stream)
+                self.traffic.sent += _size(header)
+                yield header
                 started.wait()
                 calls[0].initial_metadata()  # returns early too if the call already ended
-                yield from stream
+                for message in stream:
+                    self.traffic.sent += _size(message)
+                    yield message
 
             future = self._submit_update.future(paced(), timeout=300, metadata=self._metadata)
             calls.append(future)
             started.set()
             reply: pb.SubmitUpdateReply = future.result()
+            self.traffic.received += reply.ByteSize()
             return reply
 
         reply = self._retrying("submit", call)
         return reply.received, reply.expected
 
-    @staticmethod
-    def _receive(stream: Iterator[pb.WeightsMessage]) -> Task:
+    # -- secure aggregation's steps (fedgrpc.client.secagg drives them) ------------------------
+
+    def advertise_keys(
+        self, round_number: int, cipher_key: bytes, mask_key: bytes, commitment: bytes
+    ) -> None:
+        request = pb.AdvertiseKeysRequest(
+            client_id=self.client_id,
+            round=round_number,
+            cipher_public_key=cipher_key,
+            mask_public_key=mask_key,
+            commitment=commitment,
+        )
+        self._unary("advertise keys", self._stub.AdvertiseKeys, request)
+
+    def secagg_stage(self, round_number: int, step: str, max_wait_s: float = 30.0) -> sa.Stage:
+        """Long-poll until `step` ("share", "mask" or "unmask") may start."""
+        steps = {"share": pb.SHARE_KEYS, "mask": pb.MASKED_INPUT, "unmask": pb.UNMASKING}
+        request = pb.SecAggStageRequest(
+            client_id=self.client_id, round=round_number, step=steps[step], max_wait_ms=int(max_wait_s * 1000)
+        )
+        reply = self._unary("secure aggregation stage", self._stub.GetSecAggStage, request, max_wait_s + 30)
+        status = {pb.SECAGG_READY: "ready", pb.SECAGG_ABORTED: "aborted"}.get(reply.status, "wait")
+        return sa.Stage(
+            status=status,
+            session=reply.session,
+            reason=reply.reason,
+            neighbours=tuple((p.client_id, p.cipher_public_key, p.mask_public_key) for p in reply.neighbours),
+            threshold=reply.threshold,
+            scale=reply.scale,
+            shares=tuple((e.client_id, e.ciphertext) for e in reply.shares),
+            masking=tuple(reply.masking),
+            survivors=tuple(reply.survivors),
+            dropped=tuple(reply.dropped),
+        )
+
+    def share_keys(self, round_number: int, ciphertexts: Mapping[int, bytes]) -> None:
+        request = pb.ShareKeysRequest(
+            client_id=self.client_id,
+            round=round_number,
+            shares=[pb.EncryptedShares(client_id=v, ciphertext=c) for v, c in ciphertexts.items()],
+        )
+        self._unary("share keys", self._stub.ShareKeys, request)
+
+    def reveal_shares(self, round_number: int, shares: Sequence[tuple[int, str, sa.Share]]) -> None:
+        kinds = {"self_mask": pb.SELF_MASK_SEED, "mask_key": pb.MASK_KEY}
+        request = pb.RevealSharesRequest(
+            client_id=self.client_id,
+            round=round_number,
+            shares=[
+                pb.RevealedShare(owner=owner, kind=kinds[kind], index=share.index, value=share.value)
+                for owner, kind, share in shares
+            ],
+        )
+        self._unary("reveal shares", self._stub.RevealShares, request)
+
+    def _unary(self, what: str, method: Callable[..., Any], request: Any, timeout: float = 30) -> Any:
+        """One unary call, retried (see _retrying), its bytes counted."""
+        reply = self._retrying(what, lambda: method(request, timeout=timeout, metadata=self._metadata))
+        self.traffic.sent += request.ByteSize()
+        self.traffic.received += reply.ByteSize()
+        return reply
+
+    def _receive(self, stream: Iterator[pb.WeightsMessage]) -> Task:
         first = next(stream, None)
+        self.traffic.received += first.ByteSize() if first is not None else 0
         if first is None or first.WhichOneof("part") != "header":
             raise UpdateRejectedError(
                 "the server's weights stream did not start with a header", code="INTERNAL"
@@ -283,8 +357,12 @@ class Connection:
             return Task(Instruction.WAIT, header.round, run_id=header.run_id)
         instruction = Instruction.TRAIN if header.instruction == pb.TRAIN else Instruction.EVALUATE
         specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
-        received = wire.assemble(specs, (m.chunk for m in stream))
+        received = wire.assemble(specs, (self._counted(m).chunk for m in stream))
         return Task(instruction, header.round, specs, received.arrays, received.wire_bytes, header.run_id)
+
+    def _counted(self, message: pb.WeightsMessage) -> pb.WeightsMessage:
+        self.traffic.received += message.ByteSize()
+        return message
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.connect_timeout_s
@@ -317,3 +395,7 @@ class Connection:
                 delay = min(next(delays), remaining)
                 log.debug("%s: %s, retrying in %.2f s", what, exc.code().name, delay)
                 time.sleep(delay)
+
+
+def _size(message: pb.UpdateMessage | bytes) -> int:
+    return len(message) if isinstance(message, bytes) else message.ByteSize()

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from fedgrpc.client.connection import ChannelSecurity, Connection
+from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.errors import RunChangedError, StaleRoundError
+from fedgrpc.common.privacy import clip_update
 from fedgrpc.common.protocol import Instruction
 
 log = logging.getLogger("fedgrpc.client")
@@ -47,6 +49,8 @@ class LightStats:
     rounds: int = 0
     submit_seconds: list[float] = field(default_factory=list)
     bytes_down: int = 0
+    traffic_sent: int = 0  # every message's protobuf bytes (Connection.traffic), all calls
+    traffic_received: int = 0
     received: dict[int, list[np.ndarray]] = field(default_factory=dict)  # with keep_weights only
 
 
@@ -73,6 +77,10 @@ def run_light_client(
             if task.run_id and task.run_id != run.run_id:
                 raise RunChangedError(f"the server at {server} now runs {task.run_id}, not {run.run_id}")
             if task.instruction is Instruction.FINISHED:
+                stats.traffic_sent, stats.traffic_received = (
+                    connection.traffic.sent,
+                    connection.traffic.received,
+                )
                 return stats
             if task.instruction is Instruction.WAIT:
                 continue
@@ -83,17 +91,25 @@ def run_light_client(
             if keep_weights:
                 stats.received[task.round] = task.weights
             weights = light_update(task.weights, client_id, task.round)
+            if run.dp_clip > 0:  # the run's DP: updates leave clipped
+                weights = clip_update(weights, task.weights, run.dp_clip)
             started = time.perf_counter()
             try:
-                connection.submit(
-                    task.round,
-                    task.specs,
-                    weights,
-                    light_examples(client_id),
-                    {"loss": 0.0},
-                    method=run.compression,
-                    reference=task.weights,
-                )
+                if run.secagg is not None:
+                    secure = SecureRound(connection, run, task.round, max_wait_s=max_wait_s)
+                    secure.share_keys()
+                    secure.submit(task.specs, weights, task.weights, light_examples(client_id))
+                    secure.reveal()
+                else:
+                    connection.submit(
+                        task.round,
+                        task.specs,
+                        weights,
+                        light_examples(client_id),
+                        {"loss": 0.0},
+                        method=run.compression,
+                        reference=task.weights,
+                    )
             except StaleRoundError as exc:
                 log.debug("light client %d: %s", client_id, exc)
             else:

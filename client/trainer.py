@@ -59,6 +59,11 @@ class LocalTrainer:
         self._train = loaded.task.train or fit_model
         self._evaluate = loaded.task.evaluate or evaluate_model
 
+    def use_data(self, data: LocalData) -> None:
+        """Train and evaluate on another site's data from now on: one warm model serving many
+        simulated clients (fedgrpc.client.simulation)."""
+        self.data = data
+
     def train(
         self, round_number: int, weights: Sequence[np.ndarray], epochs: int | None = None
     ) -> TrainResult:

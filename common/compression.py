@@ -10,7 +10,11 @@ value), which puts it in [-1, 1] whatever the layer's magnitude:
 | fp16   | float16(delta / scale)           | 2     | scale * 2**-11         |
 | int8   | round(127 * delta / scale), int8 | 1     | scale / 254            |
 
-Non-float tensors always travel as they are. Pure functions; errors are CodecError.
+Non-float tensors always travel as they are. Under secure aggregation updates travel as
+"secagg" instead: every tensor as uint32 words of the masked ring (fedgrpc.common.secagg),
+which the server sums as they are and never decodes one by one.
+
+Pure functions; errors are CodecError.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.errors import CodecError, ConfigError
 
 COMPRESSIONS: tuple[str, ...] = ("none", "fp16", "int8")
+#: How an update may travel: a compression, or masked ring words under secure aggregation.
+ENCODINGS: tuple[str, ...] = (*COMPRESSIONS, "secagg")
 _WIRE_DTYPE = {"fp16": "float16", "int8": "int8"}
 _INT8_LEVELS = 127.0
 
@@ -34,11 +40,13 @@ def check_compression(name: str) -> str:
 
 
 def _compressed(spec: TensorSpec, method: str) -> bool:
-    return method != "none" and np.issubdtype(np.dtype(spec.dtype), np.floating)
+    return method in ("fp16", "int8") and np.issubdtype(np.dtype(spec.dtype), np.floating)
 
 
 def wire_spec(spec: TensorSpec, method: str) -> TensorSpec:
     """The spec of what travels for `spec` under `method` (same name and shape)."""
+    if method == "secagg":
+        return TensorSpec(spec.name, "uint32", spec.shape)
     if not _compressed(spec, method):
         return spec
     return TensorSpec(spec.name, _WIRE_DTYPE[method], spec.shape)
@@ -51,6 +59,8 @@ def encode(
     method: str,
 ) -> tuple[list[np.ndarray], list[float]]:
     """The arrays to send for `weights` trained from `reference`, and one scale per tensor."""
+    if method == "secagg":  # already masked ring words (fedgrpc.common.secagg)
+        return list(weights), []
     check_compression(method)
     if method == "none":
         return list(weights), []
@@ -107,6 +117,6 @@ def decode(
 
 
 def check_scales(num_tensors: int, scales: Sequence[float], method: str) -> None:
-    want = 0 if method == "none" else num_tensors
+    want = 0 if method in ("none", "secagg") else num_tensors
     if len(scales) != want:
         raise CodecError(f"{method} compression needs {want} scales (one per tensor), got {len(scales)}")

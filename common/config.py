@@ -52,6 +52,25 @@ class EvaluationPlan:
 
 
 @dataclass(frozen=True)
+class SecAggSpec:
+    """Secure aggregation's encoding (fedgrpc.common.secagg): each change coordinate clipped to
+    +-bound, weighted by at most max_examples; `threshold` the share of a client's neighbours
+    (itself included) whose shares rebuild its secrets, as the smallest count above it."""
+
+    bound: float = 1.0
+    max_examples: int = 100_000
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.bound) and self.bound > 0):
+            raise ConfigError(f"--secagg-bound must be a positive number, got {self.bound}")
+        if not isinstance(self.max_examples, int) or self.max_examples < 1:
+            raise ConfigError(f"--secagg-max-examples must be a positive integer, got {self.max_examples}")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"--secagg-threshold must be in (0, 1), got {self.threshold}")
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """What every client of a run must agree on; the server owns it and sends it at Join.
 
@@ -72,6 +91,7 @@ class RunSpec:
     evaluation: EvaluationPlan = field(default_factory=EvaluationPlan)
     proximal_mu: float = 0.0  # FedProx: clients add mu/2 ||w - w_global||^2 to their loss
     dp_clip: float = 0.0  # DP: clients clip their change to this L2 norm (0: they do not)
+    secagg: SecAggSpec | None = None  # secure aggregation: the server sees only the round's sum
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -97,6 +117,16 @@ class RunSpec:
                 )
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"task parameter {key!r} is {value}; numbers must be finite")
+        if self.secagg is not None and self.compression != "none":
+            raise ConfigError(
+                "secure aggregation sends masked ring words, which cannot be compressed: "
+                f"leave out --compression {self.compression}"
+            )
+
+    @property
+    def update_encoding(self) -> str:
+        """How updates travel: the compression, or "secagg" (masked words) under secure aggregation."""
+        return "secagg" if self.secagg is not None else self.compression
 
     def check_client_id(self, client_id: int) -> None:
         """Refuse an id outside 1..num_clients, saying what the valid ids are."""
@@ -117,4 +147,6 @@ class RunSpec:
         fields["task"] = TaskRef(**fields.get("task", {}))
         fields["evaluation"] = EvaluationPlan(**fields.get("evaluation", {}))
         fields["task_params"] = dict(fields.get("task_params", {}))
+        if fields.get("secagg") is not None:
+            fields["secagg"] = SecAggSpec(**fields["secagg"])
         return cls(**fields)

@@ -5,6 +5,7 @@
     ├── DataError                 a dataset that is missing, unreadable or of the wrong shape
     ├── TaskError                 a task that cannot be loaded or run (names the task and function)
     │   └── TaskMismatchError     a client whose task is not the run's (refused at Join)
+    ├── SecAggError               a secure aggregation step that cannot go on (bad key, share, ...)
     ├── CodecError                tensor bytes that cannot be encoded or decoded
     │   └── UnsupportedDTypeError a dtype the wire format does not carry
     ├── UpdateRejectedError       the server refused an update (status and reason inside)
@@ -41,6 +42,11 @@ class TaskError(FedGrpcError):
 
 class TaskMismatchError(TaskError):
     """A client runs another task (name or code) than the run's: FAILED_PRECONDITION at Join."""
+
+
+class SecAggError(FedGrpcError):
+    """A secure aggregation message or step that cannot be used: a bad key, a share that does not
+    decrypt or rebuild, a client outside the step. INVALID_ARGUMENT at the boundary."""
 
 
 class CodecError(FedGrpcError):

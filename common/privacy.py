@@ -48,6 +48,22 @@ def clip_change(changes: Sequence[np.ndarray], clip: float) -> list[np.ndarray]:
     return [np.asarray(c * factor, dtype=c.dtype) for c in changes]
 
 
+def clip_update(
+    weights: Sequence[np.ndarray], reference: Sequence[np.ndarray], clip: float
+) -> list[np.ndarray]:
+    """The weights of an update whose change from `reference` (its float tensors, as one vector)
+    is clipped to L2 norm `clip`: what a client sends under DP-FedAvg's client clipping."""
+    changes = [
+        np.asarray(w, np.float64) - np.asarray(g, np.float64) for w, g in zip(weights, reference, strict=True)
+    ]
+    floating = [np.issubdtype(np.asarray(w).dtype, np.floating) for w in weights]
+    factor = clip_factor(l2_norm([c for c, f in zip(changes, floating, strict=True) if f]), clip)
+    return [
+        (np.asarray(g, np.float64) + c * factor).astype(np.asarray(w).dtype) if f else w
+        for w, g, c, f in zip(weights, reference, changes, floating, strict=True)
+    ]
+
+
 def noise_generator() -> np.random.Generator:
     """A generator seeded from the operating system's CSPRNG: noise nobody can predict."""
     return np.random.default_rng(secrets.randbits(128))

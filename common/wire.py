@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec, iter_chunks, to_wire
-from fedgrpc.common.config import EvaluationPlan, ParamValue, RunSpec, TaskRef
+from fedgrpc.common.config import EvaluationPlan, ParamValue, RunSpec, SecAggSpec, TaskRef
 from fedgrpc.common.errors import CodecError
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
@@ -24,7 +24,12 @@ _DTYPE_TO_PB = {
     "bool": pb.BOOL,
 }  # fmt: skip
 _DTYPE_FROM_PB = {v: k for k, v in _DTYPE_TO_PB.items()}
-_COMPRESSION_TO_PB = {"none": pb.COMPRESSION_NONE, "fp16": pb.COMPRESSION_FP16, "int8": pb.COMPRESSION_INT8}
+_COMPRESSION_TO_PB = {
+    "none": pb.COMPRESSION_NONE,
+    "fp16": pb.COMPRESSION_FP16,
+    "int8": pb.COMPRESSION_INT8,
+    "secagg": pb.COMPRESSION_SECAGG,
+}
 _COMPRESSION_FROM_PB: dict[int, str] = {int(v): k for k, v in _COMPRESSION_TO_PB.items()}
 
 #: The full name of the service, for handlers and calls made without the generated stubs.
@@ -68,6 +73,11 @@ def run_to_pb(run: RunSpec) -> pb.RunSpec:
         ),
         proximal_mu=run.proximal_mu,
         dp_clip=run.dp_clip,
+        secagg=None
+        if run.secagg is None
+        else pb.SecAggSpec(
+            bound=run.secagg.bound, max_examples=run.secagg.max_examples, threshold=run.secagg.threshold
+        ),
     )
 
 
@@ -90,6 +100,9 @@ def run_from_pb(message: pb.RunSpec) -> RunSpec:
         ),
         proximal_mu=message.proximal_mu,
         dp_clip=message.dp_clip,
+        secagg=SecAggSpec(message.secagg.bound, message.secagg.max_examples, message.secagg.threshold)
+        if message.HasField("secagg")
+        else None,
     )
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.config import DEFAULT_TASK, RunSpec
-from fedgrpc.common.errors import ConfigError, RunFailedError, TaskError
+from fedgrpc.common.config import DEFAULT_TASK, RunSpec, SecAggSpec
+from fedgrpc.common.errors import ConfigError, RunFailedError, SecAggError, TaskError
 from fedgrpc.common.logs import human_bytes
 from fedgrpc.common.privacy import PrivacyAccountant
 from fedgrpc.common.task import Site
@@ -33,11 +33,13 @@ from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
 from fedgrpc.server.evaluation import CentralEvaluator, FederatedEvaluation, describe, main_metric
 from fedgrpc.server.http import DashboardServer, HttpConfig
 from fedgrpc.server.limits import Limits
+from fedgrpc.server.masked_sum import SecAggStrategy
 from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
+from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
-from fedgrpc.server.strategy import CentralDP, Strategy, StrategySettings, make_strategy
+from fedgrpc.server.strategy import ROBUST, CentralDP, FedAvg, Strategy, StrategySettings, make_strategy
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -49,6 +51,9 @@ _RESUME_MUST_MATCH = (
 #: A round whose new weights are not finite is trained again from the same weights; after this
 #: many in a row the server stops, keeping the last good checkpoint.
 MAX_ABORTED_ROUNDS = 3
+#: Under secure aggregation without --round-timeout, the longest the masked input waits for the
+#: clients that shared keys (a client that vanished mid-round must not hold the round forever).
+MASKED_INPUT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class ServerConfig:
     out_dir: Path = Path("results")
     strategy: StrategySettings = field(default_factory=StrategySettings)
     privacy: PrivacySettings | None = None
+    secagg: SecAggSpec | None = None  # secure aggregation (fedgrpc.server.secagg)
+    secagg_timeout_s: float = 60.0  # how long each key stage and the unmasking wait for clients
     client_sampling: str = "fixed"  # with --clients-per-round: fixed-size samples, or poisson
     tls: ServerTls | None = None
     tokens: dict[int, str] | None = None
@@ -120,6 +127,7 @@ class ServerConfig:
     spool_dir: Path | None = None  # stage updates being received on disk (see fedgrpc.server.spool)
     http: HttpConfig | None = None  # the dashboard and /metrics (fedgrpc.server.http)
     tensorboard: Path | None = None  # write TensorBoard scalars there
+    health_port: int | None = None  # plain-text health checks on this port too (probes)
 
 
 @dataclass
@@ -167,6 +175,8 @@ class FederatedServer:
         dp = cfg.privacy
         central_dp = None if dp is None else CentralDP(dp.clip, dp.noise_multiplier, per_round)
         strategy = make_strategy(cfg.strategy, central_dp)
+        if cfg.secagg is not None:
+            strategy = self._secure(strategy)
         self._accountant = None
         if dp is not None and dp.noise_multiplier > 0:
             sampling = "all" if per_round >= cfg.run.num_clients else cfg.client_sampling
@@ -203,6 +213,7 @@ class FederatedServer:
             clients_per_round=cfg.clients_per_round,
             sample_seed=cfg.sample_seed,
             sampling=cfg.client_sampling,
+            secagg_timeout_s=cfg.secagg_timeout_s,
         )
         self._coordinator = coordinator
         if self._stop_requested.is_set():
@@ -262,6 +273,38 @@ class FederatedServer:
 
     # -- setting up ----------------------------------------------------------------
 
+    def _secure(self, strategy: Strategy) -> SecAggStrategy:
+        """The run's strategy under secure aggregation, or a ConfigError naming what cannot be
+        combined with it: whatever needs to see one client's update."""
+        cfg = self.config
+        refusals = {
+            f"--strategy {cfg.strategy.name} (a robust rule needs every update)": cfg.strategy.name in ROBUST,
+            f"--compression {cfg.run.compression}": cfg.run.compression != "none",
+            "--record-updates": cfg.record_updates,
+            "--dp-clip-on server (clients clip instead: --dp-clip-on client)": (
+                cfg.privacy is not None and cfg.privacy.clip_on == "server"
+            ),
+            "--client-sampling poisson (a round of fewer than 2 cannot be masked)": (
+                cfg.client_sampling == "poisson" and cfg.clients_per_round is not None
+            ),
+        }
+        refused = [flag for flag, present in refusals.items() if present]
+        if refused:
+            raise ConfigError(
+                "secure aggregation shows the server only the sum of a round's updates, which rules out "
+                + "; ".join(refused)
+            )
+        assert isinstance(strategy, FedAvg)
+        return SecAggStrategy(strategy)
+
+    def _secagg_spec(self) -> SecAggSpec | None:
+        """The run's encoding: under DP every client weighs 1 and clips to dp_clip (L2, so every
+        coordinate too): the ring then needs no more range than that."""
+        spec, dp = self.config.secagg, self.config.privacy
+        if spec is None or dp is None:
+            return spec
+        return replace(spec, bound=dp.clip, max_examples=1)
+
     def _set_up(self, checkpoint: Checkpoint | None) -> _Job:
         """The task, its model and central test set, and the weights to start from."""
         cfg = self.config
@@ -312,6 +355,7 @@ class FederatedServer:
             evaluation=evaluation,
             proximal_mu=cfg.strategy.client_proximal_mu,
             dp_clip=cfg.privacy.clip if cfg.privacy is not None and cfg.privacy.clip_on == "client" else 0.0,
+            secagg=self._secagg_spec(),
         )
         weights: list[np.ndarray] = (
             _weights_of_saved_model(cfg.init_model, model) if cfg.init_model else model.get_weights()
@@ -359,6 +403,7 @@ class FederatedServer:
                 chunk_bytes=cfg.chunk_bytes,
                 max_inflight_bytes=cfg.max_inflight_bytes,
                 spool_dir=cfg.spool_dir,
+                health_port=cfg.health_port,
             ),
             monitor=self.monitor,
         )
@@ -408,10 +453,21 @@ class FederatedServer:
             coordinator.open_round(number, job.weights)
             monitor = self._monitor()
             monitor.phase("training", number)
-            expected = coordinator.expected
-            if not self._collect(coordinator, expected, number, min(minimum, expected)):
-                return
-            outcome = coordinator.close_round(allow_empty=self.config.privacy is not None)
+            secure = coordinator.secure_round
+            try:
+                if secure is not None:
+                    expected = self._secure_collect(coordinator, secure, number)
+                else:
+                    expected = coordinator.expected
+                    if not self._collect(coordinator, expected, number, min(minimum, expected)):
+                        return
+                outcome = coordinator.close_round(allow_empty=self.config.privacy is not None)
+            except SecAggError as exc:
+                if coordinator.interrupted:
+                    return
+                aborted += 1
+                self._secure_aborted(number, exc, aborted, secure.suspects if secure else set())
+                continue  # the same round again, from the same weights, with fresh keys
             monitor.phase("aggregating", number, coordinator.participants(number))
             if not _all_finite(outcome.weights):
                 aborted += 1
@@ -441,6 +497,7 @@ class FederatedServer:
                 central=central,
                 federated=federated,
                 privacy=None if epsilon is None or dp is None else {"epsilon": epsilon, "delta": dp.delta},
+                secagg=secure.summary() if secure is not None else None,
                 start_digest=start_digest,
                 end_digest=weights_digest(job.weights),
             )
@@ -525,6 +582,43 @@ class FederatedServer:
             coordinator.ready_clients, run.num_clients,
         )  # fmt: skip
 
+    def _secure_collect(self, coordinator: RoundCoordinator, secure: SecAggRound, number: int) -> int:
+        """Keys, shares, then the masked updates of every client that shared (or those in by the
+        round timeout); returns how many were expected. SecAggError: the attempt is aborted."""
+        stopping = lambda: coordinator.interrupted  # noqa: E731
+        if not secure.run_key_stages(self.config.secagg_timeout_s, stopping):
+            raise SecAggError(secure.reason or "stopping")
+        expected = len(secure.shared)
+        timeout = self.config.policy.timeout_s or MASKED_INPUT_TIMEOUT_S
+        if not coordinator.wait_for_updates(expected, timeout) and not coordinator.interrupted:
+            log.info(
+                "round %d: closing after %.0f s with %d of %d masked updates",
+                number,
+                timeout,
+                coordinator.received,
+                expected,
+            )
+        if coordinator.interrupted:
+            secure.abort("the server is stopping")
+            raise SecAggError("the server is stopping")
+        if coordinator.received == 0:
+            secure.abort("no masked update arrived")
+            raise SecAggError(secure.reason)
+        return expected
+
+    def _secure_aborted(self, number: int, error: SecAggError, aborted: int, suspects: set[int]) -> None:
+        blame = f"; clients whose shares did not fit: {sorted(suspects)}" if suspects else ""
+        log.error(
+            "round %d: secure aggregation aborted (%d in a row): %s%s. The weights stay as they were and "
+            "the round is trained again with fresh keys", number, aborted, error, blame,
+        )  # fmt: skip
+        if aborted >= MAX_ABORTED_ROUNDS:
+            raise RunFailedError(
+                f"{aborted} attempts in a row at round {number} could not be securely aggregated; stopping. "
+                f"The checkpoint after round {number - 1} is intact: check that enough clients stay up for "
+                "a whole round (--secagg-threshold, --secagg-timeout), and start the server again to resume"
+            )
+
     def _collect(self, coordinator: RoundCoordinator, expected: int, number: int, minimum: int) -> bool:
         """Wait until the open round may close; False when the server is stopping."""
         timeout = self.config.policy.timeout_s
@@ -554,7 +648,11 @@ class FederatedServer:
                 )
         # These may change between two starts of one run.
         return replace(
-            saved, rounds=wanted.rounds, compression=wanted.compression, evaluation=wanted.evaluation
+            saved,
+            rounds=wanted.rounds,
+            compression=wanted.compression,
+            evaluation=wanted.evaluation,
+            secagg=wanted.secagg,
         )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from fedgrpc.common import device, logs
 from fedgrpc.common.compression import COMPRESSIONS
-from fedgrpc.common.config import DEFAULT_TASK, EvaluationPlan, RunSpec
+from fedgrpc.common.config import DEFAULT_TASK, EvaluationPlan, RunSpec, SecAggSpec
 from fedgrpc.common.errors import ConfigError, FedGrpcError
 from fedgrpc.common.logs import FORMATS
 from fedgrpc.common.partition import SCHEMES
@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-host",
         default="127.0.0.1",
         help="address of the dashboard (default 127.0.0.1: this machine only; it shows metadata, no data)",
+    )
+    observe.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also answer gRPC health checks, and only those, on PORT in plain text (probes that "
+        "cannot speak TLS, such as Kubernetes'); same address as --host",
     )
     observe.add_argument(
         "--tensorboard",
@@ -188,6 +196,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EPS",
         help="end the run before a round would spend more than EPS",
     )
+    secure = p.add_argument_group(
+        "secure aggregation (the server sees only the sum; see fedgrpc.server.secagg)"
+    )
+    secure.add_argument(
+        "--secagg", action="store_true", help="mask every update; the server unmasks only the round's sum"
+    )
+    secure.add_argument(
+        "--secagg-bound",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="clip each weight's change to +-R before encoding (default %(default)s; under DP: --dp-clip)",
+    )
+    secure.add_argument(
+        "--secagg-max-examples",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="the most examples one update is weighted by; sets the precision (default %(default)s)",
+    )
+    secure.add_argument(
+        "--secagg-threshold",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="rebuild a client's secrets from more than F of its neighbours' shares (default %(default)s)",
+    )
+    secure.add_argument(
+        "--secagg-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long each key step and the unmasking wait for clients (default %(default)s s)",
+    )
     run.add_argument(
         "--client-sampling",
         choices=("fixed", "poisson"),
@@ -237,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=120.0,
         help="seconds the first round waits for every client, then starts with --min-clients (default 120)",
+    )
+    policy.add_argument(
+        "--finish-grace",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="at the end, how long to wait for every client to hear that the run finished (default 15)",
     )
     policy.add_argument(
         "--max-examples", type=int, default=10_000_000, help="largest example count an update may claim"
@@ -416,6 +465,10 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         data=args.data,
         out_dir=args.out,
         privacy=privacy_from(args),
+        secagg=SecAggSpec(args.secagg_bound, args.secagg_max_examples, args.secagg_threshold)
+        if args.secagg
+        else None,
+        secagg_timeout_s=args.secagg_timeout,
         client_sampling=args.client_sampling,
         strategy=StrategySettings(
             name=args.strategy,
@@ -427,6 +480,7 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
             server_tau=args.server_tau,
             proximal_mu=args.proximal_mu,
         ),
+        finish_grace_s=args.finish_grace,
         init_seed=args.init_seed,
         record_updates=args.record_updates,
         threads=args.threads,
@@ -443,6 +497,7 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         spool_dir=args.spool_dir,
         http=None if args.http is None else HttpConfig(port=args.http, host=args.http_host),
         tensorboard=args.tensorboard,
+        health_port=args.health_port,
         limits=Limits(
             stall_timeout_s=args.stall_timeout,
             max_calls=args.max_calls,

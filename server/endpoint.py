@@ -77,6 +77,9 @@ class EndpointConfig:
     max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
     spool_dir: Path | None = None
     intake_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    # A second port, plain text, with the health service only: for probes that cannot speak TLS
+    # (Kubernetes' gRPC probes) when the main port does.
+    health_port: int | None = None
 
 
 class GrpcEndpoint:
@@ -96,6 +99,8 @@ class GrpcEndpoint:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedgrpc-grpc", daemon=True)
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
         self._housekeeping: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.servicer = CoordinatorServicer(
@@ -146,6 +151,9 @@ class GrpcEndpoint:
         if self._server is not None and self._thread.is_alive():
             self._run(self._server.stop(grace), timeout=grace + _START_TIMEOUT_S)
             self._server = None
+        if self._health_server is not None and self._thread.is_alive():
+            self._run(self._health_server.stop(0))
+            self._health_server = None
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
@@ -182,6 +190,13 @@ class GrpcEndpoint:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        if cfg.health_port is not None:
+            self._health_server = grpc.aio.server(maximum_concurrent_rpcs=64)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+            if self.health_port == 0:
+                raise ConfigError(f"cannot listen on {cfg.host}:{cfg.health_port} for --health-port")
+            await self._health_server.start()
         self._housekeeping = asyncio.ensure_future(self._give_back_memory())
         return port
 

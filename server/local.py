@@ -13,49 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 from fedgrpc.common.device import gpus_present
-
-#: TensorFlow's C++ start-up lines, printed before logging is set up; noise in a demo.
-_NOISE = re.compile(
-    r"absl::InitializeLog|cudart_stub|cuda_platform|cpu_feature_guard|rebuild TensorFlow|"
-    r"oneDNN custom operations|computation placer already registered|Unable to register cu|"
-    r"Unable to initialize backend 'tpu'|An NVIDIA GPU may be present on this machine"
-)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pump(stream: IO[str], sink: IO[str]) -> None:
-    for line in stream:
-        if not _NOISE.search(line):
-            sink.write(line)
-            sink.flush()
-
-
-def _spawn(command: Sequence[str], log_file: Path | None) -> tuple[subprocess.Popen[str], threading.Thread]:
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    assert process.stdout is not None
-    sink: IO[str] = open(log_file, "w") if log_file else sys.stderr  # noqa: SIM115 (closed by the pump's owner)
-    pump = threading.Thread(target=_pump, args=(process.stdout, sink), daemon=True)
-    pump.start()
-    return process, pump
+from fedgrpc.common.processes import free_port, spawn
 
 
 def run_federation(
@@ -94,7 +60,7 @@ def run_federation(
     server_cmd += shared
     if logs_dir:
         logs_dir.mkdir(parents=True, exist_ok=True)
-    procs = [_spawn(server_cmd, logs_dir / "server.log" if logs_dir else None)]
+    procs = [spawn(server_cmd, logs_dir / "server.log" if logs_dir else None)]
     for client_id in range(1, clients + 1):
         cmd = [
             sys.executable,
@@ -115,7 +81,7 @@ def run_federation(
         cmd += shared
         if per_client:
             cmd += ["--data", str(data).replace("{id}", str(client_id))]
-        procs.append(_spawn(cmd, logs_dir / f"client-{client_id}.log" if logs_dir else None))
+        procs.append(spawn(cmd, logs_dir / f"client-{client_id}.log" if logs_dir else None))
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:

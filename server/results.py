@@ -51,6 +51,7 @@ class RoundRecord:
     central: Mapping[str, float] | None = None  # on the server's test set, if it has one
     federated: FederatedRecord | None = None  # on the clients' held-out data, when asked
     privacy: Mapping[str, float] | None = None  # DP: epsilon spent so far, for delta
+    secagg: Mapping[str, float] | None = None  # secure aggregation: who took each step, and its cost
     start_digest: str = ""  # weights_digest of the global weights the round started from
     end_digest: str = ""  # ... and of the new global weights it produced
 

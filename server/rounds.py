@@ -28,6 +28,10 @@ blocks, except the driver's waits and the blocking `next_task`. Listeners added 
 with it). An accepted update is counted at once and folded into the strategy on one
 background thread (`_Folder`): the client's reply does not wait for the arithmetic, and
 close_round waits for the folds to finish before it asks the strategy for the result.
+
+Under secure aggregation (RunSpec.secagg) each attempt at a round has a SecAggRound
+(fedgrpc.server.secagg): TRAIN goes only to its participants while keys are being advertised,
+only clients that shared their keys may submit, and close_round unmasks before the result.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import MetricsError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.metrics import check_metrics
 from fedgrpc.common.protocol import Instruction
+from fedgrpc.common.secagg import COUNT_TENSOR
+from fedgrpc.server.masked_sum import SecAggStrategy
+from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.server.strategy import Strategy, UpdatePreparer, add_update
 from fedgrpc.server.validation import check_arrays, check_num_examples, check_specs
 
@@ -153,6 +160,7 @@ class _Round:
     number: int
     weights: tuple[np.ndarray, ...]
     participants: frozenset[int] | None = None  # None: every enrolled client
+    secure: SecAggRound | None = None
     accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
     bytes_in: int = 0
     bytes_out: int = 0
@@ -172,6 +180,7 @@ class RoundCoordinator:
         clients_per_round: int | None = None,
         sample_seed: int = 0,
         sampling: str = "fixed",
+        secagg_timeout_s: float = 60.0,
     ) -> None:
         if clients_per_round is not None and not 1 <= clients_per_round <= run.num_clients:
             raise ValueError(f"clients_per_round must be in 1..{run.num_clients}, got {clients_per_round}")
@@ -182,6 +191,11 @@ class RoundCoordinator:
         self.sampling = sampling
         self._sample_seed = sample_seed
         self.specs = tuple(specs)
+        # What an update lists: the model's tensors, and under secure aggregation its masked count.
+        self.update_specs = self.specs + ((TensorSpec(COUNT_TENSOR, "uint32", (1,)),) if run.secagg else ())
+        self.secagg_timeout_s = secagg_timeout_s
+        if (run.secagg is not None) != isinstance(strategy, SecAggStrategy):
+            raise ValueError("a run with secure aggregation needs a SecAggStrategy, and only such a run")
         self._strategy = strategy
         self._folder = _Folder()
         self._max_examples = max_examples
@@ -220,7 +234,7 @@ class RoundCoordinator:
             self._strategy.begin_round(
                 frozen, self.run.num_clients if participants is None else len(participants)
             )
-            self._round = _Round(number, frozen, participants)
+            self._round = _Round(number, frozen, participants, self._secure_round(number, participants))
             self._last_round = number
             self._phase = Phase.TRAINING
             self._notify_everyone()
@@ -237,6 +251,41 @@ class RoundCoordinator:
             rate = self.clients_per_round / self.run.num_clients
             return frozenset(client for client in pool if rng.random() < rate)
         return frozenset(rng.sample(pool, min(self.clients_per_round, len(pool))))
+
+    def _secure_round(self, number: int, participants: frozenset[int] | None) -> SecAggRound | None:
+        """A fresh secure aggregation for this attempt at round `number` (lock held), over the
+        clients that may train it now."""
+        if self.run.secagg is None:
+            return None
+        eligible = [
+            c
+            for c in sorted(self._ready)
+            if (participants is None or c in participants) and self._joined_during.get(c, 0) < number
+        ]
+        secure = SecAggRound(
+            self.run.run_id, number, eligible, self.run.secagg, on_change=self._tell_listeners
+        )
+        assert isinstance(self._strategy, SecAggStrategy)
+        self._strategy.secagg = secure
+        return secure
+
+    @property
+    def secure_round(self) -> SecAggRound | None:
+        """The open (or last) round's secure aggregation, if the run has it."""
+        with self._changed:
+            return self._round.secure if self._round is not None else None
+
+    def secure_round_of(self, number: int) -> SecAggRound:
+        """Round `number`'s secure aggregation, for a client's step (StaleRoundError if that round
+        is not the open or last one)."""
+        with self._changed:
+            current = self._round
+            if current is None or current.number != number or current.secure is None:
+                raise StaleRoundError(
+                    f"round {number} has no secure aggregation under way (open round: "
+                    f"{current.number if current else 'none'}); ask for the next instruction"
+                )
+            return current.secure
 
     def participants(self, number: int) -> list[int]:
         """Who was to train round `number` (the open or last round): its sample, or every client."""
@@ -279,6 +328,10 @@ class RoundCoordinator:
             self._notify_everyone()
         self._tell_listeners()
         self._folder.drain()  # handlers now refuse new updates: no fold can be queued meanwhile
+        if current.secure is not None:  # SecAggError from here on: no result, the round is redone
+            current.secure.run_unmasking(
+                sorted(current.accepted), self.secagg_timeout_s, lambda: self._interrupted
+            )
         weights = self._strategy.result()
         return RoundOutcome(
             round=current.number,
@@ -444,17 +497,21 @@ class RoundCoordinator:
         with self._changed:
             current = self._check_round(client_id, round_number)
         check_num_examples(num_examples, self._max_examples)
-        check_specs(self.specs, specs)
+        check_specs(self.update_specs, specs)
         if metrics is not None:
             _checked_metrics(metrics)
-        return current.weights
+        return self._reference(current)
 
     def tensor_preparer(self, reference: Sequence[np.ndarray], num_examples: int) -> UpdatePreparer:
         """What a stream intake applies to each decoded tensor, on the receiving thread: the
         strategy's `prepare` and bound. While updates are recorded, tensors are kept as sent
         (the recorder saves them) and prepared again on the fold thread."""
         return UpdatePreparer(
-            self._strategy, self.specs, reference, num_examples, keep_as_sent=self._recorder is not None
+            self._strategy,
+            self.update_specs,
+            reference,
+            num_examples,
+            keep_as_sent=self._recorder is not None,
         )
 
     def submit(
@@ -498,10 +555,14 @@ class RoundCoordinator:
             with self._changed:
                 current = self._check_round(client_id, round_number)
             if preparer is None:
-                check_arrays(self.specs, update)
+                check_arrays(self.update_specs, update)
                 # The caller's arrays: checked through prepared copies, never overwritten.
                 preparer = UpdatePreparer(
-                    self._strategy, self.specs, current.weights, num_examples, keep_as_sent=True
+                    self._strategy,
+                    self.update_specs,
+                    self._reference(current),
+                    num_examples,
+                    keep_as_sent=True,
                 )
                 for index, tensor in enumerate(update):
                     preparer(index, tensor)
@@ -509,7 +570,9 @@ class RoundCoordinator:
                 current = self._check_round(client_id, round_number)
                 if self._recorder is not None:  # before the fold is queued: a fold may free the update
                     self._recorder(round_number, client_id, update)
-                self._folder.put(partial(fold, current.weights))  # under the lock: folds keep the order
+                self._folder.put(
+                    partial(fold, self._reference(current))
+                )  # under the lock: folds keep the order
                 queued = True
                 current.accepted[client_id] = AcceptedUpdate(
                     client_id, num_examples, checked_metrics, preparer.largest
@@ -569,11 +632,18 @@ class RoundCoordinator:
         for listener in self._listeners:
             listener()
 
+    def _reference(self, current: _Round) -> tuple[np.ndarray, ...]:
+        """What an update's tensors are checked against: the round's weights (and the count's place)."""
+        if current.secure is None:
+            return current.weights
+        return (*current.weights, np.zeros(1, np.uint32))
+
     def _may_train(self, client_id: int, current: _Round) -> bool:
         return (
             client_id not in current.accepted
             and self._joined_during.get(client_id, 0) < current.number
             and (current.participants is None or client_id in current.participants)
+            and (current.secure is None or current.secure.may_start(client_id))
         )
 
     def _require_evaluation(self) -> _Evaluation:
@@ -625,6 +695,8 @@ class RoundCoordinator:
                 "it takes part from the next round",
                 current_round=current.number,
             )
+        if current.secure is not None:
+            current.secure.may_submit(client_id)
         return current
 
 

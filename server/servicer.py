@@ -9,6 +9,7 @@ fedgrpc's errors become gRPC status codes:
     TaskMismatchError       FAILED_PRECONDITION (at Join: the client's task is not the run's)
     UpdateRejectedError     its own code (INVALID_ARGUMENT, ALREADY_EXISTS, UNAVAILABLE, ...)
     CodecError              INVALID_ARGUMENT (also for a stream message that does not parse)
+    SecAggError             INVALID_ARGUMENT (a secure aggregation message that cannot be used)
     OverloadError           RESOURCE_EXHAUSTED (a limit of fedgrpc.server.limits), or UNAVAILABLE
     StalledError            DEADLINE_EXCEEDED (the stream sent nothing for the stall timeout)
 
@@ -29,13 +30,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, asynccontextmanager, suppress
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote
 
 import grpc
 import numpy as np
+from fedgrpc.common import secagg as sa
 from fedgrpc.common import wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.config import TaskRef
@@ -45,6 +47,7 @@ from fedgrpc.common.errors import (
     FedGrpcError,
     NotEnrolledError,
     OverloadError,
+    SecAggError,
     StalledError,
     TaskMismatchError,
     UpdateRejectedError,
@@ -56,6 +59,7 @@ from fedgrpc.server.limits import CallCounter, Limits, next_message
 from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.refusals import RefusalLog
 from fedgrpc.server.rounds import RoundCoordinator, Task
+from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -76,7 +80,7 @@ def _status_of(error: FedGrpcError) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(error, TaskMismatchError):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(error, CodecError):
+    if isinstance(error, CodecError | SecAggError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, StalledError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
@@ -141,6 +145,7 @@ class CoordinatorServicer:
                     request_deserializer=pb.EvaluationReport.FromString,
                     response_serializer=pb.SubmitEvaluationReply.SerializeToString,
                 ),
+                **self._secagg_handlers(),
             },
         )
 
@@ -182,7 +187,7 @@ class CoordinatorServicer:
                 self._coordinator.check_client(client)
                 admitted.enter_context(self._polls.hold(client))
                 task = await self._wait_for_task(
-                    client, request.after_round, self._poll_wait(request, context)
+                    client, request.after_round, self._poll_wait(request.max_wait_ms, context)
                 )
                 await self._send_task(client, task, context)
         except FedGrpcError as exc:
@@ -273,13 +278,90 @@ class CoordinatorServicer:
         log.debug("accepted %s (%d/%d)", what, count, expected)
         return pb.SubmitUpdateReply(round=header.round, received=count, expected=expected)
 
+    # -- secure aggregation's steps ------------------------------------------------
+
+    def _secagg_handlers(self) -> dict[str, grpc.RpcMethodHandler]:  # type: ignore[type-arg]
+        def unary(method: Callable[..., object], request: Any) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+            return grpc.unary_unary_rpc_method_handler(
+                method,
+                request_deserializer=request.FromString,
+                response_serializer=lambda reply: reply.SerializeToString(),
+            )
+
+        return {
+            "AdvertiseKeys": unary(self.AdvertiseKeys, pb.AdvertiseKeysRequest),
+            "GetSecAggStage": unary(self.GetSecAggStage, pb.SecAggStageRequest),
+            "ShareKeys": unary(self.ShareKeys, pb.ShareKeysRequest),
+            "RevealShares": unary(self.RevealShares, pb.RevealSharesRequest),
+        }
+
+    async def AdvertiseKeys(self, request: pb.AdvertiseKeysRequest, context: CallContext) -> pb.SecAggAck:
+        async with self._secagg_step(request.client_id, request.round, "keys", context) as secure:
+            secure.advertise(
+                request.client_id, request.cipher_public_key, request.mask_public_key, request.commitment
+            )
+        return pb.SecAggAck(round=request.round)
+
+    async def ShareKeys(self, request: pb.ShareKeysRequest, context: CallContext) -> pb.SecAggAck:
+        async with self._secagg_step(request.client_id, request.round, "shares", context) as secure:
+            ciphertexts = {s.client_id: s.ciphertext for s in request.shares}
+            if len(ciphertexts) != len(request.shares):
+                raise SecAggError("two ciphertexts for one neighbour")
+            secure.share(request.client_id, ciphertexts)
+        return pb.SecAggAck(round=request.round)
+
+    async def RevealShares(self, request: pb.RevealSharesRequest, context: CallContext) -> pb.SecAggAck:
+        async with self._secagg_step(request.client_id, request.round, "revealed shares", context) as secure:
+            kinds = {pb.SELF_MASK_SEED: "self_mask", pb.MASK_KEY: "mask_key"}
+            shares = [(s.owner, kinds.get(s.kind, ""), sa.Share(s.index, s.value)) for s in request.shares]
+            secure.reveal(request.client_id, shares)
+        return pb.SecAggAck(round=request.round)
+
+    async def GetSecAggStage(self, request: pb.SecAggStageRequest, context: CallContext) -> pb.SecAggStage:
+        steps = {pb.SHARE_KEYS: "share", pb.MASKED_INPUT: "mask", pb.UNMASKING: "unmask"}
+        reply = pb.SecAggStage(status=pb.SECAGG_WAIT, round=request.round)
+        async with self._secagg_step(request.client_id, request.round, "stage request", context) as secure:
+            step = steps.get(request.step)
+            if step is None:
+                raise SecAggError(f"unknown secure aggregation step {request.step}")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._poll_wait(request.max_wait_ms, context)
+            while True:
+                if self._phase_future is None:  # taken first: a change after the look resolves it
+                    self._phase_future = loop.create_future()
+                changed = self._phase_future
+                view = secure.view(request.client_id, step)
+                if view is not None or loop.time() >= deadline:
+                    break
+                with suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(changed), deadline - loop.time())
+            if view is not None:
+                reply = _stage_reply(request.round, secure.session, view)
+        return reply
+
+    @asynccontextmanager
+    async def _secagg_step(
+        self, client: int, round_number: int, what: str, context: CallContext
+    ) -> AsyncIterator[SecAggRound]:
+        """Admit one secure aggregation call (address limit, credentials, the client's own
+        limit) and hand over its round's SecAggRound; errors become the call's status."""
+        try:
+            with ExitStack() as admitted:
+                admitted.enter_context(self._per_peer.hold(peer_address(context)))
+                self._auth.check(context, client)
+                self._coordinator.check_client(client)
+                admitted.enter_context(self._polls.hold(client))
+                yield self._coordinator.secure_round_of(round_number)
+        except FedGrpcError as exc:
+            await self._abort(context, exc, f"secure aggregation {what} of client {client}", client)
+
     # -- internals -----------------------------------------------------------------
 
-    def _poll_wait(self, request: pb.GetGlobalWeightsRequest, context: CallContext) -> float:
+    def _poll_wait(self, max_wait_ms: int, context: CallContext) -> float:
         """How long this long-poll may be held: the server's cap, the client's wish, its deadline."""
         wait = self._limits.max_wait_s
-        if request.max_wait_ms:
-            wait = min(wait, request.max_wait_ms / 1000)
+        if max_wait_ms:
+            wait = min(wait, max_wait_ms / 1000)
         return max(0.0, min(wait, self._time_left(context)))
 
     @staticmethod
@@ -320,11 +402,13 @@ class CoordinatorServicer:
             header.client_id, header.round, header.num_examples, specs, metrics
         )
         method = wire.compression_from_pb(header.compression)
-        if method != coordinator.run.compression:
-            raise UpdateRejectedError(
-                f"this run's updates travel with compression {coordinator.run.compression!r} "
-                f"(RunSpec.compression), not {method!r}"
+        if method != coordinator.run.update_encoding:
+            how = (
+                "masked, with compression SECAGG (RunSpec.secagg is set)"
+                if coordinator.run.secagg is not None
+                else f"with compression {coordinator.run.compression!r} (RunSpec.compression)"
             )
+            raise UpdateRejectedError(f"this run's updates travel {how}, not {method!r}")
         size = UpdateIntake.wire_size(specs, method)
         self.monitor.upload_started(header.client_id, header.round)
         wait = min(self._limits.inflight_wait_s, self._time_left(context))
@@ -400,3 +484,24 @@ class CoordinatorServicer:
         self.refusals.refused(peer_address(context), code.name, what, str(error), client_id)
         await context.abort(code, str(error))
         raise AssertionError("unreachable: context.abort raises")
+
+
+def _stage_reply(round_number: int, session: bytes, view: dict[str, Any]) -> pb.SecAggStage:
+    if "aborted" in view:
+        return pb.SecAggStage(
+            status=pb.SECAGG_ABORTED, round=round_number, session=session, reason=view["aborted"]
+        )
+    reply = pb.SecAggStage(status=pb.SECAGG_READY, round=round_number, session=session)
+    if "neighbours" in view:
+        reply.neighbours.extend(
+            pb.PeerKeys(client_id=v, cipher_public_key=c, mask_public_key=m) for v, c, m in view["neighbours"]
+        )
+        reply.threshold = view["threshold"]
+    if "scale" in view:
+        reply.scale = view["scale"]
+        reply.shares.extend(pb.EncryptedShares(client_id=u, ciphertext=c) for u, c in view["shares"])
+        reply.masking.extend(view["masking"])
+    if "survivors" in view:
+        reply.survivors.extend(view["survivors"])
+        reply.dropped.extend(view["dropped"])
+    return reply

@@ -201,6 +201,19 @@ class FedAvg:
                 tensor *= tensor.dtype.type(factor)
         self._sum.add_change(floating, 1)
 
+    def add_aggregate(self, sums: Sequence[np.ndarray], total_weight: int) -> None:
+        """A sum of weighted changes made elsewhere (secure aggregation unmasks only the sum),
+        added as is: under DP the clients clipped before masking, each with weight 1."""
+        if self._sum is None:
+            raise RuntimeError("begin_round was not called")
+        self._sum.add_change(
+            [
+                np.asarray(s).astype(sum_dtype(r.dtype))
+                for s, r in zip(sums, self._sum.reference, strict=True)
+            ],
+            total_weight,
+        )
+
     def result(self) -> Weights:
         if self._sum is None:
             raise RuntimeError("begin_round was not called")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fedgrpc.server.local import free_port
+from fedgrpc.common.processes import free_port
 from helpers import finish, server_command, start
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedgrpc.server.local import free_port
+from fedgrpc.common.processes import free_port
 from helpers import ENV, finish, finish_all, start, start_clients
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import write_synthetic
 from fedgrpc.common.config import RunSpec
+from fedgrpc.common.processes import free_port
 from fedgrpc.server.checkpoint import CheckpointStore
-from fedgrpc.server.local import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import BIN, ENV, finish, finish_all, server_command, start, start_clients, wait_for_line
 

@@ -20,9 +20,9 @@ from conftest import write_synthetic
 from fedgrpc.client.connection import Connection
 from fedgrpc.common import wire
 from fedgrpc.common.codec import TensorSpec
+from fedgrpc.common.processes import free_port
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.auth import hash_token
-from fedgrpc.server.local import free_port
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 from helpers import finish, finish_all, start, start_clients, wait_for_line

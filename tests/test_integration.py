@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-from fedgrpc.server.local import free_port
+from fedgrpc.common.processes import free_port
 from helpers import BIN, ENV, finish, finish_all, server_command, start, start_clients
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import pytest
 from fedgrpc.client.connection import Connection
+from fedgrpc.common.processes import free_port
 from fedgrpc.common.protocol import Instruction
-from fedgrpc.server.local import free_port
 from helpers import finish, finish_all, server_command, start, start_clients, wait_for_line
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -194,6 +194,7 @@ def test_reflection_lists_and_describes_the_services(tmp_path: Path, synthetic_n
                 "GetGlobalWeights",
                 "SubmitUpdate",
                 "SubmitEvaluation",
+                *("AdvertiseKeys", "GetSecAggStage", "ShareKeys", "RevealShares"),  # secure aggregation
             }
     finally:
         server.kill()

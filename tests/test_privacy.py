@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedgrpc.common.privacy import PrivacyAccountant, clip_change, clip_factor, l2_norm, privatize_locally
-from fedgrpc.server.local import free_port
+from fedgrpc.common.processes import free_port
 from fedgrpc.server.strategy import CentralDP, StrategySettings, add_update, make_strategy
 from helpers import finish, finish_all, server_command, start, start_clients
 
@@ -55,8 +55,8 @@ def test_dp_noise_has_the_standard_deviation_it_claims() -> None:
 
 def test_local_dp_clips_then_adds_noise() -> None:
     rng = np.random.default_rng(0)
-    reference = [np.zeros(50_000, np.float32), np.arange(3)]  # an integer tensor travels as it is
-    weights = [np.full(50_000, 0.1, np.float32), np.arange(3) + 7]
+    reference: list[np.ndarray] = [np.zeros(50_000, np.float32), np.arange(3)]  # integers travel as they are
+    weights: list[np.ndarray] = [np.full(50_000, 0.1, np.float32), np.arange(3) + 7]
     out = privatize_locally(weights, reference, clip=1.0, noise_multiplier=0.5, rng=rng)
     change = out[0] - reference[0]
     clipped_part = np.full(50_000, 1.0 / math.sqrt(50_000))  # 0.1 * sqrt(50,000) = 22 > 1: scaled to norm 1

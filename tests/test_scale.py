@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from fedgrpc.client.light import light_examples
-from fedgrpc.server.local import free_port
+from fedgrpc.common.processes import free_port
 from helpers import finish, finish_all, server_command, start, start_clients
 
 CNN_PARAMETERS = 167_562

@@ -14,11 +14,11 @@ from fedgrpc.client.connection import ChannelSecurity, Connection
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import AuthError, ServerUnavailableError
+from fedgrpc.common.processes import free_port
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.auth import Authenticator, ServerTls, hash_token
 from fedgrpc.server.checkpoint import weights_digest
 from fedgrpc.server.limits import Limits
-from fedgrpc.server.local import free_port
 from fedgrpc.server.rounds import RoundCoordinator
 from fedgrpc.server.strategy import FedAvg
 from helpers import finish, serving, start

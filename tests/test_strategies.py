@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fedgrpc.client.light import light_examples, light_update
 from fedgrpc.common.errors import ConfigError
+from fedgrpc.common.processes import free_port
 from fedgrpc.server.checkpoint import CheckpointStore
-from fedgrpc.server.local import free_port
 from fedgrpc.server.strategy import StrategySettings, add_update, make_strategy
 from helpers import finish, finish_all, server_command, start, start_clients, wait_for_line
 

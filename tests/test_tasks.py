@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fedgrpc.common.errors import TaskError
+from fedgrpc.common.processes import free_port
 from fedgrpc.common.task import LocalData, Site
 from fedgrpc.common.task_loader import (
     build_model,
@@ -20,7 +21,6 @@ from fedgrpc.common.task_loader import (
     load_task,
     resolve_params,
 )
-from fedgrpc.server.local import free_port
 from helpers import BIN, ENV, finish, start, wait_for_line
 
 #: A tabular task with no images: rows of 6 numbers, a label that is their sum's sign.

@@ -28,6 +28,7 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_FP16: _ClassVar[Compression]
     COMPRESSION_INT8: _ClassVar[Compression]
+    COMPRESSION_SECAGG: _ClassVar[Compression]
 
 class Instruction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,26 @@ class Instruction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WAIT: _ClassVar[Instruction]
     FINISHED: _ClassVar[Instruction]
     EVALUATE: _ClassVar[Instruction]
+
+class SecAggStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECAGG_STEP_UNSPECIFIED: _ClassVar[SecAggStep]
+    SHARE_KEYS: _ClassVar[SecAggStep]
+    MASKED_INPUT: _ClassVar[SecAggStep]
+    UNMASKING: _ClassVar[SecAggStep]
+
+class SecAggStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECAGG_STATUS_UNSPECIFIED: _ClassVar[SecAggStatus]
+    SECAGG_WAIT: _ClassVar[SecAggStatus]
+    SECAGG_READY: _ClassVar[SecAggStatus]
+    SECAGG_ABORTED: _ClassVar[SecAggStatus]
+
+class SecretKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECRET_KIND_UNSPECIFIED: _ClassVar[SecretKind]
+    SELF_MASK_SEED: _ClassVar[SecretKind]
+    MASK_KEY: _ClassVar[SecretKind]
 DTYPE_UNSPECIFIED: DType
 FLOAT16: DType
 FLOAT32: DType
@@ -52,11 +73,23 @@ BOOL: DType
 COMPRESSION_NONE: Compression
 COMPRESSION_FP16: Compression
 COMPRESSION_INT8: Compression
+COMPRESSION_SECAGG: Compression
 INSTRUCTION_UNSPECIFIED: Instruction
 TRAIN: Instruction
 WAIT: Instruction
 FINISHED: Instruction
 EVALUATE: Instruction
+SECAGG_STEP_UNSPECIFIED: SecAggStep
+SHARE_KEYS: SecAggStep
+MASKED_INPUT: SecAggStep
+UNMASKING: SecAggStep
+SECAGG_STATUS_UNSPECIFIED: SecAggStatus
+SECAGG_WAIT: SecAggStatus
+SECAGG_READY: SecAggStatus
+SECAGG_ABORTED: SecAggStatus
+SECRET_KIND_UNSPECIFIED: SecretKind
+SELF_MASK_SEED: SecretKind
+MASK_KEY: SecretKind
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -109,7 +142,7 @@ class EvaluationPlan(_message.Message):
     def __init__(self, every: _Optional[int] = ..., fraction: _Optional[float] = ..., personalize_epochs: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "batch_size", "local_epochs", "compression", "task", "task_params", "partition", "evaluation", "proximal_mu", "dp_clip")
+    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "batch_size", "local_epochs", "compression", "task", "task_params", "partition", "evaluation", "proximal_mu", "dp_clip", "secagg")
     class TaskParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +163,7 @@ class RunSpec(_message.Message):
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     DP_CLIP_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rounds: int
     num_clients: int
@@ -143,7 +177,18 @@ class RunSpec(_message.Message):
     evaluation: EvaluationPlan
     proximal_mu: float
     dp_clip: float
-    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ..., task_params: _Optional[_Mapping[str, ParamValue]] = ..., partition: _Optional[str] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ..., dp_clip: _Optional[float] = ...) -> None: ...
+    secagg: SecAggSpec
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ..., task_params: _Optional[_Mapping[str, ParamValue]] = ..., partition: _Optional[str] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ..., dp_clip: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSpec, _Mapping]] = ...) -> None: ...
+
+class SecAggSpec(_message.Message):
+    __slots__ = ("bound", "max_examples", "threshold")
+    BOUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    bound: float
+    max_examples: int
+    threshold: float
+    def __init__(self, bound: _Optional[float] = ..., max_examples: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "task")
@@ -262,3 +307,111 @@ class SubmitUpdateReply(_message.Message):
     received: int
     expected: int
     def __init__(self, round: _Optional[int] = ..., received: _Optional[int] = ..., expected: _Optional[int] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("client_id", "round", "cipher_public_key", "mask_public_key", "commitment")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    round: int
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    commitment: bytes
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., commitment: _Optional[bytes] = ...) -> None: ...
+
+class SecAggStageRequest(_message.Message):
+    __slots__ = ("client_id", "round", "step", "max_wait_ms")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    round: int
+    step: SecAggStep
+    max_wait_ms: int
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
+
+class PeerKeys(_message.Message):
+    __slots__ = ("client_id", "cipher_public_key", "mask_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, client_id: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class EncryptedShares(_message.Message):
+    __slots__ = ("client_id", "ciphertext")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    ciphertext: bytes
+    def __init__(self, client_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class SecAggStage(_message.Message):
+    __slots__ = ("status", "round", "session", "reason", "neighbours", "threshold", "scale", "shares", "masking", "survivors", "dropped")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASKING_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    status: SecAggStatus
+    round: int
+    session: bytes
+    reason: str
+    neighbours: _containers.RepeatedCompositeFieldContainer[PeerKeys]
+    threshold: int
+    scale: float
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShares]
+    masking: _containers.RepeatedScalarFieldContainer[int]
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., round: _Optional[int] = ..., session: _Optional[bytes] = ..., reason: _Optional[str] = ..., neighbours: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., threshold: _Optional[int] = ..., scale: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ..., masking: _Optional[_Iterable[int]] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("client_id", "round", "shares")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShares]
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "kind", "index", "value")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    owner: int
+    kind: SecretKind
+    index: int
+    value: bytes
+    def __init__(self, owner: _Optional[int] = ..., kind: _Optional[_Union[SecretKind, str]] = ..., index: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class RevealSharesRequest(_message.Message):
+    __slots__ = ("client_id", "round", "shares")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggAck(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...

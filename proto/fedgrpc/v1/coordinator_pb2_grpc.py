@@ -54,6 +54,26 @@ class CoordinatorStub:
                 request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/AdvertiseKeys',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.GetSecAggStage = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/GetSecAggStage',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/ShareKeys',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.RevealShares = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/RevealShares',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.RevealSharesRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -89,6 +109,39 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (RunSpec.secagg set): four steps around SubmitUpdate, after a TRAIN
+        instruction for round r (docs/protocol.md, "Secure aggregation", has the whole recipe):
+        AdvertiseKeys -> GetSecAggStage(SHARE_KEYS) -> ShareKeys -> train ->
+        GetSecAggStage(MASKED_INPUT) -> SubmitUpdate (COMPRESSION_SECAGG) ->
+        GetSecAggStage(UNMASKING) -> RevealShares.
+        A stage that answers ABORTED ends the client's part in this attempt at round r: it asks
+        for its next instruction, and the round is trained again from the same weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSecAggStage(self, request, context):
+        """Long-poll, like GetGlobalWeights: held until the step may start (READY), aborted, or the
+        wait is over (WAIT: ask again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +164,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitEvaluation,
                     request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.FromString,
                     response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.SerializeToString,
+            ),
+            'GetSecAggStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSecAggStage,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.SerializeToString,
+            ),
+            'RevealShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealShares,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.RevealSharesRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +294,114 @@ class Coordinator:
             '/fedgrpc.v1.Coordinator/SubmitEvaluation',
             fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
             fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/AdvertiseKeys',
+            fedgrpc_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSecAggStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/GetSecAggStage',
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/ShareKeys',
+            fedgrpc_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/RevealShares',
+            fedgrpc_dot_v1_dot_coordinator__pb2.RevealSharesRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,417 @@
+"""Secure aggregation on the server: it relays what it cannot read and learns only the sum.
+
+One SecAggRound per training round (fedgrpc.common.secagg has the primitives):
+
+    advertise --close--> share --close--> mask --close--> unmask --close--> done
+        |                  |                |                 |
+        +------------------+----------------+-----------------+--> aborted (too few clients)
+
+- advertise: each sampled client sends two X25519 public keys and a commitment to its self-mask
+  seed. U1: those that did. The neighbour graph (complete for small rounds, SecAgg+'s Harary
+  graph beyond) is drawn over U1, seeded by the run and round.
+- share: each client sends, for every neighbour, an encrypted pair of Shamir shares (its seed,
+  its mask key). U2: those that did; the encoding scale is fixed from |U2|.
+- mask: each client of U2 gets the ciphertexts addressed to it, trains, and submits its masked
+  update through SubmitUpdate (compression SECAGG), folded into a uint32 running sum as it
+  streams in (O(model) memory). U3: the updates accepted.
+- unmask: each client of U3 reveals, for each neighbour, the seed share if that neighbour is in
+  U3, the mask-key share if it dropped after sharing (never both). The server rebuilds each
+  seed and key from enough shares, checks it against the commitment or public key (trying
+  other subsets of shares when one disagrees, and naming who sent it), and removes the masks.
+
+A stage closes when every expected client has acted, or after `stage_timeout_s`. Up to the
+threshold's slack, clients may vanish at any stage after advertising and the round still yields
+the exact sum of the survivors; with too few, the round is aborted: no partial result, the next
+round starts from the same weights.
+
+What it does not protect against: a server that lies about who dropped (it could learn one
+client's update by claiming it dropped to some and survived to others: Bonawitz et al.'s
+signatures and consistency round are not implemented), and the sum itself, which the server
+learns by design. It excludes what needs to see single updates: robust rules, per-update value
+checks (shape, dtype and size checks stay), update compression.
+
+Threads: handlers call the client-side methods, the driver the `close_*` ones; one lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fedgrpc.common import secagg as sa
+from fedgrpc.common.config import SecAggSpec
+from fedgrpc.common.errors import SecAggError, StaleRoundError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("advertise", "share", "mask", "unmask", "done", "aborted")
+STEPS = ("share", "mask", "unmask")  # what a client may ask to start
+#: Subsets of shares tried when the first ones do not rebuild a committed secret.
+MAX_REBUILD_ATTEMPTS = 200
+KINDS = ("self_mask", "mask_key")
+_MAX_CIPHERTEXT = 256  # a share's ciphertext is 12 + 70 + 16 bytes
+
+
+@dataclass
+class _Client:
+    cipher_key: bytes
+    mask_key: bytes
+    commitment: bytes
+    shares_sent: dict[int, bytes] = field(default_factory=dict)  # recipient -> ciphertext
+    reveals: list[tuple[int, str, sa.Share]] = field(default_factory=list)  # (revealer, kind, share)
+
+
+class SecAggRound:
+    """The secure aggregation of one attempt at a round: who did what, and the unmasking."""
+
+    def __init__(
+        self,
+        run_id: str,
+        number: int,
+        participants: Sequence[int],
+        spec: SecAggSpec,
+        *,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.run_id, self.number, self.spec = run_id, number, spec
+        self.session = secrets.token_bytes(16)
+        self.participants = frozenset(participants)
+        self.stage = "advertise"
+        self.reason = ""
+        self._on_change = on_change
+        self._lock = threading.Condition()
+        self._clients: dict[int, _Client] = {}
+        self.graph: dict[int, list[int]] = {}
+        self.thresholds: dict[int, int] = {}
+        self.shared: frozenset[int] = frozenset()  # U2
+        self.submitted: frozenset[int] = frozenset()  # U3
+        self.scale = 0.0
+        self.suspects: set[int] = set()  # clients whose shares disagreed with the others
+        self._revealed: set[int] = set()
+        self._opened = time.monotonic()
+        self._unmask_started = self._opened
+        self._seconds = {"keys": 0.0, "unmask": 0.0}
+
+    # -- client steps (handlers) ---------------------------------------------------------------
+
+    def advertise(self, client: int, cipher_key: bytes, mask_key: bytes, commitment: bytes) -> None:
+        with self._lock:
+            self._expect(client, "advertise", self.participants)
+            if len(cipher_key) != 32 or len(mask_key) != 32 or len(commitment) != 32:
+                raise SecAggError("the two public keys and the commitment are 32 bytes each")
+            sa.check_public_key(cipher_key)
+            sa.check_public_key(mask_key)
+            self._clients[client] = _Client(cipher_key, mask_key, commitment)  # again: replaced
+            self._lock.notify_all()
+
+    def share(self, client: int, ciphertexts: dict[int, bytes]) -> None:
+        with self._lock:
+            self._expect(client, "share", frozenset(self.graph))
+            expected = set(self.graph[client])
+            if set(ciphertexts) != expected:
+                raise SecAggError(
+                    f"client {client} must send one ciphertext to each of its {len(expected)} neighbours "
+                    f"and no one else; got {len(ciphertexts)}, for {sorted(ciphertexts)[:8]}"
+                )
+            if any(not 0 < len(c) <= _MAX_CIPHERTEXT for c in ciphertexts.values()):
+                raise SecAggError(f"a share's ciphertext holds 1 to {_MAX_CIPHERTEXT} bytes")
+            self._clients[client].shares_sent = dict(ciphertexts)
+            self._lock.notify_all()
+
+    def reveal(self, client: int, shares: Sequence[tuple[int, str, sa.Share]]) -> None:
+        with self._lock:
+            self._expect(client, "unmask", self.submitted)
+            if client in self._revealed:
+                return  # a retried call whose first try got through
+            holders = set(self.graph[client]) | {client}
+            seen: set[int] = set()
+            for owner, kind, share in shares:
+                if owner in seen:
+                    raise SecAggError(f"client {client} revealed two shares of client {owner}")
+                seen.add(owner)
+                if owner not in holders or owner not in self.shared:
+                    raise SecAggError(f"client {client} holds no share of client {owner}")
+                if kind not in KINDS or len(share.value) != 32 or not 1 <= share.index <= len(holders):
+                    raise SecAggError("a revealed share is a self-mask or mask-key share of 32 bytes")
+                if kind == "self_mask" and owner not in self.submitted:
+                    raise SecAggError(
+                        f"client {owner}'s update was not counted: its self-mask seed is not asked for"
+                    )
+                if kind == "mask_key" and owner in self.submitted:
+                    raise SecAggError(f"client {owner}'s update was counted: its mask key is never revealed")
+            for owner, kind, share in shares:
+                self._clients[owner].reveals.append((client, kind, share))
+            self._revealed.add(client)
+            self._lock.notify_all()
+
+    def view(self, client: int, step: str) -> dict[str, Any] | None:
+        """What `client` needs for `step` ("share", "mask" or "unmask") once the server has moved
+        past the stage before it: None while it has not, {"aborted": reason} if aborted."""
+        if step not in STEPS:
+            raise SecAggError(f"no secure aggregation step {step!r}")
+        with self._lock:
+            if self.stage == "aborted":
+                return {"aborted": self.reason or "aborted"}
+            if STAGES.index(self.stage) < STAGES.index(step):
+                return None
+            if step == "share" and self.stage != "share":
+                raise SecAggError(f"round {self.number}'s keys were shared already; it is at {self.stage}")
+            if client not in self.graph or (step != "share" and client not in self.shared):
+                raise StaleRoundError(
+                    f"client {client} takes no part in round {self.number}'s secure aggregation from the "
+                    f"{step} step on (it did not take the steps before in time); it waits for the next round"
+                )
+            mine = self.graph[client]
+            if step == "share":
+                return {
+                    "neighbours": [(v, self._clients[v].cipher_key, self._clients[v].mask_key) for v in mine],
+                    "threshold": self.thresholds[client],
+                }
+            if step == "mask":
+                incoming = [(u, self._clients[u].shares_sent[client]) for u in mine if u in self.shared]
+                return {
+                    "scale": self.scale,
+                    "shares": incoming,
+                    "masking": [v for v in mine if v in self.shared],
+                }
+            if client not in self.submitted:
+                raise StaleRoundError(
+                    f"client {client}'s masked update of round {self.number} was not counted"
+                )
+            return {
+                "survivors": [v for v in mine if v in self.submitted],
+                "dropped": [v for v in mine if v in self.shared and v not in self.submitted],
+            }
+
+    def may_start(self, client: int) -> bool:
+        """Whether `client` may be told to train this attempt: keys are still being advertised and
+        it has not advertised yet (a client that dropped out of a step waits for the next round)."""
+        with self._lock:
+            return self.stage == "advertise" and client in self.participants and client not in self._clients
+
+    def may_submit(self, client: int) -> None:
+        with self._lock:
+            if self.stage != "mask" or client not in self.shared:
+                raise StaleRoundError(
+                    f"client {client} cannot submit a masked update of round {self.number} now: its secure "
+                    f"aggregation is at {self.stage}, and only clients that shared their keys may"
+                )
+
+    # -- the driver's side -------------------------------------------------------------------------
+
+    def run_key_stages(self, timeout_s: float, stopping: Callable[[], bool]) -> bool:
+        """Advertise, then share: each closes when everyone expected has acted, or after
+        `timeout_s`. False: aborted (or stopping)."""
+        self._wait(lambda: len(self._clients) >= len(self.participants), timeout_s, stopping)
+        if stopping() or not self._close_advertise():
+            return False
+        expected = len(self.graph)
+        self._wait(lambda: self._shared_count() >= expected, timeout_s, stopping)
+        return not stopping() and self._close_share()
+
+    def summary(self) -> dict[str, float]:
+        """Who took each step, and the seconds the key steps and the unmasking took (history)."""
+        with self._lock:
+            return {
+                "advertised": len(self.graph),
+                "shared": len(self.shared),
+                "submitted": len(self.submitted),
+                "neighbours": max((len(vs) for vs in self.graph.values()), default=0),
+                "key_seconds": round(self._seconds["keys"], 3),
+                "unmask_seconds": round(self._seconds["unmask"], 3),
+            }
+
+    def run_unmasking(self, submitted: Sequence[int], timeout_s: float, stopping: Callable[[], bool]) -> bool:
+        """Close the masked input, wait for the survivors' shares. False: aborted."""
+        self._unmask_started = time.monotonic()
+        with self._lock:
+            self.submitted = frozenset(submitted) & self.shared
+            if not self.submitted:
+                return self._abort("no masked update arrived")
+            _say_who_is_missing(self.number, "submitted a masked update", self.submitted, self.shared)
+            self.stage = "unmask"
+        self._on_change()
+        self._wait(lambda: len(self._revealed) >= len(self.submitted), timeout_s, stopping)
+        return self.stage != "aborted"
+
+    def abort(self, reason: str) -> None:
+        with self._lock:
+            if self.stage not in ("done", "aborted"):
+                self._abort(reason)
+
+    def unmask(self, masked_sum: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The true sum, the masks removed (SecAggError: too few or inconsistent shares)."""
+        with self._lock:
+            seeds: dict[int, bytes] = {}
+            keys: dict[int, bytes] = {}
+            try:
+                for u in sorted(self.submitted):
+                    seeds[u] = self._rebuild(u, "self_mask", _matches_commitment(self._clients[u].commitment))
+                for u in sorted(self.shared - self.submitted):
+                    keys[u] = self._rebuild(u, "mask_key", _matches_public_key(self._clients[u].mask_key))
+            except SecAggError as exc:
+                self._abort(str(exc))
+                raise
+            self.stage = "done"
+            mask_keys = {u: self._clients[u].mask_key for u in self.submitted}
+        try:
+            return self._remove_masks(masked_sum, seeds, keys, mask_keys)
+        finally:
+            self._seconds["unmask"] = time.monotonic() - self._unmask_started
+
+    def _remove_masks(
+        self,
+        masked_sum: Sequence[np.ndarray],
+        seeds: dict[int, bytes],
+        keys: dict[int, bytes],
+        mask_keys: dict[int, bytes],
+    ) -> list[np.ndarray]:
+        flat = sa.flatten(masked_sum)
+        for seed in seeds.values():
+            sa.apply_mask(flat, seed, -1)
+        for u, key in keys.items():  # u dropped after sharing: remove what its neighbours added for it
+            private = sa.private_key(key)
+            for v in self.graph[u]:
+                if v in mask_keys:
+                    pair = sa.agree(
+                        private,
+                        mask_keys[v],
+                        sa.context(self.run_id, self.number, self.session, "mask", *sorted((u, v))),
+                    )
+                    sa.apply_mask(flat, pair, -sa.pairwise_sign(v, u))
+        return sa.unflatten(flat, masked_sum)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _wait(self, done: Callable[[], bool], timeout_s: float, stopping: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while not done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or stopping():
+                    return False
+                self._lock.wait(min(remaining, 0.5))  # also looks at `stopping` twice a second
+            return True
+
+    def _shared_count(self) -> int:
+        return sum(1 for c in self._clients.values() if c.shares_sent)
+
+    def _close_advertise(self) -> bool:
+        with self._lock:
+            advertised = sorted(self._clients)
+            if len(advertised) < 2:
+                return self._abort(f"{len(advertised)} client(s) advertised keys; secure aggregation needs 2")
+            _say_who_is_missing(self.number, "advertised keys", advertised, self.participants)
+            self.graph = sa.neighbours(advertised, f"{self.run_id}|{self.number}|{self.session.hex()}")
+            self.thresholds = {
+                u: sa.threshold(len(vs) + 1, self.spec.threshold) for u, vs in self.graph.items()
+            }
+            self.stage = "share"
+        self._on_change()
+        return True
+
+    def _close_share(self) -> bool:
+        with self._lock:
+            shared = sorted(u for u, c in self._clients.items() if c.shares_sent)
+            if len(shared) < 2:
+                return self._abort(f"{len(shared)} client(s) shared their keys; secure aggregation needs 2")
+            try:
+                self.scale = sa.ring_scale(len(shared), self.spec.max_examples, self.spec.bound)
+            except SecAggError as exc:
+                return self._abort(str(exc))
+            _say_who_is_missing(self.number, "shared keys", shared, frozenset(self.graph))
+            self.shared = frozenset(shared)
+            self.stage = "mask"
+            self._seconds["keys"] = time.monotonic() - self._opened
+        self._on_change()
+        return True
+
+    def _expect(self, client: int, stage: str, allowed: frozenset[int]) -> None:
+        if self.stage != stage:
+            raise StaleRoundError(f"round {self.number}'s secure aggregation is at {self.stage}, not {stage}")
+        if client not in allowed:
+            raise StaleRoundError(f"client {client} takes no part in this step of round {self.number}")
+
+    def _abort(self, reason: str) -> bool:
+        self.stage, self.reason = "aborted", reason
+        self._lock.notify_all()
+        log.warning("round %d: secure aggregation aborted: %s", self.number, reason)
+        self._on_change()
+        return False
+
+    def _rebuild(self, owner: int, kind: str, valid: Callable[[bytes], bool]) -> bytes:
+        """`owner`'s secret from the revealed shares: the first `threshold` of them that agree with
+        its commitment (or public key). Revealers outside that set whose shares do not fit are
+        named; too few shares, or none that agree, abort."""
+        # The owner's own share first, then by revealer: the same order whatever the arrival order.
+        shares = sorted(
+            ((revealer, share) for revealer, k, share in self._clients[owner].reveals if k == kind),
+            key=lambda pair: (pair[0] != owner, pair[0]),
+        )
+        needed = self.thresholds[owner]
+        what = f"client {owner}'s {kind.replace('_', ' ')}"
+        if len(shares) < needed:
+            raise SecAggError(
+                f"{len(shares)} shares of {what} arrived and {needed} are needed: too few clients survived"
+            )
+        for attempt, subset in enumerate(itertools.combinations(shares, needed)):
+            if attempt >= MAX_REBUILD_ATTEMPTS:
+                break
+            secret = _combine([s for _, s in subset])
+            if secret is None or not valid(secret):
+                continue
+            if attempt:
+                base = [s for _, s in subset[:-1]]
+                liars = sorted(
+                    r for r, s in shares if (r, s) not in subset and not valid(_combine([*base, s]) or b"")
+                )
+                self.suspects.update(liars)
+                log.warning(
+                    "round %d: the shares of %s revealed by client(s) %s do not fit the others; left out",
+                    self.number, what, liars,
+                )  # fmt: skip
+            return secret
+        self.suspects.add(owner)
+        raise SecAggError(
+            f"no {needed} of the {len(shares)} shares of {what} rebuild it: client {owner} sent "
+            "inconsistent shares, or too many revealers lied"
+        )
+
+
+def _combine(shares: Sequence[sa.Share]) -> bytes | None:
+    try:
+        return sa.combine(shares)
+    except (SecAggError, ValueError):
+        return None
+
+
+def _matches_commitment(commitment: bytes) -> Callable[[bytes], bool]:
+    return lambda seed: sa.commitment(seed) == commitment
+
+
+def _matches_public_key(public: bytes) -> Callable[[bytes], bool]:
+    def valid(private: bytes) -> bool:
+        try:
+            return sa.public_of(private) == public
+        except SecAggError:
+            return False
+
+    return valid
+
+
+def _say_who_is_missing(
+    number: int, did: str, done: Sequence[int] | frozenset[int], expected: frozenset[int]
+) -> None:
+    missing = sorted(expected - set(done))
+    if missing:
+        log.info(
+            "round %d: %d of %d clients %s; going on without %s",
+            number, len(done), len(expected), did, ", ".join(f"client {c}" for c in missing[:10]),
+        )  # fmt: skip

@@ -1,0 +1,362 @@
+"""Secure aggregation: the primitives, what the server holds, and whole rounds with clients that
+drop out or lie at every stage (real fl-server and client processes)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedgrpc.client.connection import Connection
+from fedgrpc.client.light import light_examples, light_update
+from fedgrpc.client.secagg import SecureRound
+from fedgrpc.common import secagg as sa
+from fedgrpc.common.codec import TensorSpec
+from fedgrpc.common.config import RunSpec, SecAggSpec
+from fedgrpc.common.errors import SecAggError
+from fedgrpc.common.processes import free_port
+from fedgrpc.common.protocol import Instruction
+from fedgrpc.server.checkpoint import CheckpointStore
+from fedgrpc.server.masked_sum import SecAggStrategy
+from fedgrpc.server.rounds import RoundCoordinator
+from fedgrpc.server.strategy import FedAvg
+from helpers import (
+    ENV,
+    STARTED,
+    finish,
+    finish_all,
+    server_command,
+    serving,
+    start,
+    start_clients,
+    wait_for_line,
+)
+
+PEER = Path(__file__).with_name("secagg_peer.py")
+
+# -- the primitives -----------------------------------------------------------------------------
+
+
+def test_shamir_rebuilds_from_any_threshold_shares_and_not_from_fewer() -> None:
+    secret = secrets.token_bytes(32)
+    shares = sa.split(secret, 3, 5)
+    assert {s.index for s in shares} == {1, 2, 3, 4, 5}
+    assert sa.combine([shares[4], shares[0], shares[2]]) == secret
+    assert sa.combine(shares) == secret
+    assert sa.combine(shares[:2]) != secret
+
+
+def test_shares_travel_encrypted_to_their_pair_and_round_only() -> None:
+    alice, bob, eve = sa.new_private_key(), sa.new_private_key(), sa.new_private_key()
+    context = sa.context("run", 4, b"s" * 16, "share", 1, 2)
+    key = sa.agree(alice, sa.public_bytes(bob), context)
+    assert key == sa.agree(bob, sa.public_bytes(alice), context)
+    seed, mask = sa.split(secrets.token_bytes(32), 2, 3), sa.split(secrets.token_bytes(32), 2, 3)
+    ciphertext = sa.encrypt(key, sa.encode_shares(1, seed[1], mask[1]), sa.share_aad(1, 2, 4))
+    assert sa.decode_shares(sa.decrypt(key, ciphertext, sa.share_aad(1, 2, 4))) == (1, seed[1], mask[1])
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        sa.decrypt(key, ciphertext, sa.share_aad(1, 2, 5))  # replayed into another round
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        sa.decrypt(sa.agree(eve, sa.public_bytes(bob), context), ciphertext, sa.share_aad(1, 2, 4))
+
+
+def test_thresholds_need_more_than_half_of_the_holders() -> None:
+    assert [sa.threshold(h, 0.5) for h in (2, 3, 4, 5, 15, 20)] == [2, 2, 3, 3, 8, 11]
+    assert sa.threshold(20, 0.9) == 19
+
+
+def test_small_rounds_are_complete_graphs_large_ones_sparse_and_symmetric() -> None:
+    small = sa.neighbours(range(1, 6), "seed")
+    assert all(len(vs) == 4 for vs in small.values())
+    large = sa.neighbours(range(1, 101), "seed")
+    assert {len(vs) for vs in large.values()} == {sa.neighbour_degree(100)} == {14}
+    assert all(u in large[v] for u, vs in large.items() for v in vs)
+    reached, frontier = {1}, [1]  # connected
+    while frontier:
+        frontier = [v for u in frontier for v in large[u] if v not in reached]
+        reached.update(frontier)
+    assert reached == set(range(1, 101))
+    assert sa.neighbours(range(1, 101), "another") != large  # seeded per round
+
+
+def test_encoding_keeps_the_weighted_sum_within_a_step_and_says_when_the_ring_is_too_small() -> None:
+    rng = np.random.default_rng(0)
+    changes = [[rng.normal(0, 0.1, 1000)] for _ in range(3)]
+    counts = [100, 250, 7]
+    scale = sa.ring_scale(3, 1000, 1.0)
+    total = [np.zeros(1000, np.uint32), np.zeros(1, np.uint32)]
+    for change, n in zip(changes, counts, strict=True):
+        for acc, part in zip(total, sa.encode(change, n, scale, 1.0), strict=True):
+            np.add(acc, part, out=acc)
+    sums, count = sa.decode(total, scale)
+    assert count == 357
+    want = sum(np.clip(c[0], -1, 1) * n for c, n in zip(changes, counts, strict=True))
+    np.testing.assert_allclose(sums[0], want, rtol=0, atol=3 * 0.5 / scale)
+    with pytest.raises(SecAggError, match="lower --secagg-max-examples"):
+        sa.ring_scale(100, 10**8, 1.0)
+
+
+# -- what the server holds: an in-process coordinator, real gRPC, real client code --------------
+
+
+class _LiveRound:
+    """One secure round over real gRPC: an in-process coordinator and endpoint, and a thread per
+    client running SecureRound (of the given class); every masked update is folded in when the
+    block starts, and the caller closes the round (or not)."""
+
+    def __init__(self, clients: dict[int, type[SecureRound]], weights: list[np.ndarray]) -> None:
+        self.run = RunSpec(num_clients=len(clients), secagg=SecAggSpec(max_examples=1000))
+        specs = [TensorSpec(f"t{i}", "float32", w.shape) for i, w in enumerate(weights)]
+        self.strategy = SecAggStrategy(FedAvg())
+        self.coordinator = RoundCoordinator(self.run, specs, self.strategy, secagg_timeout_s=20)
+        self._clients, self._weights = clients, weights
+        self._errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> _LiveRound:
+        self._serving = serving(self.coordinator)
+        port = self._serving.__enter__().port
+        for client_id, kind in self._clients.items():
+            thread = threading.Thread(target=self._client, args=(client_id, kind, port))
+            thread.start()
+            self._threads.append(thread)
+        coordinator = self.coordinator
+        assert coordinator.wait_ready(len(self._clients), 20)
+        coordinator.open_round(1, self._weights)
+        secure = coordinator.secure_round
+        assert secure is not None and secure.run_key_stages(20, lambda: False)
+        assert coordinator.wait_for_updates(len(self._clients), 20)
+        while coordinator.fold_queue_depth:  # every accepted update folded into the ring
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.coordinator.interrupt()
+        for thread in self._threads:
+            thread.join(30)
+        self._serving.__exit__(None, None, None)
+        assert not self._errors, self._errors
+
+    def _client(self, client_id: int, kind: type[SecureRound], port: int) -> None:
+        try:
+            with Connection(f"127.0.0.1:{port}", client_id, connect_timeout_s=20) as connection:
+                task = connection.next_task(0, 10)
+                while task.instruction is not Instruction.TRAIN:
+                    task = connection.next_task(0, 10)
+                secure = kind(connection, self.run, task.round)
+                secure.share_keys()
+                secure.submit(task.specs, task.weights, task.weights, 10 * client_id)  # no change at all
+                secure.reveal()
+        except BaseException as exc:  # noqa: BLE001 - reported when the block ends
+            self._errors.append(exc)
+
+
+def _chi_square_of_top_bytes(words: np.ndarray) -> float:
+    counts = np.bincount((words >> 24).astype(np.int64), minlength=256)
+    expected = words.size / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_what_the_server_holds_before_unmasking_is_uniform_and_the_sum_is_exact() -> None:
+    weights = [np.full(60_000, 0.5, np.float32), np.zeros(7, np.float32)]
+    with _LiveRound({1: SecureRound, 2: SecureRound, 3: SecureRound}, weights) as live:
+        held = sa.flatten(live.strategy.masked_sum())
+        secure = live.coordinator.secure_round
+        assert secure is not None
+        secure.run_unmasking([1, 2, 3], 20, lambda: False)  # the clients reveal their shares
+        unmasked = sa.flatten(secure.unmask(live.strategy.masked_sum()))
+    # Every client sent "no change": unmasked, the words are all zero but the count. Masked, the
+    # top byte of 60,007 words falls in 256 bins as uniform words would: chi-square with 255
+    # degrees of freedom stays below 350 (p = 1e-4); each of the 32 bits is set half the time.
+    assert _chi_square_of_top_bytes(held) < 350
+    bits = np.unpackbits(held.view(np.uint8)).reshape(-1, 32).mean(axis=0)
+    assert np.all(np.abs(bits - 0.5) < 5 * 0.5 / np.sqrt(held.size))
+    assert _chi_square_of_top_bytes(unmasked) > 10_000  # the same test tells the unmasked sum apart
+    np.testing.assert_array_equal(unmasked[:-1], 0)
+    assert unmasked[-1] == 60  # 10 + 20 + 30 examples
+
+
+def test_the_unmasked_round_equals_the_plain_mean() -> None:
+    weights = [np.full(1000, 0.5, np.float32)]
+    with _LiveRound({1: SecureRound, 2: SecureRound, 3: SecureRound}, weights) as live:
+        np.testing.assert_array_equal(live.coordinator.close_round().weights[0], weights[0])
+
+
+class _GarbageWords(SecureRound):
+    """Shares its keys honestly, then submits random ring words instead of an encoded update."""
+
+    def submit(
+        self, specs: Sequence[TensorSpec], weights: Sequence[np.ndarray], *args: object, **kw: object
+    ) -> tuple[int, int]:
+        self._held = self._open_shares(self._stage("mask").shares)
+        rng = np.random.default_rng(7)
+        words = [rng.integers(0, 2**32, np.shape(w), dtype=np.uint32) for w in weights]
+        count_spec = TensorSpec(sa.COUNT_TENSOR, "uint32", (1,))
+        return self._connection.submit(
+            self.round, [*specs, count_spec], [*words, np.array([3], np.uint32)], 1, {}, method="secagg"
+        )
+
+
+def test_random_ring_words_instead_of_an_update_abort_the_round_and_change_nothing() -> None:
+    weights = [np.full(1000, 0.5, np.float32)]
+    with _LiveRound({1: SecureRound, 2: SecureRound, 3: _GarbageWords}, weights) as live:
+        with pytest.raises(SecAggError, match="malformed masked update|not an encoded one"):
+            live.coordinator.close_round()
+        np.testing.assert_array_equal(live.coordinator.global_weights[0], weights[0])
+
+
+# -- whole runs: fl-server, light clients, and a peer that drops out or lies ----------------------
+
+
+def _expected(weights: list[np.ndarray], counted: Sequence[int]) -> list[np.ndarray]:
+    total = sum(light_examples(c) for c in counted)
+    out = []
+    for index, g in enumerate(weights):
+        change = sum(
+            light_examples(c) * (light_update(weights, c, 1)[index].astype(np.float64) - g) for c in counted
+        )
+        out.append(g + change / total)
+    return out
+
+
+def _run_with_peer(tmp_path: Path, data: Path, mode: str) -> tuple[int, Path, Path]:
+    """fl-server --secagg for one round of 3: light clients 2 and 3, and client 1 in `mode`."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "6", "--round-timeout", "8", "--finish-grace", "1")
+    server = start(*server_command(port, data, out, rounds=1, clients=3, extra=flags), log=log)
+    clients = start_clients(port, data, tmp_path, ids=(2, 3), extra=("--insecure", "--light"))
+    peer_log = tmp_path / "peer.log"
+    peer = subprocess.Popen(
+        [sys.executable, str(PEER), "--server", f"127.0.0.1:{port}", "--id", "1", "--mode", mode,
+         "--out", str(tmp_path / "global.npz")],
+        stdout=peer_log.open("ab"), stderr=subprocess.STDOUT, env=ENV,
+    )  # fmt: skip
+    STARTED.append(peer)
+    code = finish(server, log)
+    if code == 0:
+        finish_all(clients)
+    assert finish(peer, peer_log) == 0, peer_log.read_text()
+    return code, out, log
+
+
+@pytest.mark.parametrize(
+    ("mode", "counted", "said"),
+    [
+        # U1 = 3, U2 = 2: the others mask only with each other
+        ("advertise", (2, 3), "2 of 3 clients shared keys; going on without client 1"),
+        # its pairwise masks removed with its mask key, rebuilt from the others' shares
+        ("share", (2, 3), "2 of 3 clients submitted a masked update; going on without client 1"),
+        ("submit", (1, 2, 3), ""),  # counted; its self-mask seed rebuilt without it
+        # forged shares of client 2's and 3's seeds: each rebuilt from other shares, the liar named
+        ("lie", (1, 2, 3), "revealed by client(s) [1] do not fit the others"),
+        # client 2 got shares of another secret from 1: client 1's seed rebuilt from 1's and 3's
+        ("bad-shares", (1, 2, 3), "client 1's self mask revealed by client(s) [2] do not fit the others"),
+        ("malformed", (2, 3), "2 of 3 clients submitted a masked update"),  # refused, as if it dropped
+    ],
+)
+def test_a_round_survives_a_peer_that_drops_out_or_lies(
+    tmp_path: Path, synthetic_npz: Path, mode: str, counted: tuple[int, ...], said: str
+) -> None:
+    code, out, log = _run_with_peer(tmp_path, synthetic_npz, mode)
+    assert code == 0, log.read_text()
+    with np.load(tmp_path / "global.npz") as npz:
+        start_weights = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    checkpoint = CheckpointStore(out / "checkpoint").load()
+    assert checkpoint is not None and checkpoint.round == 1
+    for got, want in zip(checkpoint.weights, _expected(start_weights, counted), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    history = json.loads((out / "history.json").read_text())
+    assert sorted(c["client_id"] for c in history["rounds"][0]["clients"]) == list(counted)
+    assert said in log.read_text()
+    if mode == "malformed":
+        assert "refused: INVALID_ARGUMENT" in (tmp_path / "peer.log").read_text()
+
+
+def test_too_few_survivors_abort_the_round_cleanly(tmp_path: Path, synthetic_npz: Path) -> None:
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "4", "--round-timeout", "4")
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=3, extra=flags), log=log)
+    start_clients(
+        port, synthetic_npz, tmp_path, ids=(1,), extra=("--insecure", "--light", "--connect-timeout", "20")
+    )
+    for peer_id in (2, 3):
+        STARTED.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(PEER),
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--id",
+                    str(peer_id),
+                    "--mode",
+                    "share",
+                    "--out",
+                    str(tmp_path / f"global-{peer_id}.npz"),
+                ],
+                stdout=(tmp_path / f"peer-{peer_id}.log").open("ab"),
+                stderr=subprocess.STDOUT,
+                env=ENV,
+            )  # fmt: skip
+        )
+    assert finish(server, log) == 2
+    text = log.read_text()
+    assert "secure aggregation aborted (1 in a row)" in text and "too few clients survived" in text
+    assert "3 attempts in a row at round 1 could not be securely aggregated" in text
+    checkpoint = CheckpointStore(out / "checkpoint").load()
+    assert checkpoint is not None and checkpoint.round == 0  # no partial result was ever applied
+
+
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        (("--strategy", "median"), "--strategy median"),
+        (("--compression", "int8"), "compression"),
+        (("--record-updates",), "--record-updates"),
+        (("--dp-clip", "1", "--dp-noise-multiplier", "1", "--dp-clip-on", "server"), "--dp-clip-on server"),
+    ],
+)
+def test_what_needs_single_updates_is_refused_at_start(
+    tmp_path: Path, synthetic_npz: Path, flags: tuple[str, ...], refused: str
+) -> None:
+    log = tmp_path / "server.log"
+    command = server_command(
+        free_port(), synthetic_npz, tmp_path / "out", rounds=1, clients=3, extra=("--secagg", *flags)
+    )
+    assert finish(start(*command, log=log), log) == 2
+    assert refused in log.read_text()
+
+
+def test_dp_fedavg_under_secure_aggregation_clips_on_the_clients(tmp_path: Path, synthetic_npz: Path) -> None:
+    """--dp-clip with --secagg: clients clip to L2 1 and weigh 1 each; the server divides the
+    unmasked sum by the round's size (no noise here, so the result can be checked exactly)."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--dp-clip", "1.0", "--dp-noise-multiplier", "0", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=3, extra=flags), log=log)
+    wait_for_line(log, "waiting for 3 clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()  # round 0: the run's starting weights
+    assert initial is not None and initial.round == 0
+    finish_all(start_clients(port, synthetic_npz, tmp_path, extra=("--insecure", "--light")))
+    assert finish(server, log) == 0, log.read_text()
+    history = json.loads((out / "history.json").read_text())
+    assert history["run"]["secagg"] == {"bound": 1.0, "max_examples": 1, "threshold": 0.5}
+    start_weights = initial.weights
+    clipped = []
+    for client in (1, 2, 3):
+        sent = light_update(start_weights, client, 1)
+        change = [u.astype(np.float64) - g for u, g in zip(sent, start_weights, strict=True)]
+        norm = float(np.sqrt(sum(float((c**2).sum()) for c in change)))
+        assert norm > 1  # so clipping matters
+        clipped.append([c / norm for c in change])
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 1
+    for index, got in enumerate(final.weights):
+        want = start_weights[index] + sum(c[index] for c in clipped) / 3
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
