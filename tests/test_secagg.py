@@ -86,6 +86,24 @@ def test_small_rounds_are_complete_graphs_large_ones_sparse_and_symmetric() -> N
     assert sa.neighbours(range(1, 101), "another") != large  # seeded per round
 
 
+def test_a_secret_is_rebuilt_past_bad_shares_wherever_they_sit() -> None:
+    """15 holders, 8 needed, the owner's own share first and two bad ones right after it: every
+    combination of the first ones in order would hold a bad share; the rebuild still finds the
+    secret and names the two."""
+    from fedgrpc.server.secagg import SecAggRound, _Client, _matches_commitment
+
+    seed = secrets.token_bytes(32)
+    shares = sa.split(seed, 8, 15)
+    secure = SecAggRound("run", 1, range(1, 16), SecAggSpec())
+    secure.thresholds = {1: 8}
+    secure._clients[1] = _Client(b"", b"", sa.commitment(seed))
+    for revealer, share in zip(range(1, 16), shares, strict=True):
+        forged = sa.Share(share.index, secrets.token_bytes(32)) if revealer in (2, 3) else share
+        secure._clients[1].reveals.append((revealer, "self_mask", forged))
+    assert secure._rebuild(1, "self_mask", _matches_commitment(sa.commitment(seed))) == seed
+    assert secure.suspects == {2, 3}
+
+
 def test_encoding_keeps_the_weighted_sum_within_a_step_and_says_when_the_ring_is_too_small() -> None:
     rng = np.random.default_rng(0)
     changes = [[rng.normal(0, 0.1, 1000)] for _ in range(3)]
