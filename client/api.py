@@ -37,6 +37,7 @@ from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import (
     ConfigError,
     RunChangedError,
+    SecAggError,
     StaleRoundError,
     TaskError,
     UpdateRejectedError,
@@ -192,7 +193,7 @@ class Federation:
                 self._secure = SecureRound(self.connection, self.run, task.round)
                 try:
                     self._secure.share_keys()
-                except StaleRoundError as exc:
+                except (StaleRoundError, SecAggError) as exc:
                     log.warning("round %d: %s", task.round, exc)
                     continue
             current = Round(task.round, task.weights, self)
@@ -225,7 +226,7 @@ class Federation:
                     reference=current.weights,
                 )
             log.info("round %d submitted (%d/%d updates in)", current.number, received, expected)
-        except StaleRoundError as exc:
+        except (StaleRoundError, SecAggError) as exc:
             log.warning("round %d closed before this update arrived: %s", current.number, exc)
         except UpdateRejectedError as exc:
             if exc.code != "ALREADY_EXISTS":

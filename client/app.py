@@ -19,7 +19,13 @@ from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec
-from fedgrpc.common.errors import ConfigError, RunChangedError, StaleRoundError, UpdateRejectedError
+from fedgrpc.common.errors import (
+    ConfigError,
+    RunChangedError,
+    SecAggError,
+    StaleRoundError,
+    UpdateRejectedError,
+)
 from fedgrpc.common.logs import human_bytes
 from fedgrpc.common.privacy import PrivacyAccountant, clip_update, noise_generator, privatize_locally
 from fedgrpc.common.protocol import Instruction
@@ -224,8 +230,8 @@ def take_part(
                     method=run.compression,
                     reference=task.weights,
                 )
-        except StaleRoundError as exc:
-            log.warning("round %d closed before this update arrived: %s", task.round, exc)
+        except (StaleRoundError, SecAggError) as exc:
+            log.warning("round %d: this client's update is not in it: %s", task.round, exc)
             last_round = task.round
             continue
         except UpdateRejectedError as exc:

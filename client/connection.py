@@ -234,6 +234,7 @@ class Connection:
         *,
         method: str = "none",
         reference: Sequence[np.ndarray] = (),
+        session: bytes = b"",
     ) -> tuple[int, int]:
         """Send trained weights; returns (updates the round has received, updates it expects).
 
@@ -254,6 +255,7 @@ class Connection:
                 chunk_bytes=self.chunk_bytes,
                 compression=method,
                 scales=scales,
+                session=session,
             )
             started = threading.Event()
             calls: list[Any] = []  # the call: a grpc.Future that is also a grpc.Call
@@ -316,19 +318,23 @@ class Connection:
             dropped=tuple(reply.dropped),
         )
 
-    def share_keys(self, round_number: int, ciphertexts: Mapping[int, bytes]) -> None:
+    def share_keys(self, round_number: int, ciphertexts: Mapping[int, bytes], session: bytes) -> None:
         request = pb.ShareKeysRequest(
             client_id=self.client_id,
             round=round_number,
+            session=session,
             shares=[pb.EncryptedShares(client_id=v, ciphertext=c) for v, c in ciphertexts.items()],
         )
         self._unary("share keys", self._stub.ShareKeys, request)
 
-    def reveal_shares(self, round_number: int, shares: Sequence[tuple[int, str, sa.Share]]) -> None:
+    def reveal_shares(
+        self, round_number: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes
+    ) -> None:
         kinds = {"self_mask": pb.SELF_MASK_SEED, "mask_key": pb.MASK_KEY}
         request = pb.RevealSharesRequest(
             client_id=self.client_id,
             round=round_number,
+            session=session,
             shares=[
                 pb.RevealedShare(owner=owner, kind=kinds[kind], index=share.index, value=share.value)
                 for owner, kind, share in shares

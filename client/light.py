@@ -17,7 +17,7 @@ import numpy as np
 from fedgrpc.client.connection import ChannelSecurity, Connection
 from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.errors import RunChangedError, StaleRoundError
+from fedgrpc.common.errors import RunChangedError, SecAggError, StaleRoundError
 from fedgrpc.common.privacy import clip_update
 from fedgrpc.common.protocol import Instruction
 
@@ -110,7 +110,7 @@ def run_light_client(
                         method=run.compression,
                         reference=task.weights,
                     )
-            except StaleRoundError as exc:
+            except (StaleRoundError, SecAggError) as exc:
                 log.debug("light client %d: %s", client_id, exc)
             else:
                 stats.submit_seconds.append(time.perf_counter() - started)

@@ -25,7 +25,7 @@ from fedgrpc.client.connection import Connection
 from fedgrpc.common import secagg as sa
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import SecAggError, StaleRoundError
+from fedgrpc.common.errors import SecAggError, StaleRoundError, UpdateRejectedError
 
 log = logging.getLogger("fedgrpc.client")
 
@@ -49,6 +49,7 @@ class SecureRound:
         self._peers: dict[int, tuple[bytes, bytes]] = {}  # neighbour -> (cipher key, mask key)
         self._own: tuple[sa.Share, sa.Share] | None = None
         self._held: dict[int, tuple[sa.Share, sa.Share]] = {}  # owner -> (seed share, key share)
+        self._threshold = 2
 
     def share_keys(self) -> None:
         """Advertise fresh keys, then send each neighbour its encrypted shares of our secrets."""
@@ -61,8 +62,13 @@ class SecureRound:
         if self._me in self._peers or len(self._peers) != len(stage.neighbours):
             raise SecAggError("the server's neighbour list names this client or one neighbour twice")
         holders = sorted([self._me, *self._peers])
-        if not 2 <= stage.threshold <= len(holders):
-            raise SecAggError(f"a threshold of {stage.threshold} cannot work with {len(holders)} holders")
+        expected = sa.threshold(len(holders), self._spec.threshold)
+        if stage.threshold != expected:
+            raise SecAggError(
+                f"the server asks for a threshold of {stage.threshold} among {len(holders)} holders; "
+                f"the run's secagg threshold gives {expected}: refusing to share"
+            )
+        self._threshold = expected
         seed_shares = sa.split(self._seed, stage.threshold, len(holders))
         key_shares = sa.split(sa.private_bytes(self._mask), stage.threshold, len(holders))
         ciphertexts = {}
@@ -74,7 +80,7 @@ class SecureRound:
             key = sa.agree(self._cipher, self._peers[holder][0], self._context("share", holder))
             plaintext = sa.encode_shares(self._me, *pair)
             ciphertexts[holder] = sa.encrypt(key, plaintext, sa.share_aad(self._me, holder, self.round))
-        self._connection.share_keys(self.round, ciphertexts)
+        self._connection.share_keys(self.round, ciphertexts, self._session)
 
     def submit(
         self,
@@ -86,6 +92,11 @@ class SecureRound:
     ) -> tuple[int, int]:
         """Encode the change from `reference`, mask it, and send it (SubmitUpdate, SECAGG)."""
         stage = self._stage("mask")
+        if len(stage.masking) + 1 < self._threshold:
+            raise SecAggError(
+                f"only {len(stage.masking)} neighbours shared their keys, fewer than the threshold needs: "
+                "a masked update would not be hidden well enough; not sent"
+            )
         self._held = self._open_shares(stage.shares)
         weight = 1 if self._run.dp_clip > 0 else min(num_examples, self._spec.max_examples)
         if weight < num_examples and self._run.dp_clip == 0:
@@ -97,6 +108,10 @@ class SecureRound:
             np.asarray(w, np.float64) - np.asarray(g, np.float64)
             for w, g in zip(weights, reference, strict=True)
         ]
+        if not all(np.isfinite(c).all() for c in changes):  # would encode as 0 with full weight
+            raise SecAggError(
+                f"round {self.round}: the trained weights hold NaN or infinite values; not sent"
+            )
         clipped = sum(int(np.count_nonzero(np.abs(c) > self._spec.bound)) for c in changes)
         if clipped:
             log.debug(
@@ -114,14 +129,20 @@ class SecureRound:
             pair = sa.agree(self._mask, self._peers[v][1], self._context("mask", v))
             sa.apply_mask(words, pair, sa.pairwise_sign(self._me, v))
         arrays = sa.unflatten(words, encoded)
-        return self._connection.submit(
-            self.round,
-            [*specs, TensorSpec(sa.COUNT_TENSOR, "uint32", (1,))],
-            arrays,
-            1,  # the real count travels masked
-            metrics or {},
-            method="secagg",
-        )
+        try:
+            return self._connection.submit(
+                self.round,
+                [*specs, TensorSpec(sa.COUNT_TENSOR, "uint32", (1,))],
+                arrays,
+                1,  # the real count travels masked
+                metrics or {},
+                method="secagg",
+                session=self._session,
+            )
+        except UpdateRejectedError as exc:
+            if exc.code != "ALREADY_EXISTS":  # a retried submit whose first try got through: go on
+                raise
+            return 0, 0
 
     def reveal(self) -> None:
         """Send the shares the server may have: seeds of the survivors (ours too), mask keys of
@@ -129,12 +150,17 @@ class SecureRound:
         stage = self._stage("unmask")
         if self._own is None:
             raise RuntimeError("share_keys was not called")
+        if len(stage.survivors) + 1 < self._threshold:
+            raise SecAggError(
+                f"the server names {len(stage.survivors)} surviving neighbours, fewer than the threshold "
+                "needs: refusing to reveal"
+            )
         revealed: list[tuple[int, str, sa.Share]] = [(self._me, "self_mask", self._own[0])]
         revealed += [(v, "self_mask", self._held[v][0]) for v in stage.survivors if v in self._held]
         revealed += [(v, "mask_key", self._held[v][1]) for v in stage.dropped if v in self._held]
         if set(stage.survivors) & set(stage.dropped):
             raise SecAggError("the server names a neighbour both survivor and dropped: refusing to reveal")
-        self._connection.reveal_shares(self.round, revealed)
+        self._connection.reveal_shares(self.round, revealed, self._session)
 
     # -- internals -----------------------------------------------------------------------------
 

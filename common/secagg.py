@@ -86,10 +86,12 @@ def private_bytes(key: X25519PrivateKey) -> bytes:
 
 
 def check_public_key(raw: bytes) -> None:
+    """Refuse bytes that are no X25519 key, or a key of low order, with which every exchange
+    fails (all-zero result): a client advertising one would make its neighbours' steps fail."""
     try:
-        X25519PublicKey.from_public_bytes(raw)
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
     except ValueError as exc:
-        raise SecAggError(f"not an X25519 public key: {exc}") from None
+        raise SecAggError(f"not a usable X25519 public key: {exc}") from None
 
 
 def public_of(private_raw: bytes) -> bytes:
@@ -281,7 +283,9 @@ def ring_scale(clients: int, max_examples: int, bound: float) -> float:
             f"{clients} clients of up to {max_examples} examples overflow the 32-bit ring's count; "
             "lower --secagg-max-examples"
         )
-    scale = (_HALF - 1) / (clients * max_examples * bound)
+    # Headroom for rounding: each encoded value is at most n * bound * scale + 1/2, so k of
+    # them stay below (2^31 - 1 - k) + k/2 < 2^31.
+    scale = (_HALF - 1 - clients) / (clients * max_examples * bound)
     if scale < 1:
         raise SecAggError(
             f"{clients} clients x {max_examples} examples x bound {bound} leave the ring no precision; "

@@ -243,6 +243,7 @@ def update_stream(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     compression: str = "none",
     scales: Sequence[float] = (),
+    session: bytes = b"",
 ) -> Iterator[pb.UpdateMessage | bytes]:
     """A SubmitUpdate request stream: the header, then every tensor's chunks (encoded lazily).
 
@@ -258,6 +259,7 @@ def update_stream(
             tensors=[spec_to_pb(s) for s in specs],
             compression=_COMPRESSION_TO_PB[compression],
             scales=list(scales),
+            session=session,
         )
     )
     yield from _encoded_chunks(arrays, chunk_bytes)

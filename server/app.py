@@ -466,7 +466,9 @@ class FederatedServer:
                 if coordinator.interrupted:
                     return
                 aborted += 1
-                self._secure_aborted(number, exc, aborted, secure.suspects if secure else set())
+                culprits = sorted(secure.culprits) if secure is not None else []
+                coordinator.leave_out(culprits)
+                self._secure_aborted(number, exc, aborted, culprits)
                 continue  # the same round again, from the same weights, with fresh keys
             monitor.phase("aggregating", number, coordinator.participants(number))
             if not _all_finite(outcome.weights):
@@ -606,8 +608,13 @@ class FederatedServer:
             raise SecAggError(secure.reason)
         return expected
 
-    def _secure_aborted(self, number: int, error: SecAggError, aborted: int, suspects: set[int]) -> None:
-        blame = f"; clients whose shares did not fit: {sorted(suspects)}" if suspects else ""
+    def _secure_aborted(self, number: int, error: SecAggError, aborted: int, culprits: Sequence[int]) -> None:
+        blame = (
+            f"; client(s) {list(culprits)}, whose secrets could not be rebuilt from the shares they "
+            "sent, are left out from now on"
+            if culprits
+            else ""
+        )
         log.error(
             "round %d: secure aggregation aborted (%d in a row): %s%s. The weights stay as they were and "
             "the round is trained again with fresh keys", number, aborted, error, blame,

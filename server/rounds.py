@@ -49,7 +49,7 @@ from functools import partial
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import MetricsError, StaleRoundError, UpdateRejectedError
+from fedgrpc.common.errors import MetricsError, SecAggError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.metrics import check_metrics
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.common.secagg import COUNT_TENSOR
@@ -215,6 +215,7 @@ class RoundCoordinator:
         self._ready: set[int] = set()
         self._joined_during: dict[int, int] = {}  # late joiner -> the round it must sit out
         self._told_finished: set[int] = set()
+        self._left_out: set[int] = set()  # secure aggregation: clients whose shares did not fit
 
     def on_phase_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` (from whichever thread made the change, no lock held) after every
@@ -260,7 +261,9 @@ class RoundCoordinator:
         eligible = [
             c
             for c in sorted(self._ready)
-            if (participants is None or c in participants) and self._joined_during.get(c, 0) < number
+            if (participants is None or c in participants)
+            and self._joined_during.get(c, 0) < number
+            and c not in self._left_out
         ]
         secure = SecAggRound(
             self.run.run_id, number, eligible, self.run.secagg, on_change=self._tell_listeners
@@ -268,6 +271,11 @@ class RoundCoordinator:
         assert isinstance(self._strategy, SecAggStrategy)
         self._strategy.secagg = secure
         return secure
+
+    def leave_out(self, clients: Sequence[int]) -> None:
+        """Keep these clients out of every later secure aggregation of the run."""
+        with self._changed:
+            self._left_out.update(clients)
 
     @property
     def secure_round(self) -> SecAggRound | None:
@@ -328,10 +336,11 @@ class RoundCoordinator:
             self._notify_everyone()
         self._tell_listeners()
         self._folder.drain()  # handlers now refuse new updates: no fold can be queued meanwhile
-        if current.secure is not None:  # SecAggError from here on: no result, the round is redone
-            current.secure.run_unmasking(
-                sorted(current.accepted), self.secagg_timeout_s, lambda: self._interrupted
-            )
+        secure = current.secure
+        if secure is not None and not secure.run_unmasking(  # no result: the round is redone
+            sorted(current.accepted), self.secagg_timeout_s, lambda: self._interrupted
+        ):
+            raise SecAggError(secure.reason or "the secure aggregation was aborted")
         weights = self._strategy.result()
         return RoundOutcome(
             round=current.number,
@@ -490,12 +499,14 @@ class RoundCoordinator:
         num_examples: int,
         specs: Sequence[TensorSpec],
         metrics: Mapping[str, float] | None = None,
+        session: bytes = b"",
     ) -> tuple[np.ndarray, ...]:
         """Everything about an update that can be checked before its tensors are read; returns
-        the weights the round started from (what compressed updates are relative to)."""
+        the weights the round started from (what compressed updates are relative to).
+        `session`: under secure aggregation, the attempt the update was masked for."""
         self.check_client(client_id)
         with self._changed:
-            current = self._check_round(client_id, round_number)
+            current = self._check_round(client_id, round_number, session)
         check_num_examples(num_examples, self._max_examples)
         check_specs(self.update_specs, specs)
         if metrics is not None:
@@ -525,6 +536,7 @@ class RoundCoordinator:
         *,
         preparer: UpdatePreparer | None = None,
         on_folded: Callable[[], None] | None = None,
+        session: bytes = b"",
     ) -> tuple[int, int]:
         """Validate and count one update; returns (updates received, updates expected).
 
@@ -553,7 +565,7 @@ class RoundCoordinator:
             check_num_examples(num_examples, self._max_examples)
             checked_metrics = _checked_metrics(metrics)
             with self._changed:
-                current = self._check_round(client_id, round_number)
+                current = self._check_round(client_id, round_number, session)
             if preparer is None:
                 check_arrays(self.update_specs, update)
                 # The caller's arrays: checked through prepared copies, never overwritten.
@@ -567,7 +579,7 @@ class RoundCoordinator:
                 for index, tensor in enumerate(update):
                     preparer(index, tensor)
             with self._changed:
-                current = self._check_round(client_id, round_number)
+                current = self._check_round(client_id, round_number, session)
                 if self._recorder is not None:  # before the fold is queued: a fold may free the update
                     self._recorder(round_number, client_id, update)
                 self._folder.put(
@@ -656,7 +668,7 @@ class RoundCoordinator:
             raise RuntimeError("no round was opened")
         return self._round
 
-    def _check_round(self, client_id: int, round_number: int) -> _Round:
+    def _check_round(self, client_id: int, round_number: int, session: bytes = b"") -> _Round:
         current = self._round
         if self._phase is Phase.FINISHED:
             raise StaleRoundError(
@@ -696,7 +708,7 @@ class RoundCoordinator:
                 current_round=current.number,
             )
         if current.secure is not None:
-            current.secure.may_submit(client_id)
+            current.secure.may_submit(client_id, session)
         return current
 
 

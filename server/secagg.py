@@ -52,7 +52,7 @@ from fedgrpc.common.errors import SecAggError, StaleRoundError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STAGES = ("advertise", "share", "mask", "unmask", "done", "aborted")
+STAGES = ("advertise", "share", "mask", "unmask", "unmasking", "done", "aborted")
 STEPS = ("share", "mask", "unmask")  # what a client may ask to start
 #: Subsets of shares tried when the first ones do not rebuild a committed secret.
 MAX_REBUILD_ATTEMPTS = 200
@@ -94,7 +94,10 @@ class SecAggRound:
         self.shared: frozenset[int] = frozenset()  # U2
         self.submitted: frozenset[int] = frozenset()  # U3
         self.scale = 0.0
-        self.suspects: set[int] = set()  # clients whose shares disagreed with the others
+        self.suspects: set[int] = set()  # revealers whose shares did not fit the others (logged)
+        # Owners whose secret could not be rebuilt although enough of its holders answered: it
+        # sent shares that do not decrypt or do not fit together. Left out of later rounds.
+        self.culprits: set[int] = set()
         self._revealed: set[int] = set()
         self._opened = time.monotonic()
         self._unmask_started = self._opened
@@ -107,14 +110,14 @@ class SecAggRound:
             self._expect(client, "advertise", self.participants)
             if len(cipher_key) != 32 or len(mask_key) != 32 or len(commitment) != 32:
                 raise SecAggError("the two public keys and the commitment are 32 bytes each")
-            sa.check_public_key(cipher_key)
+            sa.check_public_key(cipher_key)  # refuses keys no exchange works with (low order)
             sa.check_public_key(mask_key)
             self._clients[client] = _Client(cipher_key, mask_key, commitment)  # again: replaced
             self._lock.notify_all()
 
-    def share(self, client: int, ciphertexts: dict[int, bytes]) -> None:
+    def share(self, client: int, ciphertexts: dict[int, bytes], session: bytes) -> None:
         with self._lock:
-            self._expect(client, "share", frozenset(self.graph))
+            self._expect(client, "share", frozenset(self.graph), session)
             expected = set(self.graph[client])
             if set(ciphertexts) != expected:
                 raise SecAggError(
@@ -126,9 +129,9 @@ class SecAggRound:
             self._clients[client].shares_sent = dict(ciphertexts)
             self._lock.notify_all()
 
-    def reveal(self, client: int, shares: Sequence[tuple[int, str, sa.Share]]) -> None:
+    def reveal(self, client: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes) -> None:
         with self._lock:
-            self._expect(client, "unmask", self.submitted)
+            self._expect(client, "unmask", self.submitted, session)
             if client in self._revealed:
                 return  # a retried call whose first try got through
             holders = set(self.graph[client]) | {client}
@@ -163,7 +166,9 @@ class SecAggRound:
             if STAGES.index(self.stage) < STAGES.index(step):
                 return None
             if step == "share" and self.stage != "share":
-                raise SecAggError(f"round {self.number}'s keys were shared already; it is at {self.stage}")
+                raise StaleRoundError(
+                    f"round {self.number}'s keys were shared already (it is at {self.stage}): too late"
+                )
             if client not in self.graph or (step != "share" and client not in self.shared):
                 raise StaleRoundError(
                     f"client {client} takes no part in round {self.number}'s secure aggregation from the "
@@ -197,8 +202,9 @@ class SecAggRound:
         with self._lock:
             return self.stage == "advertise" and client in self.participants and client not in self._clients
 
-    def may_submit(self, client: int) -> None:
+    def may_submit(self, client: int, session: bytes) -> None:
         with self._lock:
+            self._same_session(session)
             if self.stage != "mask" or client not in self.shared:
                 raise StaleRoundError(
                     f"client {client} cannot submit a masked update of round {self.number} now: its secure "
@@ -248,23 +254,32 @@ class SecAggRound:
                 self._abort(reason)
 
     def unmask(self, masked_sum: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The true sum, the masks removed (SecAggError: too few or inconsistent shares)."""
+        """The true sum, the masks removed (SecAggError: too few or inconsistent shares).
+
+        Rebuilding secrets takes milliseconds each, so it runs outside the lock: the stage is
+        "unmasking" meanwhile, no share can arrive, and handlers keep answering."""
         with self._lock:
-            seeds: dict[int, bytes] = {}
-            keys: dict[int, bytes] = {}
-            try:
-                for u in sorted(self.submitted):
-                    seeds[u] = self._rebuild(u, "self_mask", _matches_commitment(self._clients[u].commitment))
-                for u in sorted(self.shared - self.submitted):
+            if self.stage != "unmask":
+                raise SecAggError(f"round {self.number}'s secure aggregation cannot unmask at {self.stage}")
+            self.stage = "unmasking"
+        seeds: dict[int, bytes] = {}
+        keys: dict[int, bytes] = {}
+        try:
+            for u in sorted(self.submitted):
+                seeds[u] = self._rebuild(u, "self_mask", _matches_commitment(self._clients[u].commitment))
+            for u in sorted(self.shared - self.submitted):
+                if self.submitted & set(self.graph[u]):  # else no mask of u's is in the sum
                     keys[u] = self._rebuild(u, "mask_key", _matches_public_key(self._clients[u].mask_key))
-            except SecAggError as exc:
+        except SecAggError as exc:
+            with self._lock:
                 self._abort(str(exc))
-                raise
-            self.stage = "done"
-            mask_keys = {u: self._clients[u].mask_key for u in self.submitted}
+            raise
+        mask_keys = {u: self._clients[u].mask_key for u in self.submitted}
         try:
             return self._remove_masks(masked_sum, seeds, keys, mask_keys)
         finally:
+            with self._lock:
+                self.stage = "done"
             self._seconds["unmask"] = time.monotonic() - self._unmask_started
 
     def _remove_masks(
@@ -334,7 +349,16 @@ class SecAggRound:
         self._on_change()
         return True
 
-    def _expect(self, client: int, stage: str, allowed: frozenset[int]) -> None:
+    def _same_session(self, session: bytes) -> None:
+        if session != self.session:
+            raise StaleRoundError(
+                f"this message belongs to another attempt at round {self.number} (its session differs): "
+                "ask for the next instruction"
+            )
+
+    def _expect(self, client: int, stage: str, allowed: frozenset[int], session: bytes | None = None) -> None:
+        if session is not None:
+            self._same_session(session)
         if self.stage != stage:
             raise StaleRoundError(f"round {self.number}'s secure aggregation is at {self.stage}, not {stage}")
         if client not in allowed:
@@ -359,6 +383,9 @@ class SecAggRound:
         needed = self.thresholds[owner]
         what = f"client {owner}'s {kind.replace('_', ' ')}"
         if len(shares) < needed:
+            holders_in = (set(self.graph[owner]) | {owner}) & self._revealed
+            if len(holders_in) >= needed:  # enough holders were there: they never got usable shares
+                self.culprits.add(owner)
             raise SecAggError(
                 f"{len(shares)} shares of {what} arrived and {needed} are needed: too few clients survived"
             )
@@ -377,7 +404,7 @@ class SecAggRound:
                     self.number, what, liars,
                 )  # fmt: skip
             return secret
-        self.suspects.add(owner)
+        self.culprits.add(owner)
         raise SecAggError(
             f"no {needed} of the {len(shares)} shares of {what} rebuild it: client {owner} sent "
             "inconsistent shares, or too many revealers lied"

@@ -307,14 +307,14 @@ class CoordinatorServicer:
             ciphertexts = {s.client_id: s.ciphertext for s in request.shares}
             if len(ciphertexts) != len(request.shares):
                 raise SecAggError("two ciphertexts for one neighbour")
-            secure.share(request.client_id, ciphertexts)
+            secure.share(request.client_id, ciphertexts, request.session)
         return pb.SecAggAck(round=request.round)
 
     async def RevealShares(self, request: pb.RevealSharesRequest, context: CallContext) -> pb.SecAggAck:
         async with self._secagg_step(request.client_id, request.round, "revealed shares", context) as secure:
             kinds = {pb.SELF_MASK_SEED: "self_mask", pb.MASK_KEY: "mask_key"}
             shares = [(s.owner, kinds.get(s.kind, ""), sa.Share(s.index, s.value)) for s in request.shares]
-            secure.reveal(request.client_id, shares)
+            secure.reveal(request.client_id, shares, request.session)
         return pb.SecAggAck(round=request.round)
 
     async def GetSecAggStage(self, request: pb.SecAggStageRequest, context: CallContext) -> pb.SecAggStage:
@@ -399,7 +399,7 @@ class CoordinatorServicer:
         specs = [wire.spec_from_pb(t) for t in header.tensors]
         metrics = dict(header.metrics)
         reference = coordinator.check_header(
-            header.client_id, header.round, header.num_examples, specs, metrics
+            header.client_id, header.round, header.num_examples, specs, metrics, header.session
         )
         method = wire.compression_from_pb(header.compression)
         if method != coordinator.run.update_encoding:
@@ -441,6 +441,7 @@ class CoordinatorServicer:
                 size + header_bytes,
                 preparer=preparer,
                 on_folded=folded,
+                session=header.session,
             )
             self.monitor.update_accepted(header.client_id, header.round, size + header_bytes)
             return result

@@ -65,6 +65,7 @@ def main() -> int:
                     1,
                     {},
                     method="secagg",
+                    session=secure._session,  # of this attempt: the update is refused for its shape
                 )
             except UpdateRejectedError as exc:
                 print(f"refused: {exc.code}: {exc}", flush=True)
@@ -101,12 +102,12 @@ def _corrupt_first_share() -> None:
 def _lie_when_revealing(connection: Connection, me: int) -> None:
     original = connection.reveal_shares
 
-    def reveal(round_number: int, shares: Any) -> None:
+    def reveal(round_number: int, shares: Any, session: bytes) -> None:
         forged = [
             (owner, kind, share if owner == me else sa.Share(share.index, secrets.token_bytes(32)))
             for owner, kind, share in shares
         ]
-        original(round_number, forged)
+        original(round_number, forged, session)
 
     connection.reveal_shares = reveal  # type: ignore[method-assign]
 

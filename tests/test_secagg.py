@@ -121,6 +121,25 @@ def test_encoding_keeps_the_weighted_sum_within_a_step_and_says_when_the_ring_is
         sa.ring_scale(100, 10**8, 1.0)
 
 
+@pytest.mark.parametrize("clients", [2, 4, 8, 100])
+def test_updates_at_every_limit_at_once_do_not_wrap_around(clients: int) -> None:
+    """Every client at max_examples, every change at +bound: the largest sum the ring must hold
+    (rounding up included) decodes to +bound, not to a wrapped-around negative."""
+    scale = sa.ring_scale(clients, 1000, 1.0)
+    total = [np.zeros(3, np.uint32), np.zeros(1, np.uint32)]
+    for _ in range(clients):
+        for acc, part in zip(total, sa.encode([np.full(3, 5.0)], 1000, scale, 1.0), strict=True):
+            np.add(acc, part, out=acc)
+    sums, count = sa.decode(total, scale)
+    np.testing.assert_allclose(sums[0] / count, 1.0, rtol=1e-6)  # within rounding, positive
+
+
+def test_keys_no_exchange_works_with_are_refused() -> None:
+    with pytest.raises(SecAggError, match="not a usable X25519 public key"):
+        sa.check_public_key(bytes(32))  # the all-zero point: every agreement with it fails
+    sa.check_public_key(sa.public_bytes(sa.new_private_key()))
+
+
 # -- what the server holds: an in-process coordinator, real gRPC, real client code --------------
 
 
@@ -217,8 +236,9 @@ class _GarbageWords(SecureRound):
         rng = np.random.default_rng(7)
         words = [rng.integers(0, 2**32, np.shape(w), dtype=np.uint32) for w in weights]
         count_spec = TensorSpec(sa.COUNT_TENSOR, "uint32", (1,))
+        arrays = [*words, np.array([3], np.uint32)]
         return self._connection.submit(
-            self.round, [*specs, count_spec], [*words, np.array([3], np.uint32)], 1, {}, method="secagg"
+            self.round, [*specs, count_spec], arrays, 1, {}, method="secagg", session=self._session
         )
 
 

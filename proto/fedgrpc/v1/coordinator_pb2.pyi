@@ -237,7 +237,7 @@ class WeightsMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("client_id", "round", "num_examples", "metrics", "tensors", "compression", "scales")
+    __slots__ = ("client_id", "round", "num_examples", "metrics", "tensors", "compression", "scales", "session")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,7 @@ class UpdateHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     round: int
     num_examples: int
@@ -259,7 +260,8 @@ class UpdateHeader(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     compression: Compression
     scales: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
+    session: bytes
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., compression: _Optional[_Union[Compression, str]] = ..., scales: _Optional[_Iterable[float]] = ..., session: _Optional[bytes] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -379,14 +381,16 @@ class SecAggStage(_message.Message):
     def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., round: _Optional[int] = ..., session: _Optional[bytes] = ..., reason: _Optional[str] = ..., neighbours: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., threshold: _Optional[int] = ..., scale: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ..., masking: _Optional[_Iterable[int]] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShareKeysRequest(_message.Message):
-    __slots__ = ("client_id", "round", "shares")
+    __slots__ = ("client_id", "round", "shares", "session")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     round: int
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShares]
-    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ...) -> None: ...
+    session: bytes
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ..., session: _Optional[bytes] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("owner", "kind", "index", "value")
@@ -401,14 +405,16 @@ class RevealedShare(_message.Message):
     def __init__(self, owner: _Optional[int] = ..., kind: _Optional[_Union[SecretKind, str]] = ..., index: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class RevealSharesRequest(_message.Message):
-    __slots__ = ("client_id", "round", "shares")
+    __slots__ = ("client_id", "round", "shares", "session")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     round: int
     shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
-    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+    session: bytes
+    def __init__(self, client_id: _Optional[int] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., session: _Optional[bytes] = ...) -> None: ...
 
 class SecAggAck(_message.Message):
     __slots__ = ("round",)
