@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from contextlib import ExitStack, asynccontextmanager, suppress
+from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote
@@ -181,11 +181,7 @@ class CoordinatorServicer:
         client = request.client_id
         what = f"GetGlobalWeights of client {client}"
         try:
-            with ExitStack() as admitted:
-                admitted.enter_context(self._per_peer.hold(peer_address(context)))
-                self._auth.check(context, client)
-                self._coordinator.check_client(client)
-                admitted.enter_context(self._polls.hold(client))
+            with self._admitted(client, context):
                 task = await self._wait_for_task(
                     client, request.after_round, self._poll_wait(request.max_wait_ms, context)
                 )
@@ -346,16 +342,23 @@ class CoordinatorServicer:
         """Admit one secure aggregation call (address limit, credentials, the client's own
         limit) and hand over its round's SecAggRound; errors become the call's status."""
         try:
-            with ExitStack() as admitted:
-                admitted.enter_context(self._per_peer.hold(peer_address(context)))
-                self._auth.check(context, client)
-                self._coordinator.check_client(client)
-                admitted.enter_context(self._polls.hold(client))
+            with self._admitted(client, context):
                 yield self._coordinator.secure_round_of(round_number)
         except FedGrpcError as exc:
             await self._abort(context, exc, f"secure aggregation {what} of client {client}", client)
 
     # -- internals -----------------------------------------------------------------
+
+    @contextmanager
+    def _admitted(self, client: int, context: CallContext) -> Iterator[None]:
+        """A call that may wait: the address's limit, credentials, the client id, then the
+        client's own limit on such calls (long-polls and secure aggregation's steps)."""
+        with ExitStack() as admitted:
+            admitted.enter_context(self._per_peer.hold(peer_address(context)))
+            self._auth.check(context, client)
+            self._coordinator.check_client(client)
+            admitted.enter_context(self._polls.hold(client))
+            yield
 
     def _poll_wait(self, max_wait_ms: int, context: CallContext) -> float:
         """How long this long-poll may be held: the server's cap, the client's wish, its deadline."""
