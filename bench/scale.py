@@ -2,12 +2,14 @@
 
     python bench/scale.py [--clients 1000] [--per-round K] [--rounds 1] [--workers 4] [--compression none]
 
-Starts `fl-server` (the reference CNN, a small synthetic test set) for --rounds rounds of
+Starts `fl-server` (bench/tasks/sized.py: one dense layer of --parameters float32 weights, the
+reference CNN's 0.67 MB by default, no data, no evaluation) for --rounds rounds of
 --clients clients (K of them sampled a round with --per-round), and the light clients as
-threads spread over --workers processes, each with its own gRPC channel (its own TCP
-connection). Measures the round times the server logs, each client's SubmitUpdate latency
+threads spread over --workers processes, each with its own gRPC channel (gRPC lets the
+channels of one process to one server share its TCP connection), or with --shared-channel one
+channel per process (one polling thread instead of one per client). Measures the round times the server logs, each client's SubmitUpdate latency
 (p50, p99, max), the server's peak RSS (VmHWM), its threads and open file descriptors at
-their highest, and checks the aggregate of the first round: the server's weights against
+their highest, and checks the aggregate of the last round: the server's weights against
 the example-weighted mean of what every light client sent, recomputed here from (client
 id, round).
 Prints a table and writes JSON (bench/results/scale.json).
@@ -32,16 +34,21 @@ from typing import Any
 import numpy as np
 
 BIN = Path(sys.executable).parent
+SIZED = Path(__file__).resolve().parent / "tasks" / "sized.py"  # a one-layer model of any size, no data
 
 
-def _clients(target: str, ids: list[int], last_round: int, results: mp.Queue) -> None:  # type: ignore[type-arg]
+def _clients(target: str, ids: list[int], last_round: int, shared: bool, results: mp.Queue) -> None:  # type: ignore[type-arg]
+    from fedgrpc.client.connection import ChannelSecurity
     from fedgrpc.client.light import run_light_client
 
     threading.stack_size(512 << 10)  # thousands of client threads: small stacks
     keepers = set(ids[:50])  # clients that keep the weights they were sent, to check the last round
+    channel = ChannelSecurity().channel(target) if shared else None
 
     def one(client_id: int) -> dict[str, Any]:
-        stats = run_light_client(target, client_id, connect_timeout_s=600, keep_weights=client_id in keepers)
+        stats = run_light_client(
+            target, client_id, connect_timeout_s=600, keep_weights=client_id in keepers, channel=channel
+        )
         return {
             "id": client_id,
             "rounds": stats.rounds,
@@ -78,6 +85,17 @@ def main() -> int:
     p.add_argument("--per-round", type=int, default=None, help="--clients-per-round (default: all)")
     p.add_argument("--workers", type=int, default=4, help="client processes (threads spread over them)")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument(
+        "--parameters",
+        type=int,
+        default=167_936,
+        help="float32 weights of the model (default %(default)s: 0.67 MB, the reference CNN's size)",
+    )
+    p.add_argument(
+        "--shared-channel",
+        action="store_true",
+        help="the clients of one worker share one gRPC channel (one polling thread): for 5,000+ clients",
+    )
     p.add_argument("--compression", default="none", choices=("none", "fp16", "int8"))
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = p.parse_args()
@@ -88,18 +106,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="fedgrpc-scale-") as tmp:
         work = Path(tmp)
-        rng = np.random.default_rng(0)
-        np.savez(
-            work / "test.npz",
-            x_train=np.zeros((1, 32, 32, 3), np.uint8),
-            y_train=np.zeros(1, np.uint8),
-            x_test=rng.integers(0, 255, (200, 32, 32, 3), dtype=np.uint8),
-            y_test=rng.integers(0, 10, 200).astype(np.uint8),
-        )
         port, out = free_port(), work / "out"
         command = [
             str(BIN / "fl-server"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-            "--rounds", str(args.rounds), "--clients", str(args.clients), "--data", str(work / "test.npz"),
+            "--rounds", str(args.rounds), "--clients", str(args.clients), "--task", str(SIZED),
+            "--param", f"parameters={args.parameters}", "--eval-every", "0",
             "--out", str(out), "--threads", "1", "--join-timeout", "600", "--compression", args.compression,
         ]  # fmt: skip
         if args.per_round:
@@ -116,7 +127,8 @@ def main() -> int:
         ids = list(range(1, args.clients + 1))
         workers = [
             context.Process(
-                target=_clients, args=(f"127.0.0.1:{port}", ids[k :: args.workers], args.rounds, results)
+                target=_clients,
+                args=(f"127.0.0.1:{port}", ids[k :: args.workers], args.rounds, args.shared_channel, results),
             )
             for k in range(args.workers)
         ]

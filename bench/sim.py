@@ -94,18 +94,32 @@ class Watcher:
         return self.peak
 
 
-def run(name: str, command: list[str], out: Path, work: Path) -> dict[str, Any]:
+def run(name: str, command: list[str], out: Path, work: Path, timeout: float = 3600) -> dict[str, Any]:
     print(f"{name} ...", flush=True)
     watcher = Watcher()
     started = time.monotonic()
     log = work / f"{name.replace(' ', '_')}.log"
-    code = subprocess.run(command, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=7200).returncode
+    try:
+        code = subprocess.run(
+            command, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=timeout
+        ).returncode
+    except subprocess.TimeoutExpired:
+        code = -1
     wall = time.monotonic() - started
     peak = watcher.stop()
-    if code != 0:
-        print(log.read_text()[-4000:], file=sys.stderr)
-        raise SystemExit(f"{name} failed ({code})")
-    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    history = out / "history.json"
+    rounds = json.loads(history.read_text())["rounds"] if history.exists() else []
+    if code != 0 or not rounds:  # measured too: where the machine gives out
+        errors = [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if "could not" in line or "rror" in line
+        ]
+        print(f"  failed ({code}): {errors[-1][-200:] if errors else 'see ' + str(log)}", flush=True)
+        return {"run": name, "failed": errors[-1][-300:] if errors else f"exit {code}", "wall_s": wall,
+                "round_s": float("nan"), "trained_per_round": 0, "accuracy": None,
+                "peak_memory_MB": peak["memory"] / 1e6, "server_rss_MB": peak["server_rss"] / 1e6,
+                "server_threads": peak["server_threads"], "server_fds": peak["server_fds"]}  # fmt: skip
     last = rounds[-1]
     accuracy = (last.get("central") or {}).get("accuracy")
     return {
@@ -149,7 +163,9 @@ def main() -> int:
                 str(BIN / "fl-sim"), "--clients", str(n), "--clients-per-round", "100", "--rounds", "3",
                 "--task", str(TINY), "--out", str(out), "--", "--eval-every", "0",
             ]  # fmt: skip
-            rows.append(run(f"fl-sim {n} tiny clients, 100 a round", command, out, work))
+            rows.append(run(f"fl-sim {n} tiny clients, 100 a round", command, out, work, timeout=900))
+            if "failed" in rows[-1]:
+                break  # the larger sizes only fail the same way, later
     columns = (
         "run",
         "wall s",

@@ -158,7 +158,10 @@ class Connection:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         backoff: Backoff = Backoff(),
         security: ChannelSecurity | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
+        """`channel`: one to share with other Connections of this process (many simulated
+        clients: one channel, one polling thread, instead of one each); it is not closed here."""
         self.target = target
         self.client_id = client_id
         self.connect_timeout_s = connect_timeout_s
@@ -166,7 +169,8 @@ class Connection:
         self.backoff = backoff
         security = security or ChannelSecurity()
         self._metadata = security.metadata()
-        self._channel = security.channel(target)
+        self._owns_channel = channel is None
+        self._channel = channel if channel is not None else security.channel(target)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self.traffic = Traffic()
         # SubmitUpdate with wire.serialize, so chunks go out as encode_chunk wrote them (one copy).
@@ -177,7 +181,8 @@ class Connection:
         )
 
     def close(self) -> None:
-        self._channel.close()
+        if self._owns_channel:
+            self._channel.close()
 
     def __enter__(self) -> Connection:
         return self

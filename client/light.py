@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from fedgrpc.client.connection import ChannelSecurity, Connection
@@ -63,12 +64,18 @@ def run_light_client(
     max_wait_s: float = 30.0,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     keep_weights: bool = False,
+    channel: Any = None,
 ) -> LightStats:
     """Take part in a run until it finishes; returns what this client did and how long submits took
     (and, with keep_weights, the global weights it was sent each round, to check the aggregate)."""
     stats = LightStats()
     with Connection(
-        server, client_id, connect_timeout_s=connect_timeout_s, chunk_bytes=chunk_bytes, security=security
+        server,
+        client_id,
+        connect_timeout_s=connect_timeout_s,
+        chunk_bytes=chunk_bytes,
+        security=security,
+        channel=channel,  # shared by the light clients of one process, if given
     ) as connection:
         run, _ = connection.join()
         last_round = 0

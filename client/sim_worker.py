@@ -53,6 +53,9 @@ class SimWorker:
         self._report = WorkerReport()
         self._report_lock = threading.Lock()
         self.devices = device.configure(config.threads)
+        # One channel for every id this worker serves: gRPC gives each channel its own polling
+        # thread, and thousands of them would keep the machine busy in the kernel.
+        self._channel = config.security.channel(config.server)
 
     def serve(self, client_ids: Sequence[int]) -> WorkerReport:
         """Take part in the run as every one of `client_ids`, until it is finished."""
@@ -75,6 +78,7 @@ class SimWorker:
                 connect_timeout_s=config.connect_timeout_s,
                 chunk_bytes=config.chunk_bytes,
                 security=config.security,
+                channel=self._channel,
             ) as connection:
                 run, _ = connection.join(self.loaded.ref)
                 site = _SiteTrainer(self, client_id, run)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -97,6 +98,8 @@ class GrpcEndpoint:
         self.inflight = InflightBudget(self.config.max_inflight_bytes)
         self._executor = ThreadPoolExecutor(self.config.intake_threads, thread_name_prefix="fedgrpc-intake")
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._loop_error)
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedgrpc-grpc", daemon=True)
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -146,6 +149,7 @@ class GrpcEndpoint:
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop taking calls, give those in progress `grace` seconds, then end the loop."""
+        self._stopping = True
         if self._housekeeping is not None:
             self._loop.call_soon_threadsafe(self._housekeeping.cancel)
         if self._server is not None and self._thread.is_alive():
@@ -207,6 +211,14 @@ class GrpcEndpoint:
             if calls.peak - calls.total >= _TRIM_AFTER_CALLS:
                 memory.trim()
             calls.reset_peak()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """gRPC's completion-queue poller may find its descriptor closed while the server stops
+        (EBADF): expected then, and not worth a traceback in the server's log."""
+        error = context.get("exception")
+        if self._stopping and isinstance(error, OSError) and error.errno == errno.EBADF:
+            return
+        loop.default_exception_handler(context)
 
     def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float = _START_TIMEOUT_S) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
