@@ -1,18 +1,19 @@
-"""Many light clients (no TensorFlow) in one round against one real fl-server on loopback.
+"""Many light clients (no TensorFlow) against one real fl-server on loopback.
 
-    python bench/scale.py [--clients 1000] [--per-round K] [--rounds 1] [--workers 4] [--compression none]
+    python bench/scale.py [--clients 1000] [--per-round K] [--rounds 1] [--workers 4]
+        [--shared-channel] [--parameters N] [--compression none]
 
-Starts `fl-server` (bench/tasks/sized.py: one dense layer of --parameters float32 weights, the
-reference CNN's 0.67 MB by default, no data, no evaluation) for --rounds rounds of
+Starts `fl-server` (bench/tasks/sized.py: one dense layer of --parameters float32 weights,
+the reference CNN's 0.67 MB by default, no data, no evaluation) for --rounds rounds of
 --clients clients (K of them sampled a round with --per-round), and the light clients as
 threads spread over --workers processes, each with its own gRPC channel (gRPC lets the
-channels of one process to one server share its TCP connection), or with --shared-channel one
-channel per process (one polling thread instead of one per client). Measures the round times the server logs, each client's SubmitUpdate latency
-(p50, p99, max), the server's peak RSS (VmHWM), its threads and open file descriptors at
-their highest, and checks the aggregate of the last round: the server's weights against
-the example-weighted mean of what every light client sent, recomputed here from (client
-id, round).
-Prints a table and writes JSON (bench/results/scale.json).
+channels of one process to one server share its TCP connection), or with --shared-channel
+one channel per process (one polling thread instead of one per client). Measures the round
+times the server logs, each client's SubmitUpdate latency (p50, p99, max), the server's peak
+RSS (VmHWM), its threads and open file descriptors at their highest, and checks the
+aggregate of the last round: the server's weights against the example-weighted mean of what
+every light client sent, recomputed here from (client id, round). Prints a table and writes
+JSON (bench/results/scale.json).
 """
 
 from __future__ import annotations
