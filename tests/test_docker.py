@@ -100,6 +100,19 @@ def compose_config(*files: Path, **variables: str) -> dict[str, Any]:
     return load_yaml(text)
 
 
+def published_ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port. docker-compose v1 prints
+    the short form it was given ("127.0.0.1:9090:9090"), Compose v2 the long form (a mapping)."""
+    found = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            found.append((entry.get("host_ip", ""), int(entry["published"]), int(entry["target"])))
+        else:
+            *host, published, target = str(entry).split("/")[0].split(":")
+            found.append((":".join(host), int(published), int(target)))
+    return found
+
+
 def load_yaml(text: str) -> dict[str, Any]:
     """PyYAML when this environment has it, else the interpreter docker-compose (v1) runs on."""
     try:
@@ -137,8 +150,7 @@ def test_monitoring_overlay_scrapes_the_server_and_keeps_it_internal() -> None:
     assert networks["fl"]["internal"] is True and networks["monitoring"]["internal"] is True
     assert set(services["prometheus"]["networks"]) == {"monitoring", "ui"}
     for name, port in (("prometheus", 9090), ("grafana", 3000)):
-        published = services[name]["ports"][0]
-        assert published["host_ip"] == "127.0.0.1" and int(published["target"]) == port, published
+        assert published_ports(services[name]) == [("127.0.0.1", port, port)], services[name]
     prometheus = load_yaml((REPO / "docker" / "monitoring" / "prometheus.yml").read_text())
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == ["server:8080"]
