@@ -39,10 +39,11 @@ SIZED = Path(__file__).resolve().parent / "tasks" / "sized.py"  # a one-layer mo
 
 
 def _clients(target: str, ids: list[int], last_round: int, shared: bool, results: mp.Queue) -> None:  # type: ignore[type-arg]
-    from fedgrpc.client.connection import ChannelSecurity
+    from fedgrpc.client.connection import ChannelSecurity, wake_waiting_calls_every
     from fedgrpc.client.light import run_light_client
 
     threading.stack_size(512 << 10)  # thousands of client threads: small stacks
+    wake_waiting_calls_every(2.0)  # not ten times a second each
     keepers = set(ids[:50])  # clients that keep the weights they were sent, to check the last round
     channel = ChannelSecurity().channel(target) if shared else None
 

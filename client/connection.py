@@ -58,6 +58,22 @@ _RETRYABLE = (
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
 
+
+def wake_waiting_calls_every(seconds: float) -> None:
+    """For a process whose many threads each wait on a call (simulated clients, load tests).
+
+    gRPC's blocking API wakes every waiting thread ten times a second, so that a signal reaches
+    the main thread soon; with thousands of threads those wake-ups alone keep the cores busy in
+    the kernel and starve the calls themselves. This lengthens the interval for the process
+    (Ctrl-C then takes up to `seconds` to act on a thread blocked in a call)."""
+    from grpc import _common
+
+    if not isinstance(getattr(_common, "MAXIMUM_WAIT_TIMEOUT", None), float):
+        log.warning("this grpcio has no MAXIMUM_WAIT_TIMEOUT: waiting threads wake at its own pace")
+        return
+    _common.MAXIMUM_WAIT_TIMEOUT = seconds
+
+
 #: Channel settings: keepalive pings so a dead server is noticed during a long poll, and
 #: message limits well above one chunk (streams never need more).
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from fedgrpc.client.app import ClientConfig, prepare_trainer, take_part
-from fedgrpc.client.connection import Connection
+from fedgrpc.client.connection import Connection, wake_waiting_calls_every
 from fedgrpc.client.trainer import Evaluation, TrainResult
 from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import TensorSpec
@@ -56,6 +56,7 @@ class SimWorker:
         # One channel for every id this worker serves: gRPC gives each channel its own polling
         # thread, and thousands of them would keep the machine busy in the kernel.
         self._channel = config.security.channel(config.server)
+        wake_waiting_calls_every(2.0)  # likewise for the threads that wait on calls, one per id
 
     def serve(self, client_ids: Sequence[int]) -> WorkerReport:
         """Take part in the run as every one of `client_ids`, until it is finished."""

@@ -321,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-calls",
         type=int,
-        default=limits_defaults.max_calls,
-        help="calls open at once, all peers together (default %(default)s)",
+        default=None,
+        metavar="N",
+        help="calls open at once, all peers together (default: 4 per client of the run + 64, at least 8192)",
     )
     limits.add_argument(
         "--max-calls-per-peer",

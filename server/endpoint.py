@@ -166,7 +166,8 @@ class GrpcEndpoint:
     async def _start(self) -> int:
         cfg = self.config
         server = grpc.aio.server(
-            options=server_options(cfg.limits), maximum_concurrent_rpcs=cfg.limits.max_calls
+            options=server_options(cfg.limits),
+            maximum_concurrent_rpcs=cfg.limits.total(self.coordinator.run.num_clients),
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

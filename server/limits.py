@@ -6,7 +6,7 @@ long a call may sit silent:
 
 | limit                      | refusal                      | why                                          |
 |----------------------------|------------------------------|----------------------------------------------|
-| `max_calls`, all peers     | RESOURCE_EXHAUSTED (gRPC's)  | memory of open calls                         |
+| `max_calls`, all peers     | RESOURCE_EXHAUSTED (gRPC's)  | memory of open calls (room for every client) |
 | `max_calls_per_peer`       | RESOURCE_EXHAUSTED           | one network address cannot take them all     |
 | `max_calls_per_client`     | RESOURCE_EXHAUSTED           | one client id (proven by its token or        |
 |                            |                              | certificate) holds at most this many of each |
@@ -36,7 +36,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Limits:
     stall_timeout_s: float = 20.0  # longest silence inside a stream: before the header, between chunks
-    max_calls: int = 8192  # calls open at once, all peers together
+    max_calls: int | None = None  # calls open at once, all peers together; None: see `total`
     max_calls_per_peer: int | None = None  # per network address; None: 4 per client of the run + 64
     max_calls_per_client: int = 2  # per client id and kind (long-polls, update streams)
     inflight_wait_s: float = 120.0  # longest wait for room in the in-flight budget
@@ -46,11 +46,19 @@ class Limits:
         for name in ("stall_timeout_s", "inflight_wait_s", "max_wait_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_calls", "max_calls_per_client"):
-            if getattr(self, name) < 1:
+        if self.max_calls_per_client < 1:
+            raise ConfigError(f"max_calls_per_client must be at least 1, got {self.max_calls_per_client}")
+        for name in ("max_calls", "max_calls_per_peer"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_calls_per_peer is not None and self.max_calls_per_peer < 1:
-            raise ConfigError(f"max_calls_per_peer must be at least 1, got {self.max_calls_per_peer}")
+
+    def total(self, num_clients: int) -> int:
+        """Calls all peers together may hold: by default 8192, or room for every client of the
+        run to wait in a long-poll while submitting and asking for its secure-aggregation stage
+        (4 each, + 64), whichever is more; an open call costs a few kilobytes."""
+        if self.max_calls is not None:
+            return self.max_calls
+        return max(8192, 4 * num_clients + 64)
 
     def per_peer(self, num_clients: int) -> int:
         """Calls one address may hold: by default room for every client of the run behind one

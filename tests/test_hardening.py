@@ -345,3 +345,16 @@ def test_bad_metrics_are_refused_and_history_stays_strict_json(tmp_path: Path, s
     assert [c["metrics"] for c in rounds[0]["clients"]] == [{"loss": 0.0}, {"loss": 0.5}]
     strict_json(out / "checkpoint" / "state.json")
     assert (out / "history.json").stat().st_size < 20_000
+
+
+def test_the_overall_call_limit_leaves_room_for_every_client() -> None:
+    """10,000 clients each waiting in a long-poll must not find the server full (a fixed 8192
+    refused 1,808 of them at once, and they retried in a storm)."""
+    from fedgrpc.common.errors import ConfigError
+    from fedgrpc.server.limits import Limits
+
+    assert Limits().total(3) == 8192
+    assert Limits().total(10_000) == 40_064 == Limits().per_peer(10_000)
+    assert Limits(max_calls=100).total(10_000) == 100
+    with pytest.raises(ConfigError, match="max_calls must be at least 1"):
+        Limits(max_calls=0)
