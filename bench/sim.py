@@ -139,7 +139,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000])
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[1000, 2000, 5000],
+        help="tiny-task sizes (none: only the reference runs)",
+    )
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "sim.json")
     args = p.parse_args()
