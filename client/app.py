@@ -21,6 +21,7 @@ from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec
 from fedgrpc.common.errors import (
     ConfigError,
+    FedGrpcError,
     RunChangedError,
     SecAggError,
     StaleRoundError,
@@ -119,8 +120,12 @@ def run_client(config: ClientConfig) -> int:
             run.run_id, config.server, loaded.name, run.rounds, run.num_clients, current,
         )  # fmt: skip
         log.info("devices: %s", device.configure(config.threads))
-        trainer = prepare_trainer(loaded, run, config)
-        return take_part(connection, run, trainer, config)
+        try:
+            trainer = prepare_trainer(loaded, run, config)
+        except FedGrpcError as exc:  # the server would wait for this client: say why it cannot come
+            connection.withdraw(str(exc))
+            raise
+        return take_part(connection, run, trainer, config, main_metric=loaded.task.main_metric)
 
 
 def prepare_trainer(loaded: LoadedTask, run: RunSpec, config: ClientConfig) -> LocalTrainer:
@@ -171,9 +176,11 @@ def take_part(
     config: ClientConfig,
     *,
     turn: Callable[[], AbstractContextManager[float]] | None = None,
+    main_metric: str | None = None,
 ) -> int:
     """Train and evaluate whatever the server asks until the run is finished; returns rounds
-    trained. `turn`: held while training or evaluating (default: --take-turns' lock file)."""
+    trained. `turn`: held while training or evaluating (default: --take-turns' lock file).
+    `main_metric`: the task's, shown first in the log lines (default: accuracy, else loss)."""
     hold = turn or (lambda: training_turn(config.turn_lock))
     last_round, trained = 0, 0
     rng = noise_generator()
@@ -200,7 +207,7 @@ def take_part(
             connection.submit_evaluation(task.round, evaluation.num_examples, evaluation.metrics)
             log.info(
                 "evaluated round %d on %d held-out examples: %s",
-                task.round, evaluation.num_examples, _short(evaluation.metrics),
+                task.round, evaluation.num_examples, _short(evaluation.metrics, main_metric),
             )  # fmt: skip
             continue
         try:
@@ -247,12 +254,16 @@ def take_part(
             )
         log.info(
             "round %d  %s  %.1f s  down %s  (%d/%d updates in)",
-            task.round, _short(result.metrics), result.metrics["train_seconds"],
+            task.round, _short(result.metrics, main_metric), result.metrics["train_seconds"],
             human_bytes(task.wire_bytes), received, expected,
         )  # fmt: skip
 
 
-def _short(metrics: dict[str, float]) -> str:
-    """The metrics a person looks at first, e.g. 'loss 0.8123  accuracy 0.7011'."""
-    shown = [(k, v) for k, v in metrics.items() if k != "train_seconds"][:4]
-    return "  ".join(f"{k} {v:.4f}" for k, v in shown) or "no metrics"
+def _short(metrics: dict[str, float], main_metric: str | None = None) -> str:
+    """The metrics a person looks at first, e.g. 'loss 0.8123  macro_f1 0.7011': loss and the
+    main metric, and after fine-tuning their personalized_ twins, then others up to four."""
+    main = main_metric or ("accuracy" if "accuracy" in metrics else "loss")
+    first = [n for n in ("loss", main, "personalized_loss", f"personalized_{main}") if n in metrics]
+    rest = [n for n in metrics if n not in first and n != "train_seconds"]
+    shown = list(dict.fromkeys(first + rest))[: max(4, len(first))]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in shown) or "no metrics"

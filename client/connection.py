@@ -232,6 +232,21 @@ class Connection:
         reply = self._unary("report", self._stub.SubmitEvaluation, request)
         return reply.received, reply.expected
 
+    def withdraw(self, reason: str) -> bool:
+        """Tell the server that this client cannot take part, and why, so that it does not wait
+        for it. One try: the client stops either way. False when the server did not hear it (one
+        older than the Withdraw call answers UNIMPLEMENTED)."""
+        text = "".join(c if c.isprintable() else " " for c in " ".join(reason.split()))
+        request = pb.WithdrawRequest(
+            client_id=self.client_id, reason=text[: wire.MAX_REASON] or "no reason given"
+        )
+        try:
+            self._stub.Withdraw(request, timeout=10, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            log.debug("the server did not take this client's withdrawal: %s", _error_from(exc))
+            return False
+        return True
+
     def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Task:
         """Long-poll for what to do after `after_round`; the weights come with a TRAIN task."""
         request = pb.GetGlobalWeightsRequest(

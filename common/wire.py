@@ -7,6 +7,7 @@ chunks in order) is written down once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -110,8 +111,33 @@ def task_to_pb(task: TaskRef | None) -> pb.TaskRef:
     return pb.TaskRef() if task is None else pb.TaskRef(name=task.name, digest=task.digest)
 
 
+#: TaskRef.digest: a SHA-256 as hashlib writes it, or empty (a client that runs no task code).
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+MAX_TASK_NAME = 128
+MAX_REASON = 500
+
+
 def task_from_pb(message: pb.TaskRef) -> TaskRef:
+    """The TaskRef a peer sent; CodecError for a digest that is not 64 lower-case hex digits or a
+    name that could not be a task's (both end up in log lines)."""
+    if message.digest and not _DIGEST.fullmatch(message.digest):
+        raise CodecError(
+            f"TaskRef.digest {message.digest[:80]!r} is not a SHA-256: send 64 lower-case hex digits"
+        )
+    checked_text(message.name, "TaskRef.name", MAX_TASK_NAME, empty=True)
     return TaskRef(name=message.name, digest=message.digest)
+
+
+def checked_text(text: str, what: str, max_length: int, *, empty: bool = False) -> str:
+    """A peer's free text that the server will log or show: at most `max_length` printable
+    characters, so no newline or control character can forge or hide a log line."""
+    if not text and not empty:
+        raise CodecError(f"{what} is empty")
+    if len(text) > max_length:
+        raise CodecError(f"{what} has {len(text)} characters; at most {max_length} are accepted")
+    if not text.isprintable():
+        raise CodecError(f"{what} {text[:80]!r} holds control characters (a newline, a tab, ...)")
+    return text
 
 
 def param_to_pb(value: ParamValue) -> pb.ParamValue:

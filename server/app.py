@@ -505,7 +505,7 @@ class FederatedServer:
             )
             self.records.append(record)
             self.checkpoints.save(run, number, job.weights, self.records, strategy.state())
-            self.results.write_history(run, self.records, finished=False)
+            self.results.write_history(run, self.records, finished=False, withdrawals=coordinator.withdrawals)
             fed_metrics = federated.metrics if federated else None
             main = main_metric(job.loaded.task.main_metric, central, fed_metrics)
             as_dict = asdict(record)
@@ -544,7 +544,8 @@ class FederatedServer:
         if getattr(job.model, "optimizer", None) is not None:
             job.model.optimizer.build(job.model.trainable_variables)  # saved with fresh slots: loads cleanly
         job.model.save(self.results.model_path)
-        self.results.write_history(job.run, self.records, finished=True)
+        withdrawals = self._coordinator.withdrawals if self._coordinator is not None else {}
+        self.results.write_history(job.run, self.records, finished=True, withdrawals=withdrawals)
         last = self.records[-1] if self.records else None
         main = main_metric(
             job.loaded.task.main_metric,
@@ -575,9 +576,8 @@ class FederatedServer:
         """Block until round one may open: `minimum` clients ready, then the rest or the round timeout."""
         log.info("waiting for %d clients to be ready", run.num_clients)
         coordinator.wait_ready(minimum)
-        if coordinator.interrupted or coordinator.wait_ready(
-            run.num_clients, self.config.policy.join_timeout_s
-        ):
+        coordinator.wait_all_ready(self.config.policy.join_timeout_s)  # those that withdrew excepted
+        if coordinator.interrupted or coordinator.ready_clients >= run.num_clients:
             return
         log.info(
             "starting with %d of %d clients ready; the others join from the round after they arrive",

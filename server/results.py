@@ -122,11 +122,20 @@ class RunResults:
     def curves_path(self) -> Path:
         return self.out_dir / "curves.png"
 
-    def write_history(self, run: RunSpec, records: Sequence[RoundRecord], *, finished: bool) -> None:
+    def write_history(
+        self,
+        run: RunSpec,
+        records: Sequence[RoundRecord],
+        *,
+        finished: bool,
+        withdrawals: Mapping[int, str] | None = None,
+    ) -> None:
+        """`withdrawals`: the clients that said they cannot take part, and why (their last word)."""
         document: dict[str, Any] = {
             "run": run.to_dict(),
             "finished": finished,
             "rounds": [asdict(r) for r in records],
+            "withdrawn": [{"client_id": k, "reason": why} for k, why in (withdrawals or {}).items()],
         }
         write_atomically(self.history_path, (strict_json(document, indent=2) + "\n").encode())
 

@@ -114,6 +114,8 @@ class RoundOutcome:
 
 UpdateRecorder = Callable[[int, int, Sequence[np.ndarray]], None]
 log = logging.getLogger(__name__)
+#: Under secure aggregation, the only metrics an update may carry: names ending in this.
+TIMING_SUFFIX = "_seconds"
 
 
 class _Folder:
@@ -216,6 +218,9 @@ class RoundCoordinator:
         self._joined_during: dict[int, int] = {}  # late joiner -> the round it must sit out
         self._told_finished: set[int] = set()
         self._left_out: set[int] = set()  # secure aggregation: clients whose shares did not fit
+        self._withdrawn: dict[int, str] = {}  # client -> why it cannot take part (until it asks again)
+        self._withdrawals: dict[int, str] = {}  # every client that withdrew during the run, last reason
+        self._counted: dict[int, int] = {}  # client -> its last counted update's round, of closed rounds
 
     def on_phase_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` (from whichever thread made the change, no lock held) after every
@@ -232,6 +237,9 @@ class RoundCoordinator:
             for w in frozen:
                 w.flags.writeable = False  # shared with every handler: nobody may change it
             participants = self._sample(number)
+            previous = self._round
+            if previous is not None and previous.number != number:  # it completed: its updates stay counted
+                self._counted.update(dict.fromkeys(previous.accepted, previous.number))
             self._strategy.begin_round(
                 frozen, self.run.num_clients if participants is None else len(participants)
             )
@@ -317,6 +325,15 @@ class RoundCoordinator:
             return self._changed.wait_for(
                 lambda: len(self._ready) >= count or self._interrupted, timeout
             ) and (len(self._ready) >= count)
+
+    def wait_all_ready(self, timeout: float | None = None) -> bool:
+        """Block until every enrolled client is ready or has withdrawn; False on timeout or interrupt."""
+
+        def everyone() -> bool:
+            return len(self._ready) + len(self._withdrawn) >= self.run.num_clients
+
+        with self._changed:
+            return self._changed.wait_for(lambda: everyone() or self._interrupted, timeout) and everyone()
 
     def wait_for_updates(self, count: int, timeout: float | None = None) -> bool:
         """Block until the open round holds `count` accepted updates; False on timeout or interrupt."""
@@ -449,6 +466,7 @@ class RoundCoordinator:
         with self._changed:
             if client_id not in self._ready:
                 self._ready.add(client_id)
+                self._withdrawn.pop(client_id, None)  # it takes part again
                 if after_round == 0 and self._phase is Phase.TRAINING and self._round is not None:
                     self._joined_during[client_id] = self._round.number
                 self._changed.notify_all()
@@ -492,6 +510,23 @@ class RoundCoordinator:
     def check_client(self, client_id: int) -> None:
         self.run.check_client_id(client_id)
 
+    def withdraw(self, client_id: int, reason: str) -> bool:
+        """The client cannot take part (`reason`, already checked): the first round and every
+        round stop waiting for it until it asks for a task again. False if it had said so already."""
+        self.check_client(client_id)
+        with self._changed:
+            new = self._withdrawn.get(client_id) != reason
+            self._withdrawn[client_id] = self._withdrawals[client_id] = reason
+            self._ready.discard(client_id)
+            self._changed.notify_all()
+        return new
+
+    @property
+    def withdrawals(self) -> dict[int, str]:
+        """Every client that withdrew during the run, and its last reason."""
+        with self._changed:
+            return dict(sorted(self._withdrawals.items()))
+
     def check_header(
         self,
         client_id: int,
@@ -510,7 +545,7 @@ class RoundCoordinator:
         check_num_examples(num_examples, self._max_examples)
         check_specs(self.update_specs, specs)
         if metrics is not None:
-            _checked_metrics(metrics)
+            _checked_metrics(metrics, secure=self.run.secagg is not None)
         return self._reference(current)
 
     def tensor_preparer(self, reference: Sequence[np.ndarray], num_examples: int) -> UpdatePreparer:
@@ -563,7 +598,7 @@ class RoundCoordinator:
         try:
             self.check_client(client_id)
             check_num_examples(num_examples, self._max_examples)
-            checked_metrics = _checked_metrics(metrics)
+            checked_metrics = _checked_metrics(metrics, secure=self.run.secagg is not None)
             with self._changed:
                 current = self._check_round(client_id, round_number, session)
             if preparer is None:
@@ -633,7 +668,7 @@ class RoundCoordinator:
 
     def _expected(self, current: _Round | None) -> int:
         if current is None or current.participants is None:
-            return self.run.num_clients
+            return self.run.num_clients - len(self._withdrawn)
         return len(current.participants)
 
     def _notify_everyone(self) -> None:
@@ -670,6 +705,12 @@ class RoundCoordinator:
 
     def _check_round(self, client_id: int, round_number: int, session: bytes = b"") -> _Round:
         current = self._round
+        if self._counted_before(client_id, round_number, session):
+            raise UpdateRejectedError(
+                f"client {client_id} already submitted an update for round {round_number}; "
+                "it was counted once",
+                code="ALREADY_EXISTS",
+            )
         if self._phase is Phase.FINISHED:
             raise StaleRoundError(
                 f"the run is finished; round {round_number} is closed", current_round=self._last_round
@@ -689,12 +730,6 @@ class RoundCoordinator:
                 "fetch the current weights and train again",
                 current_round=open_now,
             )
-        if client_id in current.accepted:
-            raise UpdateRejectedError(
-                f"client {client_id} already submitted an update for round {round_number}; "
-                "it was counted once",
-                code="ALREADY_EXISTS",
-            )
         if current.participants is not None and client_id not in current.participants:
             raise StaleRoundError(
                 f"client {client_id} was not sampled for round {current.number}; "
@@ -711,9 +746,30 @@ class RoundCoordinator:
             current.secure.may_submit(client_id, session)
         return current
 
+    def _counted_before(self, client_id: int, round_number: int, session: bytes) -> bool:
+        """A retry of an update that was counted: in the open or last round's attempt (under
+        secure aggregation, masked for that attempt's session), open or closed since, or in a
+        round that completed before."""
+        current = self._round
+        if current is not None and current.number == round_number:
+            return client_id in current.accepted and (
+                current.secure is None or session == current.secure.session
+            )
+        return self._counted.get(client_id) == round_number
 
-def _checked_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+
+def _checked_metrics(metrics: Mapping[str, float], *, secure: bool = False) -> dict[str, float]:
+    """`secure`: an update under secure aggregation, which may carry timings only."""
     try:
-        return check_metrics(metrics)
+        checked = check_metrics(metrics)
     except MetricsError as exc:
         raise UpdateRejectedError(str(exc)) from None
+    if secure:
+        other = sorted(name for name in checked if not name.endswith(TIMING_SUFFIX))
+        if other:
+            raise UpdateRejectedError(
+                f"under secure aggregation an update may carry timings only (metric names ending in "
+                f"{TIMING_SUFFIX!r}), not {other[0]!r}: one client's metrics would say something about "
+                "its data; leave them out"
+            )
+    return checked

@@ -145,6 +145,11 @@ class CoordinatorServicer:
                     request_deserializer=pb.EvaluationReport.FromString,
                     response_serializer=pb.SubmitEvaluationReply.SerializeToString,
                 ),
+                "Withdraw": grpc.unary_unary_rpc_method_handler(
+                    self.Withdraw,
+                    request_deserializer=pb.WithdrawRequest.FromString,
+                    response_serializer=pb.WithdrawReply.SerializeToString,
+                ),
                 **self._secagg_handlers(),
             },
         )
@@ -203,6 +208,24 @@ class CoordinatorServicer:
             await self._abort(context, exc, what, request.client_id)
         self.monitor.evaluation_reported(request.client_id, request.round)
         return pb.SubmitEvaluationReply(round=request.round, received=received, expected=expected)
+
+    async def Withdraw(self, request: pb.WithdrawRequest, context: CallContext) -> pb.WithdrawReply:
+        what = f"withdrawal of client {request.client_id}"
+        address = peer_address(context)
+        try:
+            with self._per_peer.hold(address):
+                self._auth.check(context, request.client_id)
+                reason = wire.checked_text(request.reason, "WithdrawRequest.reason", wire.MAX_REASON)
+                new = self._coordinator.withdraw(request.client_id, reason)
+        except FedGrpcError as exc:
+            await self._abort(context, exc, what, request.client_id)
+        if new:  # once per reason: a client that repeats itself cannot flood the log
+            log.warning(
+                "client %d cannot take part: %s. The run goes on without it if --min-clients allows",
+                request.client_id, reason,
+            )  # fmt: skip
+            self.monitor.refused(address, "WITHDRAWN", what, reason, request.client_id)
+        return pb.WithdrawReply()
 
     def _check_task(self, client_id: int, task: TaskRef) -> None:
         """A client that runs task code must run the run's task: same name, same file."""

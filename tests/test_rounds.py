@@ -127,10 +127,12 @@ def test_non_finite_updates_never_reach_the_aggregate(coordinator: RoundCoordina
 
 def test_updates_after_the_round_closed_are_stale(coordinator: RoundCoordinator) -> None:
     submit(coordinator, 1, 1.0)
-    submit(coordinator, 2, 1.0)
     coordinator.close_round()
     with pytest.raises(StaleRoundError, match="aggregating"):
+        coordinator.check_header(2, 1, 10, SPECS)
+    with pytest.raises(UpdateRejectedError, match="already submitted") as info:  # a retry of a counted one
         coordinator.check_header(1, 1, 10, SPECS)
+    assert info.value.code == "ALREADY_EXISTS"
 
 
 def test_a_late_joiner_sits_out_the_open_round() -> None:

@@ -268,3 +268,89 @@ def test_an_update_that_cannot_be_staged_on_disk_is_refused_as_unavailable(
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "could not stage this update on disk" in (error.details() or "")
     assert coordinator.received == 0
+
+
+def _join(target: str, task: pb.TaskRef) -> grpc.RpcError:
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.CoordinatorStub(channel).Join(pb.JoinRequest(client_id=1, task=task), timeout=10)
+    return info.value
+
+
+FORGED = "2026-01-01 00:00:00 INFO fedgrpc.server: round 9/9 finished"
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["ab\n" + FORGED, "z" * 64, "AB" * 32, "ab" * 31],
+    ids=["newline", "not-hex", "upper-case", "too-short"],
+)
+def test_a_task_digest_that_is_not_hex_is_refused_and_forges_no_log_line(
+    served: tuple[RoundCoordinator, str], digest: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("DEBUG"):
+        error = _join(served[1], pb.TaskRef(name="cifar10", digest=digest))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "TaskRef.digest" in (error.details() or "") and "64 lower-case hex digits" in (
+        error.details() or ""
+    )
+    lines = [line for record in caplog.records for line in record.getMessage().splitlines()[1:]]
+    assert not lines, f"a log message spans several lines: {lines}"
+    assert not any(record.getMessage().startswith(FORGED[:10]) for record in caplog.records)
+
+
+def test_a_task_name_with_control_characters_is_refused(
+    served: tuple[RoundCoordinator, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("DEBUG"):
+        error = _join(served[1], pb.TaskRef(name="cifar10\n" + FORGED, digest="ab" * 32))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "TaskRef.name" in (error.details() or "")
+    assert not any("\n" in record.getMessage() for record in caplog.records)
+
+
+def test_a_retry_of_a_counted_update_after_its_round_closed_is_already_exists(
+    served: tuple[RoundCoordinator, str],
+) -> None:
+    coordinator, target = served
+    with Connection(target, 1, connect_timeout_s=5) as one:
+        assert one.submit(1, SPECS, GLOBAL, 1, {}) == (1, 2)
+    coordinator.close_round()  # client 2 never sent one: round 1 closes with client 1's alone
+    for code, stream in ((grpc.StatusCode.ALREADY_EXISTS, update(client=1)), (None, update(client=2))):
+        error = raw_submit(target, stream)
+        assert error.code() == (code or grpc.StatusCode.FAILED_PRECONDITION), error.details()
+    coordinator.open_round(2, GLOBAL)  # round 1 is now behind: the retry is still recognised
+    assert raw_submit(target, update(client=1)).code() == grpc.StatusCode.ALREADY_EXISTS
+    assert raw_submit(target, update(client=2)).code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert coordinator.received == 0  # round 2 counted none of them
+
+
+def test_a_withdrawal_is_logged_once_recorded_and_checked(
+    served: tuple[RoundCoordinator, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    coordinator, target = served
+    with grpc.insecure_channel(target) as channel:
+        withdraw = pb_grpc.CoordinatorStub(channel).Withdraw
+        for reason in ("", "bad\ndata", "x" * 501):
+            with pytest.raises(grpc.RpcError) as info:
+                withdraw(pb.WithdrawRequest(client_id=2, reason=reason), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            withdraw(pb.WithdrawRequest(client_id=9, reason="no data"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert coordinator.withdrawals == {} and coordinator.expected == 2
+        with caplog.at_level("INFO"):
+            for _ in range(3):
+                withdraw(
+                    pb.WithdrawRequest(client_id=2, reason="its data does not fit the model"), timeout=10
+                )
+    said = [r.getMessage() for r in caplog.records if "cannot take part" in r.getMessage()]
+    assert said == [
+        "client 2 cannot take part: its data does not fit the model. The run goes on without it if "
+        "--min-clients allows"
+    ]
+    assert coordinator.withdrawals == {2: "its data does not fit the model"}
+    assert coordinator.expected == 1  # the open round no longer waits for it
+    assert coordinator.wait_all_ready(timeout=1)
+    with Connection(target, 2, connect_timeout_s=5) as two:
+        two.next_task(after_round=0, max_wait_s=0.1)  # asking again: it takes part again
+    assert coordinator.expected == 2

@@ -310,6 +310,18 @@ class SubmitUpdateReply(_message.Message):
     expected: int
     def __init__(self, round: _Optional[int] = ..., received: _Optional[int] = ..., expected: _Optional[int] = ...) -> None: ...
 
+class WithdrawRequest(_message.Message):
+    __slots__ = ("client_id", "reason")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    reason: str
+    def __init__(self, client_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class WithdrawReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class AdvertiseKeysRequest(_message.Message):
     __slots__ = ("client_id", "round", "cipher_public_key", "mask_public_key", "commitment")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.FromString,
                 _registered_method=True)
+        self.Withdraw = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/Withdraw',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.WithdrawRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.WithdrawReply.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/fedgrpc.v1.Coordinator/AdvertiseKeys',
                 request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
@@ -104,6 +109,17 @@ class CoordinatorServicer:
 
     def SubmitEvaluation(self, request, context):
         """The answer to an EVALUATE instruction: metrics of the global model on local held-out data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Withdraw(self, request, context):
+        """After Join, a client that cannot take part (its data does not fit the run's model, its
+        task's parameters are refused, ...) says why before it exits, instead of leaving the server
+        waiting for it. Added in fedgrpc.v1 without breaking older clients: a server that predates
+        it answers UNIMPLEMENTED, which a client may ignore. A client that sends GetGlobalWeights
+        afterwards takes part again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +180,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitEvaluation,
                     request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.FromString,
                     response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.SerializeToString,
+            ),
+            'Withdraw': grpc.unary_unary_rpc_method_handler(
+                    servicer.Withdraw,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.WithdrawRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.WithdrawReply.SerializeToString,
             ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
@@ -294,6 +315,33 @@ class Coordinator:
             '/fedgrpc.v1.Coordinator/SubmitEvaluation',
             fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
             fedgrpc_dot_v1_dot_coordinator__pb2.SubmitEvaluationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Withdraw(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/Withdraw',
+            fedgrpc_dot_v1_dot_coordinator__pb2.WithdrawRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.WithdrawReply.FromString,
             options,
             channel_credentials,
             insecure,
