@@ -216,6 +216,7 @@ class FederatedServer:
             secagg_timeout_s=cfg.secagg_timeout_s,
         )
         self._coordinator = coordinator
+        self.results.withdrawals = lambda: coordinator.withdrawals
         if self._stop_requested.is_set():
             coordinator.interrupt()
         if checkpoint is None:
@@ -505,7 +506,7 @@ class FederatedServer:
             )
             self.records.append(record)
             self.checkpoints.save(run, number, job.weights, self.records, strategy.state())
-            self.results.write_history(run, self.records, finished=False, withdrawals=coordinator.withdrawals)
+            self.results.write_history(run, self.records, finished=False)
             fed_metrics = federated.metrics if federated else None
             main = main_metric(job.loaded.task.main_metric, central, fed_metrics)
             as_dict = asdict(record)
@@ -544,8 +545,7 @@ class FederatedServer:
         if getattr(job.model, "optimizer", None) is not None:
             job.model.optimizer.build(job.model.trainable_variables)  # saved with fresh slots: loads cleanly
         job.model.save(self.results.model_path)
-        withdrawals = self._coordinator.withdrawals if self._coordinator is not None else {}
-        self.results.write_history(job.run, self.records, finished=True, withdrawals=withdrawals)
+        self.results.write_history(job.run, self.records, finished=True)
         last = self.records[-1] if self.records else None
         main = main_metric(
             job.loaded.task.main_metric,

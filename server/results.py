@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,9 @@ def write_atomically(path: Path, data: bytes) -> None:
 class RunResults:
     """Writes a run's results under one folder."""
 
+    #: The clients that said they cannot take part, and why (the server hands in its coordinator's).
+    withdrawals: Callable[[], Mapping[int, str]] = dict
+
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,20 +125,12 @@ class RunResults:
     def curves_path(self) -> Path:
         return self.out_dir / "curves.png"
 
-    def write_history(
-        self,
-        run: RunSpec,
-        records: Sequence[RoundRecord],
-        *,
-        finished: bool,
-        withdrawals: Mapping[int, str] | None = None,
-    ) -> None:
-        """`withdrawals`: the clients that said they cannot take part, and why (their last word)."""
+    def write_history(self, run: RunSpec, records: Sequence[RoundRecord], *, finished: bool) -> None:
         document: dict[str, Any] = {
             "run": run.to_dict(),
             "finished": finished,
             "rounds": [asdict(r) for r in records],
-            "withdrawn": [{"client_id": k, "reason": why} for k, why in (withdrawals or {}).items()],
+            "withdrawn": [{"client_id": k, "reason": why} for k, why in self.withdrawals().items()],
         }
         write_atomically(self.history_path, (strict_json(document, indent=2) + "\n").encode())
 
