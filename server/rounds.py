@@ -524,10 +524,11 @@ class RoundCoordinator:
 
     def withdraw(self, client_id: int, reason: str) -> bool:
         """The client cannot take part (`reason`, already checked): the first round and every
-        round stop waiting for it until it asks for a task again. False if it had said so already."""
+        round stop waiting for it until it asks for a task again. False if it had withdrawn
+        already (its reason is updated, but a client that repeats itself is not news)."""
         self.check_client(client_id)
         with self._changed:
-            new = self._withdrawn.get(client_id) != reason
+            new = client_id not in self._withdrawn
             self._withdrawn[client_id] = self._withdrawals[client_id] = reason
             self._ready.discard(client_id)
             self._changed.notify_all()

@@ -220,7 +220,7 @@ class CoordinatorServicer:
                 new = self._coordinator.withdraw(request.client_id, reason)
         except FedGrpcError as exc:
             await self._abort(context, exc, what, request.client_id)
-        if new:  # once per reason: a client that repeats itself cannot flood the log
+        if new:  # once until it takes part again: a client that repeats itself cannot flood the log
             log.warning(
                 "client %d cannot take part: %s. The run goes on without it if --min-clients allows",
                 request.client_id, reason,
