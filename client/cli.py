@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 
 from fedgrpc.common import device, logs
 from fedgrpc.common.config import DEFAULT_TASK
-from fedgrpc.common.errors import FedGrpcError
+from fedgrpc.common.errors import ConfigError, FedGrpcError
+from fedgrpc.common.settings import site_data
+from fedgrpc.common.words import plural
 
 if TYPE_CHECKING:
     from fedgrpc.client.connection import ChannelSecurity
@@ -42,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data",
         default=os.environ.get("FL_DATA") or None,
-        help="this site's data, as the task reads it (cifar10: a folder, .tar.gz or .npz; "
-        "default: $FL_DATA, else CIFAR-10 from Keras)",
+        help="this site's data, as the task reads it; {id} in it becomes the client id "
+        "(cifar10: a folder, .tar.gz or .npz; default: $FL_DATA, else CIFAR-10 from Keras)",
     )
     p.add_argument(
         "--connect-timeout", type=float, default=60.0, help="seconds to keep retrying an unreachable server"
@@ -120,34 +122,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except FedGrpcError as exc:
+        print(f"fl-client {args.client_id}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fl-client {args.client_id}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Check the flags that go together, then take part; every refusal is a ConfigError."""
     logs.setup(f"client {args.client_id}", verbose=args.verbose, log_format=args.log_format)
     device.prepare(args.threads, args.gpu)
     from fedgrpc.client.app import ClientConfig, run_client
     from fedgrpc.client.connection import ChannelSecurity
 
     if args.ca is None and not args.insecure:
-        print(
-            f"fl-client {args.client_id}: error: no TLS: give --ca (the server's CA certificate), "
-            "or pass --insecure to talk without TLS on a network you trust",
-            file=sys.stderr,
+        raise ConfigError(
+            "no TLS: give --ca (the server's CA certificate), "
+            "or pass --insecure to talk without TLS on a network you trust"
         )
-        return 2
     if (args.tls_cert is None) != (args.tls_key is None):
-        print(f"fl-client {args.client_id}: error: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
+        raise ConfigError("--tls-cert and --tls-key go together")
     if args.ca is None:
         logging.getLogger("fedgrpc.client").warning("INSECURE: talking to %s without TLS", args.server)
     if not 1 <= args.chunk_kb <= 8 << 10:
-        print(f"fl-client {args.client_id}: error: --chunk-kb must be in 1..8192", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--chunk-kb must be in 1..8192, got {args.chunk_kb}")
     token = args.token
     if args.token_file is not None:
         path = Path(str(args.token_file).replace("{id}", str(args.client_id)))
         try:
             token = path.read_text().strip()
         except OSError as exc:
-            print(f"fl-client {args.client_id}: error: --token-file {path}: {exc.strerror}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--token-file {path}: {exc.strerror}") from None
     security = ChannelSecurity(args.ca, args.tls_cert, args.tls_key, token, args.tls_server_name)
     if args.light:
         return _run_light(args, security)
@@ -157,15 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         from fedgrpc.client.app import LocalDP
 
         if args.local_dp_clip is None or args.local_dp_noise_multiplier is None:
-            message = "--local-dp-clip and --local-dp-noise-multiplier go together"
-            print(f"fl-client {args.client_id}: error: {message}", file=sys.stderr)
-            return 2
+            raise ConfigError("--local-dp-clip and --local-dp-noise-multiplier go together")
         local_dp = LocalDP(args.local_dp_clip, args.local_dp_noise_multiplier, args.local_dp_delta)
     config = ClientConfig(
         client_id=args.client_id,
         server=args.server,
         task=args.task,
-        data=args.data,
+        data=site_data(args.data, args.client_id),
         connect_timeout_s=args.connect_timeout,
         threads=args.threads,
         turn_lock=args.take_turns,
@@ -174,32 +181,21 @@ def main(argv: list[str] | None = None) -> int:
         chunk_bytes=args.chunk_kb << 10,
         local_dp=local_dp,
     )
-    try:
-        run_client(config)
-    except FedGrpcError as exc:
-        print(f"fl-client {args.client_id}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fl-client {args.client_id}: interrupted", file=sys.stderr)
-        return 130
+    run_client(config)
     return 0
 
 
 def _run_light(args: argparse.Namespace, security: ChannelSecurity) -> int:
     from fedgrpc.client.light import run_light_client
 
-    try:
-        stats = run_light_client(
-            args.server,
-            args.client_id,
-            security=security,
-            connect_timeout_s=args.connect_timeout,
-            chunk_bytes=args.chunk_kb << 10,
-        )
-    except FedGrpcError as exc:
-        print(f"fl-client {args.client_id}: error: {exc}", file=sys.stderr)
-        return 2
-    logging.getLogger("fedgrpc.client").info("light client: %d rounds submitted", stats.rounds)
+    stats = run_light_client(
+        args.server,
+        args.client_id,
+        security=security,
+        connect_timeout_s=args.connect_timeout,
+        chunk_bytes=args.chunk_kb << 10,
+    )
+    logging.getLogger("fedgrpc.client").info("light client: %s submitted", plural(stats.rounds, "round"))
     return 0
 
 

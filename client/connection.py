@@ -179,6 +179,7 @@ class Connection:
         """`channel`: one to share with other Connections of this process (many simulated
         clients: one channel, one polling thread, instead of one each); it is not closed here."""
         self.target = target
+        self._answered = False  # whether the server has answered once: "reached" first, "back" later
         self.client_id = client_id
         self.connect_timeout_s = connect_timeout_s
         self.chunk_bytes = chunk_bytes
@@ -414,7 +415,9 @@ class Connection:
             try:
                 result = call()
                 if failures:
-                    log.info("%s: server at %s is back", what, self.target)
+                    how = "is back" if self._answered else "answered"
+                    log.info("%s: server at %s %s", what, self.target, how)
+                self._answered = True
                 return result
             except grpc.RpcError as exc:
                 if exc.code() not in _RETRYABLE:

@@ -27,6 +27,7 @@ from fedgrpc.common.logs import human_bytes
 from fedgrpc.common.privacy import PrivacyAccountant
 from fedgrpc.common.task import Site
 from fedgrpc.common.task_loader import LoadedTask
+from fedgrpc.common.words import plural
 from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.checkpoint import Checkpoint, CheckpointStore, weights_digest
 from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
@@ -422,10 +423,10 @@ class FederatedServer:
             )
         endpoint.set_serving(True)
         log.info(
-            "run %s: %d rounds, %d clients, listening on port %d",
+            "run %s: %s, %s, listening on port %d",
             run.run_id,
-            run.rounds,
-            run.num_clients,
+            plural(run.rounds, "round"),
+            plural(run.num_clients, "client"),
             self.port,
         )
         if cfg.spool_dir is not None:
