@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the live dashboard and Prometheus /metrics on PORT (read-only; 0 picks a free port)",
     )
     observe.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --http: keep the dashboard and /metrics up S seconds after the run ends (default 0)",
+    )
+    observe.add_argument(
         "--http-host",
         default="127.0.0.1",
         help="address of the dashboard (default 127.0.0.1: this machine only; it shows metadata, no data)",
@@ -496,7 +503,9 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         chunk_bytes=args.chunk_kb << 10,
         max_inflight_bytes=args.max_inflight_mb << 20,
         spool_dir=args.spool_dir,
-        http=None if args.http is None else HttpConfig(port=args.http, host=args.http_host),
+        http=None
+        if args.http is None
+        else HttpConfig(port=args.http, host=args.http_host, linger_s=args.linger),
         tensorboard=args.tensorboard,
         health_port=args.health_port,
         limits=Limits(
