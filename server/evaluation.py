@@ -85,10 +85,6 @@ def describe(
     part. `reported`: how many clients answered a federated evaluation this round (None: none
     was asked for), so that one whose clients hold no held-out data says so."""
     parts = []
-    if reported is not None and not federated:
-        parts.append(
-            f"fed: none of {reported} clients had held-out data" if reported else "fed: no client reported"
-        )
     for prefix, metrics in (("", central), ("fed ", federated)):
         if not metrics:
             continue
@@ -98,4 +94,8 @@ def describe(
         personalized = PERSONALIZED_PREFIX + main
         if personalized in metrics:
             parts.append(f"pers {_SHORT.get(main, main)} {metrics[personalized]:.4f}")
+    if reported is not None and not federated:
+        parts.append(
+            f"fed: none of {reported} clients had held-out data" if reported else "fed: no client reported"
+        )
     return "  ".join(parts) or "no evaluation"

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 import urllib.request
@@ -95,6 +96,7 @@ def test_the_dashboard_shows_a_live_run_in_a_real_browser(tmp_path: Path) -> Non
     extra = (
         *("--http", str(http), "--tensorboard", str(tmp_path / "tb")),
         *("--eval-every", "1", "--personalize-epochs", "1"),  # central, federated and personalized curves
+        *("--linger", "300"),  # the page and /metrics stay up after the run: a last scrape
     )
     server = start(*server_command(port, data, out, rounds=6, clients=4, extra=extra), log=log)
     wait_for_line(log, f"dashboard on http://127.0.0.1:{http}/", process=server)
@@ -126,9 +128,19 @@ def test_the_dashboard_shows_a_live_run_in_a_real_browser(tmp_path: Path) -> Non
             assert page.query_selector("#refusals img") is None  # ... never as markup
             assert page.title() == "fedgrpc dashboard"
             assert page.query_selector_all(".client-row .strip span")  # the round timeline strips
+            assert "strategy fedavg" in (page.text_content("#run") or "")
+            assert "personalized" in (page.text_content("#chart-loss .u-legend") or "")
+            assert page.text_content("#bytes-title") == "Bytes per round (MB)"
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             if os.environ.get("FEDGRPC_UPDATE_SCREENSHOT"):
                 shutil.copy(tmp_path / "dashboard.png", SCREENSHOT)
+            finish_all(clients)
+            wait_for_line(log, "stay up 300 s more (--linger)", process=server)
+            status, _, final = get(http, "/metrics")  # the run is over: the last scrape still answers
+            assert status == 200 and b"fedgrpc_rounds_completed_total 6.0" in final
+            server.send_signal(signal.SIGTERM)  # ends the linger, with the page still open
+            assert finish(server, log) == 0, log.read_text()
+            page.wait_for_selector("#live.off", timeout=60_000)
             browser.close()
         families = {f.name: f for f in text_string_to_metric_families(scraped.decode())}
         for name in (
@@ -141,8 +153,8 @@ def test_the_dashboard_shows_a_live_run_in_a_real_browser(tmp_path: Path) -> Non
         assert samples["fedgrpc_rounds_completed_total"] >= 2 and samples["fedgrpc_round"] >= 3
         refused = {s.labels.get("code"): s.value for s in families["fedgrpc_refusals"].samples}
         assert refused.get("INVALID_ARGUMENT", 0) >= 1
-        finish_all(clients)
-        assert finish(server, log) == 0, log.read_text()
+        for complaint in ("Task was destroyed", "Event loop is closed", "Traceback"):
+            assert complaint not in log.read_text(), log.read_text()
     finally:
         for connection in idle:
             connection.close()
@@ -325,6 +337,28 @@ def test_refusals_of_two_clients_from_one_host_both_show(tmp_path: Path, synthet
     assert len(lines) == 2, lines
     assert "(client 1)" in lines[0] and "(client 2)" in lines[1], lines
     assert "refusals: 5 in all; 3 not logged one by one:" in log.read_text()
+
+
+def test_the_log_and_history_say_what_the_run_does(tmp_path: Path, synthetic_npz: Path) -> None:
+    """Before: the strategy appeared in neither the start-up log nor history.json, and a
+    federated evaluation whose clients hold no held-out data (light clients report 0 examples,
+    like a script without evaluate=) was announced, then every round said 'no evaluation'."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    extra = ("--strategy", "fedavgm", "--server-lr", "0.5", "--eval-every", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=2, extra=extra), log=log)
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=(1, 2), extra=("--insecure", "--light"))
+    finish_all(clients)
+    assert finish(server, log) == 0, log.read_text()
+    text = log.read_text()
+    assert "strategy: fedavgm (server_lr 0.5, momentum 0.9)" in text
+    history = json.loads((out / "history.json").read_text())
+    assert history["run"]["strategy"] == {"name": "fedavgm", "server_lr": 0.5, "momentum": 0.9}
+    assert "federated, all clients every round, by those that hold held-out data" in text
+    rounds = [line for line in text.splitlines() if " round 1/2 " in line or " round 2/2 " in line]
+    assert len(rounds) == 2 and all("fed: none of 2 clients had held-out data" in line for line in rounds), (
+        rounds
+    )
+    assert text.count("none of the 2 clients asked to evaluate holds held-out data") == 1  # said once
 
 
 def test_reflection_lists_and_describes_the_services(tmp_path: Path, synthetic_npz: Path) -> None:
