@@ -160,7 +160,9 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         chunk_bytes=args.chunk_kb << 10,
         max_inflight_bytes=args.max_inflight_mb << 20,
         spool_dir=args.spool_dir,
-        http=None if args.http is None else HttpConfig(port=args.http, host=args.http_host),
+        http=None
+        if args.http is None
+        else HttpConfig(port=args.http, host=args.http_host, linger_s=args.linger),
         tensorboard=args.tensorboard,
         health_port=args.health_port,
         limits=Limits(

@@ -93,6 +93,10 @@ SETTINGS: tuple[Setting, ...] = (
         help="address of the dashboard (default 127.0.0.1: this machine only; it shows metadata, no data)",
     ),
     Setting(
+        "linger", float, 0.0, low=0.0, group="watch", metavar="S",
+        help="with --http: keep the dashboard and /metrics up S seconds after the run ends (default 0)",
+    ),
+    Setting(
         "health_port", int, None, low=0, high=65535, group="watch", metavar="PORT",
         help="also answer gRPC health checks, and only those, on PORT in plain text (probes that "
         "cannot speak TLS, such as Kubernetes'); same address as --host",

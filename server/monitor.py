@@ -67,10 +67,17 @@ class _Client:
 class Monitor:
     """The run as it goes: clients, rounds, bytes, refusals; and the Prometheus metrics of it."""
 
-    def __init__(self, run: RunSpec, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        run: RunSpec,
+        *,
+        strategy: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._lock = threading.Lock()
         self._clock = clock
         self.run = run
+        self.strategy = dict(strategy or {"name": "fedavg"})  # fedgrpc.server.strategy.strategy_record
         self.started = clock()
         self.version = 0  # bumped on every change: the dashboard's stream sends when it moves
         self._phase = "waiting"
@@ -246,6 +253,8 @@ class Monitor:
                     "partition": self.run.partition,
                     "compression": self.run.compression,
                     "proximal_mu": self.run.proximal_mu,
+                    "strategy": self.strategy,
+                    "secagg": self.run.secagg is not None,
                 },
                 "state": {
                     "phase": self._phase,
