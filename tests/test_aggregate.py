@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from fedgrpc.common.errors import ConfigError
@@ -228,7 +230,7 @@ def test_median_trimmed_mean_and_krum_equal_their_definitions() -> None:
 
 def test_robust_strategies_by_name() -> None:
     """Through make_strategy, with the flags' defaults (trim 0.2, one Byzantine client)."""
-    definitions = {
+    definitions: dict[str, Callable[[list[list[np.ndarray]]], list[np.ndarray]]] = {
         "median": reference_median,
         "trimmed-mean": lambda updates: reference_trimmed_mean(updates, 0.2),
         "krum": lambda updates: reference_krum(updates, 1),

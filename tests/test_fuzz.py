@@ -83,7 +83,7 @@ def submit(channel: grpc.Channel, messages: Sequence[pb.UpdateMessage]) -> grpc.
     except grpc.RpcError as exc:
         assert exc.code() in REFUSED, (exc.code(), exc.details())
         assert exc.details()
-        return exc.code()  # type: ignore[no-any-return]
+        return exc.code()
     return grpc.StatusCode.OK
 
 
@@ -131,7 +131,11 @@ def plain_update(messages: Sequence[pb.UpdateMessage]) -> Update | None:
 def mean_of(updates: Sequence[Update]) -> list[np.ndarray]:
     """FedAvg's definition, written out: sum(n_k w_k) / sum(n_k) in float64."""
     total = sum(n for _, n in updates)
-    return [sum(np.float64(n) * arrays[i] for arrays, n in updates) / total for i in range(len(SPECS))]
+    sums = [np.zeros(s.shape, np.float64) for s in SPECS]
+    for arrays, n in updates:
+        for total_of, array in zip(sums, arrays, strict=True):
+            total_of += n * array.astype(np.float64)
+    return [s / total for s in sums]
 
 
 def one_round(served: Served, fuzz: list[pb.UpdateMessage], *, may_count: bool) -> grpc.StatusCode:
