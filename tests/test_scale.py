@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers
 import numpy as np
 from fedgrpc.client.light import light_examples
 from fedgrpc.common.processes import free_port
@@ -27,6 +28,14 @@ def test_a_sample_of_light_clients_per_round_with_int8_updates(tmp_path: Path, s
     clients = start_clients(
         port, synthetic_npz, tmp_path, ids=tuple(range(1, 13)), extra=("--insecure", "--light")
     )
+    # Spool files are unlinked from the start: while an update is being received (one held open
+    # here, as a client sampled for round 1), its file is open in the server and has no name.
+    helpers.wait_for_line(server_log, "listening on port", process=server)
+    with helpers.held_update(port, clients=12, num_examples=light_examples) as held:
+        staged = helpers.spool_files(server.pid, spool, timeout=120)
+        assert staged and all(target.endswith(" (deleted)") for target in staged), staged
+        assert not list(spool.iterdir()), "a spool file had a name"
+        held.set()
     finish_all(clients)
     assert finish(server, server_log) == 0, server_log.read_text()
 
@@ -40,7 +49,7 @@ def test_a_sample_of_light_clients_per_round_with_int8_updates(tmp_path: Path, s
         assert record["bytes_out"] > 4 * CNN_PARAMETERS * 4
     assert "clients 4/4" in server_log.read_text()
     assert f"staged on disk in {spool}" in server_log.read_text()
-    assert not list(spool.iterdir())  # spool files are unlinked from the start
+    assert not list(spool.iterdir())  # and nothing is left behind
 
     import keras
 
