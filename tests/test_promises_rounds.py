@@ -85,10 +85,11 @@ def test_a_client_killed_in_round_1_before_its_update_does_not_stop_the_run(
         updates = {c: light_update(weights, c, number) for c in (1, 2)}
         total = sum(light_examples(c) for c in updates)
         weights = [
-            (sum(light_examples(c) * u[i].astype(np.float64) for c, u in updates.items()) / total).astype(
-                weights[i].dtype
-            )
-            for i in range(len(weights))
+            (
+                np.sum([light_examples(c) * u[i].astype(np.float64) for c, u in updates.items()], axis=0)
+                / total
+            ).astype(w.dtype)
+            for i, w in enumerate(weights)
         ]
     checkpoint = CheckpointStore(out / "checkpoint").load()
     assert checkpoint is not None and checkpoint.round == 2
