@@ -5,7 +5,7 @@ the N+1 commands. Clients that share one machine's CPU share its cores, so by de
 client gets all cores as intra-op threads, and when there are more clients than cores they
 take turns training (a lock file), which on 2 cores finished a round of 3 clients sooner
 than time-slicing them: see `fl-client --take-turns`. On a machine with NVIDIA GPUs the
-clients train at once, sharing the cards (`--gpus 0,1`: client k on card k mod 2; memory is
+clients train at once, sharing the cards (`--gpus 0,1`: client k on card (k-1) mod 2; memory is
 taken as needed, see fedgrpc.common.device); KERAS_BACKEND picks the backend of every process.
 """
 
@@ -42,7 +42,7 @@ SETTINGS = (
     Setting("threads", int, None, low=1, help="CPU threads per client (default: all cores)"),
     Setting(
         "gpus", str, "", metavar="0,1,...",
-        help="GPUs for the clients, round robin: client k trains on card k mod their number",
+        help="GPUs for the clients, round robin: client 1 on the first listed, client 2 on the second, ...",
     ),
     Setting(
         "schedule", str, "auto", choices=("auto", "turns", "parallel"),

@@ -347,7 +347,9 @@ class RoundCoordinator:
         aggregated (DP with Poisson sampling: its global weights move by noise alone)."""
         with self._changed:
             current = self._require_round()
-            if not current.accepted and not allow_empty:
+            # A Poisson sample of no client (participants empty) leaves the model as it was.
+            unchanged = not current.accepted and not allow_empty
+            if unchanged and current.participants != frozenset():
                 raise RuntimeError(f"round {current.number} has no updates to aggregate")
             self._phase = Phase.AGGREGATING
             self._notify_everyone()
@@ -358,7 +360,7 @@ class RoundCoordinator:
             sorted(current.accepted), self.secagg_timeout_s, lambda: self._interrupted
         ):
             raise SecAggError(secure.reason or "the secure aggregation was aborted")
-        weights = self._strategy.result()
+        weights = list(current.weights) if unchanged else self._strategy.result()
         return RoundOutcome(
             round=current.number,
             weights=weights,
