@@ -77,7 +77,7 @@ def actors_that_fit(resources: dict[str, float], cpus: float, gpus: float, wante
 #: fl-server's too, and a run file (--config) may set them.
 SETTINGS = (
     Setting(
-        "config", Path, None, metavar="RUN.toml",
+        "config", Path, None, metavar="RUN.toml", in_file=False,
         help="a run file for the server (see fl-server --help); fl-sim takes --clients, "
         "--clients-per-round, --task and --data from it too, and a flag typed here overrides it",
     ),

@@ -72,10 +72,11 @@ class Setting:
     in_file: bool = True  # a run-file key
     maybe_path: bool = False  # a string that may name a file: resolved from the run file's folder if so
     repeat: bool = False  # a flag given several times collects a list
+    flag_name: str | None = None  # the flag, when not --name with dashes (fl-client's --id)
 
     @property
     def option(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.flag_name or "--" + self.name.replace("_", "-")
 
     def initial(self) -> Any:
         """The default, or the environment's value when `env` is set there."""

@@ -30,7 +30,7 @@ from fedgrpc.common.settings import CLIENTS, DATA, ROUNDS, TASK, Setting, site_d
 #: fl-local's own settings; --clients, --rounds, --task, --data and --out are fl-server's too.
 SETTINGS = (
     Setting(
-        "config", Path, None, metavar="RUN.toml",
+        "config", Path, None, metavar="RUN.toml", in_file=False,
         help="a run file for the server (see fl-server --help); fl-local takes --clients, --task and "
         "--data from it too, and a flag typed here overrides it",
     ),

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from fedgrpc.common.errors import ConfigError
+from fedgrpc.common.processes import free_port
 from fedgrpc.common.settings import Setting
 from fedgrpc.server.cli import parse_args
-from helpers import BIN, ENV
+from helpers import BIN, ENV, finish, finish_all, server_command, start, start_clients, wait_for_line
 from test_tasks import write_site, write_task
 
 
@@ -136,3 +137,40 @@ def test_fl_local_takes_a_run_file_and_its_defaults_do_not_override_it(tmp_path:
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert len(history["rounds"]) == 2 and history["run"]["num_clients"] == 2
     assert history["rounds"][-1]["federated"]["clients"] == 2
+
+
+def test_log_lines_count_in_words_and_a_first_answer_is_not_a_return(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """A client started before its server logs that the server answered, not that it "is back";
+    one round of one client reads "1 round", "1 client"."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    (client,) = start_clients(port, synthetic_npz, tmp_path, ids=(1,), extra=("--insecure", "--light"))
+    wait_for_line(client[1], "INSECURE", process=client[0])  # the client is up and dialling
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=1), log=log)
+    finish_all([client])
+    assert finish(server, log) == 0, log.read_text()
+    assert ": 1 round, 1 client, listening on port" in log.read_text(), log.read_text()
+    said = client[1].read_text()
+    assert "light client: 1 round submitted" in said and "server at" in said and "answered" in said, said
+    assert "is back" not in said and "1 rounds" not in said, said
+
+
+def test_fl_server_and_fl_client_refuse_a_bad_value_alike(tmp_path: Path) -> None:
+    """One declaration, one message, one exit code (2) on both sides; no traceback."""
+    said = {}
+    runs = {
+        "fl-server": ["--insecure", "--chunk-kb", "0", "--out", str(tmp_path)],
+        "fl-client": ["--id", "1", "--insecure", "--chunk-kb", "0"],
+    }
+    for program, flags in runs.items():
+        result = subprocess.run(
+            [str(BIN / program), *flags], capture_output=True, text=True, env=ENV, timeout=120
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        said[program] = result.stderr.strip().splitlines()[-1].split("error: ", 1)[1]
+    expected = "--chunk-kb must be in 1..8192 (messages stay under 16 MiB), got 0"
+    assert said["fl-server"] == said["fl-client"] == expected
+    command = [str(BIN / "fl-client"), "--id", "0", "--insecure"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 2 and "--id must be at least 1, got 0" in result.stderr, result.stderr
