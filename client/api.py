@@ -180,7 +180,11 @@ class Federation:
                 continue
             self._specs = task.specs
             if model is not None:
-                _set_weights(model, task.weights)
+                try:
+                    _set_weights(model, task.weights)
+                except TaskError as exc:  # the server would wait for this client: say why it cannot come
+                    self.connection.withdraw(str(exc))
+                    raise
                 if fresh is not None:
                     fresh.reset()
                 if proximal is not None:

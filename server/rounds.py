@@ -669,6 +669,8 @@ class RoundCoordinator:
     # -- internals (call with the lock held) -----------------------------------------
 
     def _expected(self, current: _Round | None) -> int:
+        if current is not None and current.secure is not None and current.secure.shared:
+            return len(current.secure.shared)  # the masked updates this attempt waits for
         if current is None or current.participants is None:
             return self.run.num_clients - len(self._withdrawn)
         return len(current.participants)

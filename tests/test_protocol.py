@@ -105,3 +105,63 @@ def test_a_masked_update_retried_after_its_round_closed_is_already_exists() -> N
     with _LiveRound({1: SecureRound, 2: _RetriesAfterTheRoundClosed}, weights) as live:
         np.testing.assert_array_equal(live.coordinator.close_round().weights[0], weights[0])
     assert _RetriesAfterTheRoundClosed.codes == ["ALREADY_EXISTS"]
+
+
+def test_client_lines_lead_with_the_main_metric_and_its_personalized_twin() -> None:
+    from fedgrpc.client.app import _short
+
+    metrics = {
+        "loss": 0.9, "accuracy": 0.6, "macro_f1": 0.5, "recall": 0.4,
+        "personalized_loss": 0.7, "personalized_accuracy": 0.7, "personalized_recall": 0.6,
+        "personalized_macro_f1": 0.65,
+    }  # fmt: skip
+    assert _short(metrics, "macro_f1") == (
+        "loss 0.9000  macro_f1 0.5000  personalized_loss 0.7000  personalized_macro_f1 0.6500"
+    )
+    assert _short({"train_seconds": 1.0, "loss": 0.5, "accuracy": 0.25}) == "loss 0.5000  accuracy 0.2500"
+
+
+def test_expected_under_secure_aggregation_counts_the_clients_that_shared() -> None:
+    import secrets
+    import threading
+
+    from fedgrpc.client.connection import Connection
+    from fedgrpc.common import secagg as sa
+    from fedgrpc.common.config import RunSpec, SecAggSpec
+    from fedgrpc.common.protocol import Instruction
+    from fedgrpc.server.masked_sum import SecAggStrategy
+    from fedgrpc.server.rounds import RoundCoordinator
+    from fedgrpc.server.strategy import FedAvg
+    from helpers import serving
+
+    weights = [np.full(10, 0.5, np.float32)]
+    run = RunSpec(num_clients=3, secagg=SecAggSpec(max_examples=1000))
+    coordinator = RoundCoordinator(run, [TensorSpec("t0", "float32", (10,))], SecAggStrategy(FedAvg()))
+    replies: dict[int, tuple[int, int]] = {}
+
+    def client(client_id: int, port: int) -> None:
+        with Connection(f"127.0.0.1:{port}", client_id, connect_timeout_s=20) as connection:
+            task = connection.next_task(0, 10)
+            while task.instruction is not Instruction.TRAIN:
+                task = connection.next_task(0, 10)
+            if client_id == 3:  # advertises its keys, then vanishes before sharing
+                public = sa.public_bytes(sa.new_private_key())
+                connection.advertise_keys(task.round, public, public, secrets.token_bytes(32))
+                return
+            secure = SecureRound(connection, run, task.round)
+            secure.share_keys()
+            replies[client_id] = secure.submit(task.specs, task.weights, task.weights, 10)
+
+    with serving(coordinator) as endpoint:
+        threads = [threading.Thread(target=client, args=(c, endpoint.port)) for c in (1, 2, 3)]
+        for thread in threads:
+            thread.start()
+        assert coordinator.wait_ready(3, 20)
+        coordinator.open_round(1, weights)
+        secure = coordinator.secure_round
+        assert secure is not None and secure.run_key_stages(3, lambda: False)
+        assert coordinator.wait_for_updates(2, 20)
+        for thread in threads:
+            thread.join(30)
+        coordinator.interrupt()
+    assert sorted(replies.values()) == [(1, 2), (2, 2)]  # of the 2 that shared, not of 3

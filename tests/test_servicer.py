@@ -354,3 +354,11 @@ def test_a_withdrawal_is_logged_once_recorded_and_checked(
     with Connection(target, 2, connect_timeout_s=5) as two:
         two.next_task(after_round=0, max_wait_s=0.1)  # asking again: it takes part again
     assert coordinator.expected == 2
+
+
+def test_a_message_over_16_mib_is_resource_exhausted(served: tuple[RoundCoordinator, str]) -> None:
+    coordinator, target = served
+    huge = pb.UpdateMessage(chunk=pb.TensorChunk(tensor_index=0, offset=0, data=bytes(17 << 20)))
+    error = raw_submit(target, [*update()[:1], huge])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert coordinator.received == 0
