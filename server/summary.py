@@ -2,7 +2,8 @@
 
 Ten thousand clients joining, or hundreds of calls that their clients cancelled, would bury the
 rounds in a log a person reads. An EventSummary logs its first `first` events as they come,
-then at most one line per `interval_s` saying how many more there were and how many in all;
+then at most one line per `interval_s` saying how many more there were and how many in all
+("clients joined: 9990 more in the last 10 s, 10000 in all");
 a count still unreported is logged by flush() (the server calls it when it stops) or, on an
 event loop, once the interval has passed.
 """
@@ -66,10 +67,9 @@ class EventSummary:
     def _count_line(self) -> tuple[str, tuple[object, ...]]:
         """The line for the pending count (lock held); resets it."""
         now = self._clock()
-        more = "more " if self.total > self._pending else ""
-        text = f"%d {more}%s in the last %.0f s (%d in all)"
+        more = " more" if self.total > self._pending else ""
         since = now - self._last_line if self._last_line >= 0 else self._interval_s
-        line = (text, (self._pending, self._what, since, self.total))
+        line = (f"%s: %d{more} in the last %.0f s, %d in all", (self._what, self._pending, since, self.total))
         self._pending, self._last_line = 0, now
         return line
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fedgrpc.client.light import light_examples
 from fedgrpc.common.processes import free_port
 from helpers import finish, finish_all, server_command, start, start_clients
@@ -132,8 +133,29 @@ def test_hundreds_of_asyncio_light_clients_in_one_process_some_cancelling(tmp_pa
     assert len(history["rounds"][0]["clients"]) == clients
     log = server_log.read_text()
     assert "Traceback" not in log and "ExecuteBatchError" not in log, log[-3000:]
-    ended = [int(n) for n in re.findall(r"calls ended by their client .*\((\d+) in all\)", log)]
+    counts = r": \d+(?: more)? in the last \d+ s, (\d+) in all"
+    ended = [int(n) for n in re.findall(r"calls ended by their client .*" + counts, log)]
     assert ended and ended[-1] >= 20, log[-3000:]
     assert log.count(" joined from ") <= 10
-    joined = [int(n) for n in re.findall(r"more clients joined in the last \d+ s \((\d+) in all\)", log)]
+    joined = [int(n) for n in re.findall(r"clients joined" + counts, log)]
     assert joined and joined[-1] >= clients, log[-3000:]
+
+
+def test_a_summary_logs_the_first_events_then_counts(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from fedgrpc.server.summary import EventSummary
+
+    now = [100.0]
+    summary = EventSummary(logging.getLogger("test.summary"), "clients joined", first=2, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.summary"):
+        for client in range(1, 1001):
+            summary.event("client %d joined", client)
+            now[0] += 0.025  # 1,000 joins over 25 s
+        summary.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:2] == ["client 1 joined", "client 2 joined"]
+    assert len(lines) <= 2 + 4  # one count line per 10 s at most, and the last one flushed
+    assert lines[-1].endswith(", 1000 in all")
+    counts = [int(line.split(": ")[1].split()[0]) for line in lines[2:]]
+    assert sum(counts) == 998
