@@ -152,6 +152,7 @@ class GrpcEndpoint:
     def stop(self, grace: float = 2.0) -> None:
         """Stop taking calls, give those in progress `grace` seconds, then end the loop."""
         self._stopping = True
+        self.servicer.close_summaries()
         if self._housekeeping is not None:
             self._loop.call_soon_threadsafe(self._housekeeping.cancel)
         if self._server is not None and self._thread.is_alive():

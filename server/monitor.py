@@ -168,6 +168,10 @@ class Monitor:
             client.state, client.last_seen = "evaluated", now
             self._changed()
 
+    def call_ended_early(self) -> None:
+        """A call its client ended (cancelled, deadline passed, connection closed) before it was answered."""
+        self._metrics["calls_ended_early"].inc()
+
     def refused(self, address: str, code: str, what: str, message: str, client_id: int | None = None) -> None:
         with self._lock:
             now = self._clock()
@@ -315,6 +319,11 @@ class Monitor:
             ),
             "updates_refused": Counter(
                 "fedgrpc_refusals_total", "Calls refused, by gRPC status code", ["code"], registry=r
+            ),
+            "calls_ended_early": Counter(
+                "fedgrpc_calls_ended_early_total",
+                "Calls their client ended before they were answered (cancelled, deadline, connection closed)",
+                registry=r,
             ),
             "clients_seen": Gauge("fedgrpc_clients_seen", "Clients that have called this server", registry=r),
             "clients_connected": Gauge(
