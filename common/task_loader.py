@@ -6,7 +6,9 @@ A task spec (`--task`) is one of:
   can import its own helpers); it must assign a `fedgrpc.common.task.Task` to `task`;
 - `package.module:attribute`: an importable module and the Task in it;
 - the name of an installed task: an entry point in the `fedgrpc.tasks` group (the packaging
-  convention; fedgrpc registers `cifar10`, the reference job, and uses it by default).
+  convention; fedgrpc registers `cifar10`, the reference job, and uses it by default);
+- a saved model, `model.keras`: the server of a federation of training scripts needs no task
+  file (fedgrpc.common.saved_task).
 
 The task's identity is its name and the SHA-256 of the source file that defines it: what the
 server announces and each client compares. A task is user code and runs only on the machine
@@ -52,6 +54,10 @@ class LoadedTask:
 
 def load_task(spec: str) -> LoadedTask:
     """The task `spec` names (see the module docstring)."""
+    if spec.endswith(".keras"):  # a saved model alone, for a server of training scripts
+        from fedgrpc.common.saved_task import saved_model_task
+
+        return saved_model_task(Path(spec))
     if spec.endswith(".py") or Path(spec).is_file():
         return _from_file(Path(spec))
     if ":" in spec:
