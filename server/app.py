@@ -233,7 +233,9 @@ class FederatedServer:
             # The run's identity (id, spec, initial weights) is on disk before any client can
             # join it: a server killed at any moment from now on, round 1 included, resumes
             # this same run, and its clients carry on with it.
-            self.checkpoints.save(run, 0, job.weights, [], strategy.state())
+            initial = partial(self.checkpoints.save, run, 0, job.weights, [], strategy.state())
+            if not persist("the run's first checkpoint", initial, stop=self._stop_requested):
+                raise RunFailedError(f"no checkpoint can be written in {cfg.out_dir} (see above)")
         self.results.strategy = strategy_record(cfg.strategy, strategy)
         self.monitor = Monitor(run, strategy=self.results.strategy)
         log.info("strategy: %s", _described(self.results.strategy, secure=cfg.secagg is not None))
