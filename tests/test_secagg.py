@@ -148,12 +148,15 @@ class _LiveRound:
     client running SecureRound (of the given class); every masked update is folded in when the
     block starts, and the caller closes the round (or not)."""
 
-    def __init__(self, clients: dict[int, type[SecureRound]], weights: list[np.ndarray]) -> None:
+    def __init__(
+        self, clients: dict[int, type[SecureRound]], weights: list[np.ndarray], *, change: bool = False
+    ) -> None:
+        """`change`: each client sends light_update's change and 10 x its id examples; else none."""
         self.run = RunSpec(num_clients=len(clients), secagg=SecAggSpec(max_examples=1000))
         specs = [TensorSpec(f"t{i}", "float32", w.shape) for i, w in enumerate(weights)]
         self.strategy = SecAggStrategy(FedAvg())
         self.coordinator = RoundCoordinator(self.run, specs, self.strategy, secagg_timeout_s=20)
-        self._clients, self._weights = clients, weights
+        self._clients, self._weights, self._change = clients, weights, change
         self._errors: list[BaseException] = []
         self._threads: list[threading.Thread] = []
 
@@ -189,7 +192,8 @@ class _LiveRound:
                     task = connection.next_task(0, 10)
                 secure = kind(connection, self.run, task.round)
                 secure.share_keys()
-                secure.submit(task.specs, task.weights, task.weights, 10 * client_id)  # no change at all
+                sent = light_update(task.weights, client_id, task.round) if self._change else task.weights
+                secure.submit(task.specs, sent, task.weights, 10 * client_id)
                 secure.reveal()
         except BaseException as exc:  # noqa: BLE001 - reported when the block ends
             self._errors.append(exc)
@@ -204,11 +208,12 @@ def _chi_square_of_top_bytes(words: np.ndarray) -> float:
 def test_what_the_server_holds_before_unmasking_is_uniform_and_the_sum_is_exact() -> None:
     weights = [np.full(60_000, 0.5, np.float32), np.zeros(7, np.float32)]
     with _LiveRound({1: SecureRound, 2: SecureRound, 3: SecureRound}, weights) as live:
-        held = sa.flatten(live.strategy.masked_sum())
         secure = live.coordinator.secure_round
         assert secure is not None
+        (ring,) = live.strategy.masked_sum().values()  # one group
+        held = sa.flatten(ring)
         secure.run_unmasking([1, 2, 3], 20, lambda: False)  # the clients reveal their shares
-        unmasked = sa.flatten(secure.unmask(live.strategy.masked_sum()))
+        unmasked = sa.flatten(secure.unmask(live.strategy.masked_sum())[0])
     # Every client sent "no change": unmasked, the words are all zero but the count. Masked, the
     # top byte of 60,007 words falls in 256 bins as uniform words would: chi-square with 255
     # degrees of freedom stays below 350 (p = 1e-4); each of the 32 bits is set half the time.
@@ -221,9 +226,17 @@ def test_what_the_server_holds_before_unmasking_is_uniform_and_the_sum_is_exact(
 
 
 def test_the_unmasked_round_equals_the_plain_mean() -> None:
-    weights = [np.full(1000, 0.5, np.float32)]
-    with _LiveRound({1: SecureRound, 2: SecureRound, 3: SecureRound}, weights) as live:
-        np.testing.assert_array_equal(live.coordinator.close_round().weights[0], weights[0])
+    """Three distinct changes, weighted 10, 20 and 30: the unmasked result is their weighted
+    mean, within the encoding's rounding (half a step per client)."""
+    weights = [np.full(1000, 0.5, np.float32), np.linspace(-1, 1, 7, dtype=np.float32)]
+    with _LiveRound({1: SecureRound, 2: SecureRound, 3: SecureRound}, weights, change=True) as live:
+        got = live.coordinator.close_round().weights
+        scale = live.coordinator.secure_round.scale  # type: ignore[union-attr]
+    for index, g in enumerate(weights):
+        changes = [light_update(weights, c, 1)[index].astype(np.float64) - g for c in (1, 2, 3)]
+        assert all(np.abs(c).max() > 1e-3 for c in changes) and not np.array_equal(changes[0], changes[1])
+        want = g + sum(10 * c * ch for c, ch in zip((1, 2, 3), changes, strict=True)) / 60
+        np.testing.assert_allclose(got[index], want, rtol=0, atol=3 * 0.5 / scale / 60 + 1e-7)
 
 
 class _GarbageWords(SecureRound):
@@ -291,7 +304,8 @@ def _run_with_peer(tmp_path: Path, data: Path, mode: str) -> tuple[int, Path, Pa
         ("advertise", (2, 3), "2 of 3 clients shared keys; going on without client 1"),
         # its pairwise masks removed with its mask key, rebuilt from the others' shares
         ("share", (2, 3), "2 of 3 clients submitted a masked update; going on without client 1"),
-        ("submit", (1, 2, 3), ""),  # counted; its self-mask seed rebuilt without it
+        # counted; its self-mask seed rebuilt without it
+        ("submit", (1, 2, 3), "2 of 3 clients revealed their shares; going on without client 1"),
         # forged shares of client 2's and 3's seeds: each rebuilt from other shares, the liar named
         ("lie", (1, 2, 3), "revealed by client(s) [1] do not fit the others"),
         # client 2 got shares of another secret from 1: client 1's seed rebuilt from 1's and 3's
@@ -350,6 +364,97 @@ def test_too_few_survivors_abort_the_round_cleanly(tmp_path: Path, synthetic_npz
     assert "3 attempts in a row at round 1 could not be securely aggregated" in text
     checkpoint = CheckpointStore(out / "checkpoint").load()
     assert checkpoint is not None and checkpoint.round == 0  # no partial result was ever applied
+
+
+def _peer(
+    port: int, tmp_path: Path, client_id: int, mode: str, *rest: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start tests/secagg_peer.py as client `client_id` in `mode`; returns it and its log."""
+    log = tmp_path / f"peer-{client_id}.log"
+    process = subprocess.Popen(
+        [sys.executable, str(PEER), "--server", f"127.0.0.1:{port}", "--id", str(client_id),
+         "--mode", mode, "--out", str(tmp_path / f"global-{client_id}.npz"), *rest],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=ENV,
+    )  # fmt: skip
+    STARTED.append(process)
+    return process, log
+
+
+def _replay(start_weights: Sequence[np.ndarray], counted: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """The global weights after light clients' rounds, `counted[r]` the clients of round r + 1."""
+    weights = [np.asarray(w, np.float64) for w in start_weights]
+    for number, clients in enumerate(counted, start=1):
+        sent = {c: light_update([w.astype(np.float32) for w in weights], c, number) for c in clients}
+        total = sum(light_examples(c) for c in clients)
+        weights = [
+            g + sum(light_examples(c) * (sent[c][i].astype(np.float64) - g) for c in clients) / total
+            for i, g in enumerate(weights)
+        ]
+    return weights
+
+
+def test_a_holder_that_leaves_out_a_share_gets_no_honest_client_excluded(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """Client 2 shares its keys, then goes silent; client 3 reveals its shares but not its share
+    of client 2's mask key, so the key cannot be rebuilt and the attempt aborts. Nobody is left
+    out for it: the pair becomes a dispute (no longer neighbours), and in the next attempt both
+    take part honestly and all three updates are counted."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "6", "--round-timeout", "8", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=3, extra=flags), log=log)
+    wait_for_line(log, "waiting for 3 clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=(1,), extra=("--insecure", "--light"))
+    peers = [_peer(port, tmp_path, 2, "share", "--rejoin"), _peer(port, tmp_path, 3, "omit", "--rejoin")]
+    assert finish(server, log) == 0, log.read_text()
+    finish_all(clients)
+    finish_all(peers)
+    text = log.read_text()
+    assert "1 shares of client 2's mask key arrived and 2 are needed" in text
+    assert "client(s) [3] revealed their shares but none of client 2's mask key" in text
+    assert "left out from now on" not in text
+    for _, peer_log in peers:
+        assert "round 1: revealed" in peer_log.read_text()  # the second attempt, done right
+    history = json.loads((out / "history.json").read_text())
+    assert [c["client_id"] for c in history["rounds"][0]["clients"]] == [1, 2, 3]
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 1
+    for got, want in zip(final.weights, _replay(initial.weights, [(1, 2, 3)]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def test_a_client_masking_an_impossible_count_every_round_is_isolated_and_the_run_goes_on(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """Client 4 masks an example count of 2^30 every round. Round 1's sum is impossible; the
+    attempts after it aggregate in two groups, the spoiled group's members become suspects,
+    and once one is left it is excluded and named. Every round closes with the exact mean of
+    the honest clients whose group's sum was used, and the server exits 0."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "10", "--round-timeout", "20", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=3, clients=4, extra=flags), log=log)
+    wait_for_line(log, "waiting for 4 clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=(1, 2, 3), extra=("--insecure", "--light"))
+    peer = _peer(port, tmp_path, 4, "count")
+    assert finish(server, log) == 0, log.read_text()
+    finish_all(clients)
+    text = log.read_text()
+    assert "client 4 is left out of secure aggregation from now on" in text
+    assert "non-finite" not in text and "attempts in a row" not in text
+    assert "the unmasked example count is" in text  # said why
+    history = json.loads((out / "history.json").read_text())
+    counted = [[c["client_id"] for c in r["clients"]] for r in history["rounds"]]
+    assert len(counted) == 3 and all(4 not in r and len(r) >= 2 for r in counted), counted
+    assert counted[-1] == [1, 2, 3]  # after the exclusion: every honest client, one group again
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 3
+    for got, want in zip(final.weights, _replay(initial.weights, counted), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    finish_all([peer])  # it waited, left out, until the run finished
 
 
 @pytest.mark.parametrize(
