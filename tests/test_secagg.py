@@ -140,6 +140,42 @@ def test_keys_no_exchange_works_with_are_refused() -> None:
     sa.check_public_key(sa.public_bytes(sa.new_private_key()))
 
 
+def test_group_testing_deals_suspects_to_both_groups_and_narrows_down_to_one() -> None:
+    from fedgrpc.server.isolation import Isolation, split
+
+    groups = split(list(range(1, 9)), frozenset({2, 5, 7}), "seed")
+    assert len(groups) == 2 and groups[0] | groups[1] == set(range(1, 9)) and not groups[0] & groups[1]
+    assert sorted(len(g) for g in groups) == [4, 4]
+    assert sorted(len(g & {2, 5, 7}) for g in groups) == [1, 2]
+    isolation = Isolation()
+    assert isolation.groups(list(range(1, 9)), "s") == []  # nothing suspected: one group
+    assert isolation.observe(1, [frozenset(range(1, 9))])  # the whole round spoiled: all suspects
+    offender = 6
+    for attempt in range(10):
+        spoiled = [g for g in isolation.groups(list(range(1, 9)), f"s{attempt}") if offender in g]
+        assert isolation.observe(2, spoiled)  # each impossible sum makes progress
+        if isolation.excluded:
+            break
+    assert list(isolation.excluded) == [offender] and attempt <= 3 and not isolation.suspects
+    assert not isolation.observe(3, [])  # nothing spoiled: nothing learned
+
+
+def test_an_excluded_client_stays_excluded_after_a_restart(tmp_path: Path) -> None:
+    """The exclusion travels in the checkpoint's strategy state, beside a server optimizer's."""
+    from fedgrpc.server.fedopt import FedAdam
+
+    strategy = SecAggStrategy(FedAdam(0.01))
+    strategy.isolation.excluded[4] = "spoiled every group"
+    store = CheckpointStore(tmp_path / "checkpoint")
+    run = RunSpec(num_clients=4, secagg=SecAggSpec())
+    store.save(run, 1, [np.zeros(3, np.float32)], [], strategy.state())
+    checkpoint = store.load()
+    assert checkpoint is not None
+    restarted = SecAggStrategy(FedAdam(0.01))
+    restarted.restore(checkpoint.strategy_state)
+    assert list(restarted.isolation.excluded) == [4]
+
+
 # -- what the server holds: an in-process coordinator, real gRPC, real client code --------------
 
 
@@ -503,3 +539,118 @@ def test_dp_fedavg_under_secure_aggregation_clips_on_the_clients(tmp_path: Path,
     for index, got in enumerate(final.weights):
         want = start_weights[index] + sum(c[index] for c in clipped) / 3
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+# -- what the README promises, in live runs ----------------------------------------------------------
+
+
+def _light_threads(port: int, ids: Sequence[int]) -> list[threading.Thread]:
+    """Light clients (the real client code, no TensorFlow) as threads of this process: cheap
+    enough for rounds larger than the complete-graph limit."""
+    from fedgrpc.client.light import run_light_client
+
+    threads = [
+        threading.Thread(
+            target=run_light_client,
+            args=(f"127.0.0.1:{port}", c),
+            kwargs={"connect_timeout_s": 120},
+            daemon=True,
+        )
+        for c in ids
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _start_weights(log: Path, out: Path, server: subprocess.Popen[bytes], clients: int) -> list[np.ndarray]:
+    wait_for_line(log, f"waiting for {clients} clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None and initial.round == 0
+    return list(initial.weights)
+
+
+def test_secagg_plus_with_a_sparse_neighbour_graph_gives_the_exact_mean(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """24 clients: past the complete-graph limit of 20, each client masks with about 2 log2 n
+    neighbours, not all 23 others; the unmasked round is still the exact weighted mean."""
+    n = 24
+    assert sa.neighbour_degree(n) < n - 1
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--finish-grace", "1", "--eval-every", "0")
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=n, extra=flags), log=log)
+    start_weights = _start_weights(log, out, server, n)
+    threads = _light_threads(port, range(1, n + 1))
+    assert finish(server, log) == 0, log.read_text()
+    for thread in threads:
+        thread.join(60)
+    history = json.loads((out / "history.json").read_text())
+    secure = history["rounds"][0]["secagg"]
+    assert secure["neighbours"] == sa.neighbour_degree(n) == 10 and secure["submitted"] == n
+    assert [c["client_id"] for c in history["rounds"][0]["clients"]] == list(range(1, n + 1))
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None
+    spec = history["run"]["secagg"]
+    scale = sa.ring_scale(n, spec["max_examples"], spec["bound"])
+    rounding = n * 0.5 / scale / sum(light_examples(c) for c in range(1, n + 1))  # half a step each
+    for got, want in zip(final.weights, _replay(start_weights, [range(1, n + 1)]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=rounding + 1e-7)
+
+
+def test_secagg_threshold_sets_how_many_shares_rebuild_a_secret(tmp_path: Path, synthetic_npz: Path) -> None:
+    """--secagg-threshold 0.8 among 4 holders needs all 4 shares (0.5 would need 3): client 1
+    vanishing after sharing leaves 3 holders, so the survivors, who know the run's threshold,
+    refuse to reveal and the attempt aborts; the next attempt, without client 1 (3 holders, 3
+    needed), is the exact mean of the 3 others."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-threshold", "0.8", "--secagg-timeout", "6", "--round-timeout", "8",
+             "--finish-grace", "1")  # fmt: skip
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=4, extra=flags), log=log)
+    start_weights = _start_weights(log, out, server, 4)
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=(2, 3, 4), extra=("--insecure", "--light"))
+    peer = _peer(port, tmp_path, 1, "share")
+    assert finish(server, log) == 0, log.read_text()
+    finish_all([*clients, peer])
+    text = log.read_text()
+    assert "0 of 3 clients revealed their shares" in text
+    assert "0 shares of client 2's self mask arrived and 4 are needed" in text
+    history = json.loads((out / "history.json").read_text())
+    assert history["run"]["secagg"]["threshold"] == 0.8
+    assert [c["client_id"] for c in history["rounds"][0]["clients"]] == [2, 3, 4]
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None
+    for got, want in zip(final.weights, _replay(start_weights, [(2, 3, 4)]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def test_fedadam_under_secure_aggregation_steps_on_the_unmasked_mean(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """--strategy fedadam with --secagg, two rounds: each round's pseudo-gradient is the
+    unmasked weighted mean change, and the global weights follow FedAdam's rule (Reddi et al.
+    2021, no bias correction, v from tau^2) with its state carried from round 1 to round 2."""
+    lr, beta1, beta2, tau = 0.1, 0.9, 0.99, 1e-3
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--strategy", "fedadam", "--server-lr", str(lr), "--server-momentum", str(beta1),
+             "--server-beta2", str(beta2), "--server-tau", str(tau), "--finish-grace", "1")  # fmt: skip
+    server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=3, extra=flags), log=log)
+    start_weights = _start_weights(log, out, server, 3)
+    finish_all(start_clients(port, synthetic_npz, tmp_path, extra=("--insecure", "--light")))
+    assert finish(server, log) == 0, log.read_text()
+    weights = [np.asarray(w, np.float64) for w in start_weights]
+    m = [np.zeros_like(w) for w in weights]
+    v = [np.full_like(w, tau**2) for w in weights]
+    total = sum(light_examples(c) for c in (1, 2, 3))
+    for number in (1, 2):
+        sent = {c: light_update([w.astype(np.float32) for w in weights], c, number) for c in (1, 2, 3)}
+        for i, x in enumerate(weights):
+            delta = sum(light_examples(c) * (sent[c][i].astype(np.float64) - x) for c in (1, 2, 3)) / total
+            m[i] = beta1 * m[i] + (1 - beta1) * delta
+            v[i] = beta2 * v[i] + (1 - beta2) * delta**2
+            weights[i] = x + lr * m[i] / (np.sqrt(v[i]) + tau)
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 2
+    for got, want, begin in zip(final.weights, weights, start_weights, strict=True):
+        assert np.abs(want - begin).max() > 0.01  # the steps are far larger than any rounding
+        np.testing.assert_allclose(got, want, rtol=0, atol=5e-5)
