@@ -487,7 +487,8 @@ class FederatedServer:
             except SecAggError as exc:
                 if coordinator.interrupted:
                     return
-                aborted += 1
+                if not (isinstance(strategy, SecAggStrategy) and strategy.progress):
+                    aborted += 1  # an attempt that narrowed down an offender is no failure
                 culprits = sorted(secure.culprits) if secure is not None else []
                 coordinator.leave_out(culprits)
                 self._secure_aborted(number, exc, aborted, culprits)

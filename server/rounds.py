@@ -273,11 +273,15 @@ class RoundCoordinator:
             and self._joined_during.get(c, 0) < number
             and c not in self._left_out
         ]
+        strategy = self._strategy
+        assert isinstance(strategy, SecAggStrategy)
+        eligible = [c for c in eligible if c not in strategy.isolation.excluded]
         secure = SecAggRound(
-            self.run.run_id, number, eligible, self.run.secagg, on_change=self._tell_listeners
-        )
-        assert isinstance(self._strategy, SecAggStrategy)
-        self._strategy.secagg = secure
+            self.run.run_id, number, eligible, self.run.secagg, on_change=self._tell_listeners,
+            groups=strategy.isolation.groups(eligible, f"{self._sample_seed}:{number}:{time.monotonic_ns()}"),
+            apart=frozenset(strategy.apart),
+        )  # fmt: skip
+        strategy.secagg = secure
         return secure
 
     def leave_out(self, clients: Sequence[int]) -> None:
@@ -361,10 +365,13 @@ class RoundCoordinator:
         ):
             raise SecAggError(secure.reason or "the secure aggregation was aborted")
         weights = list(current.weights) if unchanged else self._strategy.result()
+        counted = sorted(current.accepted.values(), key=lambda u: u.client_id)
+        if secure is not None:  # an update counts once its group's sum was unmasked and used
+            counted = [u for u in counted if u.client_id in secure.counted]
         return RoundOutcome(
             round=current.number,
             weights=weights,
-            updates=sorted(current.accepted.values(), key=lambda u: u.client_id),
+            updates=counted,
             bytes_in=current.bytes_in,
             bytes_out=current.bytes_out,
         )
@@ -588,7 +595,9 @@ class RoundCoordinator:
 
         def fold(reference: Sequence[np.ndarray]) -> None:
             try:
-                if prepared:
+                if isinstance(strategy, SecAggStrategy):  # masked words: summed by the sender's group
+                    strategy.add_from(client_id, update)
+                elif prepared:
                     strategy.add(update, num_examples)
                 else:
                     add_update(strategy, update, reference, num_examples)
