@@ -96,7 +96,8 @@ def _status_of(error: FedGrpcError) -> grpc.StatusCode:
 def peer_address(context: CallContext) -> str:
     """The peer's network address without its port: 'ipv4:10.0.0.7', 'ipv6:[::1]', 'unix:...'."""
     peer = unquote(context.peer() or "unknown")  # gRPC writes ipv6:%5B::1%5D:port
-    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    address = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    return address if address.isprintable() else ascii(address)  # it goes into log lines as is
 
 
 class CoordinatorServicer:

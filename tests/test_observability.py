@@ -379,6 +379,7 @@ def test_reflection_lists_and_describes_the_services(tmp_path: Path, synthetic_n
                 "GetGlobalWeights",
                 "SubmitUpdate",
                 "SubmitEvaluation",
+                "Withdraw",
                 *("AdvertiseKeys", "GetSecAggStage", "ShareKeys", "RevealShares"),  # secure aggregation
             }
     finally:

@@ -165,3 +165,74 @@ def test_expected_under_secure_aggregation_counts_the_clients_that_shared() -> N
             thread.join(30)
         coordinator.interrupt()
     assert sorted(replies.values()) == [(1, 2), (2, 2)]  # of the 2 that shared, not of 3
+
+
+# -- the secure aggregation arithmetic as docs/protocol.md states it, against the code ----------
+
+_POLY = (1 << 128) | 0x87  # x^128 + x^7 + x^2 + x + 1
+
+
+def _gf_mul(a: int, b: int) -> int:
+    product = 0
+    while b:
+        if b & 1:
+            product ^= a
+        b >>= 1
+        a <<= 1
+        if a >> 128:
+            a ^= _POLY
+    return product
+
+
+def _gf_inverse(a: int) -> int:
+    result, power = 1, a  # a^(2^128 - 2)
+    exponent = (1 << 128) - 2
+    while exponent:
+        if exponent & 1:
+            result = _gf_mul(result, power)
+        power = _gf_mul(power, power)
+        exponent >>= 1
+    return result
+
+
+def _interpolate_at_zero(points: list[tuple[int, int]]) -> int:
+    secret = 0
+    for j, (xj, yj) in enumerate(points):
+        term = yj
+        for m, (xm, _) in enumerate(points):
+            if m != j:  # L_j(0) = prod x_m / (x_m - x_j); minus is XOR
+                term = _gf_mul(term, _gf_mul(xm, _gf_inverse(xm ^ xj)))
+        secret ^= term
+    return secret
+
+
+def test_shamir_shares_are_what_the_protocol_reference_says() -> None:
+    from fedgrpc.common import secagg as sa
+
+    secret = bytes(range(1, 33))
+    shares = sa.split(secret, 3, 5)
+    assert [s.index for s in shares] == [1, 2, 3, 4, 5]  # holder i gets x = i
+    for chosen in ([0, 1, 2], [1, 3, 4], [4, 0, 2]):
+        halves = [
+            _interpolate_at_zero(
+                [(shares[i].index, int.from_bytes(shares[i].value[half : half + 16], "big")) for i in chosen]
+            )
+            for half in (0, 16)
+        ]
+        assert b"".join(h.to_bytes(16, "big") for h in halves) == secret
+    # two shares of a threshold-3 secret interpolate to something else
+    wrong = _interpolate_at_zero([(s.index, int.from_bytes(s.value[:16], "big")) for s in shares[:2]])
+    assert wrong.to_bytes(16, "big") != secret[:16]
+
+
+def test_the_encoding_is_the_stated_float64_arithmetic() -> None:
+    from fedgrpc.common import secagg as sa
+
+    rng = np.random.default_rng(5)
+    w, g = rng.standard_normal(1000).astype(np.float32), rng.standard_normal(1000).astype(np.float32)
+    n, scale, bound = 37, 12345.678, 1.5
+    change = w.astype(np.float64) - g.astype(np.float64)
+    words = np.rint(np.clip(change, -bound, bound) * (float(n) * scale)).astype(np.int64).astype(np.uint32)
+    encoded = sa.encode([change], n, scale, bound)
+    np.testing.assert_array_equal(encoded[0], words)
+    assert encoded[1].tolist() == [n]
