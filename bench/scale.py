@@ -17,7 +17,7 @@ highest, the update streams it cut for stalling, the calls their clients ended e
 tracebacks in its log, the machine's peak load average, and checks the aggregate of the last
 round: the server's weights against the example-weighted mean of what every light client
 sent, recomputed here from (client id, round). Prints a table and writes JSON
-(bench/results/scale.json).
+(bench/results/scale.json, the server's log beside it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def main() -> int:
         help="the clients of one worker share one gRPC channel (else one channel each)",
     )
     p.add_argument("--compression", default="none", choices=("none", "fp16", "int8"))
+    p.add_argument("--timeout", type=float, default=3600, help="seconds the clients may take (default 3600)")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = p.parse_args()
 
@@ -150,7 +152,16 @@ def main() -> int:
         ]
         for worker in workers:
             worker.start()
-        answers = [results.get(timeout=3600) for _ in workers]
+        kept_log = args.json.with_name(args.json.stem + "-server.log")
+        kept_log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            answers = [results.get(timeout=args.timeout) for _ in workers]
+        except BaseException:  # out of time, or interrupted: stop everything, keep the log
+            for process in (*workers, server):
+                process.kill()
+            raise
+        finally:
+            shutil.copyfile(server_log, kept_log)  # kept for a look, however the run ends
         reports = [r for done, _, _ in answers for r in done]
         failures = {i: e for _, failed, _ in answers for i, e in failed.items()}
         last_weights = next((w for _, _, w in answers if w is not None), None)
@@ -160,6 +171,7 @@ def main() -> int:
         wall = time.monotonic() - started
         stop.set()
         watcher.join()
+        shutil.copyfile(server_log, kept_log)
         log = server_log.read_text(errors="replace")
         if code != 0:
             print(log[-4000:], file=sys.stderr)
@@ -220,7 +232,7 @@ def main() -> int:
     args.json.write_text(
         json.dumps({"config": vars(args) | {"json": str(args.json)}, "result": row}, indent=2)
     )
-    print(f"wrote {args.json}")
+    print(f"wrote {args.json} (the server's log: {kept_log})")
     return 0 if ok else 1
 
 
