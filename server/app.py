@@ -670,7 +670,7 @@ class FederatedServer:
     def _collect(self, coordinator: RoundCoordinator, expected: int, number: int, minimum: int) -> bool:
         """Wait until the open round may close; False when the server is stopping."""
         timeout = self.config.policy.timeout_s
-        if coordinator.wait_for_updates(expected, timeout):
+        if coordinator.wait_for_everyone(timeout) and coordinator.received >= minimum:
             return True
         if coordinator.interrupted:
             return False

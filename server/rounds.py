@@ -339,6 +339,18 @@ class RoundCoordinator:
         with self._changed:
             return self._changed.wait_for(lambda: everyone() or self._interrupted, timeout) and everyone()
 
+    def wait_for_everyone(self, timeout: float | None = None) -> bool:
+        """Block until every client the open round still expects has sent its update (one that
+        withdraws meanwhile is no longer expected); False on timeout or interrupt."""
+        with self._changed:
+            current = self._require_round()
+
+            def done() -> bool:
+                return len(current.accepted) >= self._expected(current)
+
+            self._changed.wait_for(lambda: done() or self._interrupted, timeout)
+            return done() and not self._interrupted
+
     def wait_for_updates(self, count: int, timeout: float | None = None) -> bool:
         """Block until the open round holds `count` accepted updates; False on timeout or interrupt."""
         with self._changed:
@@ -682,7 +694,7 @@ class RoundCoordinator:
             return len(current.secure.shared)  # the masked updates this attempt waits for
         if current is None or current.participants is None:
             return self.run.num_clients - len(self._withdrawn)
-        return len(current.participants)
+        return len(current.participants - self._withdrawn.keys())
 
     def _notify_everyone(self) -> None:
         self._changed.notify_all()

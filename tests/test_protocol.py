@@ -236,3 +236,29 @@ def test_the_encoding_is_the_stated_float64_arithmetic() -> None:
     encoded = sa.encode([change], n, scale, bound)
     np.testing.assert_array_equal(encoded[0], words)
     assert encoded[1].tolist() == [n]
+
+
+def test_partitions_follow_the_recipes_of_the_protocol_reference() -> None:
+    from fedgrpc.common.partition import all_partitions
+
+    labels = np.random.default_rng(0).integers(0, 10, 1001)
+    n, clients, seed = len(labels), 3, 7
+    order = np.random.default_rng(seed).permutation(n)  # iid: equal cuts, the remainder left out
+    size = n // clients
+    for k, shard in enumerate(all_partitions(labels, clients, seed, "iid")):
+        np.testing.assert_array_equal(shard, order[k * size : (k + 1) * size])
+    rng = np.random.default_rng([seed, 0])  # quantity: the first draw already gives everyone 2
+    order = rng.permutation(n)
+    cuts = (np.cumsum(rng.dirichlet([1.0] * clients))[:-1] * n).astype(np.int64)
+    for got, want in zip(
+        all_partitions(labels, clients, seed, "quantity:1.0"), np.split(order, cuts), strict=True
+    ):
+        np.testing.assert_array_equal(got, np.sort(want))
+    rng = np.random.default_rng(seed)  # classes:2
+    order = rng.permutation(n)
+    order = order[np.argsort(labels[order], kind="stable")]
+    piece = n // (clients * 2)
+    dealt = rng.permutation(clients * 2)
+    for c, got in enumerate(all_partitions(labels, clients, seed, "classes:2")):
+        want = np.concatenate([order[j * piece : (j + 1) * piece] for j in dealt[c * 2 : c * 2 + 2]])
+        np.testing.assert_array_equal(got, np.sort(want))

@@ -362,3 +362,16 @@ def test_a_message_over_16_mib_is_resource_exhausted(served: tuple[RoundCoordina
     error = raw_submit(target, [*update()[:1], huge])
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
     assert coordinator.received == 0
+
+
+def test_the_open_round_stops_waiting_for_a_client_that_withdraws(
+    served: tuple[RoundCoordinator, str],
+) -> None:
+    coordinator, target = served
+    with Connection(target, 1, connect_timeout_s=5) as one:
+        one.submit(1, SPECS, GLOBAL, 1, {})
+    assert not coordinator.wait_for_everyone(timeout=0.1)  # client 2 is still expected
+    with Connection(target, 2, connect_timeout_s=5) as two:
+        assert two.withdraw("the server's weights do not fit this script's model")
+    assert coordinator.wait_for_everyone(timeout=10)
+    assert coordinator.expected == 1
