@@ -74,11 +74,11 @@ def test_one_declaration_gives_the_flag_and_the_file_key() -> None:
     rounds = Setting("rounds", int, 10, low=1)
     assert rounds.option == "--rounds"
     assert rounds.parse("3") == 3 == rounds.check(3, "run.toml: [run] rounds")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="--rounds must be at least 1, got 0"):
         rounds.parse("0")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="x must be at least 1, got 0"):
         rounds.check(0, "x")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"x must be an int, got True \(a boolean\)"):
         rounds.check(True, "x")
 
 
