@@ -315,7 +315,9 @@ class Monitor:
             ),
             "bytes_sent": Counter("fedgrpc_sent_bytes_total", "Weight bytes sent to clients", registry=r),
             "updates_accepted": Counter(
-                "fedgrpc_updates_accepted_total", "Updates counted in a round", registry=r
+                "fedgrpc_updates_accepted_total",
+                "Updates accepted by SubmitUpdate (under secure aggregation, counted or not)",
+                registry=r,
             ),
             "updates_refused": Counter(
                 "fedgrpc_refusals_total", "Calls refused, by gRPC status code", ["code"], registry=r
