@@ -56,7 +56,7 @@ def _clients(target: str, ids: list[int], last_round: int, shared: bool, results
         )
     )
     last = next((s.received[last_round] for s in done.values() if last_round in s.received), None)
-    reports = [{"id": i, "rounds": s.rounds, "submit_s": s.submit_seconds} for i, s in done.items()]
+    reports = [{"submit_s": s.submit_seconds, "retried": s.retried} for s in done.values()]
     results.put((reports, failed, None if last is None else [w.tolist() for w in last]))
 
 
@@ -139,6 +139,13 @@ def main() -> int:
         watcher = threading.Thread(target=_watch, args=(server.pid, metrics_url, stop, peak), daemon=True)
         watcher.start()
 
+        deadline = time.monotonic() + 300
+        while "listening on port" not in server_log.read_text(errors="replace"):  # then clients retry nothing
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                tail = server_log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"fl-server did not start:\n{tail}")
+            time.sleep(0.2)
         started = time.monotonic()
         context = mp.get_context("spawn")
         results: mp.Queue = context.Queue()  # type: ignore[type-arg]
@@ -157,8 +164,9 @@ def main() -> int:
         try:
             answers = [results.get(timeout=args.timeout) for _ in workers]
         except BaseException:  # out of time, or interrupted: stop everything, keep the log
-            for process in (*workers, server):
-                process.kill()
+            for worker in workers:
+                worker.kill()
+            server.kill()
             raise
         finally:
             shutil.copyfile(server_log, kept_log)  # kept for a look, however the run ends
@@ -197,6 +205,10 @@ def main() -> int:
     error = max(float(np.max(np.abs(e / total - s))) for e, s in zip(expected, saved.weights, strict=True))
 
     latencies = sorted(s for r in reports for s in r["submit_s"])
+    retried: dict[str, int] = {}
+    for report in reports:
+        for code, count in report["retried"].items():
+            retried[code] = retried.get(code, 0) + count
     model_bytes = sum(w.nbytes for w in start_weights)
     ended_in_log = [int(n) for n in re.findall(r"calls ended by their client .*, (\d+) in all", log)]
     row = {
@@ -205,7 +217,7 @@ def main() -> int:
         "compression": args.compression,
         "rounds": args.rounds,
         "round_s": [r["seconds"] for r in rounds],
-        "wall_s_incl_start": wall,
+        "wall_s_from_listening": wall,
         "submit_p50_ms": 1e3 * statistics.median(latencies),
         "submit_p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "submit_max_ms": 1e3 * latencies[-1],
@@ -216,6 +228,7 @@ def main() -> int:
         "streams_cut_for_stalling": int(peak.get("stalls_cut", 0)),
         "calls_ended_early": max([int(peak.get("ended_early", 0)), *ended_in_log]),
         "server_log_tracebacks": log.count("Traceback"),
+        "client_calls_retried": retried,
         "server_log_join_lines": log.count(" joined from "),
         "peak_load_average": peak.get("load", 0.0),
         "model_MB": model_bytes / 1e6,

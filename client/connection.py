@@ -492,6 +492,7 @@ class AioConnection:
         self._channel = channel if channel is not None else security.aio_channel(target)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self.traffic = Traffic()
+        self.retried: dict[str, int] = {}  # calls retried, by the status code that failed them
         self._submit_update = self._channel.stream_unary(
             f"/{wire.SERVICE}/SubmitUpdate",
             request_serializer=wire.serialize,
@@ -608,6 +609,8 @@ class AioConnection:
                 "the server's weights stream did not start with a header", code="INTERNAL"
             )
         header = first.header
+        if header.instruction not in (pb.TRAIN, pb.EVALUATE):
+            await stream.read()  # the stream's end: the call ends as it should, not cancelled
         if header.instruction == pb.FINISHED:
             return Task(Instruction.FINISHED, header.round, run_id=header.run_id)
         if header.instruction not in (pb.TRAIN, pb.EVALUATE):
@@ -638,6 +641,7 @@ class AioConnection:
                 if exc.code() not in _RETRYABLE:
                     raise _error_from(exc) from None
                 failures += 1
+                self.retried[exc.code().name] = self.retried.get(exc.code().name, 0) + 1
                 if failures == 1 and what != "join":
                     log.warning(
                         "%s: %s (%s); retrying for up to %.0f s",

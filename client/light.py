@@ -61,6 +61,7 @@ class LightStats:
     bytes_down: int = 0
     traffic_sent: int = 0  # every message's protobuf bytes (the connections' traffic), all calls
     traffic_received: int = 0
+    retried: dict[str, int] = field(default_factory=dict)  # calls retried, by status code (not secure steps)
     received: dict[int, list[np.ndarray]] = field(default_factory=dict)  # with keep_weights only
 
 
@@ -140,6 +141,7 @@ async def light_client(
             if secure_link is not None:
                 secure_link.close()
         stats.traffic_sent, stats.traffic_received = connection.traffic.sent, connection.traffic.received
+        stats.retried = dict(connection.retried)
         if secure_link is not None:
             stats.traffic_sent += secure_link.connection.traffic.sent
             stats.traffic_received += secure_link.connection.traffic.received
