@@ -24,10 +24,6 @@ from fedgrpc.common.errors import TaskError
 from fedgrpc.common.task import Params, Site, Task
 from fedgrpc.common.task_loader import LoadedTask
 
-#: What a task spec ends with when it names a saved model rather than a task.
-SUFFIX = ".keras"
-
-
 def saved_model_task(path: Path) -> LoadedTask:
     """The task of the saved model at `path` (see the module docstring)."""
     if not path.is_file():
@@ -57,7 +53,3 @@ def saved_model_task(path: Path) -> LoadedTask:
 
     task = Task(name, build_model, load_data)
     return LoadedTask(task, TaskRef(name, digest), str(path))
-
-
-def is_saved_model(spec: str) -> bool:
-    return spec.endswith(SUFFIX)
