@@ -85,7 +85,8 @@ class SimWorker:
             ) as connection:
                 run, _ = connection.join(self.loaded.ref)
                 site = _SiteTrainer(self, client_id, run)
-                trained = take_part(connection, run, site, config, turn=site.turn)
+                main = self.loaded.task.main_metric
+                trained = take_part(connection, run, site, config, turn=site.turn, main_metric=main)
             with self._report_lock:
                 self._report.rounds[client_id] = trained
         except FedGrpcError as exc:

@@ -24,6 +24,7 @@ from fedgrpc.common.errors import TaskError
 from fedgrpc.common.task import Params, Site, Task
 from fedgrpc.common.task_loader import LoadedTask
 
+
 def saved_model_task(path: Path) -> LoadedTask:
     """The task of the saved model at `path` (see the module docstring)."""
     if not path.is_file():

@@ -227,6 +227,7 @@ class FederatedServer:
             secagg_timeout_s=cfg.secagg_timeout_s,
         )
         self._coordinator = coordinator
+        self.results.withdrawals = lambda: coordinator.withdrawals
         if self._stop_requested.is_set():
             coordinator.interrupt()
         if checkpoint is None:
@@ -528,13 +529,7 @@ class FederatedServer:
             )
             self.records.append(record)
             save = partial(self.checkpoints.save, run, number, job.weights, self.records, strategy.state())
-            history = partial(
-                self.results.write_history,
-                run,
-                self.records,
-                finished=False,
-                withdrawals=coordinator.withdrawals,
-            )
+            history = partial(self.results.write_history, run, self.records, finished=False)
             stop = self._stop_requested  # a checkpoint not written: the next round's holds this one's too
             persist(f"the checkpoint after round {number}", save, stop=stop)
             persist("history.json", history, stop=stop)
@@ -585,8 +580,7 @@ class FederatedServer:
         if getattr(job.model, "optimizer", None) is not None:
             job.model.optimizer.build(job.model.trainable_variables)  # saved with fresh slots: loads cleanly
         job.model.save(self.results.model_path)
-        withdrawals = self._coordinator.withdrawals if self._coordinator is not None else {}
-        self.results.write_history(job.run, self.records, finished=True, withdrawals=withdrawals)
+        self.results.write_history(job.run, self.records, finished=True)
         last = self.records[-1] if self.records else None
         main = main_metric(
             job.loaded.task.main_metric,

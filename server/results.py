@@ -146,6 +146,9 @@ def persist(
 class RunResults:
     """Writes a run's results under one folder."""
 
+    #: The clients that said they cannot take part, and why (the server hands in its coordinator's).
+    withdrawals: Callable[[], Mapping[int, str]] = dict
+
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.strategy: Mapping[str, Any] | None = None  # recorded in history.json's "run"
@@ -163,15 +166,7 @@ class RunResults:
     def curves_path(self) -> Path:
         return self.out_dir / "curves.png"
 
-    def write_history(
-        self,
-        run: RunSpec,
-        records: Sequence[RoundRecord],
-        *,
-        finished: bool,
-        withdrawals: Mapping[int, str] | None = None,
-    ) -> None:
-        """`withdrawals`: the clients that said they cannot take part, and why (their last word)."""
+    def write_history(self, run: RunSpec, records: Sequence[RoundRecord], *, finished: bool) -> None:
         described = run.to_dict()
         if self.strategy is not None:
             described["strategy"] = dict(self.strategy)
@@ -179,7 +174,7 @@ class RunResults:
             "run": described,
             "finished": finished,
             "rounds": [asdict(r) for r in records],
-            "withdrawn": [{"client_id": k, "reason": why} for k, why in (withdrawals or {}).items()],
+            "withdrawn": [{"client_id": k, "reason": why} for k, why in self.withdrawals().items()],
         }
         write_atomically(self.history_path, (strict_json(document, indent=2) + "\n").encode())
 
