@@ -1,6 +1,7 @@
 """What privacy costs: secure aggregation's time and bytes, and DP's accuracy and epsilon.
 
     python bench/privacy.py [--sizes 3 20 100] [--rounds 3] [--noise 0 0.5 1 2] [--skip-dp]
+    python bench/privacy.py --offender --sizes 4 8 --rounds 5 --skip-dp
 
 SecAgg: fl-server with a 1 MiB model (bench/tasks/sized.py, one dense layer of 262,144
 float32 weights) and N light clients (threads in 4 processes, the real client code), plain
@@ -14,6 +15,11 @@ pairwise masks must then be rebuilt and removed). Per variant:
   received (Connection.traffic: every call, keys and shares included; gRPC's framing not),
   over the clients that stayed, divided by their rounds;
 - client CPU per client and round (keys, shares, masks), and the server's unmasking time.
+
+With --offender, instead: secure aggregation with and without one client (the last id) that
+masks an impossible example count every round, to measure what isolating it costs: the rounds
+until it is excluded, the honest updates left out meanwhile, the smallest group whose sum the
+server learned, and the round times (fedgrpc.server.isolation).
 
 DP: examples/hospitals (4 hospitals, no data on the server) for --dp-rounds rounds with
 DP-FedAvg under secure aggregation, clients clipping to --dp-clip, at each --noise multiplier;
@@ -93,10 +99,32 @@ def _vanishing_client(target: str, client_id: int) -> None:
         last = task.round
 
 
-def secagg_run(n: int, rounds: int, secure: bool, dropout: bool, work: Path) -> dict[str, Any]:
+def _offender(target: str, client_id: int, results: Any) -> None:
+    """A light client whose masked example count is 2^30 (no possible sum) every round."""
+    import numpy as np
+    from fedgrpc.client.light import run_light_client
+    from fedgrpc.common import secagg as sa
+
+    original = sa.encode
+
+    def encode(*args: Any, **kw: Any) -> list[Any]:
+        words = original(*args, **kw)
+        words[-1] = np.array([1 << 30], np.uint32)
+        return words
+
+    sa.encode = encode
+    cpu0 = time.process_time()
+    stats = run_light_client(target, client_id, connect_timeout_s=300)
+    results.put({"vanish": True, "rounds": stats.rounds, "cpu_s": time.process_time() - cpu0,
+                 "sent": stats.traffic_sent, "received": stats.traffic_received})  # fmt: skip
+
+
+def secagg_run(
+    n: int, rounds: int, secure: bool, dropout: bool, work: Path, offender: bool = False
+) -> dict[str, Any]:
     from fedgrpc.common.processes import free_port
 
-    port, out = free_port(), work / f"out-{n}-{secure}-{dropout}"
+    port, out = free_port(), work / f"out-{n}-{secure}-{dropout}-{offender}"
     command = [
         str(BIN / "fl-server"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
         "--rounds", str(rounds), "--clients", str(n), "--out", str(out), "--threads", "1",
@@ -107,16 +135,18 @@ def secagg_run(n: int, rounds: int, secure: bool, dropout: bool, work: Path) -> 
         command.append("--secagg")
     if dropout:
         command += ["--round-timeout", str(DROPOUT_TIMEOUT_S), "--min-clients", str(n - 1)]
-    log = work / f"server-{n}-{secure}-{dropout}.log"
+    log = work / f"server-{n}-{secure}-{dropout}-{offender}.log"
     server = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     context = mp.get_context("spawn")
     results = context.Queue()
-    ids = list(range(1, n + 1))
+    ids = list(range(1, n + (0 if offender else 1)))
     vanish = n if dropout else 0
     workers = [
         context.Process(target=_clients, args=(f"127.0.0.1:{port}", ids[k::WORKERS], vanish, results))
-        for k in range(min(WORKERS, n))
+        for k in range(min(WORKERS, len(ids)))
     ]
+    if offender:  # its own process: it replaces the encoding of every client in its process
+        workers.append(context.Process(target=_offender, args=(f"127.0.0.1:{port}", n, results)))
     for worker in workers:
         worker.start()
     reports = [results.get(timeout=1800) for _ in workers]
@@ -144,6 +174,20 @@ def secagg_run(n: int, rounds: int, secure: bool, dropout: bool, work: Path) -> 
         row["neighbours"] = history[-1]["secagg"]["neighbours"]
         row["unmask_s"] = history[-1]["secagg"]["unmask_seconds"]
         row["key_steps_s"] = history[-1]["secagg"]["key_seconds"]
+    if offender:
+        text = log.read_text()
+        marker = f"client {n} is left out of secure aggregation"
+        lines = [line for line in text.splitlines() if marker in line]
+        excluded = [int(line.split("round ")[1].split(":")[0]) for line in lines]
+        counted = [len(r["clients"]) for r in history]
+        row |= {
+            "offender": True,
+            "excluded_in_round": excluded[0] if excluded else None,
+            "impossible_sums": text.count("sum(s) impossible") + text.count("every group's unmasked sum"),
+            "honest_updates_lost": (n - 1) * len(history) - sum(counted),
+            "smallest_sum_learned": min(counted),
+            "round_s_each": [r["seconds"] for r in history],
+        }
     return row
 
 
@@ -186,13 +230,29 @@ def main() -> int:
     p.add_argument("--dp-rounds", type=int, default=10)
     p.add_argument("--skip-dp", action="store_true")
     p.add_argument("--skip-secagg", action="store_true")
+    p.add_argument("--offender", action="store_true", help="measure isolating an offender (see above)")
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "privacy.json")
     args = p.parse_args()
     secagg_rows: list[dict[str, Any]] = []
     dp_rows: list[dict[str, Any]] = []
+    offender_rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedgrpc-privacy-") as tmp:
         work = Path(tmp)
-        if not args.skip_secagg:
+        if args.offender:
+            for n in args.sizes:
+                for bad in (False, True):
+                    print(f"{n} clients, secagg{', one offender' if bad else ''} ...", flush=True)
+                    offender_rows.append(secagg_run(n, args.rounds, True, False, work, offender=bad))
+            print("\nsecure aggregation with one client masking an impossible count every round")
+            print(f"{'clients':>7} {'offender':>8} {'excluded in round':>17} {'impossible sums':>15} "
+                  f"{'honest lost':>11} {'smallest sum':>12}  round seconds")  # fmt: skip
+            for row in offender_rows:
+                smallest = row.get("smallest_sum_learned", row["counted_last_round"])
+                print(f"{row['clients']:>7} {'yes' if row.get('offender') else 'no':>8} "
+                      f"{row.get('excluded_in_round') or '-':>17} {row.get('impossible_sums', 0):>15} "
+                      f"{row.get('honest_updates_lost', 0):>11} {smallest:>12}  "
+                      f"{row.get('round_s_each', round(row['round_s'], 2))}")  # fmt: skip
+        elif not args.skip_secagg:
             for n in args.sizes:
                 for dropout in (False, True):
                     for secure in (False, True):
@@ -253,8 +313,8 @@ def main() -> int:
             eps = "no DP" if not row["noise_multiplier"] else f"{row['epsilon']:.2f}"
             print(f"{row['noise_multiplier']:>16g} {row['accuracy_all']:>9.4f} {eps:>21}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)},
-                                     "secagg": secagg_rows, "dp": dp_rows}, indent=2))  # fmt: skip
+    rows = {"secagg": secagg_rows, "dp": dp_rows, "offender": offender_rows}
+    args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, **rows}, indent=2))
     print(f"wrote {args.json}")
     return 0
 

@@ -5,87 +5,100 @@
 
 Starts `fl-server` (bench/tasks/sized.py: one dense layer of --parameters float32 weights,
 the reference CNN's 0.67 MB by default, no data, no evaluation) for --rounds rounds of
---clients clients (K of them sampled a round with --per-round), and the light clients as
-threads spread over --workers processes, each with its own gRPC channel (gRPC lets the
-channels of one process to one server share its TCP connection), or with --shared-channel
-one channel per process (one polling thread instead of one per client). Measures the round
-times the server logs, each client's SubmitUpdate latency (p50, p99, max), the server's peak
-RSS (VmHWM), its threads and open file descriptors at their highest, and checks the
-aggregate of the last round: the server's weights against the example-weighted mean of what
-every light client sent, recomputed here from (client id, round). Prints a table and writes
-JSON (bench/results/scale.json).
+--clients clients (K of them sampled a round with --per-round), and the light clients spread
+over --workers processes. Each process runs its clients as coroutines on one asyncio event
+loop (grpc.aio, fedgrpc.client.light.run_light_clients), so the clients cost little and the
+figures are the server's: a channel per client (gRPC lets the channels of one process to one
+server share its TCP connection), or with --shared-channel one channel per process.
+
+Measures the round times the server logs, each client's SubmitUpdate latency (p50, p99, max),
+the server's peak RSS (VmHWM), its threads, open file descriptors and open gRPC calls at their
+highest, the update streams it cut for stalling, the calls their clients ended early, the
+tracebacks in its log, the machine's peak load average, and checks the aggregate of the last
+round: the server's weights against the example-weighted mean of what every light client
+sent, recomputed here from (client id, round). Prints a table and writes JSON
+(bench/results/scale.json, the server's log beside it).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from concurrent import futures
+import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 BIN = Path(sys.executable).parent
 SIZED = Path(__file__).resolve().parent / "tasks" / "sized.py"  # a one-layer model of any size, no data
+KEEPERS = 50  # clients per process that keep the weights they were sent, to check the last round
 
 
 def _clients(target: str, ids: list[int], last_round: int, shared: bool, results: mp.Queue) -> None:  # type: ignore[type-arg]
-    from fedgrpc.client.connection import ChannelSecurity, wake_waiting_calls_every
-    from fedgrpc.client.light import run_light_client
+    from fedgrpc.client.light import LightSettings, run_light_clients
 
-    threading.stack_size(512 << 10)  # thousands of client threads: small stacks
-    wake_waiting_calls_every(2.0)  # not ten times a second each
-    keepers = set(ids[:50])  # clients that keep the weights they were sent, to check the last round
-    channel = ChannelSecurity().channel(target) if shared else None
-
-    def one(client_id: int) -> dict[str, Any]:
-        stats = run_light_client(
-            target, client_id, connect_timeout_s=600, keep_weights=client_id in keepers, channel=channel
+    keepers = set(ids[:KEEPERS])
+    settings = LightSettings(connect_timeout_s=600)
+    done, failed = asyncio.run(
+        run_light_clients(
+            target, ids, settings, shared_channel=shared, keep_weights=lambda client_id: client_id in keepers
         )
-        return {
-            "id": client_id,
-            "rounds": stats.rounds,
-            "submit_s": stats.submit_seconds,
-            "last": stats.received.get(last_round),
-        }
-
-    with futures.ThreadPoolExecutor(max_workers=len(ids)) as pool:
-        done = [f.result() for f in [pool.submit(one, i) for i in ids]]
-    last = next((d["last"] for d in done if d["last"] is not None), None)
-    for d in done:
-        d.pop("last")
-    results.put((done, None if last is None else [w.tolist() for w in last]))
+    )
+    last = next((s.received[last_round] for s in done.values() if last_round in s.received), None)
+    reports = [{"submit_s": s.submit_seconds, "retried": s.retried} for s in done.values()]
+    results.put((reports, failed, None if last is None else [w.tolist() for w in last]))
 
 
-def _peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
-    """peak = [VmHWM bytes, most threads, most open file descriptors] of process `pid`."""
+def _watch(pid: int, metrics_url: str, stop: threading.Event, peak: dict[str, float]) -> None:
+    """Highest VmHWM, threads, descriptors and open calls of the server, its stall and early-end
+    counters as last scraped, and the machine's highest 1-minute load average."""
+
+    def high(key: str, value: float) -> None:
+        peak[key] = max(peak.get(key, 0.0), value)
+
     while not stop.is_set():
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+                    high("rss_bytes", int(line.split()[1]) * 1024)
                 if line.startswith("Threads:"):
-                    peak[1] = max(peak[1], int(line.split()[1]))
-            peak[2] = max(peak[2], len(os.listdir(f"/proc/{pid}/fd")))
+                    high("threads", int(line.split()[1]))
+            high("fds", len(os.listdir(f"/proc/{pid}/fd")))
+            high("load", float(Path("/proc/loadavg").read_text().split()[0]))
         except OSError:
             return
-        time.sleep(0.2)
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=5) as answer:
+                text = answer.read().decode()
+        except OSError:
+            text = ""
+        for name, key in (
+            ("fedgrpc_open_calls", "open_calls"),
+            ('fedgrpc_refusals_total{code="DEADLINE_EXCEEDED"}', "stalls_cut"),
+            ("fedgrpc_calls_ended_early_total", "ended_early"),
+        ):
+            found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+            if found:
+                high(key, float(found.group(1)))
+        time.sleep(0.5)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--per-round", type=int, default=None, help="--clients-per-round (default: all)")
-    p.add_argument("--workers", type=int, default=4, help="client processes (threads spread over them)")
+    p.add_argument("--workers", type=int, default=4, help="client processes, one event loop each")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument(
         "--parameters",
@@ -96,9 +109,10 @@ def main() -> int:
     p.add_argument(
         "--shared-channel",
         action="store_true",
-        help="the clients of one worker share one gRPC channel (one polling thread): for 5,000+ clients",
+        help="the clients of one worker share one gRPC channel (else one channel each)",
     )
     p.add_argument("--compression", default="none", choices=("none", "fp16", "int8"))
+    p.add_argument("--timeout", type=float, default=3600, help="seconds the clients may take (default 3600)")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = p.parse_args()
 
@@ -108,21 +122,30 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="fedgrpc-scale-") as tmp:
         work = Path(tmp)
-        port, out = free_port(), work / "out"
+        port, http_port, out = free_port(), free_port(), work / "out"
         command = [
             str(BIN / "fl-server"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
             "--rounds", str(args.rounds), "--clients", str(args.clients), "--task", str(SIZED),
             "--param", f"parameters={args.parameters}", "--eval-every", "0",
             "--out", str(out), "--threads", "1", "--join-timeout", "600", "--compression", args.compression,
+            "--http", str(http_port),
         ]  # fmt: skip
         if args.per_round:
             command += ["--clients-per-round", str(args.per_round)]
         server_log = work / "server.log"
         server = subprocess.Popen(command, stdout=server_log.open("wb"), stderr=subprocess.STDOUT)
-        stop, peak = threading.Event(), [0, 0, 0]
-        watcher = threading.Thread(target=_peak_rss, args=(server.pid, stop, peak), daemon=True)
+        stop, peak = threading.Event(), dict[str, float]()
+        metrics_url = f"http://127.0.0.1:{http_port}/metrics"
+        watcher = threading.Thread(target=_watch, args=(server.pid, metrics_url, stop, peak), daemon=True)
         watcher.start()
 
+        deadline = time.monotonic() + 300
+        while "listening on port" not in server_log.read_text(errors="replace"):  # then clients retry nothing
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                tail = server_log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"fl-server did not start:\n{tail}")
+            time.sleep(0.2)
         started = time.monotonic()
         context = mp.get_context("spawn")
         results: mp.Queue = context.Queue()  # type: ignore[type-arg]
@@ -136,18 +159,34 @@ def main() -> int:
         ]
         for worker in workers:
             worker.start()
-        answers = [results.get(timeout=3600) for _ in workers]
-        reports = [r for done, _ in answers for r in done]
-        last_weights = next((w for _, w in answers if w is not None), None)
+        kept_log = args.json.with_name(args.json.stem + "-server.log")
+        kept_log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            answers = [results.get(timeout=args.timeout) for _ in workers]
+        except BaseException:  # out of time, or interrupted: stop everything, keep the log
+            for worker in workers:
+                worker.kill()
+            server.kill()
+            raise
+        finally:
+            shutil.copyfile(server_log, kept_log)  # kept for a look, however the run ends
+        reports = [r for done, _, _ in answers for r in done]
+        failures = {i: e for _, failed, _ in answers for i, e in failed.items()}
+        last_weights = next((w for _, _, w in answers if w is not None), None)
         for worker in workers:
             worker.join()
         code = server.wait(timeout=300)
         wall = time.monotonic() - started
         stop.set()
-        log = server_log.read_text()
+        watcher.join()
+        shutil.copyfile(server_log, kept_log)
+        log = server_log.read_text(errors="replace")
         if code != 0:
             print(log[-4000:], file=sys.stderr)
             raise SystemExit(f"fl-server exited {code}")
+        if failures:
+            first = sorted(failures.items())[:5]
+            raise SystemExit(f"{len(failures)} light clients failed, e.g. {first}")
         rounds = json.loads((out / "history.json").read_text())["rounds"]
         history = rounds[-1]
         saved = CheckpointStore(out / "checkpoint").load()
@@ -166,20 +205,32 @@ def main() -> int:
     error = max(float(np.max(np.abs(e / total - s))) for e, s in zip(expected, saved.weights, strict=True))
 
     latencies = sorted(s for r in reports for s in r["submit_s"])
+    retried: dict[str, int] = {}
+    for report in reports:
+        for code, count in report["retried"].items():
+            retried[code] = retried.get(code, 0) + count
     model_bytes = sum(w.nbytes for w in start_weights)
+    ended_in_log = [int(n) for n in re.findall(r"calls ended by their client .*, (\d+) in all", log)]
     row = {
         "clients": args.clients,
         "trained": len(trained),
         "compression": args.compression,
         "rounds": args.rounds,
         "round_s": [r["seconds"] for r in rounds],
-        "wall_s_incl_start": wall,
+        "wall_s_from_listening": wall,
         "submit_p50_ms": 1e3 * statistics.median(latencies),
         "submit_p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "submit_max_ms": 1e3 * latencies[-1],
-        "server_peak_rss_MB": peak[0] / 1e6,
-        "server_peak_threads": peak[1],
-        "server_peak_fds": peak[2],
+        "server_peak_rss_MB": peak.get("rss_bytes", 0.0) / 1e6,
+        "server_peak_threads": int(peak.get("threads", 0)),
+        "server_peak_fds": int(peak.get("fds", 0)),
+        "server_peak_open_calls": int(peak.get("open_calls", 0)),
+        "streams_cut_for_stalling": int(peak.get("stalls_cut", 0)),
+        "calls_ended_early": max([int(peak.get("ended_early", 0)), *ended_in_log]),
+        "server_log_tracebacks": log.count("Traceback"),
+        "client_calls_retried": retried,
+        "server_log_join_lines": log.count(" joined from "),
+        "peak_load_average": peak.get("load", 0.0),
         "model_MB": model_bytes / 1e6,
         "bytes_up_MB": history["bytes_in"] / 1e6,
         "bytes_down_MB": history["bytes_out"] / 1e6,
@@ -194,7 +245,7 @@ def main() -> int:
     args.json.write_text(
         json.dumps({"config": vars(args) | {"json": str(args.json)}, "result": row}, indent=2)
     )
-    print(f"wrote {args.json}")
+    print(f"wrote {args.json} (the server's log: {kept_log})")
     return 0 if ok else 1
 
 

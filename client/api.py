@@ -43,6 +43,7 @@ from fedgrpc.common.errors import (
     UpdateRejectedError,
 )
 from fedgrpc.common.protocol import Instruction
+from fedgrpc.common.words import plural
 
 __all__ = ["Federation", "Round", "connect"]
 
@@ -93,7 +94,7 @@ def connect(
     except BaseException:
         connection.close()
         raise
-    log.info("joined run %s at %s as client %d: %d rounds", run.run_id, server, number, run.rounds)
+    log.info("joined run %s at %s as client %d: %s", run.run_id, server, number, plural(run.rounds, "round"))
     return Federation(connection, run)
 
 
@@ -173,7 +174,7 @@ class Federation:
                     f"the server now runs {task.run_id}, not {self.run.run_id}; start again"
                 )
             if task.instruction is Instruction.FINISHED:
-                log.info("run finished after %d rounds", task.round)
+                log.info("run finished after %s", plural(task.round, "round"))
                 return
             if task.instruction is Instruction.WAIT:
                 continue

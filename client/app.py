@@ -32,6 +32,7 @@ from fedgrpc.common.privacy import PrivacyAccountant, clip_update, noise_generat
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.common.task import Site
 from fedgrpc.common.task_loader import LoadedTask, load_task
+from fedgrpc.common.words import plural
 
 if TYPE_CHECKING:
     from fedgrpc.client.trainer import Evaluation, LocalTrainer, TrainResult
@@ -116,8 +117,9 @@ def run_client(config: ClientConfig) -> int:
     ) as connection:
         run, current = connection.join(loaded.ref)
         log.info(
-            "joined run %s at %s: task %s, %d rounds, %d clients (round %d open)",
-            run.run_id, config.server, loaded.name, run.rounds, run.num_clients, current,
+            "joined run %s at %s: task %s, %s, %s (round %d open)",
+            run.run_id, config.server, loaded.name, plural(run.rounds, "round"),
+            plural(run.num_clients, "client"), current,
         )  # fmt: skip
         log.info("devices: %s", device.configure(config.threads))
         try:
@@ -197,7 +199,7 @@ def take_part(
                 "client joined (it was replaced, not resumed); start the client again to join the new run"
             )
         if task.instruction is Instruction.FINISHED:
-            log.info("run finished after %d rounds; trained %d of them", task.round, trained)
+            log.info("run finished after %s; trained %d of them", plural(task.round, "round"), trained)
             return trained
         if task.instruction is Instruction.WAIT:
             continue

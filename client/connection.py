@@ -1,7 +1,9 @@
 """The client's link to the coordinator: the calls it makes, with retries.
 
-The only module of fedgrpc.client that touches generated *_pb2 types, and the place where
-gRPC status codes become fedgrpc errors:
+Connection makes them blocking (fl-client); AioConnection makes a light client's calls on
+grpc.aio, so one event loop can run thousands of simulated clients. The only module of
+fedgrpc.client that touches generated *_pb2 types, and the place where gRPC status codes
+become fedgrpc errors:
 
     UNAVAILABLE, DEADLINE_EXCEEDED,  retried with exponential backoff and jitter until the
     CANCELLED, RESOURCE_EXHAUSTED    connect timeout, then ServerUnavailableError (the server
@@ -15,11 +17,12 @@ gRPC status codes become fedgrpc errors:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +31,7 @@ import grpc
 import numpy as np
 from fedgrpc.common import compression, wire
 from fedgrpc.common import secagg as sa
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec
 from fedgrpc.common.config import RunSpec, TaskRef
 from fedgrpc.common.errors import (
     AuthError,
@@ -117,6 +120,18 @@ class ChannelSecurity:
     def channel(self, target: str) -> grpc.Channel:
         if self.ca is None:
             return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        credentials, options = self._tls()
+        return grpc.secure_channel(target, credentials, options=options)
+
+    def aio_channel(self, target: str) -> grpc.aio.Channel:
+        """The same channel for grpc.aio (call from the event loop that will use it)."""
+        if self.ca is None:
+            return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        credentials, options = self._tls()
+        return grpc.aio.secure_channel(target, credentials, options=options)
+
+    def _tls(self) -> tuple[grpc.ChannelCredentials, list[tuple[str, int | str]]]:
+        assert self.ca is not None
         try:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=self.ca.read_bytes(),
@@ -128,7 +143,7 @@ class ChannelSecurity:
         options = list(CHANNEL_OPTIONS)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
-        return grpc.secure_channel(target, credentials, options=options)
+        return credentials, options
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((AUTHORIZATION_KEY, f"{BEARER_PREFIX}{self.token}"),) if self.token else ()
@@ -179,6 +194,7 @@ class Connection:
         """`channel`: one to share with other Connections of this process (many simulated
         clients: one channel, one polling thread, instead of one each); it is not closed here."""
         self.target = target
+        self._answered = False  # whether the server has answered once: "reached" first, "back" later
         self.client_id = client_id
         self.connect_timeout_s = connect_timeout_s
         self.chunk_bytes = chunk_bytes
@@ -414,7 +430,9 @@ class Connection:
             try:
                 result = call()
                 if failures:
-                    log.info("%s: server at %s is back", what, self.target)
+                    how = "is back" if self._answered else "answered"
+                    log.info("%s: server at %s %s", what, self.target, how)
+                self._answered = True
                 return result
             except grpc.RpcError as exc:
                 if exc.code() not in _RETRYABLE:
@@ -441,3 +459,203 @@ class Connection:
 
 def _size(message: pb.UpdateMessage | bytes) -> int:
     return len(message) if isinstance(message, bytes) else message.ByteSize()
+
+
+class AioConnection:
+    """One client's channel to the server on grpc.aio: the calls of Connection that a client
+    without task code makes (Join, the long-poll, SubmitUpdate, SubmitEvaluation), as coroutines.
+
+    Many of these share one event loop (and, if given, one channel), so thousands of simulated
+    clients cost a coroutine each, not a thread each. The same requests, pacing, retries and
+    errors as Connection."""
+
+    def __init__(
+        self,
+        target: str,
+        client_id: int,
+        *,
+        connect_timeout_s: float = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        backoff: Backoff = Backoff(),
+        security: ChannelSecurity | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        """`channel`: one to share with the other AioConnections of this loop; not closed here."""
+        self.target = target
+        self.client_id = client_id
+        self.connect_timeout_s = connect_timeout_s
+        self.chunk_bytes = chunk_bytes
+        self.backoff = backoff
+        security = security or ChannelSecurity()
+        self._metadata = security.metadata()
+        self._owns_channel = channel is None
+        self._channel = channel if channel is not None else security.aio_channel(target)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self.traffic = Traffic()
+        self.retried: dict[str, int] = {}  # calls retried, by the status code that failed them
+        self._submit_update = self._channel.stream_unary(
+            f"/{wire.SERVICE}/SubmitUpdate",
+            request_serializer=wire.serialize,
+            response_deserializer=pb.SubmitUpdateReply.FromString,
+        )
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> AioConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def join(self) -> tuple[RunSpec, int]:
+        """The run's spec and its current round (as Connection.join for a client with no task)."""
+        request = pb.JoinRequest(client_id=self.client_id, task=wire.task_to_pb(None))
+        try:
+            reply = await self._unary("join", self._stub.Join, request, timeout=10)
+        except StaleRoundError as exc:
+            raise TaskMismatchError(str(exc)) from None
+        return wire.run_from_pb(reply.run), reply.current_round
+
+    async def submit_evaluation(
+        self, round_number: int, num_examples: int, metrics: Mapping[str, float]
+    ) -> tuple[int, int]:
+        request = pb.EvaluationReport(
+            client_id=self.client_id,
+            round=round_number,
+            num_examples=num_examples,
+            metrics=check_metrics(metrics),
+        )
+        reply = await self._unary("report", self._stub.SubmitEvaluation, request)
+        return reply.received, reply.expected
+
+    async def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Task:
+        """Long-poll for what to do after `after_round`; the weights come with a TRAIN task."""
+        request = pb.GetGlobalWeightsRequest(
+            client_id=self.client_id, after_round=after_round, max_wait_ms=int(max_wait_s * 1000)
+        )
+        self.traffic.sent += request.ByteSize()
+
+        async def call() -> Task:
+            stream = self._stub.GetGlobalWeights(request, timeout=max_wait_s + 30, metadata=self._metadata)
+            try:
+                return await self._receive(stream)
+            finally:
+                stream.cancel()  # a no-op once the stream has ended; ends it if we stopped reading
+
+        return await self._retrying("fetch", call)
+
+    async def submit(
+        self,
+        round_number: int,
+        specs: Sequence[TensorSpec],
+        weights: Sequence[np.ndarray],
+        num_examples: int,
+        metrics: Mapping[str, float],
+        *,
+        method: str = "none",
+        reference: Sequence[np.ndarray] = (),
+    ) -> tuple[int, int]:
+        """Send trained weights (as Connection.submit): the header at once, the chunks once the
+        server says it has room for them; returns (updates received, updates expected)."""
+        metrics = check_metrics(metrics)
+        arrays, scales = compression.encode(specs, weights, reference, method)
+
+        async def call() -> pb.SubmitUpdateReply:
+            stream = wire.update_stream(
+                client_id=self.client_id,
+                round_number=round_number,
+                num_examples=num_examples,
+                metrics=metrics,
+                specs=specs,
+                arrays=arrays,
+                chunk_bytes=self.chunk_bytes,
+                compression=method,
+                scales=scales,
+            )
+            update = self._submit_update(None, timeout=300, metadata=self._metadata)
+            try:
+                header = next(stream)
+                self.traffic.sent += _size(header)
+                await update.write(header)
+                await update.initial_metadata()  # also returns if the call already ended
+                for message in stream:
+                    self.traffic.sent += _size(message)
+                    await update.write(message)
+                await update.done_writing()
+            except asyncio.InvalidStateError:  # the server ended the call early: its status says why
+                pass
+            reply: pb.SubmitUpdateReply = await update
+            self.traffic.received += reply.ByteSize()
+            return reply
+
+        reply = await self._retrying("submit", call)
+        return reply.received, reply.expected
+
+    async def _unary(self, what: str, method: Callable[..., Any], request: Any, timeout: float = 30) -> Any:
+        reply = await self._retrying(what, lambda: method(request, timeout=timeout, metadata=self._metadata))
+        self.traffic.sent += request.ByteSize()
+        self.traffic.received += reply.ByteSize()
+        return reply
+
+    async def _receive(self, stream: Any) -> Task:
+        first = await stream.read()
+        if not isinstance(first, pb.WeightsMessage):  # grpc.aio.EOF: the stream ended
+            first = None
+        self.traffic.received += first.ByteSize() if first is not None else 0
+        if first is None or first.WhichOneof("part") != "header":
+            raise UpdateRejectedError(
+                "the server's weights stream did not start with a header", code="INTERNAL"
+            )
+        header = first.header
+        if header.instruction not in (pb.TRAIN, pb.EVALUATE):
+            await stream.read()  # the stream's end: the call ends as it should, not cancelled
+        if header.instruction == pb.FINISHED:
+            return Task(Instruction.FINISHED, header.round, run_id=header.run_id)
+        if header.instruction not in (pb.TRAIN, pb.EVALUATE):
+            return Task(Instruction.WAIT, header.round, run_id=header.run_id)
+        instruction = Instruction.TRAIN if header.instruction == pb.TRAIN else Instruction.EVALUATE
+        specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
+        assembler = TensorAssembler(specs)
+        wire_bytes = 0
+        while isinstance(message := await stream.read(), pb.WeightsMessage):
+            self.traffic.received += message.ByteSize()
+            chunk = message.chunk
+            assembler.add(chunk.tensor_index, chunk.offset, chunk.data)
+            wire_bytes += len(chunk.data)
+        return Task(instruction, header.round, specs, assembler.finish(), wire_bytes, header.run_id)
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """As Connection._retrying, waiting with asyncio.sleep."""
+        deadline = time.monotonic() + self.connect_timeout_s
+        delays = self.backoff.delays()
+        failures = 0
+        while True:
+            try:
+                result = await call()
+                if failures:
+                    log.info("%s: server at %s is back", what, self.target)
+                return result
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE:
+                    raise _error_from(exc) from None
+                failures += 1
+                self.retried[exc.code().name] = self.retried.get(exc.code().name, 0) + 1
+                if failures == 1 and what != "join":
+                    log.warning(
+                        "%s: %s (%s); retrying for up to %.0f s",
+                        what,
+                        exc.code().name,
+                        exc.details(),
+                        self.connect_timeout_s,
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServerUnavailableError(
+                        f"could not {what} at {self.target} for {self.connect_timeout_s:.0f} s "
+                        f"({exc.code().name}: {exc.details()}); is fl-server running there?"
+                    ) from None
+                delay = min(next(delays), remaining)
+                log.debug("%s: %s, retrying in %.2f s", what, exc.code().name, delay)
+                await asyncio.sleep(delay)

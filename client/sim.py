@@ -28,15 +28,17 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.common import logs
+from fedgrpc.common import logs, settings
 from fedgrpc.common.errors import ConfigError, FedGrpcError
 from fedgrpc.common.processes import free_port, spawn
+from fedgrpc.common.settings import CLIENTS, CLIENTS_PER_ROUND, DATA, ROUNDS, TASK, Setting
 
 log = logging.getLogger("fedgrpc.sim")
 
@@ -71,51 +73,69 @@ def actors_that_fit(resources: dict[str, float], cpus: float, gpus: float, wante
     return max(0, min([wanted, *fit]))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="fl-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--clients", type=int, default=100, help="client ids 1..N (default %(default)s)")
-    p.add_argument(
-        "--clients-per-round", type=int, default=None, metavar="K", help="train K sampled clients a round"
-    )
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument(
-        "--task", default=os.environ.get("FL_TASK") or None, help="the task (default: $FL_TASK, else cifar10)"
-    )
-    p.add_argument(
-        "--data", default=os.environ.get("FL_DATA") or None, help="data, at the same path on every machine"
-    )
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument(
-        "--ray", default=None, metavar="ADDRESS",
+#: fl-sim's settings; --clients, --clients-per-round, --rounds, --task, --data and --out are
+#: fl-server's too, and a run file (--config) may set them.
+SETTINGS = (
+    Setting(
+        "config", Path, None, metavar="RUN.toml", in_file=False,
+        help="a run file for the server (see fl-server --help); fl-sim takes --clients, "
+        "--clients-per-round, --task and --data from it too, and a flag typed here overrides it",
+    ),
+    replace(CLIENTS, default=100),
+    CLIENTS_PER_ROUND,
+    ROUNDS,
+    TASK,
+    DATA,
+    Setting("out", Path, Path("results"), help="folder for history, curves and model (default %(default)s)"),
+    Setting(
+        "ray", str, None, metavar="ADDRESS", group="Ray",
         help="join a running Ray cluster ('auto', or host:port); default: start a local one",
-    )  # fmt: skip
-    p.add_argument("--actors", type=int, default=None, help="Ray actors (default: as many as fit, at most K)")
-    p.add_argument(
-        "--cpus-per-client", type=float, default=1.0, help="CPUs each actor asks Ray for (default 1)"
-    )
-    p.add_argument(
-        "--gpus-per-client", type=float, default=0.0, help="GPUs each actor asks for; 0.25: four share a card"
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="backend threads per actor (default: its CPUs, rounded up)"
-    )
-    p.add_argument(
-        "--advertise",
-        default=None,
-        metavar="HOST",
+    ),
+    Setting("actors", int, None, low=1, group="Ray", help="Ray actors (default: as many as fit, at most K)"),
+    Setting(
+        "cpus_per_client", float, 1.0, above=0, group="Ray", help="CPUs each actor asks Ray for (default 1)"
+    ),
+    Setting(
+        "gpus_per_client", float, 0.0, low=0, group="Ray",
+        help="GPUs each actor asks for; 0.25: four share a card",
+    ),
+    Setting(
+        "threads", int, None, low=1, group="Ray",
+        help="backend threads per actor (default: its CPUs, rounded up)",
+    ),
+    Setting(
+        "advertise", str, None, metavar="HOST", group="Ray",
         help="the address actors dial (default: 127.0.0.1, or this node's IP on a cluster)",
-    )
-    p.add_argument("--logs", type=Path, default=None, help="write the server's log here instead of stderr")
-    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    ),
+    Setting("logs", Path, None, group="Ray", help="write the server's log here instead of stderr"),
+    Setting("timeout", float, None, above=0, group="Ray", help="give up after this many seconds"),
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags over a run file's values over the defaults: `args.server_flags` holds what the
+    server must be told (a default nobody typed is not passed, so it cannot override the file)."""
+    p = settings.build_parser(SETTINGS, prog="fl-sim", description=__doc__ or "", raw_description=True)
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more fl-server options")
     args = p.parse_args(argv)
-    if args.clients < 1 or args.rounds < 1:
-        raise ConfigError("--clients and --rounds must be at least 1")
-    if args.cpus_per_client <= 0 or args.gpus_per_client < 0:
-        raise ConfigError("--cpus-per-client must be positive and --gpus-per-client at least 0")
     args.server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
+    chosen = settings.typed_flags(p, argv) - {"server_args"}
+    raw: dict[str, Any] = {}
+    if args.config is not None:
+        raw, _ = settings.read_run_file(args.config)
+        for name, value in settings.check_run_values(raw, SETTINGS, args.config, only_known=False).items():
+            if name not in chosen:
+                setattr(args, name, value)
+    told = chosen if args.config is not None else chosen | {"rounds", "clients", "out"}
+    args.server_flags = [
+        *(["--config", str(args.config)] if args.config else []),
+        *(["--rounds", str(args.rounds)] if "rounds" in told else []),
+        "--clients", str(args.clients), "--out", str(args.out),
+        *(["--join-timeout", "600"] if "join_timeout" not in raw else []),
+        *(["--clients-per-round", str(args.clients_per_round)] if args.clients_per_round else []),
+        *(["--task", args.task] if "task" in told or "task" in raw else []),
+        *(["--data", args.data] if args.data and "{id}" not in args.data else []),
+    ]  # fmt: skip
     return args
 
 
@@ -146,16 +166,13 @@ def simulate(args: argparse.Namespace) -> int:
         )
     server_cmd = [
         sys.executable, "-m", "fedgrpc.server.cli", "--host", host, "--port", str(port), "--insecure",
-        "--rounds", str(args.rounds), "--clients", str(args.clients), "--out", str(args.out),
-        "--join-timeout", "600", *(["--clients-per-round", str(per_round)] if args.clients_per_round else []),
-        *(["--task", args.task] if args.task else []), *(["--data", args.data] if args.data else []),
-        *args.server_args,
+        *args.server_flags, *args.server_args,
     ]  # fmt: skip
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
     server, pump = spawn(server_cmd, args.logs / "server.log" if args.logs else None)
-    settings = json.dumps(
-        {"server": target, "task": args.task or "cifar10", "data": args.data, "connect_timeout_s": 300.0,
+    worker_settings = json.dumps(
+        {"server": target, "task": args.task, "data": args.data, "connect_timeout_s": 300.0,
          "threads": args.threads or max(1, math.ceil(args.cpus_per_client))}
     )  # fmt: skip
     actor_class = _actor_class(ray).options(
@@ -163,7 +180,7 @@ def simulate(args: argparse.Namespace) -> int:
         num_gpus=args.gpus_per_client,
         runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}},
     )
-    actors = [actor_class.remote(settings) for _ in range(count)]
+    actors = [actor_class.remote(worker_settings) for _ in range(count)]
     ids = list(range(1, args.clients + 1))
     pending = {actor.serve.remote(ids[k::count]): k for k, actor in enumerate(actors)}
     log.info(
@@ -172,22 +189,28 @@ def simulate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     started = time.monotonic()
     reports: list[dict[str, Any]] = []
+    broken: list[str] = []  # actors that failed as a whole, with Ray's word for why
+    stopped = False
     try:
-        while pending and server.poll() in (None, 0):
+        while pending and server.poll() is None:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
-                pending.pop(ref)
-                reports.append(json.loads(ray.get(ref)))
+                actor_number = pending.pop(ref)
+                try:
+                    reports.append(json.loads(ray.get(ref)))
+                except Exception as exc:  # Ray wraps whatever the actor raised in errors of its own
+                    broken.append(f"Ray actor {actor_number}: {_last_line(exc)}")
             if args.timeout and time.monotonic() - started > args.timeout:
                 log.error("fl-sim: --timeout %.0f s passed", args.timeout)
                 break
-        code = server.wait(timeout=60) if not pending else None
+        if not pending:
+            # Every client has left: the server has finished, or waits for clients that failed.
+            failed = bool(broken) or any(r["failures"] for r in reports)
+            stopped = not _exited(server, SERVER_FAILED_WAIT_S if failed else SERVER_FINISH_WAIT_S)
     finally:
         for actor in actors:
             ray.kill(actor)
-        if server.poll() is None:
-            server.terminate()
-            server.wait(timeout=30)
+        _stop(server)
         pump.join(timeout=5)
         ray.shutdown()
     failures = {int(c): why for r in reports for c, why in r["failures"].items()}
@@ -198,10 +221,43 @@ def simulate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     for client_id, why in sorted(failures.items())[:10]:
         log.error("client %d: %s", client_id, why)
-    if code != 0 or failures or pending:
-        log.error("fl-sim: %s", f"fl-server exited {server.returncode}" if code != 0 else "clients failed")
-        return 1
-    return 0
+    for why in broken[:10]:
+        log.error("%s", why)
+    if stopped:
+        log.error("fl-sim: every client had left, but fl-server was still running: stopped it")
+    elif server.returncode != 0:
+        log.error("fl-sim: fl-server exited %s", server.returncode)
+    return 1 if failures or broken or pending or stopped or server.returncode != 0 else 0
+
+
+#: How long the server may take to exit once every client has left: it finishes the last
+#: round's bookkeeping and waits up to --finish-grace (15 s) for clients to hear the end.
+SERVER_FINISH_WAIT_S = 60.0
+#: The same when clients failed: the server would wait for them (up to --join-timeout).
+SERVER_FAILED_WAIT_S = 5.0
+
+
+def _exited(server: subprocess.Popen[str], within_s: float) -> bool:
+    try:
+        server.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _stop(server: subprocess.Popen[str]) -> None:
+    """SIGTERM (the server saves its checkpoint and exits), then SIGKILL after 30 s."""
+    if server.poll() is None:
+        server.terminate()
+        if not _exited(server, 30.0):
+            server.kill()
+            server.wait()
+
+
+def _last_line(exc: BaseException) -> str:
+    """The last line of an error's text: Ray's errors carry the actor's whole traceback."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

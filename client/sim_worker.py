@@ -4,7 +4,8 @@ A SimWorker serves a set of client ids of a real run. Every id is a real client:
 gRPC connection to the real fl-server, its own Join, long-poll, updates (secure aggregation
 and DP included), run by the same code as `fl-client` (fedgrpc.client.app). What the ids
 share is the expensive part: one imported framework, one built and compiled model, one
-LocalTrainer, used by one id at a time (a lock), each bringing its own data. Shards are read
+LocalTrainer, used by one id at a time (a lock), each bringing its own data (`{id}` in the
+data's path becomes the id, as with fl-local and fl-client). Shards are read
 on the worker from the run spec's partition (stand-in federations) and kept for the run, so
 no data moves through Ray.
 """
@@ -27,6 +28,7 @@ from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import FedGrpcError
+from fedgrpc.common.settings import site_data
 from fedgrpc.common.task import LocalData, Site
 
 log = logging.getLogger("fedgrpc.client")
@@ -88,21 +90,27 @@ class SimWorker:
             with self._report_lock:
                 self._report.rounds[client_id] = trained
         except FedGrpcError as exc:
-            log.error("client %d: %s", client_id, exc)
-            with self._report_lock:
-                self._report.failures[client_id] = f"{type(exc).__name__}: {exc}"
+            self._failed(client_id, exc)
+        except Exception as exc:  # a bug or the task's own error: reported, never a silent thread death
+            self._failed(client_id, exc)
+
+    def _failed(self, client_id: int, exc: Exception) -> None:
+        log.error("client %d: %s", client_id, exc)
+        with self._report_lock:
+            self._report.failures[client_id] = f"{type(exc).__name__}: {exc}"
 
     def trainer_for(self, client_id: int, run: RunSpec) -> Any:
         """The one trainer, holding `client_id`'s data (call with the model lock held)."""
         if self._trainer is None:
-            self._trainer = prepare_trainer(self.loaded, run, replace(self.config, client_id=client_id))
+            own = replace(self.config, client_id=client_id, data=site_data(self.config.data, client_id))
+            self._trainer = prepare_trainer(self.loaded, run, own)
             self._data[client_id] = self._trainer.data
         if client_id not in self._data:
             params = task_loader.check_params(self.loaded.task, run.task_params)
             site = Site(
                 client_id=client_id,
                 num_clients=run.num_clients,
-                data=self.config.data,
+                data=site_data(self.config.data, client_id),
                 params=params,
                 batch_size=run.batch_size,
                 partition_seed=run.partition_seed,

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fedgrpc.common.errors import TaskError
+from fedgrpc.common.words import type_name
 
 if TYPE_CHECKING:
     import keras
@@ -244,7 +245,7 @@ def _leaves(value: Any) -> Iterator[Any]:
             yield from _leaves(item)
     else:
         if not hasattr(value, "__len__"):
-            raise TaskError(f"a dataset holds a {type(value).__name__} where arrays were expected")
+            raise TaskError(f"a dataset holds {type_name(type(value))} where arrays were expected")
         yield value
 
 

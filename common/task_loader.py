@@ -6,7 +6,9 @@ A task spec (`--task`) is one of:
   can import its own helpers); it must assign a `fedgrpc.common.task.Task` to `task`;
 - `package.module:attribute`: an importable module and the Task in it;
 - the name of an installed task: an entry point in the `fedgrpc.tasks` group (the packaging
-  convention; fedgrpc registers `cifar10`, the reference job, and uses it by default).
+  convention; fedgrpc registers `cifar10`, the reference job, and uses it by default);
+- a saved model, `model.keras`: the server of a federation of training scripts needs no task
+  file (fedgrpc.common.saved_task).
 
 The task's identity is its name and the SHA-256 of the source file that defines it: what the
 server announces and each client compares. A task is user code and runs only on the machine
@@ -33,6 +35,7 @@ from typing import Any, TypeVar
 from fedgrpc.common.config import ParamValue, TaskRef
 from fedgrpc.common.errors import FedGrpcError, TaskError
 from fedgrpc.common.task import Dataset, LocalData, Params, Site, Task
+from fedgrpc.common.words import type_name
 
 ENTRY_POINT_GROUP = "fedgrpc.tasks"
 T = TypeVar("T")
@@ -51,6 +54,10 @@ class LoadedTask:
 
 def load_task(spec: str) -> LoadedTask:
     """The task `spec` names (see the module docstring)."""
+    if spec.endswith(".keras"):  # a saved model alone, for a server of training scripts
+        from fedgrpc.common.saved_task import saved_model_task
+
+        return saved_model_task(Path(spec))
     if spec.endswith(".py") or Path(spec).is_file():
         return _from_file(Path(spec))
     if ":" in spec:
@@ -127,18 +134,30 @@ def _describe(exc: BaseException, path: Path | None = None) -> str:
 # -- parameters --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ParamOverride:
+    """A task parameter as a run sets it, and where from: text typed on the command line
+    (`--param`) is parsed as the parameter's type; a run file's value must have it already."""
+
+    value: Any
+    source: str  # said in a refusal: "--param units", "run.toml: [task] units"
+    text: bool = False
+
+
 def resolve_params(task: Task, overrides: Mapping[str, Any]) -> dict[str, ParamValue]:
     """The task's declared defaults with a run's overrides applied, each of its default's type.
 
-    Strings (from the command line) are parsed as the default's type; TOML values must have it
-    already (an int is taken for a float).
+    A ParamOverride from the command line is parsed as the default's type; every other value
+    (a run file's TOML, a Python caller's) must have it already (an int is taken for a float).
     """
     params: dict[str, ParamValue] = dict(task.params)
-    for key, value in overrides.items():
+    for key, given in overrides.items():
+        override = given if isinstance(given, ParamOverride) else ParamOverride(given, "")
         if key not in task.params:
             known = ", ".join(sorted(task.params)) or "none"
-            raise TaskError(f"task {task.name!r} has no parameter {key!r}; its parameters: {known}")
-        params[key] = _typed(task, key, value)
+            where = f" (from {override.source})" if override.source else ""
+            raise TaskError(f"task {task.name!r} has no parameter {key!r}{where}; its parameters: {known}")
+        params[key] = _typed(task, key, override.value, parse=override.text, source=override.source)
     return params
 
 
@@ -154,19 +173,20 @@ def check_params(task: Task, received: Mapping[str, ParamValue]) -> dict[str, Pa
     return {key: _typed(task, key, value, parse=False) for key, value in received.items()}
 
 
-def _typed(task: Task, key: str, value: Any, *, parse: bool = True) -> ParamValue:
+def _typed(task: Task, key: str, value: Any, *, parse: bool, source: str = "") -> ParamValue:
     default = task.params[key]
     kind = type(default)
+    where = f" from {source}" if source else ""
     problem = (
-        f"task {task.name!r}: parameter {key!r} must be a {kind.__name__} "
-        f"(its default is {default!r}), got {value!r}"
+        f"task {task.name!r}: parameter {key!r} must be {type_name(kind)} "
+        f"(its default is {default!r}), got {value!r}{where}"
     )
     if isinstance(value, str) and kind is not str and parse:
         return _parse(kind, value, problem)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not kind:
-        raise TaskError(f"{problem} ({type(value).__name__})")
+        raise TaskError(f"{problem} ({type_name(type(value))})")
     return value
 
 

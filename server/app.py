@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,6 +28,7 @@ from fedgrpc.common.logs import human_bytes
 from fedgrpc.common.privacy import PrivacyAccountant
 from fedgrpc.common.task import Site
 from fedgrpc.common.task_loader import LoadedTask
+from fedgrpc.common.words import plural
 from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.checkpoint import Checkpoint, CheckpointStore, weights_digest
 from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
@@ -35,11 +37,19 @@ from fedgrpc.server.http import DashboardServer, HttpConfig
 from fedgrpc.server.limits import Limits
 from fedgrpc.server.masked_sum import SecAggStrategy
 from fedgrpc.server.monitor import Monitor
-from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults
+from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults, persist
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
 from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
-from fedgrpc.server.strategy import ROBUST, CentralDP, FedAvg, Strategy, StrategySettings, make_strategy
+from fedgrpc.server.strategy import (
+    ROBUST,
+    CentralDP,
+    FedAvg,
+    Strategy,
+    StrategySettings,
+    make_strategy,
+    strategy_record,
+)
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -157,6 +167,7 @@ class FederatedServer:
         self._tensorboard: Any = None
         self._coordinator: RoundCoordinator | None = None
         self._stop_requested = threading.Event()
+        self._told_no_held_out = False
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
         """Stop after the step in progress (a checkpoint being written is finished first)."""
@@ -223,8 +234,12 @@ class FederatedServer:
             # The run's identity (id, spec, initial weights) is on disk before any client can
             # join it: a server killed at any moment from now on, round 1 included, resumes
             # this same run, and its clients carry on with it.
-            self.checkpoints.save(run, 0, job.weights, [], strategy.state())
-        self.monitor = Monitor(run)
+            initial = partial(self.checkpoints.save, run, 0, job.weights, [], strategy.state())
+            if not persist("the run's first checkpoint", initial, stop=self._stop_requested):
+                raise RunFailedError(f"no checkpoint can be written in {cfg.out_dir} (see above)")
+        self.results.strategy = strategy_record(cfg.strategy, strategy)
+        self.monitor = Monitor(run, strategy=self.results.strategy)
+        log.info("strategy: %s", _described(self.results.strategy, secure=cfg.secagg is not None))
         for record in self.records:  # a resumed run shows its past rounds too
             self.monitor.round_recorded(asdict(record), job.loaded.task.main_metric or "accuracy")
         if cfg.tensorboard is not None:
@@ -249,7 +264,11 @@ class FederatedServer:
                     self.records[-1].round if self.records else 0,
                 )
                 return self.records
-            self._save_results(job)
+            if not persist("the final model and history.json", lambda: self._save_results(job)):
+                raise RunFailedError(
+                    f"the results could not be written to {cfg.out_dir} (see above); the checkpoint "
+                    "after the last round is intact: free what is missing and start the server again"
+                )
             coordinator.finish()
             finished = True
             self.monitor.phase("finished", run.rounds)
@@ -259,7 +278,10 @@ class FederatedServer:
                 log.warning(
                     "some clients were not told that the run finished within %.0f s", cfg.finish_grace_s
                 )
+            if self.dashboard is not None:
+                self.dashboard.linger(self._stop_requested)
         finally:
+            endpoint.servicer.refusals.log_summary()
             if self.dashboard is not None:
                 self.dashboard.stop()
             if self._tensorboard is not None:
@@ -423,10 +445,10 @@ class FederatedServer:
             )
         endpoint.set_serving(True)
         log.info(
-            "run %s: %d rounds, %d clients, listening on port %d",
+            "run %s: %s, %s, listening on port %d",
             run.run_id,
-            run.rounds,
-            run.num_clients,
+            plural(run.rounds, "round"),
+            plural(run.num_clients, "client"),
             self.port,
         )
         if cfg.spool_dir is not None:
@@ -466,7 +488,8 @@ class FederatedServer:
             except SecAggError as exc:
                 if coordinator.interrupted:
                     return
-                aborted += 1
+                if not (isinstance(strategy, SecAggStrategy) and strategy.progress):
+                    aborted += 1  # an attempt that narrowed down an offender is no failure
                 culprits = sorted(secure.culprits) if secure is not None else []
                 coordinator.leave_out(culprits)
                 self._secure_aborted(number, exc, aborted, culprits)
@@ -505,9 +528,13 @@ class FederatedServer:
                 end_digest=weights_digest(job.weights),
             )
             self.records.append(record)
-            self.checkpoints.save(run, number, job.weights, self.records, strategy.state())
-            self.results.write_history(run, self.records, finished=False)
+            save = partial(self.checkpoints.save, run, number, job.weights, self.records, strategy.state())
+            history = partial(self.results.write_history, run, self.records, finished=False)
+            stop = self._stop_requested  # a checkpoint not written: the next round's holds this one's too
+            persist(f"the checkpoint after round {number}", save, stop=stop)
+            persist("history.json", history, stop=stop)
             fed_metrics = federated.metrics if federated else None
+            reported = len(federated.reports) if federated is not None else None
             main = main_metric(job.loaded.task.main_metric, central, fed_metrics)
             as_dict = asdict(record)
             monitor.round_recorded(as_dict, main)
@@ -516,8 +543,9 @@ class FederatedServer:
             spent = f"  epsilon {epsilon:.3f}" if epsilon is not None else ""
             log.info(
                 "round %d/%d  %s%s  %.1f s  up %s  down %s  clients %d/%d",
-                number, run.rounds, describe(main, central, fed_metrics), spent, record.seconds,
-                human_bytes(record.bytes_in), human_bytes(record.bytes_out), len(outcome.updates), expected,
+                number, run.rounds, describe(main, central, fed_metrics, reported=reported), spent,
+                record.seconds, human_bytes(record.bytes_in), human_bytes(record.bytes_out),
+                len(outcome.updates), expected,
             )  # fmt: skip
             number += 1
 
@@ -533,6 +561,13 @@ class FederatedServer:
             log.info("round %d: evaluation closed after %.0f s", number, self.config.policy.timeout_s or 0)
         reports = coordinator.close_evaluation()
         result = FederatedEvaluation.of(reports)
+        if reports and not result.clients and not self._told_no_held_out:
+            self._told_no_held_out = True
+            log.warning(
+                "round %d: none of the %d clients asked to evaluate holds held-out data (LocalData.test, "
+                "or evaluate= in a script), so federated evaluation measures nothing; give them some, "
+                "or turn it off with --eval-every 0", number, len(reports),
+            )  # fmt: skip
         return FederatedRecord(
             clients=result.clients,
             num_examples=result.num_examples,
@@ -684,6 +719,14 @@ def _weights_of_saved_model(path: Path, model: Any) -> list[np.ndarray]:
     return weights
 
 
+def _described(strategy: Mapping[str, Any], *, secure: bool) -> str:
+    """'fedavgm (server_lr 0.1, momentum 0.9)': a strategy record for the log."""
+    parameters = ", ".join(f"{k} {v:g}" for k, v in strategy.items() if k != "name")
+    return f"{strategy['name']}{f' ({parameters})' if parameters else ''}" + (
+        ", under secure aggregation" if secure else ""
+    )
+
+
 def _evaluation_plan(central: bool, run: RunSpec) -> str:
     parts = ["central, on the server's test set"] if central else []
     plan = run.evaluation
@@ -693,7 +736,7 @@ def _evaluation_plan(central: bool, run: RunSpec) -> str:
         personal = (
             f", then after {plan.personalize_epochs} epochs of fine-tuning" if plan.personalize_epochs else ""
         )
-        parts.append(f"federated, {share} clients {every}{personal}")
+        parts.append(f"federated, {share} clients {every}{personal}, by those that hold held-out data")
     return "; ".join(parts) or "none"
 
 

@@ -30,7 +30,7 @@ import grpc
 from fedgrpc.common import wire
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.errors import ConfigError
-from fedgrpc.server import memory
+from fedgrpc.server import descriptors, memory
 from fedgrpc.server.auth import Authenticator, ServerTls
 from fedgrpc.server.intake import InflightBudget
 from fedgrpc.server.limits import Limits
@@ -53,8 +53,9 @@ _TRIM_AFTER_CALLS = 100
 
 def server_options(limits: Limits) -> list[tuple[str, int]]:
     """Accept the clients' keepalive pings (every 20 s, also between calls) instead of answering
-    them with GOAWAY, bound what one message may make the server allocate, and close
-    connections that hold no call for long or never finish their handshake."""
+    them with GOAWAY, bound what one message may make the server allocate, close connections
+    that hold no call for long or never finish their handshake, and close at once those past
+    the descriptors left after fedgrpc.server.descriptors' reserve."""
     return [
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -64,6 +65,7 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
         ("grpc.http2.lookahead_bytes", 1 << 20),
         ("grpc.max_connection_idle_ms", 300_000),
         ("grpc.server_handshake_timeout_ms", int(limits.stall_timeout_s * 1000)),
+        ("grpc.max_allowed_incoming_connections", descriptors.grpc_connection_quota()),
     ]
 
 
@@ -150,6 +152,7 @@ class GrpcEndpoint:
     def stop(self, grace: float = 2.0) -> None:
         """Stop taking calls, give those in progress `grace` seconds, then end the loop."""
         self._stopping = True
+        self.servicer.close_summaries()
         if self._housekeeping is not None:
             self._loop.call_soon_threadsafe(self._housekeeping.cancel)
         if self._server is not None and self._thread.is_alive():
@@ -196,7 +199,10 @@ class GrpcEndpoint:
         await server.start()
         self._server = server
         if cfg.health_port is not None:
-            self._health_server = grpc.aio.server(maximum_concurrent_rpcs=64)
+            self._health_server = grpc.aio.server(
+                options=[("grpc.max_allowed_incoming_connections", descriptors.HEALTH_CONNECTIONS)],
+                maximum_concurrent_rpcs=64,
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
             if self.health_port == 0:

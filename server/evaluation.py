@@ -74,8 +74,16 @@ def main_metric(declared: str | None, *metric_sets: Mapping[str, float] | None) 
     return "accuracy" if "accuracy" in names else "loss"
 
 
-def describe(main: str, central: Mapping[str, float] | None, federated: Mapping[str, float] | None) -> str:
-    """'acc 0.6106  loss 1.1160  fed acc 0.6012  fed loss 1.2  pers acc 0.7010': the round line's part."""
+def describe(
+    main: str,
+    central: Mapping[str, float] | None,
+    federated: Mapping[str, float] | None,
+    *,
+    reported: int | None = None,
+) -> str:
+    """'acc 0.6106  loss 1.1160  fed acc 0.6012  fed loss 1.2  pers acc 0.7010': the round line's
+    part. `reported`: how many clients answered a federated evaluation this round (None: none
+    was asked for), so that one whose clients hold no held-out data says so."""
     parts = []
     for prefix, metrics in (("", central), ("fed ", federated)):
         if not metrics:
@@ -86,4 +94,8 @@ def describe(main: str, central: Mapping[str, float] | None, federated: Mapping[
         personalized = PERSONALIZED_PREFIX + main
         if personalized in metrics:
             parts.append(f"pers {_SHORT.get(main, main)} {metrics[personalized]:.4f}")
+    if reported is not None and not federated:
+        parts.append(
+            f"fed: none of {reported} clients had held-out data" if reported else "fed: no client reported"
+        )
     return "  ".join(parts) or "no evaluation"

@@ -14,14 +14,20 @@ The error table of this surface:
     404  unknown path           405  a method other than GET or HEAD
     408  no complete request head within HEAD_TIMEOUT_S
     431  a request head over MAX_HEAD_BYTES
-    503  more than `max_connections` connections, or `max_streams` event streams, at once
+    503  more than `max_connections` connections, or `max_streams` event streams, at once, or
+         too few descriptors left (fedgrpc.server.descriptors): answered and closed at once
 
 A slow or hostile HTTP client cannot touch the gRPC service: this server has its own thread
-and event loop, holds a bounded number of connections (one request each, then closed), gives
-each a few seconds to send its request head, and drops an event stream whose reader stops
-reading. Small and self-contained on purpose: the asyncio HTTP servers at hand put no time
-limit on a connection that never finishes its request head, and these four routes need no more
-than this. It binds to 127.0.0.1 unless told otherwise.
+and event loop, holds a bounded number of connections (one request each, then closed), turns
+away and closes at once any past that bound or past the descriptors the checkpoints need,
+gives each a few seconds to send its request head, and drops an event stream whose reader
+stops reading. Small and self-contained on purpose: the asyncio HTTP servers at hand put no
+time limit on a connection that never finishes its request head, and these four routes need
+no more than this. It binds to 127.0.0.1 unless told otherwise.
+
+    start() --> serving --linger(stop)?--> stop(): no new connections; event streams send the
+                                           last state and end; the rest are cancelled; the
+                                           loop is closed
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from fedgrpc.common.errors import ConfigError
+from fedgrpc.server import descriptors
 from fedgrpc.server.monitor import Monitor
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -70,8 +77,13 @@ _REASONS = {
 class HttpConfig:
     port: int
     host: str = "127.0.0.1"
-    max_connections: int = 64
+    max_connections: int = descriptors.DASHBOARD_CONNECTIONS
     max_streams: int = 16
+    linger_s: float = 0.0  # how long the dashboard stays up after the run ends (--linger)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.linger_s <= 86_400:
+            raise ConfigError(f"--linger must be in 0..86400 seconds, got {self.linger_s}")
 
 
 class DashboardServer:
@@ -84,6 +96,9 @@ class DashboardServer:
         self._files = {name: _web_file(name) for name in STATIC}
         self._connections = 0
         self._streams = 0
+        self.turned_away = 0  # connections answered 503 and closed at once
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedgrpc-http", daemon=True)
         self._server: asyncio.AbstractServer | None = None
@@ -93,15 +108,40 @@ class DashboardServer:
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         return self.port
 
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (not counting those turned away)."""
+        return self._connections
+
+    def linger(self, stop: threading.Event) -> None:
+        """Keep serving `linger_s` seconds more (the run is over: a last look, a last scrape);
+        `stop` being set ends it sooner."""
+        if self.config.linger_s > 0:
+            log.info("the dashboard and /metrics stay up %.0f s more (--linger)", self.config.linger_s)
+            stop.wait(self.config.linger_s)
+
     def stop(self) -> None:
-        """Stop serving; open event streams get the last state first (the page sees the run end)."""
-        if self._streams:
-            time.sleep(3 * EVENT_INTERVAL_S)
-        if self._server is not None:
-            server = self._server
-            asyncio.run_coroutine_threadsafe(_close(server), self._loop).result(timeout=10)
+        """Stop serving; open event streams get the last state first (the page sees the run end),
+        and every connection is closed before the loop is."""
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        if self._server is not None:
+            await _close(self._server)
+        if self._tasks:  # event streams notice within EVENT_INTERVAL_S; requests end by themselves
+            await asyncio.wait(set(self._tasks), timeout=4 * EVENT_INTERVAL_S)
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+        await asyncio.sleep(0)  # the closed transports' last callbacks
 
     async def _start(self) -> int:
         self._server = await asyncio.start_server(
@@ -111,9 +151,16 @@ class DashboardServer:
         return port
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._connections >= self.config.max_connections:
-            await self._answer(writer, 503, "text/plain", b"too many connections\n")
+        if (
+            self._stopping
+            or self._connections >= self.config.max_connections
+            or not descriptors.room_for_a_connection()
+        ):
+            self._turn_away(writer)
             return
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         self._connections += 1
         try:
             await self._request(reader, writer)
@@ -124,6 +171,19 @@ class DashboardServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+            if task is not None:
+                self._tasks.discard(task)
+
+    def _turn_away(self, writer: asyncio.StreamWriter) -> None:
+        """503 and close, without waiting for anything: the descriptor is free at once (what
+        the kernel cannot take of the answer at once is dropped with the connection)."""
+        self.turned_away += 1
+        with contextlib.suppress(Exception):
+            writer.write(_head(503, "text/plain", len(_TOO_MANY)) + _TOO_MANY)
+        if writer.transport.get_write_buffer_size():
+            writer.transport.abort()
+        else:
+            writer.close()
 
     async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -174,6 +234,7 @@ class DashboardServer:
             )
             sent, quiet = -1, 0.0
             while True:
+                stopping = self._stopping  # read before the snapshot: the last one is sent
                 if self.monitor.version != sent:
                     snapshot = self.monitor.snapshot()
                     sent = snapshot["version"]
@@ -183,6 +244,8 @@ class DashboardServer:
                     writer.write(b": keepalive\n\n")
                     quiet = 0.0
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+                if stopping:
+                    return
                 await asyncio.sleep(EVENT_INTERVAL_S)
                 quiet += EVENT_INTERVAL_S
         finally:
@@ -197,13 +260,19 @@ class DashboardServer:
         *,
         length: int | None = None,
     ) -> None:
-        head = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body) if length is None else length}\r\nCache-Control: no-store\r\n"
-            f"Connection: close\r\n{SECURITY_HEADERS}\r\n"
-        )
-        writer.write(head.encode() + body)
+        writer.write(_head(status, content_type, len(body) if length is None else length) + body)
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+
+
+_TOO_MANY = b"too many connections\n"
+
+
+def _head(status: int, content_type: str, length: int) -> bytes:
+    return (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\nCache-Control: no-store\r\n"
+        f"Connection: close\r\n{SECURITY_HEADERS}\r\n"
+    ).encode()
 
 
 def _json(document: Any) -> bytes:

@@ -5,7 +5,7 @@ the N+1 commands. Clients that share one machine's CPU share its cores, so by de
 client gets all cores as intra-op threads, and when there are more clients than cores they
 take turns training (a lock file), which on 2 cores finished a round of 3 clients sooner
 than time-slicing them: see `fl-client --take-turns`. On a machine with NVIDIA GPUs the
-clients train at once, sharing the cards (`--gpus 0,1`: client k on card k mod 2; memory is
+clients train at once, sharing the cards (`--gpus 0,1`: client k on card (k-1) mod 2; memory is
 taken as needed, see fedgrpc.common.device); KERAS_BACKEND picks the backend of every process.
 """
 
@@ -19,15 +19,43 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from fedgrpc.common import settings
 from fedgrpc.common.device import gpus_present
+from fedgrpc.common.errors import FedGrpcError
 from fedgrpc.common.processes import free_port, spawn
+from fedgrpc.common.settings import CLIENTS, DATA, ROUNDS, TASK, Setting, site_data
+
+#: fl-local's own settings; --clients, --rounds, --task, --data and --out are fl-server's too.
+SETTINGS = (
+    Setting(
+        "config", Path, None, metavar="RUN.toml", in_file=False,
+        help="a run file for the server (see fl-server --help); fl-local takes --clients, --task and "
+        "--data from it too, and a flag typed here overrides it",
+    ),
+    CLIENTS,
+    ROUNDS,
+    TASK,
+    DATA,
+    Setting("out", Path, Path("results"), help="folder for history, curves and model (default %(default)s)"),
+    Setting("threads", int, None, low=1, help="CPU threads per client (default: all cores)"),
+    Setting(
+        "gpus", str, "", metavar="0,1,...",
+        help="GPUs for the clients, round robin: client 1 on the first listed, client 2 on the second, ...",
+    ),
+    Setting(
+        "schedule", str, "auto", choices=("auto", "turns", "parallel"),
+        help="clients train one at a time (turns) or at once (parallel); auto: at once on a GPU "
+        "machine or when clients <= cores, else turns",
+    ),
+)
 
 
 def run_federation(
     *,
     clients: int,
-    rounds: int,
+    rounds: int | None,
     data: str | None,
     out_dir: Path,
     task: str | None = None,
@@ -37,8 +65,10 @@ def run_federation(
     server_args: Sequence[str] = (),
     logs_dir: Path | None = None,
     timeout_s: float | None = None,
+    config: Path | None = None,
 ) -> int:
-    """Run server and clients to the end; returns 0 when every process exited 0."""
+    """Run server and clients to the end; returns 0 when every process exited 0. The server
+    reads `config` (a run file) itself; `rounds` None leaves the rounds to it."""
     port = free_port()
     cores = os.cpu_count() or 1
     threads = threads or cores
@@ -51,7 +81,8 @@ def run_federation(
     # folder on PYTHONPATH), not only where the console scripts sit beside sys.executable.
     server_cmd = [
         sys.executable, "-m", "fedgrpc.server.cli", "--host", "127.0.0.1", "--port", str(port), "--insecure",
-        "--rounds", str(rounds), "--clients", str(clients), "--out", str(out_dir), *server_args,
+        *(["--config", str(config)] if config else []), *(["--rounds", str(rounds)] if rounds else []),
+        "--clients", str(clients), "--out", str(out_dir), *server_args,
     ]  # fmt: skip
     shared = ["--task", task] if task else []
     per_client = data is not None and "{id}" in data  # each client its own file
@@ -80,7 +111,7 @@ def run_federation(
             cmd += ["--gpu", gpus[(client_id - 1) % len(gpus)]]
         cmd += shared
         if per_client:
-            cmd += ["--data", str(data).replace("{id}", str(client_id))]
+            cmd += ["--data", str(site_data(data, client_id))]
         procs.append(spawn(cmd, logs_dir / f"client-{client_id}.log" if logs_dir else None))
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -111,51 +142,52 @@ def run_federation(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="fl-local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument(
-        "--task",
-        default=os.environ.get("FL_TASK") or None,
-        help="the task for the server and every client (default: $FL_TASK, else cifar10)",
-    )
-    p.add_argument(
-        "--data",
-        default=os.environ.get("FL_DATA") or None,
-        help="data for server and clients; {id} in it becomes each client's id, for sites with files "
-        "of their own, e.g. data/hospital_{id}.csv (default $FL_DATA, else the task's default)",
-    )
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per client (default: all cores)")
-    p.add_argument(
-        "--gpus",
-        default="",
-        metavar="0,1,...",
-        help="GPUs for the clients, round robin: client k trains on card k mod their number",
-    )
-    p.add_argument(
-        "--schedule",
-        choices=["auto", "turns", "parallel"],
-        default="auto",
-        help="clients train one at a time (turns) or at once (parallel); auto: at once on a GPU "
-        "machine or when clients <= cores, else turns",
-    )
+    try:
+        return _main(argv)
+    except FedGrpcError as exc:
+        print(f"fl-local: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    p = settings.build_parser(SETTINGS, prog="fl-local", description=__doc__ or "", raw_description=True)
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more fl-server options")
     args = p.parse_args(argv)
     extra = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
+    config = args.config or _config_in(extra)
+    # What the user typed wins; else the run file's value; else fl-local's default. A run file
+    # is passed to the server, and the defaults nobody typed are not (they would override it).
+    chosen = settings.typed_flags(p, argv) - {"server_args"}
+    found = {}
+    if config is not None:
+        run, _ = settings.read_run_file(config)
+        found = settings.check_run_values(run, SETTINGS, config, only_known=False)
+
+    def value(name: str) -> Any:
+        return getattr(args, name) if name in chosen or name not in found else found[name]
+
     return run_federation(
-        clients=args.clients,
-        rounds=args.rounds,
-        data=args.data,
-        out_dir=args.out,
-        task=args.task,
+        clients=value("clients"),
+        rounds=args.rounds if config is None or "rounds" in chosen else None,
+        data=value("data"),
+        out_dir=value("out"),
+        task=value("task"),
         threads=args.threads,
         schedule=args.schedule,
         gpus=[g for g in args.gpus.split(",") if g.strip()],
         server_args=extra,
+        config=args.config,
     )
+
+
+def _config_in(server_args: Sequence[str]) -> Path | None:
+    """A --config passed on to the server after --: fl-local reads it too."""
+    for i, arg in enumerate(server_args):
+        if arg == "--config" and i + 1 < len(server_args):
+            return Path(server_args[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    return None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,15 @@ a round is open it only adds uint32 words, modulo 2^32, as each masked update st
 server's memory stays one model, and nothing it holds says anything about one client. At the
 end, the round's SecAggRound removes the masks; the sum of n x change and of n is decoded,
 checked, and handed to the run's strategy as one aggregate (`FedAvg.add_aggregate`).
+
+When the round's SecAggRound splits its clients into groups, each group has its own ring and
+its sum is checked alone: the sums that pass are added into the one aggregate, a group whose
+sum is impossible is left out (and its members' updates with it), named in
+`SecAggRound.failed` for the driver to narrow down who sent it. Only when every group fails
+does the attempt abort. An impossible sum is never taken for a diverging model: it feeds
+`isolation` (fedgrpc.server.isolation), which decides the next attempts' groups and excludes
+the client it narrows down to. Pairs of clients in a share dispute (fedgrpc.server.secagg) are
+kept in `apart` for the rest of the run.
 """
 
 from __future__ import annotations
@@ -15,8 +24,12 @@ import numpy as np
 from fedgrpc.common import secagg as sa
 from fedgrpc.common.errors import SecAggError
 from fedgrpc.server.aggregate import Weights
+from fedgrpc.server.isolation import Isolation
 from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.server.strategy import FedAvg
+
+#: The checkpoint entry that keeps the excluded clients across a restart.
+EXCLUDED_KEY = "secagg/excluded"
 
 
 class SecAggStrategy:
@@ -26,14 +39,18 @@ class SecAggStrategy:
         self.inner = inner
         self.name = inner.name
         self.secagg: SecAggRound | None = None  # the open round's, attached by the driver
-        self._ring: list[np.ndarray] = []
+        self._rings: dict[int, list[np.ndarray]] = {}  # group index -> its running sum
         self._global: list[np.ndarray] = []
         self._max_updates = 1
+        self.isolation = Isolation()
+        self.apart: set[frozenset[int]] = set()  # disputed pairs: never neighbours again
+        self.progress = False  # the last attempt narrowed the suspects down (not a failure to count)
 
     def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
         self._global = [np.asarray(w) for w in global_weights]
-        self._ring = [np.zeros(np.shape(w), np.uint32) for w in self._global] + [np.zeros(1, np.uint32)]
+        self._rings = {}
         self._max_updates = max(1, max_updates)
+        self.progress = False
 
     def bound(self, reference: np.ndarray) -> float:
         return float("inf")  # ring words: every value is valid, and the sum cannot overflow
@@ -46,37 +63,76 @@ class SecAggStrategy:
         return tensor
 
     def add(self, update: Sequence[np.ndarray], num_examples: int) -> None:
-        for total, part in zip(self._ring, update, strict=True):
+        raise RuntimeError("a masked update is added with add_from: its sender's group picks the ring")
+
+    def add_from(self, client_id: int, update: Sequence[np.ndarray]) -> None:
+        """Add a masked update to its sender's group's ring (on the fold thread)."""
+        secure = self._secure()
+        ring = self._rings.get(secure.group_of[client_id])
+        if ring is None:
+            ring = [np.zeros(np.shape(w), np.uint32) for w in self._global] + [np.zeros(1, np.uint32)]
+            self._rings[secure.group_of[client_id]] = ring
+        for total, part in zip(ring, update, strict=True):
             np.add(total, np.asarray(part, np.uint32), out=total)  # wraps around: the ring
 
-    def masked_sum(self) -> list[np.ndarray]:
-        """What the server holds before unmasking (uniformly distributed while masks remain)."""
-        return self._ring
+    def masked_sum(self) -> dict[int, list[np.ndarray]]:
+        """What the server holds before unmasking, a ring per group (uniform while masks remain)."""
+        return self._rings
 
     def result(self) -> Weights:
-        secure = self.secagg
-        if secure is None:
-            raise RuntimeError("the round's secure aggregation was not attached")
-        total = secure.unmask(self._ring)
-        self._ring = []
-        sums, count = sa.decode(total, secure.scale)
-        _check_decoded(sums, count, secure)
+        secure = self._secure()
+        self.progress = False
+        try:
+            totals = secure.unmask(self._rings)
+        except SecAggError:
+            self.apart |= secure.disputes
+            raise
+        self._rings = {}
+        members = secure.groups_submitted()
+        passed: list[tuple[list[np.ndarray], int]] = []
+        for index, total in totals.items():
+            sums, count = sa.decode(total, secure.scale)
+            try:
+                _check_decoded(sums, count, secure, len(members[index]))
+            except SecAggError as exc:
+                secure.failed.append((members[index], str(exc)))
+                continue
+            passed.append((sums, count))
+            secure.counted |= members[index]
+        self.progress = self.isolation.observe(secure.number, [group for group, _ in secure.failed])
+        if not passed:
+            reasons = "; ".join(reason for _, reason in secure.failed)
+            raise SecAggError(f"every group's unmasked sum is impossible: {reasons}")
+        sums = [np.array(t, np.float64) for t in passed[0][0]]
+        for other, _ in passed[1:]:
+            for acc, part in zip(sums, other, strict=True):
+                acc += part
         self.inner.begin_round(self._global, self._max_updates)
-        self.inner.add_aggregate(sums, count)
+        self.inner.add_aggregate(sums, sum(count for _, count in passed))
         return self.inner.result()
 
+    def _secure(self) -> SecAggRound:
+        if self.secagg is None:
+            raise RuntimeError("the round's secure aggregation was not attached")
+        return self.secagg
+
     def state(self) -> dict[str, np.ndarray]:
-        return self.inner.state()
+        state = self.inner.state()
+        if self.isolation.excluded:
+            state[EXCLUDED_KEY] = np.array(self.isolation.state(), np.int64)
+        return state
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
-        self.inner.restore(state)
+        rest = dict(state)
+        self.isolation.restore(int(c) for c in rest.pop(EXCLUDED_KEY, np.zeros(0, np.int64)))
+        self.inner.restore(rest)
 
 
-def _check_decoded(sums: Sequence[np.ndarray], count: int, secure: SecAggRound) -> None:
-    """Honest updates decode to a count of 1..k x max_examples and a mean change within +-bound
-    (each client clipped before encoding). Anything else means a client sent ring words that
-    were not an encoded update: the round cannot be trusted."""
-    spec, k = secure.spec, len(secure.submitted)
+def _check_decoded(sums: Sequence[np.ndarray], count: int, secure: SecAggRound, k: int) -> None:
+    """Honest updates (k of them) decode to a count of 1..k x max_examples and a mean change
+    within +-bound (each client clipped before encoding). Anything else means a client sent
+    ring words that were not an encoded update: this sum cannot be trusted."""
+    spec = secure.spec
     if not 1 <= count <= k * spec.max_examples:
         raise SecAggError(
             f"the unmasked example count is {count}, outside 1..{k * spec.max_examples}: a client "

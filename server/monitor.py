@@ -67,10 +67,17 @@ class _Client:
 class Monitor:
     """The run as it goes: clients, rounds, bytes, refusals; and the Prometheus metrics of it."""
 
-    def __init__(self, run: RunSpec, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        run: RunSpec,
+        *,
+        strategy: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._lock = threading.Lock()
         self._clock = clock
         self.run = run
+        self.strategy = dict(strategy or {"name": "fedavg"})  # fedgrpc.server.strategy.strategy_record
         self.started = clock()
         self.version = 0  # bumped on every change: the dashboard's stream sends when it moves
         self._phase = "waiting"
@@ -161,6 +168,10 @@ class Monitor:
             client.state, client.last_seen = "evaluated", now
             self._changed()
 
+    def call_ended_early(self) -> None:
+        """A call its client ended (cancelled, deadline passed, connection closed) before it was answered."""
+        self._metrics["calls_ended_early"].inc()
+
     def refused(self, address: str, code: str, what: str, message: str, client_id: int | None = None) -> None:
         with self._lock:
             now = self._clock()
@@ -246,6 +257,8 @@ class Monitor:
                     "partition": self.run.partition,
                     "compression": self.run.compression,
                     "proximal_mu": self.run.proximal_mu,
+                    "strategy": self.strategy,
+                    "secagg": self.run.secagg is not None,
                 },
                 "state": {
                     "phase": self._phase,
@@ -302,10 +315,17 @@ class Monitor:
             ),
             "bytes_sent": Counter("fedgrpc_sent_bytes_total", "Weight bytes sent to clients", registry=r),
             "updates_accepted": Counter(
-                "fedgrpc_updates_accepted_total", "Updates counted in a round", registry=r
+                "fedgrpc_updates_accepted_total",
+                "Updates accepted by SubmitUpdate (under secure aggregation, counted or not)",
+                registry=r,
             ),
             "updates_refused": Counter(
                 "fedgrpc_refusals_total", "Calls refused, by gRPC status code", ["code"], registry=r
+            ),
+            "calls_ended_early": Counter(
+                "fedgrpc_calls_ended_early_total",
+                "Calls their client ended before they were answered (cancelled, deadline, connection closed)",
+                registry=r,
             ),
             "clients_seen": Gauge("fedgrpc_clients_seen", "Clients that have called this server", registry=r),
             "clients_connected": Gauge(

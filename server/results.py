@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +24,12 @@ from typing import Any
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
+
+log = logging.getLogger("fedgrpc.server")
+
+#: A write that fails (EMFILE, ENOSPC, EIO) is tried again this many times, waiting twice as long each time.
+WRITE_ATTEMPTS = 4
+FIRST_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,38 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp.name, path)
 
 
+def persist(
+    what: str,
+    write: Callable[[], object],
+    *,
+    stop: threading.Event | None = None,
+    attempts: int = WRITE_ATTEMPTS,
+    first_retry_s: float = FIRST_RETRY_S,
+) -> bool:
+    """Run `write`; on OSError say so and try again, waiting 1, 2, 4 s. False when every try
+    failed (reported; the caller decides whether the run can go on without it): a full disk or
+    a moment without free descriptors must not end a run with a traceback."""
+    wait = first_retry_s
+    for attempt in range(1, attempts + 1):
+        try:
+            write()
+            return True
+        except OSError as exc:
+            if attempt == attempts:
+                log.error("%s could not be written (%d tries): %s", what, attempts, exc)
+                return False
+            log.error(
+                "%s could not be written: %s; trying again in %.0f s (free disk space or descriptors)",
+                what, exc, wait,
+            )  # fmt: skip
+            if stop is not None and stop.wait(wait):
+                attempts = attempt + 1  # stopping: one last try, at once
+            elif stop is None:
+                threading.Event().wait(wait)
+            wait *= 2
+    return False
+
+
 class RunResults:
     """Writes a run's results under one folder."""
 
@@ -111,6 +151,7 @@ class RunResults:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
+        self.strategy: Mapping[str, Any] | None = None  # recorded in history.json's "run"
         out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -126,8 +167,11 @@ class RunResults:
         return self.out_dir / "curves.png"
 
     def write_history(self, run: RunSpec, records: Sequence[RoundRecord], *, finished: bool) -> None:
+        described = run.to_dict()
+        if self.strategy is not None:
+            described["strategy"] = dict(self.strategy)
         document: dict[str, Any] = {
-            "run": run.to_dict(),
+            "run": described,
             "finished": finished,
             "rounds": [asdict(r) for r in records],
             "withdrawn": [{"client_id": k, "reason": why} for k, why in self.withdrawals().items()],

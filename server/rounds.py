@@ -273,11 +273,15 @@ class RoundCoordinator:
             and self._joined_during.get(c, 0) < number
             and c not in self._left_out
         ]
+        strategy = self._strategy
+        assert isinstance(strategy, SecAggStrategy)
+        eligible = [c for c in eligible if c not in strategy.isolation.excluded]
         secure = SecAggRound(
-            self.run.run_id, number, eligible, self.run.secagg, on_change=self._tell_listeners
-        )
-        assert isinstance(self._strategy, SecAggStrategy)
-        self._strategy.secagg = secure
+            self.run.run_id, number, eligible, self.run.secagg, on_change=self._tell_listeners,
+            groups=strategy.isolation.groups(eligible, f"{self._sample_seed}:{number}:{time.monotonic_ns()}"),
+            apart=frozenset(strategy.apart),
+        )  # fmt: skip
+        strategy.secagg = secure
         return secure
 
     def leave_out(self, clients: Sequence[int]) -> None:
@@ -359,7 +363,9 @@ class RoundCoordinator:
         aggregated (DP with Poisson sampling: its global weights move by noise alone)."""
         with self._changed:
             current = self._require_round()
-            if not current.accepted and not allow_empty:
+            # A Poisson sample of no client (participants empty) leaves the model as it was.
+            unchanged = not current.accepted and not allow_empty
+            if unchanged and current.participants != frozenset():
                 raise RuntimeError(f"round {current.number} has no updates to aggregate")
             self._phase = Phase.AGGREGATING
             self._notify_everyone()
@@ -370,11 +376,14 @@ class RoundCoordinator:
             sorted(current.accepted), self.secagg_timeout_s, lambda: self._interrupted
         ):
             raise SecAggError(secure.reason or "the secure aggregation was aborted")
-        weights = self._strategy.result()
+        weights = list(current.weights) if unchanged else self._strategy.result()
+        counted = sorted(current.accepted.values(), key=lambda u: u.client_id)
+        if secure is not None:  # an update counts once its group's sum was unmasked and used
+            counted = [u for u in counted if u.client_id in secure.counted]
         return RoundOutcome(
             round=current.number,
             weights=weights,
-            updates=sorted(current.accepted.values(), key=lambda u: u.client_id),
+            updates=counted,
             bytes_in=current.bytes_in,
             bytes_out=current.bytes_out,
         )
@@ -599,7 +608,9 @@ class RoundCoordinator:
 
         def fold(reference: Sequence[np.ndarray]) -> None:
             try:
-                if prepared:
+                if isinstance(strategy, SecAggStrategy):  # masked words: summed by the sender's group
+                    strategy.add_from(client_id, update)
+                elif prepared:
                     strategy.add(update, num_examples)
                 else:
                     add_update(strategy, update, reference, num_examples)

@@ -19,6 +19,16 @@ One SecAggRound per training round (fedgrpc.common.secagg has the primitives):
   seed and key from enough shares, checks it against the commitment or public key (trying
   other subsets of shares when one disagrees, and naming who sent it), and removes the masks.
 
+Groups (fedgrpc.server.isolation decides them): after an impossible sum, an attempt may split
+its clients into disjoint groups, each its own neighbour graph, masked sum and check, so that a
+client sending ring words that are no encoded update spoils only its own group's sum. With one
+group (the normal case) this is the protocol above, unchanged.
+
+Disputes: a holder that reveals but holds no share of an owner's secret either got a share
+that did not decrypt (the owner's fault) or holds it back (its own): the server cannot tell.
+The pair is recorded, and later attempts draw no edge between the two, so neither can spoil
+the other's round again, and neither is excluded for it.
+
 A stage closes when every expected client has acted, or after `stage_timeout_s`. Up to the
 threshold's slack, clients may vanish at any stage after advertising and the round still yields
 the exact sum of the survivors; with too few, the round is aborted: no partial result, the next
@@ -80,10 +90,17 @@ class SecAggRound:
         spec: SecAggSpec,
         *,
         on_change: Callable[[], None] = lambda: None,
+        groups: Sequence[frozenset[int]] = (),
+        apart: frozenset[frozenset[int]] = frozenset(),
     ) -> None:
+        """`groups`: disjoint sets of participants aggregated apart (none: one group of all);
+        `apart`: pairs that must not be neighbours (earlier disputes)."""
         self.run_id, self.number, self.spec = run_id, number, spec
         self.session = secrets.token_bytes(16)
         self.participants = frozenset(participants)
+        self.groups = [frozenset(g) & self.participants for g in groups] or [self.participants]
+        self.apart = apart
+        self.group_of: dict[int, int] = {}  # client -> index in self.groups, once keys are advertised
         self.stage = "advertise"
         self.reason = ""
         self._on_change = on_change
@@ -98,6 +115,9 @@ class SecAggRound:
         # Owners whose secret could not be rebuilt although enough of its holders answered: it
         # sent shares that do not decrypt or do not fit together. Left out of later rounds.
         self.culprits: set[int] = set()
+        self.disputes: set[frozenset[int]] = set()  # (owner, holder) pairs: a share missing between them
+        self.counted: frozenset[int] = frozenset()  # clients whose group's sum was used
+        self.failed: list[tuple[frozenset[int], str]] = []  # groups whose sum was impossible, and why
         self._revealed: set[int] = set()
         self._opened = time.monotonic()
         self._unmask_started = self._opened
@@ -142,7 +162,8 @@ class SecAggRound:
                 seen.add(owner)
                 if owner not in holders or owner not in self.shared:
                     raise SecAggError(f"client {client} holds no share of client {owner}")
-                if kind not in KINDS or len(share.value) != 32 or not 1 <= share.index <= len(holders):
+                owners_holders = len(self.graph[owner]) + 1  # the x-coordinates the owner used
+                if kind not in KINDS or len(share.value) != 32 or not 1 <= share.index <= owners_holders:
                     raise SecAggError("a revealed share is a self-mask or mask-key share of 32 bytes")
                 if kind == "self_mask" and owner not in self.submitted:
                     raise SecAggError(
@@ -239,22 +260,46 @@ class SecAggRound:
         """Close the masked input, wait for the survivors' shares. False: aborted."""
         self._unmask_started = time.monotonic()
         with self._lock:
-            self.submitted = frozenset(submitted) & self.shared
-            if not self.submitted:
+            arrived = frozenset(submitted) & self.shared
+            if not arrived:
                 return self._abort("no masked update arrived")
-            _say_who_is_missing(self.number, "submitted a masked update", self.submitted, self.shared)
+            _say_who_is_missing(self.number, "submitted a masked update", arrived, self.shared)
+            self.submitted = arrived
+            if len(self.groups) > 1:  # a group's sum of one update would be that update: not unmasked
+                alone = [c for c in arrived if sum(self.group_of[v] == self.group_of[c] for v in arrived) < 2]
+                if alone:
+                    log.info(
+                        "round %d: client(s) %s are the only update of their group; not unmasked",
+                        self.number, sorted(alone),
+                    )  # fmt: skip
+                self.submitted = arrived - frozenset(alone)
+                if not self.submitted:
+                    return self._abort("no group holds two masked updates")
             self.stage = "unmask"
         self._on_change()
         self._wait(lambda: len(self._revealed) >= len(self.submitted), timeout_s, stopping)
-        return self.stage != "aborted"
+        with self._lock:
+            if self.stage == "aborted":
+                return False
+            revealed = frozenset(self._revealed)
+            _say_who_is_missing(self.number, "revealed their shares", revealed, self.submitted)
+        return True
 
     def abort(self, reason: str) -> None:
         with self._lock:
             if self.stage not in ("done", "aborted"):
                 self._abort(reason)
 
-    def unmask(self, masked_sum: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The true sum, the masks removed (SecAggError: too few or inconsistent shares).
+    def groups_submitted(self) -> dict[int, frozenset[int]]:
+        """Each group's counted-so-far clients (after run_unmasking), by group index."""
+        out: dict[int, set[int]] = {}
+        for c in self.submitted:
+            out.setdefault(self.group_of[c], set()).add(c)
+        return {index: frozenset(members) for index, members in sorted(out.items())}
+
+    def unmask(self, masked_sums: dict[int, list[np.ndarray]]) -> dict[int, list[np.ndarray]]:
+        """Each group's true sum, by group index, the masks removed (SecAggError: too few or
+        inconsistent shares).
 
         Rebuilding secrets takes milliseconds each, so it runs outside the lock: the stage is
         "unmasking" meanwhile, no share can arrive, and handlers keep answering."""
@@ -276,7 +321,16 @@ class SecAggRound:
             raise
         mask_keys = {u: self._clients[u].mask_key for u in self.submitted}
         try:
-            return self._remove_masks(masked_sum, seeds, keys, mask_keys)
+            out = {}
+            for index, members in self.groups_submitted().items():
+                mine = self.groups[index]
+                out[index] = self._remove_masks(
+                    masked_sums[index],
+                    {u: b for u, b in seeds.items() if u in mine},
+                    {u: k for u, k in keys.items() if u in mine},
+                    {u: k for u, k in mask_keys.items() if u in members},
+                )
+            return out
         finally:
             with self._lock:
                 self.stage = "done"
@@ -325,13 +379,39 @@ class SecAggRound:
             if len(advertised) < 2:
                 return self._abort(f"{len(advertised)} client(s) advertised keys; secure aggregation needs 2")
             _say_who_is_missing(self.number, "advertised keys", advertised, self.participants)
-            self.graph = sa.neighbours(advertised, f"{self.run_id}|{self.number}|{self.session.hex()}")
+            self.graph = self._draw_graph(advertised)
+            if len(self.graph) < 2:
+                return self._abort(
+                    f"{len(self.graph)} client(s) advertised keys and have a neighbour; "
+                    "secure aggregation needs 2"
+                )
             self.thresholds = {
                 u: sa.threshold(len(vs) + 1, self.spec.threshold) for u, vs in self.graph.items()
             }
             self.stage = "share"
         self._on_change()
         return True
+
+    def _draw_graph(self, advertised: Sequence[int]) -> dict[int, list[int]]:
+        """Each group's neighbour graph over its advertised clients, less the disputed pairs;
+        a client left with no neighbour sits this attempt out (lock held)."""
+        graph: dict[int, list[int]] = {}
+        seed = f"{self.run_id}|{self.number}|{self.session.hex()}"
+        for index, group in enumerate(self.groups):
+            members = sorted(group & set(advertised))
+            drawn = sa.neighbours(members, seed if len(self.groups) == 1 else f"{seed}|{index}")
+            for u, vs in drawn.items():
+                kept = [v for v in vs if frozenset((u, v)) not in self.apart]
+                if kept:
+                    graph[u] = kept
+                    self.group_of[u] = index
+        lonely = sorted(set(advertised) - set(graph))
+        if lonely:
+            log.warning(
+                "round %d: client(s) %s have no neighbour to aggregate with this attempt (disputes or a "
+                "group of one); they sit it out", self.number, lonely[:10],
+            )  # fmt: skip
+        return graph
 
     def _close_share(self) -> bool:
         with self._lock:
@@ -374,7 +454,8 @@ class SecAggRound:
     def _rebuild(self, owner: int, kind: str, valid: Callable[[bytes], bool]) -> bytes:
         """`owner`'s secret from the revealed shares: the first `threshold` of them that agree with
         its commitment (or public key). Revealers outside that set whose shares do not fit are
-        named; too few shares, or none that agree, abort."""
+        named; too few shares, or none that agree, abort. Too few is nobody's proven fault: a
+        holder that revealed without this share and the owner are recorded as a dispute."""
         # The owner's own share first, then by revealer: the same order whatever the arrival order.
         shares = sorted(
             ((revealer, share) for revealer, k, share in self._clients[owner].reveals if k == kind),
@@ -383,11 +464,20 @@ class SecAggRound:
         needed = self.thresholds[owner]
         what = f"client {owner}'s {kind.replace('_', ' ')}"
         if len(shares) < needed:
-            holders_in = (set(self.graph[owner]) | {owner}) & self._revealed
-            if len(holders_in) >= needed:  # enough holders were there: they never got usable shares
-                self.culprits.add(owner)
+            # Holders that revealed, but not this share: a share that did not decrypt (the owner's
+            # doing) or one held back (the holder's). Counting them as if they had revealed it
+            # would let one holder get an honest owner excluded.
+            silent = sorted((set(self.graph[owner]) & self._revealed) - {r for r, _ in shares})
+            self.disputes.update(frozenset((owner, h)) for h in silent)
+            held_back = (
+                f"; client(s) {silent} revealed their shares but none of {what} (one that did not "
+                f"decrypt, or held back): they and client {owner} will not be neighbours again"
+                if silent
+                else ""
+            )
             raise SecAggError(
                 f"{len(shares)} shares of {what} arrived and {needed} are needed: too few clients survived"
+                + held_back
             )
         for attempt, subset in enumerate(_subsets(shares, needed, f"{self.session.hex()}|{owner}|{kind}")):
             secret = _combine([s for _, s in subset])

@@ -19,6 +19,10 @@ the per-address limit, then credentials from the call's metadata, then (once the
 known) the per-client limit. Reads inside a stream are bounded by the stall timeout, the wait
 for the in-flight budget by its own bound, whatever deadline the client set.
 
+A call its client ends first (cancelled, past its deadline, or its connection closed) ends
+quietly: gRPC cancels its handler, or a write to it fails; either is counted (a summary line,
+fedgrpc_calls_ended_early_total), never a traceback.
+
 The service is registered by hand rather than through the generated add_*_to_server so the
 weight streams can use fedgrpc.common.wire's serializers: chunks written with one copy, and a
 request parser that reports garbage instead of raising.
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
@@ -60,11 +64,13 @@ from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.refusals import RefusalLog
 from fedgrpc.server.rounds import RoundCoordinator, Task
 from fedgrpc.server.secagg import SecAggRound
+from fedgrpc.server.summary import EventSummary
 from fedgrpc.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Handler = Callable[[Any, CallContext], Awaitable[T]]
 _DEADLINE_MARGIN_S = 0.5
 MAX_MESSAGE_BYTES = 16 << 20  # one chunk (1 MiB by default) and its framing; larger gets RESOURCE_EXHAUSTED
 DEFAULT_INFLIGHT_BYTES = 256 << 20
@@ -120,6 +126,16 @@ class CoordinatorServicer:
         self._phase_future: asyncio.Future[None] | None = None
         self.monitor = monitor or Monitor(coordinator.run)
         self.refusals = RefusalLog(listener=self.monitor.refused)
+        self.joins = EventSummary(log, "clients joined")
+        self.ended_early = EventSummary(
+            log,
+            "calls ended by their client before they were answered (cancelled, past their deadline, "
+            "or the connection closed)",
+            first=0,
+        )
+        self._counting_ended = True
+        self._grpc_log_filter = _CallGoneFilter(self._call_ended_early)
+        logging.getLogger("grpc._cython.cygrpc").addFilter(self._grpc_log_filter)
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The fedgrpc.v1.Coordinator service, with the weight streams' own serializers."""
@@ -127,22 +143,22 @@ class CoordinatorServicer:
             wire.SERVICE,
             {
                 "Join": grpc.unary_unary_rpc_method_handler(
-                    self.Join,
+                    self._quiet(self.Join),
                     request_deserializer=pb.JoinRequest.FromString,
                     response_serializer=pb.JoinReply.SerializeToString,
                 ),
                 "GetGlobalWeights": grpc.unary_stream_rpc_method_handler(
-                    self.GetGlobalWeights,
+                    self._quiet(self.GetGlobalWeights),
                     request_deserializer=pb.GetGlobalWeightsRequest.FromString,
                     response_serializer=wire.serialize,
                 ),
                 "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
-                    self.SubmitUpdate,
+                    self._quiet(self.SubmitUpdate),
                     request_deserializer=wire.parse_update_message,
                     response_serializer=pb.SubmitUpdateReply.SerializeToString,
                 ),
                 "SubmitEvaluation": grpc.unary_unary_rpc_method_handler(
-                    self.SubmitEvaluation,
+                    self._quiet(self.SubmitEvaluation),
                     request_deserializer=pb.EvaluationReport.FromString,
                     response_serializer=pb.SubmitEvaluationReply.SerializeToString,
                 ),
@@ -166,6 +182,34 @@ class CoordinatorServicer:
         if future is not None and not future.done():
             future.set_result(None)
 
+    def close_summaries(self) -> None:
+        """The server is stopping: log the counts not yet reported; calls it cancels itself from
+        now on are not counted as ended by their client."""
+        self._counting_ended = False
+        logging.getLogger("grpc._cython.cygrpc").removeFilter(self._grpc_log_filter)
+        self.joins.flush()
+        self.ended_early.flush()
+
+    def _quiet(self, method: Handler[T]) -> Handler[T]:
+        """`method`, ending quietly (and counted) when its client has ended the call."""
+
+        async def handle(request: Any, context: CallContext) -> T:
+            try:
+                return await method(request, context)
+            except asyncio.CancelledError:  # gRPC cancels the handler of a call its client ended
+                self._call_ended_early()
+                raise
+            except grpc.aio.InternalError:  # a write to a call whose client is gone failed
+                self._call_ended_early()
+                raise asyncio.CancelledError from None  # gRPC ends a cancelled handler quietly
+
+        return handle
+
+    def _call_ended_early(self) -> None:
+        if self._counting_ended:
+            self.ended_early.event("")
+            self.monitor.call_ended_early()
+
     # -- RPCs ----------------------------------------------------------------------
 
     async def Join(self, request: pb.JoinRequest, context: CallContext) -> pb.JoinReply:
@@ -177,7 +221,7 @@ class CoordinatorServicer:
                 self._check_task(request.client_id, wire.task_from_pb(request.task))
         except FedGrpcError as exc:
             await self._abort(context, exc, what, request.client_id)
-        log.info("client %d joined from %s", request.client_id, peer_address(context))
+        self.joins.event("client %d joined from %s", request.client_id, peer_address(context))
         self.monitor.client_joined(request.client_id, peer_address(context))
         return pb.JoinReply(
             run=wire.run_to_pb(self._coordinator.run), current_round=self._coordinator.current_round
@@ -301,9 +345,9 @@ class CoordinatorServicer:
     # -- secure aggregation's steps ------------------------------------------------
 
     def _secagg_handlers(self) -> dict[str, grpc.RpcMethodHandler]:  # type: ignore[type-arg]
-        def unary(method: Callable[..., object], request: Any) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+        def unary(method: Handler[Any], request: Any) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
             return grpc.unary_unary_rpc_method_handler(
-                method,
+                self._quiet(method),
                 request_deserializer=request.FromString,
                 response_serializer=lambda reply: reply.SerializeToString(),
             )
@@ -533,3 +577,21 @@ def _stage_reply(round_number: int, session: bytes, view: dict[str, Any]) -> pb.
         reply.survivors.extend(view["survivors"])
         reply.dropped.extend(view["dropped"])
     return reply
+
+
+class _CallGoneFilter(logging.Filter):
+    """Keeps gRPC's own traceback out of the log when it fails to send the reply or status of a
+    call whose client already ended it (an ExecuteBatchError after the handler returned), and
+    counts that call instead."""
+
+    def __init__(self, count: Callable[[], None]) -> None:
+        super().__init__()
+        self._count = count
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[0] if record.exc_info else None
+        if error is not None and issubclass(error, grpc.aio.InternalError):
+            self._count()
+            log.debug("a call ended before its answer was sent: %s", record.getMessage())
+            return False
+        return True

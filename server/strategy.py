@@ -394,3 +394,20 @@ def make_strategy(settings: StrategySettings, privacy: CentralDP | None = None) 
         if value is not None
     }
     return SERVER_OPTIMIZERS[name](**options, privacy=privacy)
+
+
+def strategy_record(settings: StrategySettings, strategy: object) -> dict[str, str | float | int]:
+    """The strategy a run aggregates with and the parameters it works with, defaults filled in
+    (`strategy` is what make_strategy built): for the start-up log, history.json and the dashboard."""
+    built = getattr(strategy, "inner", strategy)  # under secure aggregation, the FedAvg inside
+    record: dict[str, str | float | int] = {"name": settings.name}
+    for name in ("server_lr", "momentum", "beta1", "beta2", "tau"):
+        if isinstance(getattr(built, name, None), float | int):
+            record[name] = getattr(built, name)
+    if settings.name == "trimmed-mean":
+        record["trim_fraction"] = settings.trim_fraction
+    if settings.name == "krum":
+        record["byzantine"] = settings.byzantine
+    if settings.client_proximal_mu:
+        record["proximal_mu"] = settings.client_proximal_mu
+    return record

@@ -6,11 +6,13 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
 from fedgrpc.server.rounds import RoundCoordinator
@@ -113,3 +115,66 @@ def serving(coordinator: RoundCoordinator, **config: Any) -> Iterator[GrpcEndpoi
         yield endpoint
     finally:
         endpoint.stop(grace=0)
+
+
+@contextlib.contextmanager
+def held_update(port: int, clients: int, num_examples: Callable[[int], int]) -> Iterator[threading.Event]:
+    """An int8 update from whichever of clients 1..N is sampled for round 1, on 127.0.0.1:port,
+    whose stream stops after its header and first chunk until the event is set (then the call is
+    cancelled): an update being received, held for as long as a test looks at the server."""
+    from fedgrpc.client.connection import Connection
+    from fedgrpc.common import compression, wire
+    from fedgrpc.common.protocol import Instruction
+    from fedgrpc.v1 import coordinator_pb2 as pb
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    connections = [
+        Connection(f"127.0.0.1:{port}", c, connect_timeout_s=180, channel=channel)
+        for c in range(1, clients + 1)
+    ]
+    try:
+        deadline, task, client = time.monotonic() + 180, None, 0
+        while task is None:  # ask as each client in turn until one is given round 1 to train
+            assert time.monotonic() < deadline, "no client was given round 1"
+            for connection in connections:
+                polled = connection.next_task(after_round=0, max_wait_s=0.2)
+                if polled.instruction is Instruction.TRAIN:
+                    task, client = polled, connection.client_id
+                    break
+        arrays, scales = compression.encode(task.specs, task.weights, task.weights, "int8")
+        stream = wire.update_stream(
+            client_id=client, round_number=task.round, num_examples=num_examples(client), metrics={},
+            specs=task.specs, arrays=arrays, compression="int8", scales=scales,
+        )  # fmt: skip
+        release = threading.Event()
+
+        def held() -> Iterator[pb.UpdateMessage | bytes]:
+            yield next(stream)
+            yield next(stream)
+            release.wait(300)
+
+        submit = channel.stream_unary(
+            f"/{wire.SERVICE}/SubmitUpdate", request_serializer=wire.serialize, response_deserializer=None
+        )
+        call = submit.future(held(), timeout=300)
+        try:
+            yield release
+        finally:
+            release.set()
+            call.cancel()  # type: ignore[no-untyped-call]
+    finally:
+        channel.close()
+
+
+def spool_files(pid: int, spool: Path, timeout: float) -> list[str]:
+    """The files in `spool` that process `pid` has open, once it has any (what /proc shows)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        targets = []
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # closed meanwhile
+                targets.append(os.readlink(fd))
+        if found := [t for t in targets if t.startswith(f"{spool}/")]:
+            return found
+        time.sleep(0.02)
+    return []

@@ -11,9 +11,13 @@ weights it was sent (so the test can compute the expected sum), and then, by MOD
     lie         reveals garbage in place of the shares it holds of other clients' secrets
     bad-shares  sends one neighbour shares of a different secret (inconsistent shares)
     malformed   submits a masked update without its count tensor, then vanishes
+    omit        reveals its shares but leaves out every mask-key share (of neighbours that dropped)
+    count       masks an example count far out of range, every round, until it is left out
     honest      does everything right (a control)
 
-Vanishing is os._exit: no goodbye, no closed streams, as a crashed client.
+Vanishing is os._exit: no goodbye, no closed streams, as a crashed client. With --rejoin, a
+peer does not vanish: after its misbehaviour it waits for its next instruction and takes part
+honestly until the run is finished (share: it stays silent through the rest of the attempt).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from fedgrpc.client.connection import Connection
 from fedgrpc.client.light import light_examples, light_update
 from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common import secagg as sa
-from fedgrpc.common.errors import UpdateRejectedError
+from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import SecAggError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.protocol import Instruction
 
 
@@ -39,7 +44,10 @@ def main() -> int:
     parser.add_argument("--id", type=int, required=True)
     parser.add_argument("--mode", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--rejoin", action="store_true")
     args = parser.parse_args()
+    if args.mode == "count":
+        return _bad_count_every_round(args.server, args.id)
     with Connection(args.server, args.id, connect_timeout_s=60) as connection:
         run, _ = connection.join()
         task = connection.next_task(0, 30)
@@ -54,6 +62,8 @@ def main() -> int:
             _corrupt_first_share()
         secure.share_keys()
         if args.mode == "share":
+            if args.rejoin:
+                return _honest_until_finished(connection, run, args.id, 0)
             os._exit(0)
         weights = light_update(task.weights, args.id, task.round)
         if args.mode == "malformed":
@@ -75,9 +85,58 @@ def main() -> int:
             os._exit(0)
         if args.mode == "lie":
             _lie_when_revealing(connection, args.id)
+        if args.mode == "omit":
+            _omit_mask_keys_when_revealing(connection)
         secure.reveal()
         print("revealed", flush=True)
+        if args.rejoin:
+            vars(connection).pop("reveal_shares", None)  # the real one again
+            return _honest_until_finished(connection, run, args.id, task.round)
     return 0
+
+
+def _honest_until_finished(connection: Connection, run: RunSpec, me: int, last: int) -> int:
+    """The light client's round loop on this connection: every later attempt done right."""
+    while True:
+        task = connection.next_task(last, 30)
+        if task.instruction is Instruction.FINISHED:
+            return 0
+        if task.instruction is not Instruction.TRAIN:
+            continue
+        try:
+            secure = SecureRound(connection, run, task.round)
+            secure.share_keys()
+            weights = light_update(task.weights, me, task.round)
+            secure.submit(task.specs, weights, task.weights, light_examples(me))
+            secure.reveal()
+            print(f"round {task.round}: revealed", flush=True)
+        except (StaleRoundError, SecAggError) as exc:
+            print(f"round {task.round}: {exc}", flush=True)
+        last = task.round
+
+
+def _bad_count_every_round(server: str, me: int) -> int:
+    """Every round, the masked count word is 2^30 (out of any range) instead of the real count."""
+    original = sa.encode
+
+    def encode(*args: Any, **kw: Any) -> list[np.ndarray]:
+        words = original(*args, **kw)
+        words[-1] = np.array([1 << 30], np.uint32)
+        return words
+
+    sa.encode = encode
+    with Connection(server, me, connect_timeout_s=60) as connection:
+        run, _ = connection.join()
+        return _honest_until_finished(connection, run, me, 0)
+
+
+def _omit_mask_keys_when_revealing(connection: Connection) -> None:
+    original = connection.reveal_shares
+
+    def reveal(round_number: int, shares: Any, session: bytes) -> None:
+        original(round_number, [s for s in shares if s[1] != "mask_key"], session)
+
+    connection.reveal_shares = reveal  # type: ignore[method-assign]
 
 
 def _public() -> bytes:

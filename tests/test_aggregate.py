@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from fedgrpc.common.errors import ConfigError
@@ -146,32 +148,102 @@ def test_unknown_strategy_names_the_known_ones() -> None:
         make_strategy(StrategySettings("mystery"))
 
 
-def test_median_trimmed_mean_and_krum_by_hand() -> None:
+def reference_median(updates: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each coordinate's median, from its sorted values (the middle one, or the middle two's mean)."""
+    result = []
+    for i, template in enumerate(updates[0]):
+        out = np.empty(template.shape, np.float64)
+        for position in np.ndindex(template.shape):
+            values = sorted(float(u[i][position]) for u in updates)
+            middle = len(values) // 2
+            out[position] = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+        result.append(out)
+    return result
+
+
+def reference_trimmed_mean(updates: list[list[np.ndarray]], fraction: float) -> list[np.ndarray]:
+    """Each coordinate's mean after int(fraction x n) values are cut from each end."""
+    cut = int(fraction * len(updates))
+    result = []
+    for i, template in enumerate(updates[0]):
+        out = np.empty(template.shape, np.float64)
+        for position in np.ndindex(template.shape):
+            kept = sorted(float(u[i][position]) for u in updates)[cut : len(updates) - cut]
+            out[position] = sum(kept) / len(kept)
+        result.append(out)
+    return result
+
+
+def reference_krum(updates: list[list[np.ndarray]], byzantine: int) -> list[np.ndarray]:
+    """Krum: the update whose n - f - 2 nearest others are closest (summed squared distances)."""
+
+    def distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        return sum(
+            float(((x.astype(np.float64) - y.astype(np.float64)) ** 2).sum())
+            for x, y in zip(a, b, strict=True)
+        )
+
+    scores = []
+    for k, update in enumerate(updates):
+        others = sorted(distance(update, other) for j, other in enumerate(updates) if j != k)
+        scores.append(sum(others[: len(updates) - byzantine - 2]))
+    return updates[scores.index(min(scores))]
+
+
+def robust_rounds() -> list[list[list[np.ndarray]]]:
+    """Rounds of 4 to 9 updates of two tensors, some with outliers, one of them tied."""
+    rng = np.random.default_rng(11)
+    rounds = []
+    for n in (4, 5, 6, 7, 9):
+        updates = [
+            [rng.normal(0, 1, (3, 2)).astype(np.float32), rng.normal(5, 1, 4).astype(np.float32)]
+            for _ in range(n)
+        ]
+        for evil in updates[: n // 4]:
+            evil[0] *= 1000
+            evil[1][:] = -1e4
+        rounds.append(updates)
+    rounds.append([[np.full(2, v, np.float32)] for v in (1.0, 2.0, 2.0, 3.0, 500.0)])
+    return rounds
+
+
+def test_median_trimmed_mean_and_krum_equal_their_definitions() -> None:
     from fedgrpc.server.aggregate import coordinate_median, krum, trimmed_mean
 
-    honest = [
-        [np.array([1.0, 10.0], np.float32)],
-        [np.array([2.0, 11.0], np.float32)],
-        [np.array([3.0, 12.0], np.float32)],
-    ]
-    evil = [[np.array([1000.0, -1000.0], np.float32)]]
-    updates = honest + [[np.array([4.0, 13.0], np.float32)]] + evil
-    np.testing.assert_array_equal(coordinate_median(updates)[0], [3.0, 11.0])
-    # 20% of 5 = 1 value cut from each end of every coordinate
-    np.testing.assert_allclose(trimmed_mean(updates, 0.2)[0], [3.0, 11.0])
-    chosen = krum(updates, num_byzantine=1)[0]
-    assert chosen.dtype == np.float32 and np.abs(chosen).max() < 20  # never the outlier
+    for updates in robust_rounds():
+        for got, want in zip(coordinate_median(updates), reference_median(updates), strict=True):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+        for fraction in (0.0, 0.1, 0.2, 0.34, 0.49):
+            for got, want in zip(
+                trimmed_mean(updates, fraction), reference_trimmed_mean(updates, fraction), strict=True
+            ):
+                np.testing.assert_allclose(got, want, rtol=1e-6)
+        for byzantine in range(len(updates) - 2):
+            for got, want in zip(krum(updates, byzantine), reference_krum(updates, byzantine), strict=True):
+                assert got.dtype == np.float32
+                np.testing.assert_array_equal(got, want)
+    updates = robust_rounds()[0]
     with pytest.raises(ValueError, match="more than f \\+ 2"):
         krum(updates[:3], num_byzantine=1)
 
 
 def test_robust_strategies_by_name() -> None:
-    for name in ("median", "trimmed-mean", "krum"):
-        strategy, start = make_strategy(StrategySettings(name)), [np.zeros(2, np.float32)]
-        strategy.begin_round(start, 2)
-        for value in (1.0, 2.0, 3.0, 4.0, 500.0):
-            add_update(strategy, [np.full(2, value, np.float32)], start, 1)
-        assert strategy.result()[0].max() < 10, name
+    """Through make_strategy, with the flags' defaults (trim 0.2, one Byzantine client)."""
+    definitions: dict[str, Callable[[list[list[np.ndarray]]], list[np.ndarray]]] = {
+        "median": reference_median,
+        "trimmed-mean": lambda updates: reference_trimmed_mean(updates, 0.2),
+        "krum": lambda updates: reference_krum(updates, 1),
+    }
+    for name, definition in definitions.items():
+        for updates in robust_rounds():
+            start = [np.zeros_like(t) for t in updates[0]]
+            strategy = make_strategy(StrategySettings(name))
+            strategy.begin_round(start, len(updates))
+            for update in updates:
+                add_update(strategy, update, start, 1)
+            for got, want in zip(strategy.result(), definition(updates), strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=name)
     with pytest.raises(ConfigError, match="trim-fraction"):
         make_strategy(StrategySettings("trimmed-mean", trim_fraction=0.6))
 

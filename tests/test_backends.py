@@ -10,7 +10,10 @@ import pytest
 from fedgrpc.common.processes import free_port
 from helpers import finish, server_command, start
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None,
+    reason="JAX is not installed (pip install -e '.[dev]', or 'fedgrpc[jax]')",
+)
 
 
 def test_a_tensorflow_client_and_a_jax_client_in_one_run(tmp_path: Path, synthetic_npz: Path) -> None:

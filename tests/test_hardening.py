@@ -188,8 +188,11 @@ def test_honest_clients_finish_while_1000_idle_and_200_stalled_streams_are_held_
         assert attacker.open == 1200, (attacker.outcomes, attacker.details)
     finally:
         attacker.close()  # the attack ends
-    time.sleep(2.0)
-    after = rss_mb(server.pid)
+    # ... and the memory comes back once they end: waited for, not timed (a loaded machine is slow)
+    deadline, after = time.monotonic() + 120, rss_mb(server.pid)
+    while after - baseline >= 0.25 * (peak - baseline) + 20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        after = rss_mb(server.pid)
     hear_finished(port, 4)
     assert attacker.outcomes == {"closed by us": 1200}, attacker.outcomes
     assert finish(server, log) == 0, log.read_text()
@@ -197,7 +200,7 @@ def test_honest_clients_finish_while_1000_idle_and_200_stalled_streams_are_held_
     assert [sorted(c["client_id"] for c in r["clients"]) for r in rounds] == [[1, 2, 3]] * 4
     print(f"server RSS: {baseline:.0f} MB before the attack, {peak:.0f} MB at its peak, {after:.0f} MB after")
     assert peak - baseline < 300  # 1200 open calls cost memory, bounded
-    assert after - baseline < 0.25 * (peak - baseline) + 20  # and it comes back once they end
+    assert after - baseline < 0.25 * (peak - baseline) + 20  # and it came back once they ended
 
 
 def test_default_limits_refuse_a_flood_at_once(tmp_path: Path, synthetic_npz: Path) -> None:
@@ -255,7 +258,7 @@ def test_a_stalled_stream_gives_its_budget_back(tmp_path: Path, synthetic_npz: P
     """Before: with --max-inflight-mb 1 one stalled stream made every other submit UNAVAILABLE,
     and a submit without a deadline crashed its handler (UNKNOWN, OverflowError)."""
     port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
-    extra = ("--max-inflight-mb", "1", "--stall-timeout", "8", "--inflight-wait", "2")
+    extra = ("--max-inflight-mb", "1", "--stall-timeout", "30", "--inflight-wait", "2")
     policy = ("--min-clients", "3", "--round-timeout", "5", "--join-timeout", "30")
     server = start(*server_args(port, synthetic_npz, out, *extra, *policy, rounds=2), log=log)
     wait_for_line(log, "listening on port", process=server)
@@ -266,21 +269,21 @@ def test_a_stalled_stream_gives_its_budget_back(tmp_path: Path, synthetic_npz: P
         attacker.stalled_submits(1, 4, round_number, specs)
         time.sleep(0.5)
         # A whole valid update, with no deadline, while the stalled stream holds the budget.
-        started = time.monotonic()
         with grpc.insecure_channel(f"[::1]:{port}") as channel, pytest.raises(grpc.RpcError) as info:
             pb_grpc.CoordinatorStub(channel).SubmitUpdate(
                 iter(raw_update(4, round_number, specs, weights, 5))
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
         assert "busy receiving other updates" in (info.value.details() or "")
-        assert time.monotonic() - started < 8
+        # refused at once, not after the stall timeout: the stalled stream is still held
+        assert attacker.open == 1 and not attacker.outcomes, attacker.outcomes
         finish_all(honest)  # their submits wait or retry until the stalled stream is cut
-        assert attacker.settled(1, timeout=30)
+        assert attacker.settled(1, timeout=120)
     finally:
         attacker.close()
     assert attacker.outcomes == {"DEADLINE_EXCEEDED": 1}
     assert list(attacker.details) == [
-        "nothing arrived for 8 s while waiting for the next chunk; the stream was cut"
+        "nothing arrived for 30 s while waiting for the next chunk; the stream was cut"
     ]
     assert finish(server, log) == 0, log.read_text()
     assert [sorted(c["client_id"] for c in r["clients"]) for r in history(out)["rounds"]] == [[1, 2, 3]] * 2
@@ -299,9 +302,12 @@ def test_a_server_killed_during_round_one_resumes_the_same_run(tmp_path: Path) -
     ]  # fmt: skip
     server = start(*command, log=log)
     clients = start_clients(port, data, tmp_path)
-    for _, client_log in clients:
-        wait_for_line(client_log, "data: 1000 examples", process=server)
-    time.sleep(1.0)
+    wait_for_line(log, "listening on port", process=server)
+    with Connection(f"127.0.0.1:{port}", 1, connect_timeout_s=180) as connection:
+        deadline = time.monotonic() + 180
+        while connection.join()[1] < 1:  # the round the server has opened: none yet
+            assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
     server.send_signal(signal.SIGKILL)
     server.wait()
     state = json.loads((out / "checkpoint" / "state.json").read_text())

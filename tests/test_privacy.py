@@ -116,15 +116,53 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(tmp_path: Path, s
     assert "round 4 would spend epsilon" in text and "the run ends after round 3" in text
 
 
-def test_a_client_with_local_dp_accounts_for_itself(tmp_path: Path, synthetic_npz: Path) -> None:
+def recorded(out: Path, round_number: int, client: int) -> list[np.ndarray]:
+    with np.load(out / "updates" / f"round-{round_number:04d}" / f"client-{client}.npz") as npz:
+        return [npz[k].astype(np.float64) for k in sorted(npz.files)]
+
+
+def test_a_client_with_local_dp_sends_clipped_noised_updates_and_accounts_for_itself(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """What the server received from the private client (--record-updates), measured against the
+    rounds' starting weights: its change is the clipped change plus N(0, (noise x clip)^2) per
+    weight, so ||change||^2 = clip^2 + n (noise x clip)^2 within the noise's own spread. The clip
+    is small beside a round's training (the plain client's change shows it) and the noise is large
+    beside the clip (so both terms are measured): without the clip or without the noise the sum is
+    far off."""
+    import keras
+    from fedgrpc.common.models import reference_cnn
+
+    keras.utils.set_random_seed(3)
+    initial = tmp_path / "initial.keras"
+    reference_cnn().save(initial)
+    start_weights = [w.astype(np.float64) for w in keras.models.load_model(initial).get_weights()]
+    clip, noise = 0.1, 0.01
     port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
-    server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=2), log=log)
-    private = ("--insecure", "--local-dp-clip", "5.0", "--local-dp-noise-multiplier", "0.1")
+    extra = ("--record-updates", "--init-model", str(initial))
+    server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=2, extra=extra), log=log)
+    private = ("--insecure", "--local-dp-clip", str(clip), "--local-dp-noise-multiplier", str(noise))
     clients = start_clients(port, synthetic_npz, tmp_path, ids=(1,), extra=private)
     clients += start_clients(port, synthetic_npz, tmp_path, ids=(2,))
     finish_all(clients)
     assert finish(server, log) == 0, log.read_text()
-    expected = PrivacyAccountant(0.1, 1e-5).epsilon(2)
+
+    history = json.loads((out / "history.json").read_text())
+    counts = {c["client_id"]: c["num_examples"] for c in history["rounds"][0]["clients"]}
+    after_round_1 = [  # the global weights round 2 started from: round 1's weighted mean
+        sum(recorded(out, 1, c)[i] * n for c, n in counts.items()) / sum(counts.values())
+        for i in range(len(start_weights))
+    ]
+    n = sum(w.size for w in start_weights)
+    std = noise * clip
+    spread = 5 * (math.sqrt(2 * n) * std**2 + 2 * std * clip)  # 5 sd of ||noise||^2 + 2 <c, noise>
+    for round_number, reference in ((1, start_weights), (2, after_round_1)):
+        private_change = [u - g for u, g in zip(recorded(out, round_number, 1), reference, strict=True)]
+        plain_change = [u - g for u, g in zip(recorded(out, round_number, 2), reference, strict=True)]
+        assert sum((c * c).sum() for c in plain_change) > 10 * clip**2  # training moves far past the clip
+        squared = sum((c * c).sum() for c in private_change)
+        assert abs(squared - (clip**2 + n * std**2)) < spread, (round_number, squared, clip**2 + n * std**2)
+    expected = PrivacyAccountant(noise, 1e-5).epsilon(2)
     assert (
         f"local DP: epsilon {expected:.3f} spent so far (delta 1e-05)"
         in (tmp_path / "client-1.log").read_text()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import helpers
 import numpy as np
+import pytest
 from fedgrpc.client.light import light_examples
 from fedgrpc.common.processes import free_port
 from helpers import finish, finish_all, server_command, start, start_clients
@@ -27,6 +30,14 @@ def test_a_sample_of_light_clients_per_round_with_int8_updates(tmp_path: Path, s
     clients = start_clients(
         port, synthetic_npz, tmp_path, ids=tuple(range(1, 13)), extra=("--insecure", "--light")
     )
+    # Spool files are unlinked from the start: while an update is being received (one held open
+    # here, as a client sampled for round 1), its file is open in the server and has no name.
+    helpers.wait_for_line(server_log, "listening on port", process=server)
+    with helpers.held_update(port, clients=12, num_examples=light_examples) as held:
+        staged = helpers.spool_files(server.pid, spool, timeout=120)
+        assert staged and all(target.endswith(" (deleted)") for target in staged), staged
+        assert not list(spool.iterdir()), "a spool file had a name"
+        held.set()
     finish_all(clients)
     assert finish(server, server_log) == 0, server_log.read_text()
 
@@ -40,7 +51,7 @@ def test_a_sample_of_light_clients_per_round_with_int8_updates(tmp_path: Path, s
         assert record["bytes_out"] > 4 * CNN_PARAMETERS * 4
     assert "clients 4/4" in server_log.read_text()
     assert f"staged on disk in {spool}" in server_log.read_text()
-    assert not list(spool.iterdir())  # spool files are unlinked from the start
+    assert not list(spool.iterdir())  # and nothing is left behind
 
     import keras
 
@@ -54,3 +65,106 @@ def test_a_sample_of_light_clients_per_round_with_int8_updates(tmp_path: Path, s
     saved = keras.models.load_model(out / "final_model.keras").get_weights()
     for got, want in zip(saved, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+SIZED = Path(__file__).resolve().parents[1] / "bench" / "tasks" / "sized.py"
+
+
+def test_hundreds_of_asyncio_light_clients_in_one_process_some_cancelling(tmp_path: Path) -> None:
+    """300 light clients on one event loop complete a round against a real fl-server. Before it,
+    20 of them cancel a waiting long-poll; in it, 20 cancel their download after its header.
+    The server counts calls ended early in a summary line, logs no traceback for them, and
+    summarises the joins instead of writing 300 lines."""
+    import asyncio
+
+    import grpc
+    from fedgrpc.client.light import LightSettings, light_client, run_light_clients
+    from fedgrpc.v1 import coordinator_pb2 as pb
+    from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+
+    clients, port, out, server_log = 300, free_port(), tmp_path / "out", tmp_path / "server.log"
+    server = start(
+        "fl-server", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--rounds", "1",
+        "--clients", str(clients), "--task", str(SIZED), "--param", "parameters=1048576",
+        "--chunk-kb", "256", "--eval-every", "0", "--out", str(out), "--threads", "1",
+        log=server_log,
+    )  # fmt: skip
+    target = f"127.0.0.1:{port}"
+    settings = LightSettings(connect_timeout_s=180)
+
+    async def join(stub: pb_grpc.CoordinatorStub, client_id: int) -> None:
+        for _ in range(600):
+            try:
+                await stub.Join(pb.JoinRequest(client_id=client_id), timeout=10)
+                return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.3)
+        raise AssertionError("the server never answered Join")
+
+    async def cancel_a_wait(channel: grpc.aio.Channel, client_id: int) -> None:
+        stub = pb_grpc.CoordinatorStub(channel)
+        await join(stub, client_id)
+        call = stub.GetGlobalWeights(
+            pb.GetGlobalWeightsRequest(client_id=client_id, after_round=1000, max_wait_ms=30_000)
+        )
+        await asyncio.sleep(1.0)  # the server holds the long-poll: nothing to send after round 1000
+        call.cancel()
+
+    async def cancel_a_download_then_take_part(channel: grpc.aio.Channel, client_id: int) -> None:
+        stub = pb_grpc.CoordinatorStub(channel)
+        await join(stub, client_id)
+        while True:  # wait for round 1, read the header of its 4 MiB of weights, then hang up
+            request = pb.GetGlobalWeightsRequest(client_id=client_id, after_round=0, max_wait_ms=30_000)
+            call = stub.GetGlobalWeights(request, timeout=300)
+            first = await call.read()
+            assert isinstance(first, pb.WeightsMessage)
+            call.cancel()
+            if first.header.instruction == pb.TRAIN:
+                break
+        await light_client(target, client_id, settings, channel=channel)
+
+    async def everyone() -> tuple[dict[int, object], dict[int, str]]:
+        channel = grpc.aio.insecure_channel(target)
+        await asyncio.gather(*(cancel_a_wait(channel, i) for i in range(1, 21)))
+        others = [asyncio.ensure_future(cancel_a_download_then_take_part(channel, i)) for i in range(21, 41)]
+        done, failed = await run_light_clients(
+            target, [i for i in range(1, clients + 1) if not 21 <= i <= 40], settings
+        )
+        await asyncio.gather(*others)
+        await channel.close(None)
+        return dict(done), failed
+
+    done, failed = asyncio.run(asyncio.wait_for(everyone(), 600))
+    assert finish(server, server_log) == 0, server_log.read_text()[-3000:]
+    assert not failed and len(done) == clients - 20
+
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["rounds"][0]["clients"]) == clients
+    log = server_log.read_text()
+    assert "Traceback" not in log and "ExecuteBatchError" not in log, log[-3000:]
+    counts = r": \d+(?: more)? in the last \d+ s, (\d+) in all"
+    ended = [int(n) for n in re.findall(r"calls ended by their client .*" + counts, log)]
+    assert ended and ended[-1] >= 20, log[-3000:]
+    assert log.count(" joined from ") <= 10
+    joined = [int(n) for n in re.findall(r"clients joined" + counts, log)]
+    assert joined and joined[-1] >= clients, log[-3000:]
+
+
+def test_a_summary_logs_the_first_events_then_counts(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from fedgrpc.server.summary import EventSummary
+
+    now = [100.0]
+    summary = EventSummary(logging.getLogger("test.summary"), "clients joined", first=2, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.summary"):
+        for client in range(1, 1001):
+            summary.event("client %d joined", client)
+            now[0] += 0.025  # 1,000 joins over 25 s
+        summary.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:2] == ["client 1 joined", "client 2 joined"]
+    assert len(lines) <= 2 + 4  # one count line per 10 s at most, and the last one flushed
+    assert lines[-1].endswith(", 1000 in all")
+    counts = [int(line.split(": ")[1].split()[0]) for line in lines[2:]]
+    assert sum(counts) == 998

@@ -140,6 +140,42 @@ def test_keys_no_exchange_works_with_are_refused() -> None:
     sa.check_public_key(sa.public_bytes(sa.new_private_key()))
 
 
+def test_group_testing_deals_suspects_to_both_groups_and_narrows_down_to_one() -> None:
+    from fedgrpc.server.isolation import Isolation, split
+
+    groups = split(list(range(1, 9)), frozenset({2, 5, 7}), "seed")
+    assert len(groups) == 2 and groups[0] | groups[1] == set(range(1, 9)) and not groups[0] & groups[1]
+    assert sorted(len(g) for g in groups) == [4, 4]
+    assert sorted(len(g & {2, 5, 7}) for g in groups) == [1, 2]
+    isolation = Isolation()
+    assert isolation.groups(list(range(1, 9)), "s") == []  # nothing suspected: one group
+    assert isolation.observe(1, [frozenset(range(1, 9))])  # the whole round spoiled: all suspects
+    offender = 6
+    for attempt in range(10):
+        spoiled = [g for g in isolation.groups(list(range(1, 9)), f"s{attempt}") if offender in g]
+        assert isolation.observe(2, spoiled)  # each impossible sum makes progress
+        if isolation.excluded:
+            break
+    assert list(isolation.excluded) == [offender] and attempt <= 3 and not isolation.suspects
+    assert not isolation.observe(3, [])  # nothing spoiled: nothing learned
+
+
+def test_an_excluded_client_stays_excluded_after_a_restart(tmp_path: Path) -> None:
+    """The exclusion travels in the checkpoint's strategy state, beside a server optimizer's."""
+    from fedgrpc.server.fedopt import FedAdam
+
+    strategy = SecAggStrategy(FedAdam(0.01))
+    strategy.isolation.excluded[4] = "spoiled every group"
+    store = CheckpointStore(tmp_path / "checkpoint")
+    run = RunSpec(num_clients=4, secagg=SecAggSpec())
+    store.save(run, 1, [np.zeros(3, np.float32)], [], strategy.state())
+    checkpoint = store.load()
+    assert checkpoint is not None
+    restarted = SecAggStrategy(FedAdam(0.01))
+    restarted.restore(checkpoint.strategy_state)
+    assert list(restarted.isolation.excluded) == [4]
+
+
 # -- what the server holds: an in-process coordinator, real gRPC, real client code --------------
 
 
@@ -148,12 +184,15 @@ class _LiveRound:
     client running SecureRound (of the given class); every masked update is folded in when the
     block starts, and the caller closes the round (or not)."""
 
-    def __init__(self, clients: dict[int, type[SecureRound]], weights: list[np.ndarray]) -> None:
+    def __init__(
+        self, clients: dict[int, type[SecureRound]], weights: list[np.ndarray], *, change: bool = False
+    ) -> None:
+        """`change`: each client sends light_update's change and 10 x its id examples; else none."""
         self.run = RunSpec(num_clients=len(clients), secagg=SecAggSpec(max_examples=1000))
         specs = [TensorSpec(f"t{i}", "float32", w.shape) for i, w in enumerate(weights)]
         self.strategy = SecAggStrategy(FedAvg())
         self.coordinator = RoundCoordinator(self.run, specs, self.strategy, secagg_timeout_s=20)
-        self._clients, self._weights = clients, weights
+        self._clients, self._weights, self._change = clients, weights, change
         self._errors: list[BaseException] = []
         self._threads: list[threading.Thread] = []
 
@@ -189,7 +228,8 @@ class _LiveRound:
                     task = connection.next_task(0, 10)
                 secure = kind(connection, self.run, task.round)
                 secure.share_keys()
-                secure.submit(task.specs, task.weights, task.weights, 10 * client_id)  # no change at all
+                sent = light_update(task.weights, client_id, task.round) if self._change else task.weights
+                secure.submit(task.specs, sent, task.weights, 10 * client_id)
                 secure.reveal()
         except BaseException as exc:  # noqa: BLE001 - reported when the block ends
             self._errors.append(exc)
@@ -204,11 +244,12 @@ def _chi_square_of_top_bytes(words: np.ndarray) -> float:
 def test_what_the_server_holds_before_unmasking_is_uniform_and_the_sum_is_exact() -> None:
     weights = [np.full(60_000, 0.5, np.float32), np.zeros(7, np.float32)]
     with _LiveRound({1: SecureRound, 2: SecureRound, 3: SecureRound}, weights) as live:
-        held = sa.flatten(live.strategy.masked_sum())
         secure = live.coordinator.secure_round
         assert secure is not None
+        (ring,) = live.strategy.masked_sum().values()  # one group
+        held = sa.flatten(ring)
         secure.run_unmasking([1, 2, 3], 20, lambda: False)  # the clients reveal their shares
-        unmasked = sa.flatten(secure.unmask(live.strategy.masked_sum()))
+        unmasked = sa.flatten(secure.unmask(live.strategy.masked_sum())[0])
     # Every client sent "no change": unmasked, the words are all zero but the count. Masked, the
     # top byte of 60,007 words falls in 256 bins as uniform words would: chi-square with 255
     # degrees of freedom stays below 350 (p = 1e-4); each of the 32 bits is set half the time.
@@ -221,9 +262,17 @@ def test_what_the_server_holds_before_unmasking_is_uniform_and_the_sum_is_exact(
 
 
 def test_the_unmasked_round_equals_the_plain_mean() -> None:
-    weights = [np.full(1000, 0.5, np.float32)]
-    with _LiveRound({1: SecureRound, 2: SecureRound, 3: SecureRound}, weights) as live:
-        np.testing.assert_array_equal(live.coordinator.close_round().weights[0], weights[0])
+    """Three distinct changes, weighted 10, 20 and 30: the unmasked result is their weighted
+    mean, within the encoding's rounding (half a step per client)."""
+    weights = [np.full(1000, 0.5, np.float32), np.linspace(-1, 1, 7, dtype=np.float32)]
+    with _LiveRound({1: SecureRound, 2: SecureRound, 3: SecureRound}, weights, change=True) as live:
+        got = live.coordinator.close_round().weights
+        scale = live.coordinator.secure_round.scale  # type: ignore[union-attr]
+    for index, g in enumerate(weights):
+        changes = [light_update(weights, c, 1)[index].astype(np.float64) - g for c in (1, 2, 3)]
+        assert all(np.abs(c).max() > 1e-3 for c in changes) and not np.array_equal(changes[0], changes[1])
+        want = g + sum(10 * c * ch for c, ch in zip((1, 2, 3), changes, strict=True)) / 60
+        np.testing.assert_allclose(got[index], want, rtol=0, atol=3 * 0.5 / scale / 60 + 1e-7)
 
 
 class _GarbageWords(SecureRound):
@@ -291,7 +340,8 @@ def _run_with_peer(tmp_path: Path, data: Path, mode: str) -> tuple[int, Path, Pa
         ("advertise", (2, 3), "2 of 3 clients shared keys; going on without client 1"),
         # its pairwise masks removed with its mask key, rebuilt from the others' shares
         ("share", (2, 3), "2 of 3 clients submitted a masked update; going on without client 1"),
-        ("submit", (1, 2, 3), ""),  # counted; its self-mask seed rebuilt without it
+        # counted; its self-mask seed rebuilt without it
+        ("submit", (1, 2, 3), "2 of 3 clients revealed their shares; going on without client 1"),
         # forged shares of client 2's and 3's seeds: each rebuilt from other shares, the liar named
         ("lie", (1, 2, 3), "revealed by client(s) [1] do not fit the others"),
         # client 2 got shares of another secret from 1: client 1's seed rebuilt from 1's and 3's
@@ -352,6 +402,97 @@ def test_too_few_survivors_abort_the_round_cleanly(tmp_path: Path, synthetic_npz
     assert checkpoint is not None and checkpoint.round == 0  # no partial result was ever applied
 
 
+def _peer(
+    port: int, tmp_path: Path, client_id: int, mode: str, *rest: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start tests/secagg_peer.py as client `client_id` in `mode`; returns it and its log."""
+    log = tmp_path / f"peer-{client_id}.log"
+    process = subprocess.Popen(
+        [sys.executable, str(PEER), "--server", f"127.0.0.1:{port}", "--id", str(client_id),
+         "--mode", mode, "--out", str(tmp_path / f"global-{client_id}.npz"), *rest],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=ENV,
+    )  # fmt: skip
+    STARTED.append(process)
+    return process, log
+
+
+def _replay(start_weights: Sequence[np.ndarray], counted: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """The global weights after light clients' rounds, `counted[r]` the clients of round r + 1."""
+    weights = [np.asarray(w, np.float64) for w in start_weights]
+    for number, clients in enumerate(counted, start=1):
+        sent = {c: light_update([w.astype(np.float32) for w in weights], c, number) for c in clients}
+        total = sum(light_examples(c) for c in clients)
+        weights = [
+            g + sum(light_examples(c) * (sent[c][i].astype(np.float64) - g) for c in clients) / total
+            for i, g in enumerate(weights)
+        ]
+    return weights
+
+
+def test_a_holder_that_leaves_out_a_share_gets_no_honest_client_excluded(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """Client 2 shares its keys, then goes silent; client 3 reveals its shares but not its share
+    of client 2's mask key, so the key cannot be rebuilt and the attempt aborts. Nobody is left
+    out for it: the pair becomes a dispute (no longer neighbours), and in the next attempt both
+    take part honestly and all three updates are counted."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "6", "--round-timeout", "8", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=3, extra=flags), log=log)
+    wait_for_line(log, "waiting for 3 clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=(1,), extra=("--insecure", "--light"))
+    peers = [_peer(port, tmp_path, 2, "share", "--rejoin"), _peer(port, tmp_path, 3, "omit", "--rejoin")]
+    assert finish(server, log) == 0, log.read_text()
+    finish_all(clients)
+    finish_all(peers)
+    text = log.read_text()
+    assert "1 shares of client 2's mask key arrived and 2 are needed" in text
+    assert "client(s) [3] revealed their shares but none of client 2's mask key" in text
+    assert "left out from now on" not in text
+    for _, peer_log in peers:
+        assert "round 1: revealed" in peer_log.read_text()  # the second attempt, done right
+    history = json.loads((out / "history.json").read_text())
+    assert [c["client_id"] for c in history["rounds"][0]["clients"]] == [1, 2, 3]
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 1
+    for got, want in zip(final.weights, _replay(initial.weights, [(1, 2, 3)]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def test_a_client_masking_an_impossible_count_every_round_is_isolated_and_the_run_goes_on(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """Client 4 masks an example count of 2^30 every round. Round 1's sum is impossible; the
+    attempts after it aggregate in two groups, the spoiled group's members become suspects,
+    and once one is left it is excluded and named. Every round closes with the exact mean of
+    the honest clients whose group's sum was used, and the server exits 0."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "10", "--round-timeout", "20", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=3, clients=4, extra=flags), log=log)
+    wait_for_line(log, "waiting for 4 clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=(1, 2, 3), extra=("--insecure", "--light"))
+    peer = _peer(port, tmp_path, 4, "count")
+    assert finish(server, log) == 0, log.read_text()
+    finish_all(clients)
+    text = log.read_text()
+    assert "client 4 is left out of secure aggregation from now on" in text
+    assert "non-finite" not in text and "attempts in a row" not in text
+    assert "the unmasked example count is" in text  # said why
+    history = json.loads((out / "history.json").read_text())
+    counted = [[c["client_id"] for c in r["clients"]] for r in history["rounds"]]
+    assert len(counted) == 3 and all(4 not in r and len(r) >= 2 for r in counted), counted
+    assert counted[-1] == [1, 2, 3]  # after the exclusion: every honest client, one group again
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 3
+    for got, want in zip(final.weights, _replay(initial.weights, counted), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    finish_all([peer])  # it waited, left out, until the run finished
+
+
 @pytest.mark.parametrize(
     ("flags", "refused"),
     [
@@ -398,3 +539,118 @@ def test_dp_fedavg_under_secure_aggregation_clips_on_the_clients(tmp_path: Path,
     for index, got in enumerate(final.weights):
         want = start_weights[index] + sum(c[index] for c in clipped) / 3
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+# -- what the README promises, in live runs ----------------------------------------------------------
+
+
+def _light_threads(port: int, ids: Sequence[int]) -> list[threading.Thread]:
+    """Light clients (the real client code, no TensorFlow) as threads of this process: cheap
+    enough for rounds larger than the complete-graph limit."""
+    from fedgrpc.client.light import run_light_client
+
+    threads = [
+        threading.Thread(
+            target=run_light_client,
+            args=(f"127.0.0.1:{port}", c),
+            kwargs={"connect_timeout_s": 120},
+            daemon=True,
+        )
+        for c in ids
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _start_weights(log: Path, out: Path, server: subprocess.Popen[bytes], clients: int) -> list[np.ndarray]:
+    wait_for_line(log, f"waiting for {clients} clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None and initial.round == 0
+    return list(initial.weights)
+
+
+def test_secagg_plus_with_a_sparse_neighbour_graph_gives_the_exact_mean(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """24 clients: past the complete-graph limit of 20, each client masks with about 2 log2 n
+    neighbours, not all 23 others; the unmasked round is still the exact weighted mean."""
+    n = 24
+    assert sa.neighbour_degree(n) < n - 1
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--finish-grace", "1", "--eval-every", "0")
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=n, extra=flags), log=log)
+    start_weights = _start_weights(log, out, server, n)
+    threads = _light_threads(port, range(1, n + 1))
+    assert finish(server, log) == 0, log.read_text()
+    for thread in threads:
+        thread.join(60)
+    history = json.loads((out / "history.json").read_text())
+    secure = history["rounds"][0]["secagg"]
+    assert secure["neighbours"] == sa.neighbour_degree(n) == 10 and secure["submitted"] == n
+    assert [c["client_id"] for c in history["rounds"][0]["clients"]] == list(range(1, n + 1))
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None
+    spec = history["run"]["secagg"]
+    scale = sa.ring_scale(n, spec["max_examples"], spec["bound"])
+    rounding = n * 0.5 / scale / sum(light_examples(c) for c in range(1, n + 1))  # half a step each
+    for got, want in zip(final.weights, _replay(start_weights, [range(1, n + 1)]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=rounding + 1e-7)
+
+
+def test_secagg_threshold_sets_how_many_shares_rebuild_a_secret(tmp_path: Path, synthetic_npz: Path) -> None:
+    """--secagg-threshold 0.8 among 4 holders needs all 4 shares (0.5 would need 3): client 1
+    vanishing after sharing leaves 3 holders, so the survivors, who know the run's threshold,
+    refuse to reveal and the attempt aborts; the next attempt, without client 1 (3 holders, 3
+    needed), is the exact mean of the 3 others."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-threshold", "0.8", "--secagg-timeout", "6", "--round-timeout", "8",
+             "--finish-grace", "1")  # fmt: skip
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=4, extra=flags), log=log)
+    start_weights = _start_weights(log, out, server, 4)
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=(2, 3, 4), extra=("--insecure", "--light"))
+    peer = _peer(port, tmp_path, 1, "share")
+    assert finish(server, log) == 0, log.read_text()
+    finish_all([*clients, peer])
+    text = log.read_text()
+    assert "0 of 3 clients revealed their shares" in text
+    assert "0 shares of client 2's self mask arrived and 4 are needed" in text
+    history = json.loads((out / "history.json").read_text())
+    assert history["run"]["secagg"]["threshold"] == 0.8
+    assert [c["client_id"] for c in history["rounds"][0]["clients"]] == [2, 3, 4]
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None
+    for got, want in zip(final.weights, _replay(start_weights, [(2, 3, 4)]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def test_fedadam_under_secure_aggregation_steps_on_the_unmasked_mean(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """--strategy fedadam with --secagg, two rounds: each round's pseudo-gradient is the
+    unmasked weighted mean change, and the global weights follow FedAdam's rule (Reddi et al.
+    2021, no bias correction, v from tau^2) with its state carried from round 1 to round 2."""
+    lr, beta1, beta2, tau = 0.1, 0.9, 0.99, 1e-3
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--strategy", "fedadam", "--server-lr", str(lr), "--server-momentum", str(beta1),
+             "--server-beta2", str(beta2), "--server-tau", str(tau), "--finish-grace", "1")  # fmt: skip
+    server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=3, extra=flags), log=log)
+    start_weights = _start_weights(log, out, server, 3)
+    finish_all(start_clients(port, synthetic_npz, tmp_path, extra=("--insecure", "--light")))
+    assert finish(server, log) == 0, log.read_text()
+    weights = [np.asarray(w, np.float64) for w in start_weights]
+    m = [np.zeros_like(w) for w in weights]
+    v = [np.full_like(w, tau**2) for w in weights]
+    total = sum(light_examples(c) for c in (1, 2, 3))
+    for number in (1, 2):
+        sent = {c: light_update([w.astype(np.float32) for w in weights], c, number) for c in (1, 2, 3)}
+        for i, x in enumerate(weights):
+            delta = sum(light_examples(c) * (sent[c][i].astype(np.float64) - x) for c in (1, 2, 3)) / total
+            m[i] = beta1 * m[i] + (1 - beta1) * delta
+            v[i] = beta2 * v[i] + (1 - beta2) * delta**2
+            weights[i] = x + lr * m[i] / (np.sqrt(v[i]) + tau)
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 2
+    for got, want, begin in zip(final.weights, weights, start_weights, strict=True):
+        assert np.abs(want - begin).max() > 0.01  # the steps are far larger than any rounding
+        np.testing.assert_allclose(got, want, rtol=0, atol=5e-5)

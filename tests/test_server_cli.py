@@ -44,7 +44,9 @@ def test_a_run_file_sets_flags_and_task_parameters_and_flags_win(tmp_path: Path)
     assert args.rounds == 3 and args.round_timeout == 30 and args.insecure is True
     assert args.task == str(tmp_path / "my_task.py")  # paths are relative to the run file
     assert args.out == tmp_path / "results"
-    assert params == {"learning_rate": 0.01, "units": "32"}  # a --param is parsed by the task's types later
+    # the file's values keep their TOML types; a --param is text, parsed by the task's types later
+    assert {key: p.value for key, p in params.items()} == {"learning_rate": 0.01, "units": "32"}
+    assert params["units"].text and not params["learning_rate"].text
 
 
 @pytest.mark.parametrize(

@@ -261,11 +261,36 @@ def test_a_round_that_would_make_the_model_non_finite_is_aborted(tmp_path: Path,
 
 
 def test_fedprox_end_to_end(tmp_path: Path, synthetic_npz: Path) -> None:
-    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
-    extra = ("--strategy", "fedprox", "--proximal-mu", "0.1")
-    server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=3, extra=extra), log=log)
-    finish_all(start_clients(port, synthetic_npz, tmp_path))
-    assert finish(server, log) == 0, log.read_text()
-    history = json.loads((out / "history.json").read_text())
-    assert history["run"]["proximal_mu"] == 0.1
-    assert [len(r["clients"]) for r in history["rounds"]] == [3, 3]
+    """The proximal term reaches the clients' training: from the same start, a run with a large
+    mu sends updates far closer to the global weights than the same run without it (Adam with
+    mu (w - w_global) added to every gradient keeps each weight within a few steps of it)."""
+    initial, weights = initial_model(tmp_path)
+    drift: dict[float, list[float]] = {}
+    for mu in (0.0, 1000.0):
+        folder = tmp_path / f"mu-{mu:g}"
+        folder.mkdir()
+        port, out, log = free_port(), folder / "out", folder / "server.log"
+        extra = (
+            "--strategy",
+            "fedprox",
+            "--proximal-mu",
+            str(mu),
+            "--init-model",
+            str(initial),
+            "--record-updates",
+        )
+        server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=2, extra=extra), log=log)
+        finish_all(start_clients(port, synthetic_npz, folder, ids=(1, 2)))
+        assert finish(server, log) == 0, log.read_text()
+        history = json.loads((out / "history.json").read_text())
+        assert history["run"]["proximal_mu"] == mu
+        drift[mu] = []
+        for client in (1, 2):
+            with np.load(out / "updates" / "round-0001" / f"client-{client}.npz") as npz:
+                sent = [npz[k] for k in sorted(npz.files)]
+            change = [np.asarray(u, np.float64) - w for u, w in zip(sent, weights, strict=True)]
+            drift[mu].append(float(np.sqrt(sum((c * c).sum() for c in change))))
+    print(f"update's distance from the global weights: mu 0 {drift[0.0]}, mu 1000 {drift[1000.0]}")
+    assert all(d > 0 for d in drift[1000.0])  # still trained
+    for pulled, free in zip(drift[1000.0], drift[0.0], strict=True):
+        assert pulled < 0.5 * free, drift

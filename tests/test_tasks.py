@@ -14,6 +14,7 @@ from fedgrpc.common.errors import TaskError
 from fedgrpc.common.processes import free_port
 from fedgrpc.common.task import LocalData, Site
 from fedgrpc.common.task_loader import (
+    ParamOverride,
     build_model,
     check_fits,
     check_params,
@@ -209,12 +210,14 @@ def test_a_loader_that_returns_no_examples_or_no_local_data(tmp_path: Path) -> N
 
 def test_parameters_of_the_wrong_type(tmp_path: Path) -> None:
     task = load_task(str(write_task(tmp_path))).task
-    assert resolve_params(task, {"units": "16", "learning_rate": 1}) == {"units": 16, "learning_rate": 1.0}
+    typed = {"units": ParamOverride("16", "--param units", text=True), "learning_rate": 1}
+    assert resolve_params(task, typed) == {"units": 16, "learning_rate": 1.0}
     with pytest.raises(
-        TaskError, match=r"task 'table': parameter 'units' must be a int \(its default is 8\), got 'many'"
+        TaskError,
+        match=r"task 'table': parameter 'units' must be an int \(its default is 8\), got 'many' from --param",
     ):
-        resolve_params(task, {"units": "many"})
-    with pytest.raises(TaskError, match=r"parameter 'units' must be a int .* got 2.5 \(float\)"):
+        resolve_params(task, {"units": ParamOverride("many", "--param units", text=True)})
+    with pytest.raises(TaskError, match=r"parameter 'units' must be an int .* got 2.5 \(a number\)"):
         resolve_params(task, {"units": 2.5})
     with pytest.raises(
         TaskError, match="task 'table' has no parameter 'layers'; its parameters: learning_rate, units"

@@ -26,26 +26,52 @@ function seconds(value) {
   return `${(value / 3600).toFixed(1)} h`;
 }
 
-function makeChart(id, series, yLabel) {
+const BYTE_UNITS = ["B", "KB", "MB", "GB", "TB"];
+
+// The unit that shows `largest` bytes with at most three digits before the point (1 KB = 1000 B).
+function byteUnit(largest) {
+  let power = 0;
+  while (power < BYTE_UNITS.length - 1 && Math.abs(largest) >= 1000 ** (power + 1)) power += 1;
+  return power;
+}
+
+// Tick labels of a bytes axis: one unit for the whole axis, as many decimals as the ticks' spacing needs.
+function byteTicks(chart, splits) {
+  const finite = splits.filter((v) => Number.isFinite(v));
+  if (!finite.length) return splits.map(() => "");
+  const power = byteUnit(Math.max(...finite.map(Math.abs)));
+  const scale = 1000 ** power;
+  const step = finite.length > 1 ? Math.abs(finite[1] - finite[0]) / scale : 1;
+  const decimals = power === 0 ? 0 : Math.min(3, Math.max(0, Math.ceil(-Math.log10(step))));
+  return splits.map((v) => (Number.isFinite(v) ? `${(v / scale).toFixed(decimals)} ${BYTE_UNITS[power]}` : ""));
+}
+
+function makeChart(id, series, yLabel, yValues) {
   const target = document.getElementById(id);
+  target.replaceChildren();
+  const y = { label: yLabel, size: 60 };
+  if (yValues) y.values = yValues;
   const options = {
     width: Math.max(380, target.clientWidth || 420),
     height: 220,
     scales: { x: { time: false } },
     legend: { live: false },
-    axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, { label: yLabel }],
+    axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, y],
     series: [{ label: "round" }, ...series.map(([label, stroke]) => ({ label, stroke, width: 2, points: { show: true } }))],
   };
   return new uPlot(options, [[], ...series.map(() => [])], target);
 }
 
+const SOURCES = [["central", "#4c78a8"], ["federated", "#f58518"], ["personalized", "#54a24b"]];
+
 function setupCharts(main) {
   const title = main === "accuracy" ? "Accuracy" : main;
   document.getElementById("metric-title").textContent = `${title} by round`;
   return {
-    metric: makeChart("chart-metric", [["central", "#4c78a8"], ["federated", "#f58518"], ["personalized", "#54a24b"]], main),
-    loss: makeChart("chart-loss", [["central", "#4c78a8"], ["federated", "#f58518"]], "loss"),
-    bytes: makeChart("chart-bytes", [["up", "#54a24b"], ["down", "#4c78a8"]], "MB"),
+    main,
+    metric: makeChart("chart-metric", SOURCES, main),
+    loss: makeChart("chart-loss", SOURCES, "loss"),
+    bytes: makeChart("chart-bytes", [["up", "#54a24b"], ["down", "#4c78a8"]], "bytes", byteTicks),
     seconds: makeChart("chart-seconds", [["round", "#b279a2"]], "s"),
   };
 }
@@ -54,16 +80,31 @@ function value(metrics, name) {
   return metrics && typeof metrics[name] === "number" ? metrics[name] : null;
 }
 
+// The main metric is known once a round has been evaluated; until then the charts say accuracy,
+// and they are drawn again under the right name when it comes (a task's macro-F1, say).
 function drawCharts(rounds) {
   const main = rounds.length ? rounds[rounds.length - 1].main : "accuracy";
-  if (!charts) charts = setupCharts(main);
+  if (!charts || charts.main !== main) {
+    if (charts) for (const name of ["metric", "loss", "bytes", "seconds"]) charts[name].destroy();
+    charts = setupCharts(main);
+  }
   const x = rounds.map((r) => r.round);
-  charts.metric.setData([x, rounds.map((r) => value(r.central, main)), rounds.map((r) => value(r.federated, main)),
-    rounds.map((r) => value(r.federated, "personalized_" + main))]);
-  charts.loss.setData([x, rounds.map((r) => value(r.central, "loss")), rounds.map((r) => value(r.federated, "loss"))]);
-  charts.bytes.setData([x, rounds.map((r) => r.bytes_in / 1e6), rounds.map((r) => r.bytes_out / 1e6)]);
+  const bySource = (name) => [x, rounds.map((r) => value(r.central, name)), rounds.map((r) => value(r.federated, name)),
+    rounds.map((r) => value(r.federated, "personalized_" + name))];
+  charts.metric.setData(bySource(main));
+  charts.loss.setData(bySource("loss"));
+  charts.bytes.setData([x, rounds.map((r) => r.bytes_in), rounds.map((r) => r.bytes_out)]);
+  const largest = Math.max(0, ...rounds.map((r) => Math.max(r.bytes_in, r.bytes_out)));
+  setText("bytes-title", `Bytes per round (${BYTE_UNITS[byteUnit(largest)]})`);
   charts.seconds.setData([x, rounds.map((r) => r.seconds)]);
   return main;
+}
+
+// "fedavgm (server_lr 0.1, momentum 0.9)"
+function strategyText(strategy) {
+  if (!strategy) return "-";
+  const parameters = Object.entries(strategy).filter(([key]) => key !== "name").map(([key, v]) => `${key} ${v}`);
+  return parameters.length ? `${strategy.name} (${parameters.join(", ")})` : String(strategy.name);
 }
 
 function stripWindow(clients, now) {
@@ -122,7 +163,8 @@ function draw(snapshot) {
   if (lastSnapshot && snapshot.version < lastSnapshot.version) return;
   lastSnapshot = snapshot;
   const run = snapshot.run, state = snapshot.state;
-  setText("run", `run ${run.run_id} · task ${run.task} · ${run.clients} clients · partition ${run.partition} · compression ${run.compression}`);
+  setText("run", `run ${run.run_id} · task ${run.task} · ${run.clients} clients · strategy ${strategyText(run.strategy)}`
+    + `${run.secagg ? " · secure aggregation" : ""} · partition ${run.partition} · compression ${run.compression}`);
   setText("phase", state.phase);
   setText("round", `${state.round} / ${run.rounds}`);
   setText("in-round", state.phase === "finished" ? "-" : seconds(state.time_in_round_s));

@@ -1,0 +1,319 @@
+"""One declaration per setting: its name, type, default, range, help, and where it may be set.
+
+A `Setting` is written once; the command-line parser, the run file's checks and the range
+checks are all derived from it, so a value is held to the same rule wherever it comes from:
+
+    flag text  --parse-->  typed value --check range-->  the run's value
+    run file   --check type (TOML's own: true, 3, 0.5, "x")--> --check range--> a parser default
+
+A run file's values become the parser's defaults, so a flag typed on the command line wins
+and a default nobody typed never overrides the file. Every refusal is a ConfigError naming
+the flag (or the run file and key), what was expected and what was given. Settings that a
+launcher (fl-local, fl-sim) reads from a run file too are declared here once, in RUN_SETTINGS;
+each CLI adds its own beside them.
+
+A run file (`--config run.toml`):
+
+    [run]                       # any setting, without its dashes: --round-timeout is round_timeout
+    task = "my_task.py"
+    rounds = 10
+    insecure = true             # TOML's own types: a boolean, not "true"
+    [task]                      # the task's own parameters (its Task.params), with their types
+    learning_rate = 0.001
+    hidden_units = 32
+
+Relative paths in [run] are taken from the run file's folder, so a run file and its task can
+travel together. Unknown keys are refused with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedgrpc.common.compression import COMPRESSIONS
+from fedgrpc.common.config import DEFAULT_TASK, RunSpec
+from fedgrpc.common.errors import ConfigError
+from fedgrpc.common.partition import SCHEMES
+from fedgrpc.common.words import type_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. `name` is the run-file key and the parser's dest; the flag is `--name` with
+    dashes. Bounds are inclusive (`low`, `high`) or exclusive (`above`, `below`); None is always allowed
+    for a setting whose default is None ("not set")."""
+
+    name: str
+    kind: type  # bool, int, float, str or Path
+    default: Any = None
+    help: str = ""
+    group: str = ""  # the --help section; "" is the section of the settings most runs need
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    below: float | None = None
+    choices: tuple[str, ...] = ()
+    why: str = ""  # said after a range refusal, e.g. "(messages stay under 16 MiB)"
+    metavar: str | None = None
+    short: str | None = None  # e.g. "-v"
+    env: str | None = None  # an environment variable that replaces the default when set
+    flag: bool = True  # a command-line flag
+    in_file: bool = True  # a run-file key
+    maybe_path: bool = False  # a string that may name a file: resolved from the run file's folder if so
+    repeat: bool = False  # a flag given several times collects a list
+    flag_name: str | None = None  # the flag, when not --name with dashes (fl-client's --id)
+
+    @property
+    def option(self) -> str:
+        return self.flag_name or "--" + self.name.replace("_", "-")
+
+    def initial(self) -> Any:
+        """The default, or the environment's value when `env` is set there."""
+        if self.env and os.environ.get(self.env):
+            return self.parse(os.environ[self.env], f"${self.env}")
+        return self.default
+
+    def parse(self, text: str, label: str | None = None) -> Any:
+        """A flag's text as this setting's value, range checked."""
+        label = label or self.option
+        if self.kind is bool:
+            raise ConfigError(f"{label} takes no value")
+        try:
+            value = Path(text) if self.kind is Path else self.kind(text)
+        except ValueError:
+            raise ConfigError(f"{label} must be {type_name(self.kind)}, got {text!r}") from None
+        self.check_range(value, label)
+        return value
+
+    def check(self, value: Any, label: str) -> Any:
+        """A value already typed (a run file's): of this setting's type exactly, in range.
+        An int is taken for a number, and a string for a path."""
+        kind = self.kind
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif kind is Path and isinstance(value, str):
+            value = Path(value)
+        elif type(value) is not kind:
+            hint = " (true or false, without quotes)" if kind is bool else ""
+            raise ConfigError(
+                f"{label} must be {type_name(kind)}{hint}, got {value!r} ({type_name(type(value))})"
+            )
+        self.check_range(value, label)
+        return value
+
+    def check_range(self, value: Any, label: str) -> None:
+        if value is None or isinstance(value, bool):
+            return
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{label} must be one of {', '.join(self.choices)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{label} must be a finite number, got {value}")
+        if not isinstance(value, int | float):
+            return
+        low_ok = self.low is None or value >= self.low
+        high_ok = self.high is None or value <= self.high
+        above_ok = self.above is None or value > self.above
+        below_ok = self.below is None or value < self.below
+        if low_ok and high_ok and above_ok and below_ok:
+            return
+        if self.low is not None and self.high is not None:
+            rule = f"in {_number(self.low)}..{_number(self.high)}"
+        else:
+            parts = []
+            if self.low is not None:
+                parts.append(f"at least {_number(self.low)}")
+            if self.above is not None:
+                parts.append(f"above {_number(self.above)}")
+            if self.high is not None:
+                parts.append(f"at most {_number(self.high)}")
+            if self.below is not None:
+                parts.append(f"below {_number(self.below)}")
+            rule = " and ".join(parts)
+        why = f" {self.why}" if self.why else ""
+        raise ConfigError(f"{label} must be {rule}{why}, got {value}")
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def by_name(settings: Iterable[Setting]) -> dict[str, Setting]:
+    return {s.name: s for s in settings}
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def build_parser(
+    settings: Sequence[Setting],
+    *,
+    prog: str,
+    description: str,
+    first: str = "the settings most runs need",
+    groups: Mapping[str, str] | None = None,
+    raw_description: bool = False,
+    usage: str | None = None,
+) -> argparse.ArgumentParser:
+    """A parser with one flag per flag setting. Sections come in the order their settings first
+    appear, the settings of group "" first of all; `groups` gives a section's title (its key
+    otherwise)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=usage,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter if raw_description else argparse.HelpFormatter,
+    )
+    sections: dict[str, Any] = {"": parser.add_argument_group(first)}
+    for setting in settings:
+        if not setting.flag:
+            continue
+        if setting.group not in sections:
+            title = (groups or {}).get(setting.group, setting.group)
+            sections[setting.group] = parser.add_argument_group(title)
+        _add_flag(sections[setting.group], setting)
+    return parser
+
+
+def _add_flag(section: Any, setting: Setting) -> None:
+    names = [setting.short, setting.option] if setting.short else [setting.option]
+    options: dict[str, Any] = {"dest": setting.name, "help": setting.help}
+    if setting.kind is bool:
+        options.update(action="store_true", default=bool(setting.initial()))
+    else:
+        options.update(default=setting.initial(), type=setting.parse, metavar=setting.metavar)
+        if setting.choices:
+            options["choices"] = setting.choices
+        if setting.repeat:
+            options.update(action="append", default=[])
+    section.add_argument(*names, **options)
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The dests of the flags actually typed in `argv`, as argparse reads them (abbreviations
+    too): parsed once more with every default suppressed, so only typed values are set."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(namespace))
+
+
+# -- run files ---------------------------------------------------------------------------
+
+
+def read_run_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The [run] and [task] tables of a TOML run file, as written (keys with - become _)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--config {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8, as TOML requires"
+        ) from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(document) - {"run", "task"})
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown table(s) {unknown}; a run file has [run] and [task]")
+    run, task = document.get("run", {}), document.get("task", {})
+    if not isinstance(run, dict) or not isinstance(task, dict):
+        raise ConfigError(f"--config {path}: [run] and [task] must be tables")
+    return {key.replace("-", "_"): value for key, value in run.items()}, task
+
+
+def check_run_values(
+    values: Mapping[str, Any], settings: Sequence[Setting], path: Path, *, only_known: bool = True
+) -> dict[str, Any]:
+    """A run file's [run] values checked against their declarations, with paths resolved from
+    the file's folder. Keys not declared are refused, or left out with only_known=False (a
+    launcher reads the few it needs; the server checks them all)."""
+    table = by_name(s for s in settings if s.in_file)
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        setting = table.get(key)
+        if setting is None:
+            if only_known:
+                raise ConfigError(
+                    f"--config {path}: [run] has no setting {key!r}; settings are the flags without "
+                    f"dashes: {', '.join(sorted(table))}"
+                )
+            continue
+        checked[key] = setting.check(_resolved(path.parent, setting, value), f"{path}: [run] {key}")
+    return checked
+
+
+def _resolved(folder: Path, setting: Setting, value: Any) -> Any:
+    if not isinstance(value, str) or Path(value).is_absolute():
+        return value
+    candidate = folder / value
+    exists = candidate.parent.is_dir() if "{id}" in value else candidate.exists()  # a file per client
+    if setting.kind is Path or (setting.maybe_path and exists):
+        return str(candidate)
+    return value
+
+
+# -- settings every side of a run shares ---------------------------------------------------
+
+_RUN = "the run"
+_SPEC = RunSpec()
+
+TASK = Setting(
+    "task", str, DEFAULT_TASK, env="FL_TASK", maybe_path=True,
+    help="a task file (my_task.py), module:attribute, or an installed task's name "
+    "(default: $FL_TASK, else cifar10, the reference CIFAR-10 job)",
+)  # fmt: skip
+DATA = Setting(
+    "data", str, None, env="FL_DATA", maybe_path=True,
+    help="what the task reads; {id} in it becomes each client's id (data/site_{id}.csv: every "
+    "client its own file) (cifar10: a folder, .tar.gz or .npz; default $FL_DATA, else the Keras download)",
+)  # fmt: skip
+ROUNDS = Setting("rounds", int, _SPEC.rounds, low=1, help="federated rounds (default %(default)s)")
+CLIENTS = Setting(
+    "clients", int, _SPEC.num_clients, low=1, help="clients of the run, ids 1..N (default %(default)s)"
+)
+CLIENTS_PER_ROUND = Setting(
+    "clients_per_round", int, None, group=_RUN, low=1, metavar="K",
+    help="train a seeded sample of K ready clients each round (default: all of them)",
+)  # fmt: skip
+
+RUN_SETTINGS = (
+    TASK,
+    DATA,
+    ROUNDS,
+    CLIENTS,
+    CLIENTS_PER_ROUND,
+    Setting("batch_size", int, _SPEC.batch_size, group=_RUN, low=1, help="(default %(default)s)"),
+    Setting("local_epochs", int, _SPEC.local_epochs, group=_RUN, low=1, help="(default %(default)s)"),
+    Setting(
+        "partition", str, _SPEC.partition, group=_RUN, metavar="SCHEME",
+        help=f"how stand-in federations cut one dataset: {', '.join(SCHEMES)} (default %(default)s)",
+    ),
+    Setting("partition_seed", int, _SPEC.partition_seed, group=_RUN, low=0, help="seed of the client shards"),
+    Setting(
+        "compression", str, _SPEC.compression, group=_RUN, choices=COMPRESSIONS,
+        help="how clients send updates: %(choices)s (fp16 halves the bytes, int8 quarters them)",
+    ),
+)
+
+
+def site_data(data: str | None, client_id: int) -> str | None:
+    """A client's data: `{id}` in the operator's `--data` becomes the client's id."""
+    return None if data is None else data.replace("{id}", str(client_id))

@@ -1,0 +1,263 @@
+"""fl-server's settings, each declared once (see fedgrpc.common.settings): its flag, its run-file
+key, type, default, range and help. The parser, the run file's checks and the range checks
+are derived from this table; fedgrpc.server.cli turns the values into a ServerConfig.
+
+To add a setting: add one `Setting(...)` to SETTINGS in the section it belongs to (its
+`group`), then read `args.<name>` where fedgrpc.server.cli builds the ServerConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from fedgrpc.common.logs import FORMATS
+from fedgrpc.common.settings import DATA, RUN_SETTINGS, Setting
+from fedgrpc.server.limits import Limits
+from fedgrpc.server.strategy import STRATEGIES
+
+_LIMITS = Limits()
+
+GROUPS = {
+    "the run": "the run",
+    "task": "the task (see fedgrpc.common.task)",
+    "server": "the server process",
+    "watch": "watching the run",
+    "strategy": "strategy (see fedgrpc.server.strategy and fedgrpc.server.fedopt)",
+    "privacy": "differential privacy (DP-FedAvg; see fedgrpc.common.privacy)",
+    "secagg": "secure aggregation (the server sees only the sum; see fedgrpc.server.secagg)",
+    "evaluation": "evaluation",
+    "rounds": "rounds",
+    "big": "big models, many clients",
+    "limits": "limits (what one peer may hold; see fedgrpc.server.limits)",
+    "security": "security",
+}
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- what most runs set (group "": listed first in --help)
+    Setting(
+        "config", Path, None, in_file=False, metavar="RUN.toml",
+        help="a run file: [run] holds any of these flags without dashes, [task] the task's parameters; "
+        "flags given too override it",
+    ),
+    *[
+        replace(s, help="what the task's load_test_data reads, if it has one: the server's own test set "
+                "(cifar10: a folder, .tar.gz or .npz; default $FL_DATA, else the Keras download)")
+        if s is DATA else s
+        for s in RUN_SETTINGS
+    ],
+    Setting(
+        "strategy", str, "fedavg", choices=STRATEGIES,
+        help="aggregation: %(choices)s (default %(default)s)",
+    ),
+    Setting("out", Path, Path("results"), help="folder for history, curves and model"),
+    Setting(
+        "port", int, 50051, low=0, high=65535, help="port to listen on; 0 picks a free one (default 50051)"
+    ),
+    Setting("insecure", bool, False, help="run without TLS (trusted networks only)"),
+    Setting(
+        "http", int, None, low=0, high=65535, metavar="PORT",
+        help="serve the live dashboard and Prometheus /metrics on PORT (read-only; 0 picks a free port)",
+    ),
+    # -- the task
+    Setting(
+        "param", str, None, group="task", repeat=True, in_file=False, metavar="KEY=VALUE",
+        help="set one of the task's parameters (repeatable; overrides [task] of --config)",
+    ),
+    Setting(
+        "init_model", Path, None, group="task", metavar="MODEL.keras",
+        help="start from the weights of this saved Keras model (loaded in safe mode)",
+    ),
+    Setting("init_seed", int, 0, group="task", low=0, help="seed of the initial global weights"),
+    # -- the run
+    Setting("sample_seed", int, 0, group="the run", low=0, help="seed of the per-round client samples"),
+    Setting(
+        "client_sampling", str, "fixed", group="the run", choices=("fixed", "poisson"),
+        help="with --clients-per-round K: K clients a round, or each with chance K/N (default %(default)s)",
+    ),
+    # -- the server process
+    Setting("host", str, "[::]", group="server", help="address to bind (default: all interfaces)"),
+    Setting("threads", int, None, group="server", low=1, help="cap the CPU threads of evaluation"),
+    Setting("verbose", bool, False, group="server", short="-v", help="debug lines too"),
+    Setting(
+        "log_format", str, "text", group="server", choices=FORMATS,
+        help="log lines for people or one JSON object a line",
+    ),
+    Setting(
+        "record_updates", bool, False, group="server", help="also save every accepted update (debugging)"
+    ),
+    # -- watching the run
+    Setting(
+        "http_host", str, "127.0.0.1", group="watch",
+        help="address of the dashboard (default 127.0.0.1: this machine only; it shows metadata, no data)",
+    ),
+    Setting(
+        "linger", float, 0.0, low=0.0, group="watch", metavar="S",
+        help="with --http: keep the dashboard and /metrics up S seconds after the run ends (default 0)",
+    ),
+    Setting(
+        "health_port", int, None, low=0, high=65535, group="watch", metavar="PORT",
+        help="also answer gRPC health checks, and only those, on PORT in plain text (probes that "
+        "cannot speak TLS, such as Kubernetes'); same address as --host",
+    ),
+    Setting(
+        "tensorboard", Path, None, group="watch", metavar="DIR",
+        help="write TensorBoard scalars for every round to DIR",
+    ),
+    # -- strategy
+    Setting(
+        "server_lr", float, None, group="strategy", above=0,
+        help="server optimizers' learning rate (fedavgm 0.1; fedadagrad, fedadam, fedyogi 0.01)",
+    ),
+    Setting(
+        "server_momentum", float, None, group="strategy", low=0, below=1,
+        help="fedavgm's momentum (0.9), or the adaptive family's beta1 (0.9)",
+    ),
+    Setting(
+        "server_beta2", float, None, group="strategy", low=0, below=1, help="fedadam, fedyogi: beta2 (0.99)"
+    ),
+    Setting(
+        "server_tau", float, None, group="strategy", above=0,
+        help="fedadagrad, fedadam, fedyogi: adaptivity tau (1e-3)",
+    ),
+    Setting(
+        "proximal_mu", float, None, group="strategy", low=0, metavar="MU",
+        help="clients add MU/2 ||w - w_global||^2 to their loss (FedProx; default 0.01 with fedprox, else 0)",
+    ),
+    Setting(
+        "trim_fraction", float, 0.2, group="strategy", low=0, below=0.5,
+        help="trimmed-mean: share cut from each end",
+    ),
+    Setting("byzantine", int, 1, group="strategy", low=0, help="krum: how many clients may be malicious"),
+    # -- differential privacy
+    Setting(
+        "dp_clip", float, None, group="privacy", above=0, metavar="C", help="clip each update to L2 norm C"
+    ),
+    Setting(
+        "dp_noise_multiplier", float, None, group="privacy", low=0, metavar="Z",
+        help="add Gaussian noise of std Z*C to the sum of updates (each weighted 1, not by examples)",
+    ),
+    Setting(
+        "dp_clip_on", str, "client", group="privacy", choices=("client", "server"),
+        help="who clips: clients (works with secure aggregation) or the server (default %(default)s)",
+    ),
+    Setting(
+        "dp_delta", float, 1e-5, group="privacy", above=0, below=1, help="the delta epsilon is reported for"
+    ),
+    Setting(
+        "dp_target_epsilon", float, None, group="privacy", above=0, metavar="EPS",
+        help="end the run before a round would spend more than EPS",
+    ),
+    # -- secure aggregation
+    Setting(
+        "secagg", bool, False, group="secagg",
+        help="mask every update; the server unmasks only the round's sum",
+    ),
+    Setting(
+        "secagg_bound", float, 1.0, group="secagg", above=0, metavar="R",
+        help="clip each weight's change to +-R before encoding (default %(default)s; under DP: --dp-clip)",
+    ),
+    Setting(
+        "secagg_max_examples", int, 100_000, group="secagg", low=1, metavar="N",
+        help="the most examples one update is weighted by; sets the precision (default %(default)s)",
+    ),
+    Setting(
+        "secagg_threshold", float, 0.5, group="secagg", above=0, below=1, metavar="F",
+        help="rebuild a client's secrets from more than F of its neighbours' shares (default %(default)s)",
+    ),
+    Setting(
+        "secagg_timeout", float, 60.0, group="secagg", above=0, metavar="S",
+        help="how long each key step and the unmasking wait for clients (default %(default)s s)",
+    ),
+    # -- evaluation
+    Setting(
+        "eval_every", int, None, group="evaluation", low=0, metavar="N",
+        help="federated evaluation (clients evaluate the global model on their own held-out data) after "
+        "every Nth round and the last; 0: never (default: every round when the task gives the server "
+        "no test set, else never)",
+    ),
+    Setting(
+        "eval_fraction", float, 1.0, group="evaluation", above=0, high=1,
+        help="share of the ready clients asked to evaluate (default %(default)s: all)",
+    ),
+    Setting(
+        "personalize_epochs", int, 0, group="evaluation", low=0, metavar="N",
+        help="clients also fine-tune N epochs on their own data (not sent back) and evaluate again",
+    ),
+    # -- rounds
+    Setting(
+        "min_clients", int, None, group="rounds", low=1,
+        help="after --round-timeout, close a round with at least this many updates (default: all clients)",
+    ),
+    Setting(
+        "round_timeout", float, None, group="rounds", above=0,
+        help="seconds after which a round may close without every client (default: wait for all)",
+    ),
+    Setting(
+        "join_timeout", float, 120.0, group="rounds", above=0,
+        help="seconds the first round waits for every client, then starts with --min-clients (default 120)",
+    ),
+    Setting(
+        "finish_grace", float, 15.0, group="rounds", low=0, metavar="S",
+        help="at the end, how long to wait for every client to hear that the run finished (default 15)",
+    ),
+    Setting(
+        "max_examples", int, 10_000_000, group="rounds", low=1,
+        help="largest example count an update may claim",
+    ),
+    # -- big models, many clients
+    Setting(
+        "chunk_kb", int, 1024, group="big", low=1, high=8 << 10, why="(messages stay under 16 MiB)",
+        help="size of the weight chunks sent down (default 1024 KiB)",
+    ),
+    Setting(
+        "max_inflight_mb", int, 256, group="big", low=1,
+        help="updates received at once, in MB: more wait their turn, bounding memory (default 256)",
+    ),
+    Setting(
+        "spool_dir", Path, None, group="big", metavar="DIR",
+        help="stage updates being received on disk in DIR, not in memory: the server's memory then "
+        "holds the global model, the running sum and one tensor per stream (for big models)",
+    ),
+    # -- limits
+    Setting(
+        "stall_timeout", float, _LIMITS.stall_timeout_s, group="limits", above=0, metavar="S",
+        help="cut a stream silent for S seconds: no header, no next chunk (default %(default)s)",
+    ),
+    Setting(
+        "max_calls", int, None, group="limits", low=1, metavar="N",
+        help="calls open at once, all peers together (default: 4 per client of the run + 64, at least 8192)",
+    ),
+    Setting(
+        "max_calls_per_peer", int, None, group="limits", low=1, metavar="N",
+        help="calls open at once from one network address (default: 4 per client of the run + 64)",
+    ),
+    Setting(
+        "max_calls_per_client", int, _LIMITS.max_calls_per_client, group="limits", low=1, metavar="N",
+        help="long-polls, and update streams, one client id may hold open at once (default %(default)s)",
+    ),
+    Setting(
+        "max_wait", float, _LIMITS.max_wait_s, group="limits", above=0, metavar="S",
+        help="longest hold of a long-poll before it answers WAIT (default %(default)s)",
+    ),
+    Setting(
+        "inflight_wait", float, _LIMITS.inflight_wait_s, group="limits", above=0, metavar="S",
+        help="longest wait for room in --max-inflight-mb, then UNAVAILABLE (default %(default)s)",
+    ),
+    # -- security
+    Setting("tls_cert", Path, None, group="security", help="server certificate (PEM)"),
+    Setting("tls_key", Path, None, group="security", help="server private key (PEM)"),
+    Setting(
+        "client_ca", Path, None, group="security",
+        help="CA that signs client certificates: turns on mutual TLS",
+    ),
+    Setting(
+        "tokens", Path, None, group="security",
+        help='per-client token digests, {"clients": {"1": "<sha256>"}}',
+    ),
+    Setting(
+        "hash_token", str, None, group="security", in_file=False, metavar="TOKEN",
+        help="print the digest of TOKEN for a tokens file, and exit",
+    ),
+)

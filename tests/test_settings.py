@@ -1,0 +1,179 @@
+"""Settings declared once: one type and range per setting, whether it comes from a flag, a run
+file or --param, refused with a sentence before any round; and a default nobody typed never
+overrides a run file, on any CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fedgrpc.common.errors import ConfigError
+from fedgrpc.common.processes import free_port
+from fedgrpc.common.settings import Setting
+from fedgrpc.server.cli import parse_args
+from helpers import BIN, ENV, finish, finish_all, server_command, start, start_clients, wait_for_line
+from test_tasks import write_site, write_task
+
+
+def run_file(folder: Path, text: str | bytes, name: str = "run.toml") -> Path:
+    path = folder / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('insecure = "false"', r"\[run\] insecure must be a boolean \(true or false, without quotes\), got"),
+        ('secagg = "no"', r"\[run\] secagg must be a boolean .* got 'no' \(a string\)"),
+        ('rounds = "4"', r"\[run\] rounds must be an int, got '4' \(a string\)"),
+        ("max_examples = -1", r"\[run\] max_examples must be at least 1, got -1"),
+        ("eval_fraction = 1.5", r"\[run\] eval_fraction must be above 0 and at most 1, got 1.5"),
+        ("rounds = 2.5", r"\[run\] rounds must be an int, got 2.5 \(a number\)"),
+        ('strategy = "fedsgd"', r"\[run\] strategy must be one of fedavg, .*, got 'fedsgd'"),
+        ("port = 70000", r"\[run\] port must be in 0..65535, got 70000"),
+    ],
+)
+def test_a_run_file_value_of_the_wrong_type_or_range_is_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = run_file(tmp_path, f"[run]\n{text}\n")
+    with pytest.raises(ConfigError, match=message) as refused:
+        parse_args(["--config", str(path)])
+    assert str(path) in str(refused.value)  # the message names the file
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-examples", "-1"], "--max-examples must be at least 1, got -1"),
+        (["--rounds", "four"], "--rounds must be an int, got 'four'"),
+        (["--secagg-threshold", "1"], "--secagg-threshold must be above 0 and below 1, got 1.0"),
+        (["--round-timeout", "nan"], "--round-timeout must be a finite number, got nan"),
+    ],
+)
+def test_a_flag_is_held_to_the_same_declaration(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--insecure", *flags])
+
+
+def test_toml_types_are_taken_as_declared(tmp_path: Path) -> None:
+    path = run_file(tmp_path, "[run]\ninsecure = true\nsecagg = false\nround_timeout = 30\nmax_examples = 5")
+    args, _ = parse_args(["--config", str(path)])
+    assert args.insecure is True and args.secagg is False
+    assert args.round_timeout == 30.0 and isinstance(args.round_timeout, float) and args.max_examples == 5
+
+
+def test_one_declaration_gives_the_flag_and_the_file_key() -> None:
+    rounds = Setting("rounds", int, 10, low=1)
+    assert rounds.option == "--rounds"
+    assert rounds.parse("3") == 3 == rounds.check(3, "run.toml: [run] rounds")
+    with pytest.raises(ConfigError, match="--rounds must be at least 1, got 0"):
+        rounds.parse("0")
+    with pytest.raises(ConfigError, match="x must be at least 1, got 0"):
+        rounds.check(0, "x")
+    with pytest.raises(ConfigError, match=r"x must be an int, got True \(a boolean\)"):
+        rounds.check(True, "x")
+
+
+def fl_server(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "fl-server"), *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+
+
+def test_fl_server_refuses_a_bad_run_file_with_a_sentence_not_a_traceback(tmp_path: Path) -> None:
+    """The real fl-server: TLS off by a string, a run file that is not UTF-8, a negative limit."""
+    cases = {
+        run_file(tmp_path, '[run]\ninsecure = "false"\n', "a.toml"): "insecure must be a boolean",
+        run_file(tmp_path, b'[run]\ntask = "caf\xe9"\n', "b.toml"): "is not UTF-8 text",
+        run_file(tmp_path, "[run]\ninsecure = true\nmax_examples = -1", "c.toml"): "max_examples must be at",
+    }
+    for path, message in cases.items():
+        result = fl_server("--config", str(path), "--port", "0", "--out", str(tmp_path / "out"))
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and str(path) in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_task_parameter_of_the_wrong_type_in_the_run_file_stops_the_server(tmp_path: Path) -> None:
+    """[task] units = "32" for an int parameter: refused before any round, naming the key,
+    the type and the file; the same text from --param is parsed as the parameter's type."""
+    task = write_task(tmp_path)
+    path = run_file(tmp_path, f'[run]\ntask = "{task.name}"\ninsecure = true\n[task]\nunits = "32"\n')
+    result = fl_server("--config", str(path), "--port", "0", "--out", str(tmp_path / "out"), timeout=240)
+    assert result.returncode == 2, result.stderr
+    assert "parameter 'units' must be an int (its default is 8), got '32'" in result.stderr, result.stderr
+    assert f"{path}: [task] units" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "history.json").exists()
+
+
+def fl_local(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedgrpc.server.local", "--threads", "1", *args],
+        cwd=cwd, capture_output=True, text=True, env=ENV, timeout=400,
+    )  # fmt: skip
+
+
+def table_sites(folder: Path, count: int) -> None:
+    write_task(folder)
+    for k in range(1, count + 1):
+        write_site(folder / f"site_{k}.npz", 60, seed=k)
+
+
+@pytest.mark.parametrize("form", ["--config", "after --"])
+def test_fl_local_takes_a_run_file_and_its_defaults_do_not_override_it(tmp_path: Path, form: str) -> None:
+    """fl-local's own --rounds default (10) and --clients default (3) lose to the run file's 2
+    and 2; its data's {id} gives each client its own file, taken from the run file's folder."""
+    table_sites(tmp_path, 2)
+    text = '[run]\ntask = "table_task.py"\nclients = 2\nrounds = 2\ndata = "site_{id}.npz"\nout = "out"\n'
+    path = run_file(tmp_path, text)
+    flags = ["--config", str(path)] if form == "--config" else ["--", "--config", str(path)]
+    result = fl_local(*flags, cwd=tmp_path.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert len(history["rounds"]) == 2 and history["run"]["num_clients"] == 2
+    assert history["rounds"][-1]["federated"]["clients"] == 2
+
+
+def test_log_lines_count_in_words_and_a_first_answer_is_not_a_return(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """A client started before its server logs that the server answered, not that it "is back";
+    one round of one client reads "1 round", "1 client"."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    (client,) = start_clients(port, synthetic_npz, tmp_path, ids=(1,), extra=("--insecure", "--light"))
+    wait_for_line(client[1], "INSECURE", process=client[0])  # the client is up and dialling
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=1), log=log)
+    finish_all([client])
+    assert finish(server, log) == 0, log.read_text()
+    assert ": 1 round, 1 client, listening on port" in log.read_text(), log.read_text()
+    said = client[1].read_text()
+    assert "light client: 1 round submitted" in said and "server at" in said and "answered" in said, said
+    assert "is back" not in said and "1 rounds" not in said, said
+
+
+def test_fl_server_and_fl_client_refuse_a_bad_value_alike(tmp_path: Path) -> None:
+    """One declaration, one message, one exit code (2) on both sides; no traceback."""
+    said = {}
+    runs = {
+        "fl-server": ["--insecure", "--chunk-kb", "0", "--out", str(tmp_path)],
+        "fl-client": ["--id", "1", "--insecure", "--chunk-kb", "0"],
+    }
+    for program, flags in runs.items():
+        result = subprocess.run(
+            [str(BIN / program), *flags], capture_output=True, text=True, env=ENV, timeout=120
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        said[program] = result.stderr.strip().splitlines()[-1].split("error: ", 1)[1]
+    expected = "--chunk-kb must be in 1..8192 (messages stay under 16 MiB), got 0"
+    assert said["fl-server"] == said["fl-client"] == expected
+    command = [str(BIN / "fl-client"), "--id", "0", "--insecure"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 2 and "--id must be at least 1, got 0" in result.stderr, result.stderr
