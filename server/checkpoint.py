@@ -26,7 +26,7 @@ import numpy as np
 from fedgrpc.common.codec import to_wire
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import CheckpointError, FedGrpcError
-from fedgrpc.server.results import RoundRecord, strict_json, write_atomically
+from fedgrpc.server.results import RoundRecord, remove_quietly, strict_json, write_atomically
 
 FORMAT_VERSION = 2  # 2: run specs name a task and its parameters
 
@@ -108,11 +108,15 @@ class CheckpointStore:
     def _write_npz(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
         path = self.directory / name
         tmp = path.with_name(f".{name}.tmp")
-        with tmp.open("wb") as handle:
-            np.savez(handle, **{key: np.asarray(value) for key, value in arrays.items()})  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("wb") as handle:
+                np.savez(handle, **{key: np.asarray(value) for key, value in arrays.items()})  # type: ignore[arg-type]
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            remove_quietly(tmp)  # a full disk must not keep a half-written copy
+            raise
         return path
 
     def load(self) -> Checkpoint | None:

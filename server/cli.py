@@ -88,6 +88,15 @@ def check_sizes(args: argparse.Namespace) -> None:
         )
 
 
+def check_watching(args: argparse.Namespace) -> None:
+    """Flags that only mean something with the dashboard, refused without it (not ignored)."""
+    if args.linger and args.http is None:
+        raise ConfigError(
+            "--linger keeps the dashboard up after the run, and there is none without --http: "
+            "add --http PORT, or drop --linger"
+        )
+
+
 def privacy_from(args: argparse.Namespace) -> Any:
     from fedgrpc.server.app import PrivacySettings
 
@@ -107,6 +116,7 @@ def privacy_from(args: argparse.Namespace) -> Any:
 def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
     from fedgrpc.server.app import RoundPolicy, ServerConfig
 
+    check_watching(args)
     tls, tokens = security_from(args)
     check_sizes(args)
     run = RunSpec(

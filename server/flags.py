@@ -93,7 +93,7 @@ SETTINGS: tuple[Setting, ...] = (
         help="address of the dashboard (default 127.0.0.1: this machine only; it shows metadata, no data)",
     ),
     Setting(
-        "linger", float, 0.0, low=0.0, group="watch", metavar="S",
+        "linger", float, 0.0, low=0.0, high=86400.0, group="watch", metavar="S",
         help="with --http: keep the dashboard and /metrics up S seconds after the run ends (default 0)",
     ),
     Setting(

@@ -7,10 +7,11 @@ dashboard, the Prometheus metrics and the TensorBoard scalars.
 
 Each client's state moves joined -> waiting -> downloading -> training -> uploading ->
 submitted (-> evaluating -> evaluated) and back to waiting; refused and late mark a round that
-went wrong for it. Training time is what lies between the end of a client's download and the
-start of its upload. Every method takes one lock briefly and does O(1) work: observing a run
-never slows it. Everything a client sent that appears here (metric names, messages) was
-checked before it was stored, and the dashboard shows it as text, never as markup.
+went wrong for it, withdrawn a client that said it cannot take part. Training time is what lies
+between the end of a client's download and the start of its upload. Every method takes one lock
+briefly and does O(1) work: observing a run never slows it. Everything a client sent that
+appears here (metric names, messages) was checked before it was stored, and the dashboard shows
+it as text, never as markup.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class Monitor:
         self._rounds: list[dict[str, Any]] = []
         self._refusals: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
         self._refusals_by_code: dict[str, int] = {}
+        self._withdrawals: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
         self.registry = CollectorRegistry()
         self._define_metrics()
         self._metrics["clients_connected"].set_function(self.connected)
@@ -130,7 +132,7 @@ class Monitor:
             if finished:
                 client.state = "finished"
                 self._changed()
-            elif client.state in ("joined", "submitted", "evaluated", "refused", "late"):
+            elif client.state in ("joined", "submitted", "evaluated", "refused", "late", "withdrawn"):
                 client.state = "waiting"
                 self._changed()
 
@@ -186,6 +188,21 @@ class Monitor:
                     if span.end is None:
                         span.end = now
                 client.state = "refused"
+            self._changed()
+
+    def withdrew(self, address: str, client_id: int, reason: str) -> None:
+        """The client said it cannot take part: no refusal (it asked), so counted apart."""
+        with self._lock:
+            now = self._clock()
+            self._withdrawals.appendleft(
+                {"time": now, "address": address, "client_id": client_id, "reason": reason[:500]}
+            )
+            self._metrics["withdrawals"].inc()
+            client = self._client(client_id)
+            for span in client.spans:
+                if span.end is None:
+                    span.end = now
+            client.state, client.last_seen = "withdrawn", now
             self._changed()
 
     def phase(self, phase: str, round_number: int, participants: list[int] | None = None) -> None:
@@ -275,6 +292,7 @@ class Monitor:
                 },
                 "rounds": list(self._rounds),
                 "refusals": {"recent": list(self._refusals), "by_code": dict(self._refusals_by_code)},
+                "withdrawals": {"recent": list(self._withdrawals)},
             }
 
     # -- internals (lock held) ---------------------------------------------------------------
@@ -321,6 +339,11 @@ class Monitor:
             ),
             "updates_refused": Counter(
                 "fedgrpc_refusals_total", "Calls refused, by gRPC status code", ["code"], registry=r
+            ),
+            "withdrawals": Counter(
+                "fedgrpc_withdrawals_total",
+                "Withdraw calls accepted: clients that said they cannot take part (not refusals)",
+                registry=r,
             ),
             "calls_ended_early": Counter(
                 "fedgrpc_calls_ended_early_total",

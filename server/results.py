@@ -102,13 +102,27 @@ def _finite_or_null(value: Any) -> Any:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    """Write, fsync, rename: a reader sees the old file or the new one, never half of one.
+    A write that fails takes its temporary file with it: tried again on a full disk, it must
+    not leave one more behind each time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+        try:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+            os.replace(tmp.name, path)
+        except BaseException:
+            remove_quietly(Path(tmp.name))
+            raise
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a temporary file a failed write left; the write's own error is the one to report."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("could not remove the temporary file %s: %s", path, exc)
 
 
 def persist(
@@ -123,23 +137,27 @@ def persist(
     failed (reported; the caller decides whether the run can go on without it): a full disk or
     a moment without free descriptors must not end a run with a traceback."""
     wait = first_retry_s
-    for attempt in range(1, attempts + 1):
+    last_try = attempts
+    tries = 0
+    while True:
+        tries += 1
         try:
             write()
             return True
         except OSError as exc:
-            if attempt == attempts:
-                log.error("%s could not be written (%d tries): %s", what, attempts, exc)
-                return False
-            log.error(
-                "%s could not be written: %s; trying again in %.0f s (free disk space or descriptors)",
-                what, exc, wait,
-            )  # fmt: skip
-            if stop is not None and stop.wait(wait):
-                attempts = attempt + 1  # stopping: one last try, at once
-            elif stop is None:
-                threading.Event().wait(wait)
-            wait *= 2
+            error = exc
+        if tries >= last_try:
+            break
+        log.error(
+            "%s could not be written: %s; trying again in %.0f s (free disk space or descriptors)",
+            what, error, wait,
+        )  # fmt: skip
+        if stop is None:
+            threading.Event().wait(wait)
+        elif stop.wait(wait):  # stopping: one last try, at once
+            last_try = tries + 1
+        wait *= 2
+    log.error("%s could not be written (%d tries): %s", what, tries, error)
     return False
 
 

@@ -163,7 +163,7 @@ class CoordinatorServicer:
                     response_serializer=pb.SubmitEvaluationReply.SerializeToString,
                 ),
                 "Withdraw": grpc.unary_unary_rpc_method_handler(
-                    self.Withdraw,
+                    self._quiet(self.Withdraw),
                     request_deserializer=pb.WithdrawRequest.FromString,
                     response_serializer=pb.WithdrawReply.SerializeToString,
                 ),
@@ -264,12 +264,9 @@ class CoordinatorServicer:
                 new = self._coordinator.withdraw(request.client_id, reason)
         except FedGrpcError as exc:
             await self._abort(context, exc, what, request.client_id)
-        if new:  # once until it takes part again: a client that repeats itself cannot flood the log
-            log.warning(
-                "client %d cannot take part: %s. The run goes on without it if --min-clients allows",
-                request.client_id, reason,
-            )  # fmt: skip
-            self.monitor.refused(address, "WITHDRAWN", what, reason, request.client_id)
+        if new:  # a reason said again is not logged again; new ones are held to the refusals' limits
+            self.refusals.withdrew(address, request.client_id, reason)
+        self.monitor.withdrew(address, request.client_id, reason)
         return pb.WithdrawReply()
 
     def _check_task(self, client_id: int, task: TaskRef) -> None:

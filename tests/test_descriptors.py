@@ -8,6 +8,7 @@ with EMFILE, and the server died with a traceback, gRPC with it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -15,8 +16,10 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -53,8 +56,24 @@ def start_limited(command: list[str], log: Path) -> subprocess.Popen[bytes]:
     return process
 
 
+@pytest.fixture
+def room_for_attackers() -> Iterator[None]:
+    """The test's own soft descriptor limit raised for its 1,100 sockets (and put back after),
+    so that a connection it cannot open is the server's doing, never its own EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = ATTACKERS + 256
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"the hard descriptor limit ({hard}) leaves no room for {ATTACKERS} test connections")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_idle_dashboard_connections_cannot_take_the_descriptors_of_the_run(
-    tmp_path: Path, synthetic_npz: Path
+    tmp_path: Path, synthetic_npz: Path, room_for_attackers: None
 ) -> None:
     port, http, out, log = free_port(), free_port(), tmp_path / "out", tmp_path / "server.log"
     extra = ("--http", str(http), "--linger", "300")  # the server stays up after the run: counted then
@@ -65,7 +84,8 @@ def test_idle_dashboard_connections_cannot_take_the_descriptors_of_the_run(
     for _ in range(ATTACKERS):  # idle: they never send a byte, and never close
         try:
             attackers.append(socket.create_connection(("127.0.0.1", http), timeout=10))
-        except OSError:
+        except OSError as exc:
+            assert exc.errno not in (errno.EMFILE, errno.ENFILE), f"the test ran out of descriptors: {exc}"
             unanswered += 1  # a server out of descriptors stops accepting: the connect times out
     try:
         clients = start_clients(port, synthetic_npz, tmp_path, ids=(1, 2, 3), extra=("--insecure", "--light"))
@@ -93,7 +113,7 @@ def test_idle_dashboard_connections_cannot_take_the_descriptors_of_the_run(
 
 
 def test_idle_grpc_connections_are_held_within_the_descriptors_left(
-    tmp_path: Path, synthetic_npz: Path
+    tmp_path: Path, synthetic_npz: Path, room_for_attackers: None
 ) -> None:
     """The gRPC listener closes connections past its share at once (grpc core's connection
     quota), so 1,100 idle connections that never finish their handshake cannot take the
@@ -127,24 +147,83 @@ def test_idle_grpc_connections_are_held_within_the_descriptors_left(
 def test_a_checkpoint_that_cannot_be_written_is_reported_and_tried_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The folder is missing its way (a file stands where it should be) for the first try, as
-    descriptors or disk space are missing for a while; the second try writes it."""
+    """The folder is missing its way (a file stands where it should be) for the first two
+    tries, as descriptors or disk space are missing for a while; the third try writes it."""
     blocker = tmp_path / "checkpoint"
     blocker.write_text("in the way")
     store = CheckpointStore(blocker)
     weights = [np.arange(4, dtype=np.float32)]
     save = partial(store.save, RunSpec(), 1, weights, [])
-    threading.Timer(0.2, blocker.unlink).start()
+    calls = 0
+
+    def save_once_cleared() -> object:
+        nonlocal calls
+        calls += 1
+        if calls > 2:  # the first two fail for real; then the space is back
+            blocker.unlink(missing_ok=True)
+        return save()
+
     with caplog.at_level(logging.ERROR, logger="fedgrpc.server"):
-        assert persist("the checkpoint after round 1", save, first_retry_s=2.0)
-    assert (
-        "the checkpoint after round 1 could not be written" in caplog.text and "trying again" in caplog.text
-    )
+        assert persist("the checkpoint after round 1", save_once_cleared, first_retry_s=0.01)
+    assert calls == 3
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert all("the checkpoint after round 1 could not be written" in line for line in said), said
+    assert all("trying again" in line for line in said), said
     loaded = store.load()
     assert loaded is not None and loaded.round == 1 and np.array_equal(loaded.weights[0], weights[0])
     caplog.clear()
     blocker.rename(tmp_path / "moved")
     blocker.write_text("in the way for good")
     with caplog.at_level(logging.ERROR, logger="fedgrpc.server"):
-        assert not persist("the checkpoint after round 2", save, first_retry_s=0.05)
+        assert not persist("the checkpoint after round 2", save, first_retry_s=0.01)
     assert "could not be written (4 tries)" in caplog.text
+
+
+def test_a_write_asked_to_stop_makes_one_last_try_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+
+    def full_disk() -> None:
+        nonlocal calls
+        calls += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    stop = threading.Event()
+    stop.set()
+    with caplog.at_level(logging.ERROR, logger="fedgrpc.server"):
+        assert not persist("the history", full_disk, stop=stop, first_retry_s=600)
+    assert calls == 2 and "the history could not be written (2 tries)" in caplog.text
+
+
+FULL_DISK = """
+import resource, signal, sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from fedgrpc.common.config import RunSpec
+from fedgrpc.server.checkpoint import CheckpointStore
+from fedgrpc.server.results import persist, write_atomically
+
+folder = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+history = partial(write_atomically, folder / "out" / "history.json", bytes(20000))
+checkpoint = partial(CheckpointStore(folder / "checkpoint").save, RunSpec(), 1, [np.zeros(20000)], [])
+writes = {"history": history, "checkpoint": checkpoint}
+written = [persist(what, write, first_retry_s=0.01) for what, write in writes.items()]
+sys.exit(1 if any(written) else 0)
+"""
+
+
+def test_writes_that_fail_on_a_full_disk_leave_no_temporary_files(tmp_path: Path) -> None:
+    """A file size limit makes every write past 4 KiB fail as a full disk would (EFBIG for
+    ENOSPC), four tries each: the history and the checkpoint leave nothing behind that
+    would fill the disk further."""
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "could not be written (4 tries)" in result.stderr, result.stderr[-3000:]
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == [], left

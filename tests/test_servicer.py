@@ -23,6 +23,7 @@ from fedgrpc.server.strategy import FedAvg
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 from helpers import serving
+from prometheus_client import generate_latest
 
 # Bigger than gRPC's default 4 MB message limit, so only chunked streaming can carry it.
 SPECS = [TensorSpec("dense/kernel", "float32", (1200, 1000)), TensorSpec("dense/bias", "float32", (1000,))]
@@ -354,6 +355,38 @@ def test_a_withdrawal_is_logged_once_recorded_and_checked(
     with Connection(target, 2, connect_timeout_s=5) as two:
         two.next_task(after_round=0, max_wait_s=0.1)  # asking again: it takes part again
     assert coordinator.expected == 2
+
+
+def test_withdrawals_cannot_flood_the_log_and_are_not_counted_as_refusals(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that alternates two reasons, or withdraws between polls (each reason new
+    again), gets one line a minute; every withdrawal is counted, apart from the refusals."""
+    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg())
+    for client in (1, 2):
+        coordinator.next_task(client, after_round=0, timeout=0)
+    coordinator.open_round(1, GLOBAL)
+    with serving(coordinator, limits=Limits(max_wait_s=2)) as endpoint:
+        target = f"127.0.0.1:{endpoint.port}"
+        with grpc.insecure_channel(target) as channel, caplog.at_level("INFO"):
+            withdraw = pb_grpc.CoordinatorStub(channel).Withdraw
+            for k in range(40):
+                withdraw(pb.WithdrawRequest(client_id=2, reason=f"reason {k % 2}"), timeout=10)
+            for _ in range(3):
+                with Connection(target, 2, connect_timeout_s=5) as two:
+                    two.next_task(after_round=0, max_wait_s=0.1)  # takes part again ...
+                withdraw(pb.WithdrawRequest(client_id=2, reason="reason 0"), timeout=10)  # ... and not
+        metrics = generate_latest(endpoint.monitor.registry).decode()
+        state = endpoint.monitor.snapshot()
+    said = [r.getMessage() for r in caplog.records if "cannot take part" in r.getMessage()]
+    assert said == [
+        "client 2 cannot take part: reason 0. The run goes on without it if --min-clients allows"
+    ], said
+    assert coordinator.withdrawals == {2: "reason 0"}
+    assert "fedgrpc_withdrawals_total 43.0" in metrics, metrics
+    assert "WITHDRAWN" not in metrics and 'fedgrpc_refusals_total{code="' not in metrics, metrics
+    assert state["refusals"]["recent"] == [] and state["refusals"]["by_code"] == {}
+    assert state["withdrawals"]["recent"][0]["reason"] == "reason 0"
 
 
 def test_a_message_over_16_mib_is_resource_exhausted(served: tuple[RoundCoordinator, str]) -> None:

@@ -177,3 +177,16 @@ def test_fl_server_and_fl_client_refuse_a_bad_value_alike(tmp_path: Path) -> Non
     command = [str(BIN / "fl-client"), "--id", "0", "--insecure"]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
     assert result.returncode == 2 and "--id must be at least 1, got 0" in result.stderr, result.stderr
+
+
+def test_linger_is_refused_without_the_dashboard_and_held_to_its_range() -> None:
+    """--linger keeps the dashboard up: without --http it would be ignored, so it is refused;
+    its range is its declaration's, one message wherever it is set."""
+    result = fl_server("--linger", "5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        "fl-server: error: --linger keeps the dashboard up after the run, and there is none without "
+        "--http: add --http PORT, or drop --linger" in result.stderr
+    ), result.stderr
+    with pytest.raises(ConfigError, match="--linger must be in 0..86400, got 90000.0"):
+        parse_args(["--insecure", "--http", "0", "--linger", "90000"])
