@@ -44,7 +44,7 @@ from fedgrpc.common.errors import (
     UpdateRejectedError,
 )
 from fedgrpc.common.metrics import check_metrics
-from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX, Instruction
+from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX, READY_FOR_CHUNKS_KEY, Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -579,11 +579,15 @@ class AioConnection:
                 header = next(stream)
                 self.traffic.sent += _size(header)
                 await update.write(header)
-                await update.initial_metadata()  # also returns if the call already ended
-                for message in stream:
-                    self.traffic.sent += _size(message)
-                    await update.write(message)
-                await update.done_writing()
+                # The chunks only once the server says it has room for them. Without that word
+                # the server is ending the call, and a write now would hide its status behind
+                # grpc.aio's INTERNAL "Internal error from Core".
+                ready = await update.initial_metadata()  # also returns if the call already ended
+                if any(key == READY_FOR_CHUNKS_KEY for key, _ in ready or ()):
+                    for message in stream:
+                        self.traffic.sent += _size(message)
+                        await update.write(message)
+                    await update.done_writing()
             except asyncio.InvalidStateError:  # the server ended the call early: its status says why
                 pass
             reply: pb.SubmitUpdateReply = await update
