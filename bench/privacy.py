@@ -1,7 +1,7 @@
 """What privacy costs: secure aggregation's time and bytes, and DP's accuracy and epsilon.
 
     python bench/privacy.py [--sizes 3 20 100] [--rounds 3] [--noise 0 0.5 1 2] [--skip-dp]
-    python bench/privacy.py --offender --sizes 4 8 --rounds 5 --skip-dp
+    python bench/privacy.py --offender --sizes 6 8 --rounds 5 --skip-dp
 
 SecAgg: fl-server with a 1 MiB model (bench/tasks/sized.py, one dense layer of 262,144
 float32 weights) and N light clients (threads in 4 processes, the real client code), plain

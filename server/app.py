@@ -489,7 +489,7 @@ class FederatedServer:
                 if coordinator.interrupted:
                     return
                 if not (isinstance(strategy, SecAggStrategy) and strategy.progress):
-                    aborted += 1  # an attempt that narrowed down an offender is no failure
+                    aborted += 1  # one that narrowed down an offender or found a new dispute is no failure
                 culprits = sorted(secure.culprits) if secure is not None else []
                 coordinator.leave_out(culprits)
                 self._secure_aborted(number, exc, aborted, culprits)

@@ -13,7 +13,8 @@ sum is impossible is left out (and its members' updates with it), named in
 does the attempt abort. An impossible sum is never taken for a diverging model: it feeds
 `isolation` (fedgrpc.server.isolation), which decides the next attempts' groups and excludes
 the client it narrows down to. Pairs of clients in a share dispute (fedgrpc.server.secagg) are
-kept in `apart` for the rest of the run.
+kept in `apart` for the rest of the run (and in the checkpoint); an attempt that aborted on a
+new dispute is progress, as one that narrowed the suspects down: no failure to count.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from fedgrpc.server.strategy import FedAvg
 
 #: The checkpoint entry that keeps the excluded clients across a restart.
 EXCLUDED_KEY = "secagg/excluded"
+#: The checkpoint entry that keeps the disputed pairs across a restart (k x 2 client ids).
+APART_KEY = "secagg/apart"
 
 
 class SecAggStrategy:
@@ -44,7 +47,7 @@ class SecAggStrategy:
         self._max_updates = 1
         self.isolation = Isolation()
         self.apart: set[frozenset[int]] = set()  # disputed pairs: never neighbours again
-        self.progress = False  # the last attempt narrowed the suspects down (not a failure to count)
+        self.progress = False  # the last attempt narrowed the suspects or found a new dispute (no failure)
 
     def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
         self._global = [np.asarray(w) for w in global_weights]
@@ -85,7 +88,9 @@ class SecAggStrategy:
         try:
             totals = secure.unmask(self._rings)
         except SecAggError:
-            self.apart |= secure.disputes
+            new = secure.disputes - self.apart
+            self.apart |= new
+            self.progress = bool(new)  # a pair kept apart from now on: that cannot recur, no failure
             raise
         self._rings = {}
         members = secure.groups_submitted()
@@ -120,11 +125,15 @@ class SecAggStrategy:
         state = self.inner.state()
         if self.isolation.excluded:
             state[EXCLUDED_KEY] = np.array(self.isolation.state(), np.int64)
+        if self.apart:
+            state[APART_KEY] = np.array(sorted(sorted(pair) for pair in self.apart), np.int64)
         return state
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
         rest = dict(state)
         self.isolation.restore(int(c) for c in rest.pop(EXCLUDED_KEY, np.zeros(0, np.int64)))
+        pairs = np.asarray(rest.pop(APART_KEY, np.zeros((0, 2), np.int64)), np.int64).reshape(-1, 2)
+        self.apart = {frozenset((int(u), int(v))) for u, v in pairs}
         self.inner.restore(rest)
 
 

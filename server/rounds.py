@@ -164,6 +164,7 @@ class _Round:
     participants: frozenset[int] | None = None  # None: every enrolled client
     secure: SecAggRound | None = None
     accepted: dict[int, AcceptedUpdate] = field(default_factory=dict)
+    counted: frozenset[int] | None = None  # once closed: whose updates the aggregate holds
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -239,7 +240,7 @@ class RoundCoordinator:
             participants = self._sample(number)
             previous = self._round
             if previous is not None and previous.number != number:  # it completed: its updates stay counted
-                self._counted.update(dict.fromkeys(previous.accepted, previous.number))
+                self._counted.update(dict.fromkeys(previous.counted or (), previous.number))
             self._strategy.begin_round(
                 frozen, self.run.num_clients if participants is None else len(participants)
             )
@@ -380,6 +381,8 @@ class RoundCoordinator:
         counted = sorted(current.accepted.values(), key=lambda u: u.client_id)
         if secure is not None:  # an update counts once its group's sum was unmasked and used
             counted = [u for u in counted if u.client_id in secure.counted]
+        with self._changed:  # only these are answered ALREADY_EXISTS from now on
+            current.counted = frozenset(u.client_id for u in counted)
         return RoundOutcome(
             round=current.number,
             weights=weights,
@@ -774,13 +777,12 @@ class RoundCoordinator:
 
     def _counted_before(self, client_id: int, round_number: int, session: bytes) -> bool:
         """A retry of an update that was counted: in the open or last round's attempt (under
-        secure aggregation, masked for that attempt's session), open or closed since, or in a
-        round that completed before."""
+        secure aggregation, masked for that attempt's session), open or closed since (once
+        closed, only the updates its aggregate holds), or in a round that completed before."""
         current = self._round
         if current is not None and current.number == round_number:
-            return client_id in current.accepted and (
-                current.secure is None or session == current.secure.session
-            )
+            held = current.accepted if current.counted is None else current.counted
+            return client_id in held and (current.secure is None or session == current.secure.session)
         return self._counted.get(client_id) == round_number
 
 

@@ -27,7 +27,8 @@ group (the normal case) this is the protocol above, unchanged.
 Disputes: a holder that reveals but holds no share of an owner's secret either got a share
 that did not decrypt (the owner's fault) or holds it back (its own): the server cannot tell.
 The pair is recorded, and later attempts draw no edge between the two, so neither can spoil
-the other's round again, and neither is excluded for it.
+the other's round again, and neither is excluded for it. An attempt that recorded a new pair
+is no failure to count (fedgrpc.server.masked_sum), and the pairs are kept in the checkpoint.
 
 A stage closes when every expected client has acted, or after `stage_timeout_s`. Up to the
 threshold's slack, clients may vanish at any stage after advertising and the round still yields
@@ -50,6 +51,7 @@ import random
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -58,6 +60,7 @@ import numpy as np
 from fedgrpc.common import secagg as sa
 from fedgrpc.common.config import SecAggSpec
 from fedgrpc.common.errors import SecAggError, StaleRoundError
+from fedgrpc.server.isolation import MIN_GROUP_SIZE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -265,16 +268,17 @@ class SecAggRound:
                 return self._abort("no masked update arrived")
             _say_who_is_missing(self.number, "submitted a masked update", arrived, self.shared)
             self.submitted = arrived
-            if len(self.groups) > 1:  # a group's sum of one update would be that update: not unmasked
-                alone = [c for c in arrived if sum(self.group_of[v] == self.group_of[c] for v in arrived) < 2]
+            if len(self.groups) > 1:  # a small group's sum says too much about each update: not unmasked
+                sizes = Counter(self.group_of[c] for c in arrived)
+                alone = [c for c in arrived if sizes[self.group_of[c]] < MIN_GROUP_SIZE]
                 if alone:
                     log.info(
-                        "round %d: client(s) %s are the only update of their group; not unmasked",
-                        self.number, sorted(alone),
+                        "round %d: client(s) %s are in a group of fewer than %d masked updates; not unmasked",
+                        self.number, sorted(alone), MIN_GROUP_SIZE,
                     )  # fmt: skip
                 self.submitted = arrived - frozenset(alone)
                 if not self.submitted:
-                    return self._abort("no group holds two masked updates")
+                    return self._abort(f"no group holds {MIN_GROUP_SIZE} masked updates")
             self.stage = "unmask"
         self._on_change()
         self._wait(lambda: len(self._revealed) >= len(self.submitted), timeout_s, stopping)

@@ -13,6 +13,8 @@ weights it was sent (so the test can compute the expected sum), and then, by MOD
     malformed   submits a masked update without its count tensor, then vanishes
     omit        reveals its shares but leaves out every mask-key share (of neighbours that dropped)
     count       masks an example count far out of range, every round, until it is left out
+    withhold    every attempt, reveals its shares but one: the self-mask share of its lowest
+                numbered neighbour, a different owner each time once the pair is kept apart
     honest      does everything right (a control)
 
 Vanishing is os._exit: no goodbye, no closed streams, as a crashed client. With --rejoin, a
@@ -48,6 +50,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.mode == "count":
         return _bad_count_every_round(args.server, args.id)
+    if args.mode == "withhold":
+        return _withhold_a_share_every_attempt(args.server, args.id)
     with Connection(args.server, args.id, connect_timeout_s=60) as connection:
         run, _ = connection.join()
         task = connection.next_task(0, 30)
@@ -127,6 +131,23 @@ def _bad_count_every_round(server: str, me: int) -> int:
     sa.encode = encode
     with Connection(server, me, connect_timeout_s=60) as connection:
         run, _ = connection.join()
+        return _honest_until_finished(connection, run, me, 0)
+
+
+def _withhold_a_share_every_attempt(server: str, me: int) -> int:
+    """Takes part every attempt, but leaves out of each reveal the lowest other owner's self-mask share."""
+    with Connection(server, me, connect_timeout_s=60) as connection:
+        run, _ = connection.join()
+        original = connection.reveal_shares
+
+        def reveal(round_number: int, shares: Any, session: bytes) -> None:
+            owners = sorted(owner for owner, kind, _ in shares if kind == "self_mask" and owner != me)
+            left_out = owners[0] if owners else None
+            print(f"round {round_number}: withholding client {left_out}'s self-mask share", flush=True)
+            kept = [s for s in shares if not (s[0] == left_out and s[1] == "self_mask")]
+            original(round_number, kept, session)
+
+        connection.reveal_shares = reveal  # type: ignore[method-assign]
         return _honest_until_finished(connection, run, me, 0)
 
 

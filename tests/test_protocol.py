@@ -4,18 +4,21 @@ aggregation. Real fl-server / fl-client processes, or real gRPC to an in-process
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from conftest import make_synthetic
+from fedgrpc.client.light import light_update
 from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.errors import UpdateRejectedError
+from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
 from fedgrpc.common.processes import free_port
 from helpers import finish, server_command, start, start_clients
-from test_secagg import _LiveRound
+from test_secagg import _GarbageWords, _LiveRound
 
 
 def test_a_client_whose_data_does_not_fit_says_so_and_the_run_goes_on_without_it(
@@ -65,6 +68,7 @@ class _SendsItsLoss(SecureRound):
 
 
 def test_metrics_other_than_timings_are_refused_under_secure_aggregation() -> None:
+    _SendsItsLoss.refusals.clear()  # of this test only
     weights = [np.full(100, 0.5, np.float32)]
     with _LiveRound({1: SecureRound, 2: SecureRound, 3: _SendsItsLoss}, weights) as live:
         assert [r.code for r in _SendsItsLoss.refusals] == ["INVALID_ARGUMENT"]
@@ -101,10 +105,93 @@ class _RetriesAfterTheRoundClosed(SecureRound):
 
 
 def test_a_masked_update_retried_after_its_round_closed_is_already_exists() -> None:
-    weights = [np.full(100, 0.5, np.float32)]
-    with _LiveRound({1: SecureRound, 2: _RetriesAfterTheRoundClosed}, weights) as live:
-        np.testing.assert_array_equal(live.coordinator.close_round().weights[0], weights[0])
+    """Distinct changes weighted 10 and 20: the retry is answered ALREADY_EXISTS and the round
+    holds each update once (two counted, their exact weighted mean), not the retried one twice."""
+    _RetriesAfterTheRoundClosed.codes.clear()  # of this test only
+    weights = [np.full(100, 0.5, np.float32), np.linspace(-1, 1, 7, dtype=np.float32)]
+    with _LiveRound({1: SecureRound, 2: _RetriesAfterTheRoundClosed}, weights, change=True) as live:
+        outcome = live.coordinator.close_round()
+        scale = live.coordinator.secure_round.scale  # type: ignore[union-attr]
     assert _RetriesAfterTheRoundClosed.codes == ["ALREADY_EXISTS"]
+    assert [u.client_id for u in outcome.updates] == [1, 2]
+    for index, g in enumerate(weights):
+        changes = [light_update(weights, c, 1)[index].astype(np.float64) - g for c in (1, 2)]
+        assert all(np.abs(c).max() > 1e-3 for c in changes) and not np.array_equal(changes[0], changes[1])
+        want = g + (10 * changes[0] + 20 * changes[1]) / 30
+        np.testing.assert_allclose(outcome.weights[index], want, rtol=0, atol=2 * 0.5 / scale / 30 + 1e-7)
+
+
+class _RetriesLater(SecureRound):
+    """Reveals, then sends its masked update again once the round closed (`closed`) and once
+    the next round opened (`reopened`), keeping the answers in `answers` by client."""
+
+    closed = threading.Event()
+    reopened = threading.Event()
+    answers: dict[int, list[str]] = {}
+
+    def submit(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        connection = self._connection
+        self._sent: list[tuple[Any, Any]] = []
+        original = connection.submit
+
+        def keep(*call: Any, **named: Any) -> tuple[int, int]:
+            self._sent.append((call, named))
+            return original(*call, **named)
+
+        connection.submit = keep  # type: ignore[method-assign]
+        try:
+            return super().submit(*args, **kwargs)
+        finally:
+            del connection.submit
+
+    def reveal(self) -> None:
+        super().reveal()
+        for event in (self.closed, self.reopened):
+            assert event.wait(60)
+            call, named = self._sent[0]
+            try:
+                self._connection.submit(*call, **named)
+                code = "OK"
+            except UpdateRejectedError as exc:
+                code = exc.code
+            except StaleRoundError:
+                code = "FAILED_PRECONDITION"
+            self.answers.setdefault(self._me, []).append(code)
+
+
+def test_a_retried_update_is_already_exists_only_if_its_group_sum_was_counted() -> None:
+    """Six clients split in two groups of three; client 6 sends ring words that are no update,
+    so its group's sum is impossible and its members' updates are not counted. Retried after the
+    round closed, and again once the next round opened, only the counted updates are answered
+    ALREADY_EXISTS; the others are told their round is closed (FAILED_PRECONDITION)."""
+    _RetriesLater.answers = {}
+    _RetriesLater.closed, _RetriesLater.reopened = threading.Event(), threading.Event()
+    weights = [np.full(100, 0.5, np.float32)]
+    clients: dict[int, type[SecureRound]] = {c: _RetriesLater for c in range(1, 6)}
+    live = _LiveRound({**clients, 6: _GarbageWords}, weights, change=True)
+    live.strategy.isolation.suspects = frozenset(range(1, 7))  # as after an impossible sum
+    with live:
+        outcome = live.coordinator.close_round()
+        secure = live.coordinator.secure_round
+        assert secure is not None and len(secure.groups) == 2 and [len(g) for g in secure.groups] == [3, 3]
+        counted = sorted(u.client_id for u in outcome.updates)
+        (spoiled,) = [g for g in secure.groups if 6 in g]
+        assert len(counted) == 3 and not set(counted) & spoiled
+        _RetriesLater.closed.set()
+        _wait_until(lambda: sum(len(a) for a in _RetriesLater.answers.values()) == 5)
+        live.coordinator.open_round(2, outcome.weights)
+        _RetriesLater.reopened.set()
+        _wait_until(lambda: sum(len(a) for a in _RetriesLater.answers.values()) == 10)
+    for client in range(1, 6):
+        want = "ALREADY_EXISTS" if client in counted else "FAILED_PRECONDITION"
+        assert _RetriesLater.answers[client] == [want, want], (client, _RetriesLater.answers)
+
+
+def _wait_until(done: Callable[[], bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def test_client_lines_lead_with_the_main_metric_and_its_personalized_twin() -> None:

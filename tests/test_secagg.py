@@ -3,6 +3,7 @@ drop out or lie at every stage (real fl-server and client processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import subprocess
@@ -20,11 +21,11 @@ from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common import secagg as sa
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec, SecAggSpec
-from fedgrpc.common.errors import SecAggError
+from fedgrpc.common.errors import SecAggError, StaleRoundError
 from fedgrpc.common.processes import free_port
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.checkpoint import CheckpointStore
-from fedgrpc.server.masked_sum import SecAggStrategy
+from fedgrpc.server.masked_sum import APART_KEY, SecAggStrategy
 from fedgrpc.server.rounds import RoundCoordinator
 from fedgrpc.server.strategy import FedAvg
 from helpers import (
@@ -160,12 +161,54 @@ def test_group_testing_deals_suspects_to_both_groups_and_narrows_down_to_one() -
     assert not isolation.observe(3, [])  # nothing spoiled: nothing learned
 
 
+def test_no_group_of_a_split_falls_below_the_floor() -> None:
+    """Five clients cannot be split into two groups of three: two suspects sit the attempt out
+    and the three others aggregate; when all are suspects the suspicion is dropped (nobody
+    named), and the next impossible sum is a failed attempt, not progress."""
+    from fedgrpc.server.isolation import MIN_GROUP_SIZE, Isolation
+
+    assert MIN_GROUP_SIZE == 3
+    isolation = Isolation(suspects=frozenset({1, 2}))
+    assert isolation.groups([1, 2, 3, 4, 5], "s") == [frozenset({3, 4, 5})]
+    assert isolation.suspects == {1, 2} and not isolation.excluded
+    isolation = Isolation()
+    assert isolation.observe(1, [frozenset(range(1, 6))])  # the first impossible sum: all suspects
+    assert isolation.groups(list(range(1, 6)), "s") == []  # one group again, suspicion dropped
+    assert not isolation.suspects and not isolation.excluded
+    assert not isolation.observe(1, [frozenset(range(1, 6))])  # nothing learned: a failure
+    for seed in range(20):  # six or more: always two groups of at least three
+        groups = Isolation(suspects=frozenset({1, 2, 3})).groups(list(range(1, 7 + seed % 3)), f"{seed}")
+        assert len(groups) == 2 and min(len(g) for g in groups) >= MIN_GROUP_SIZE
+
+
+def test_suspicion_is_cleared_after_clean_split_attempts() -> None:
+    """A suspect that behaves while suspected is not kept splitting every later round in halves."""
+    from fedgrpc.server.isolation import CLEAR_AFTER, Isolation
+
+    isolation = Isolation(suspects=frozenset({1, 2, 3}))
+    for attempt in range(CLEAR_AFTER):
+        assert isolation.suspects and len(isolation.groups(list(range(1, 9)), f"s{attempt}")) == 2
+        assert not isolation.observe(attempt + 1, [])
+    assert not isolation.suspects and isolation.groups(list(range(1, 9)), "s") == []
+    isolation = Isolation(suspects=frozenset({1, 2, 3}))
+    for attempt in range(CLEAR_AFTER - 1):  # a spoiled split in between starts the count again
+        isolation.groups(list(range(1, 9)), f"t{attempt}")
+        isolation.observe(attempt + 1, [])
+    (spoiled, _) = isolation.groups(list(range(1, 9)), "u")
+    isolation.observe(9, [spoiled])
+    isolation.groups(list(range(1, 9)), "v")
+    isolation.observe(10, [])
+    assert isolation.suspects
+
+
 def test_an_excluded_client_stays_excluded_after_a_restart(tmp_path: Path) -> None:
-    """The exclusion travels in the checkpoint's strategy state, beside a server optimizer's."""
+    """The exclusion and the disputed pairs travel in the checkpoint's strategy state, beside a
+    server optimizer's."""
     from fedgrpc.server.fedopt import FedAdam
 
     strategy = SecAggStrategy(FedAdam(0.01))
     strategy.isolation.excluded[4] = "spoiled every group"
+    strategy.apart = {frozenset((1, 3)), frozenset((2, 3))}  # disputed pairs
     store = CheckpointStore(tmp_path / "checkpoint")
     run = RunSpec(num_clients=4, secagg=SecAggSpec())
     store.save(run, 1, [np.zeros(3, np.float32)], [], strategy.state())
@@ -174,6 +217,7 @@ def test_an_excluded_client_stays_excluded_after_a_restart(tmp_path: Path) -> No
     restarted = SecAggStrategy(FedAdam(0.01))
     restarted.restore(checkpoint.strategy_state)
     assert list(restarted.isolation.excluded) == [4]
+    assert restarted.apart == {frozenset((1, 3)), frozenset((2, 3))}
 
 
 # -- what the server holds: an in-process coordinator, real gRPC, real client code --------------
@@ -198,7 +242,7 @@ class _LiveRound:
 
     def __enter__(self) -> _LiveRound:
         self._serving = serving(self.coordinator)
-        port = self._serving.__enter__().port
+        self.port = port = self._serving.__enter__().port
         for client_id, kind in self._clients.items():
             thread = threading.Thread(target=self._client, args=(client_id, kind, port))
             thread.start()
@@ -233,6 +277,29 @@ class _LiveRound:
                 secure.reveal()
         except BaseException as exc:  # noqa: BLE001 - reported when the block ends
             self._errors.append(exc)
+
+
+class _RevealsIfAsked(SecureRound):
+    """Reveals when its update is in the sum to unmask; told it is not, it stops there."""
+
+    def reveal(self) -> None:
+        with contextlib.suppress(StaleRoundError):
+            super().reveal()
+
+
+def test_a_group_of_a_split_left_with_two_updates_is_not_unmasked() -> None:
+    """Six clients split in two groups of three; one update of the first group does not count
+    (it arrived too late, say): the two left are not unmasked, as their sum would be a sum of two."""
+    weights = [np.full(100, 0.5, np.float32)]
+    live = _LiveRound(dict.fromkeys(range(1, 7), _RevealsIfAsked), weights)
+    live.strategy.isolation.suspects = frozenset(range(1, 7))  # as after an impossible sum
+    with live:
+        secure = live.coordinator.secure_round
+        assert secure is not None and [len(g) for g in secure.groups] == [3, 3]
+        first, second = secure.groups
+        assert secure.run_unmasking(sorted(set(range(1, 7)) - {min(first)}), 20, lambda: False)
+        assert secure.submitted == second
+        live.coordinator.interrupt()
 
 
 def _chi_square_of_top_bytes(words: np.ndarray) -> float:
@@ -461,33 +528,66 @@ def test_a_holder_that_leaves_out_a_share_gets_no_honest_client_excluded(
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
 
 
-def test_a_client_masking_an_impossible_count_every_round_is_isolated_and_the_run_goes_on(
+def test_a_holder_withholding_a_different_share_each_attempt_cannot_stop_the_run(
     tmp_path: Path, synthetic_npz: Path
 ) -> None:
-    """Client 4 masks an example count of 2^30 every round. Round 1's sum is impossible; the
-    attempts after it aggregate in two groups, the spoiled group's members become suspects,
-    and once one is left it is excluded and named. Every round closes with the exact mean of
-    the honest clients whose group's sum was used, and the server exits 0."""
+    """With --secagg-threshold 0.9 every share is needed. Client 4 leaves out of each reveal the
+    self-mask share of another owner: each attempt aborts on a new dispute, which is progress,
+    not a failed attempt, so the three-failures stop never comes; once 4 has no neighbour left
+    it sits out and the others close the round. The disputed pairs are in the checkpoint."""
     port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
-    flags = ("--secagg", "--secagg-timeout", "10", "--round-timeout", "20", "--finish-grace", "1")
-    server = start(*server_command(port, synthetic_npz, out, rounds=3, clients=4, extra=flags), log=log)
+    flags = ("--secagg", "--secagg-threshold", "0.9", "--secagg-timeout", "10", "--round-timeout", "20",
+             "--finish-grace", "1")  # fmt: skip
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=4, extra=flags), log=log)
     wait_for_line(log, "waiting for 4 clients", process=server)
     initial = CheckpointStore(out / "checkpoint").load()
     assert initial is not None
     clients = start_clients(port, synthetic_npz, tmp_path, ids=(1, 2, 3), extra=("--insecure", "--light"))
-    peer = _peer(port, tmp_path, 4, "count")
+    peer = _peer(port, tmp_path, 4, "withhold")
+    assert finish(server, log) == 0, log.read_text()
+    finish_all(clients)
+    finish_all([peer])
+    text = log.read_text()
+    for owner in (1, 2, 3):
+        assert f"client(s) [4] revealed their shares but none of client {owner}'s self mask" in text
+    assert "attempts in a row" not in text and "left out from now on" not in text
+    history = json.loads((out / "history.json").read_text())
+    assert [c["client_id"] for c in history["rounds"][0]["clients"]] == [1, 2, 3]
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 1
+    assert final.strategy_state[APART_KEY].tolist() == [[1, 4], [2, 4], [3, 4]]
+    for got, want in zip(final.weights, _replay(initial.weights, [(1, 2, 3)]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def test_a_client_masking_an_impossible_count_every_round_is_isolated_and_the_run_goes_on(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """Client 6 masks an example count of 2^30 every round. Round 1's sum is impossible; the
+    attempts after it aggregate in two groups of three, the spoiled group's members become
+    suspects, and once one is left it is excluded and named. Every round closes with the exact
+    mean of the honest clients whose group's sum was used, and the server exits 0."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "10", "--round-timeout", "20", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=4, clients=6, extra=flags), log=log)
+    wait_for_line(log, "waiting for 6 clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None
+    honest = (1, 2, 3, 4, 5)
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=honest, extra=("--insecure", "--light"))
+    peer = _peer(port, tmp_path, 6, "count")
     assert finish(server, log) == 0, log.read_text()
     finish_all(clients)
     text = log.read_text()
-    assert "client 4 is left out of secure aggregation from now on" in text
+    assert "client 6 is left out of secure aggregation from now on" in text
     assert "non-finite" not in text and "attempts in a row" not in text
     assert "the unmasked example count is" in text  # said why
     history = json.loads((out / "history.json").read_text())
     counted = [[c["client_id"] for c in r["clients"]] for r in history["rounds"]]
-    assert len(counted) == 3 and all(4 not in r and len(r) >= 2 for r in counted), counted
-    assert counted[-1] == [1, 2, 3]  # after the exclusion: every honest client, one group again
+    assert len(counted) == 4 and all(6 not in r and len(r) >= 3 for r in counted), counted
+    assert counted[-1] == list(honest)  # after the exclusion: every honest client, one group again
     final = CheckpointStore(out / "checkpoint").load()
-    assert final is not None and final.round == 3
+    assert final is not None and final.round == 4
     for got, want in zip(final.weights, _replay(initial.weights, counted), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     finish_all([peer])  # it waited, left out, until the run finished
