@@ -48,8 +48,8 @@ SETTINGS = (
         help="seconds to keep retrying an unreachable server",
     ),
     Setting(
-        "threads", int, None, low=1, group="the client",
-        help="cap the backend's CPU threads (e.g. cores / clients)",
+        "threads", int, None, low=0, group="the client",
+        help="cap the backend's CPU threads (e.g. cores / clients; 0 or unset: all cores)",
     ),
     Setting(
         "gpu", str, None, metavar="N[,M]", group="the client",

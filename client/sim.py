@@ -100,8 +100,8 @@ SETTINGS = (
         help="GPUs each actor asks for; 0.25: four share a card",
     ),
     Setting(
-        "threads", int, None, low=1, group="Ray",
-        help="backend threads per actor (default: its CPUs, rounded up)",
+        "threads", int, None, low=0, group="Ray",
+        help="backend threads per actor (0 or unset: its CPUs, rounded up)",
     ),
     Setting(
         "advertise", str, None, metavar="HOST", group="Ray",

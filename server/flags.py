@@ -78,7 +78,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     # -- the server process
     Setting("host", str, "[::]", group="server", help="address to bind (default: all interfaces)"),
-    Setting("threads", int, None, group="server", low=1, help="cap the CPU threads of evaluation"),
+    Setting(
+        "threads", int, None, group="server", low=0,
+        help="cap the CPU threads of evaluation (0 or unset: all cores)",
+    ),
     Setting("verbose", bool, False, group="server", short="-v", help="debug lines too"),
     Setting(
         "log_format", str, "text", group="server", choices=FORMATS,

@@ -39,7 +39,7 @@ SETTINGS = (
     TASK,
     DATA,
     Setting("out", Path, Path("results"), help="folder for history, curves and model (default %(default)s)"),
-    Setting("threads", int, None, low=1, help="CPU threads per client (default: all cores)"),
+    Setting("threads", int, None, low=0, help="CPU threads per client (0 or unset: all cores)"),
     Setting(
         "gpus", str, "", metavar="0,1,...",
         help="GPUs for the clients, round robin: client 1 on the first listed, client 2 on the second, ...",

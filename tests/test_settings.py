@@ -190,3 +190,13 @@ def test_linger_is_refused_without_the_dashboard_and_held_to_its_range() -> None
     ), result.stderr
     with pytest.raises(ConfigError, match="--linger must be in 0..86400, got 90000.0"):
         parse_args(["--insecure", "--http", "0", "--linger", "90000"])
+
+
+def test_threads_zero_means_every_core_as_the_compose_files_pass_it() -> None:
+    """docker/compose.yaml passes --threads=${FL_THREADS:-0} to the server and every client."""
+    from fedgrpc.client.cli import parse_args as client_args
+
+    assert parse_args(["--threads=0", "--insecure"])[0].threads == 0
+    assert client_args(["--id=1", "--threads=0", "--insecure"]).threads == 0
+    with pytest.raises(ConfigError, match="threads"):
+        parse_args(["--threads=-1", "--insecure"])
