@@ -71,7 +71,8 @@ class RoundPolicy:
     """When a round may close without every client.
 
     A round closes as soon as all enrolled clients have reported. After `timeout_s` it closes
-    with what it has, if that is at least `min_clients`; with fewer it keeps waiting. The first
+    with what it has, if that is at least `min_clients`; with fewer it keeps waiting, unless
+    withdrawals left fewer than `min_clients` clients: then the run stops (RunFailedError). The first
     round opens when every client is ready, or after `join_timeout_s` with `min_clients`
     (clients start slowly: a TensorFlow import and a shard to load). Federated evaluations
     close when every asked client has reported, or after `timeout_s` with what came.

@@ -343,7 +343,8 @@ class RoundCoordinator:
     def wait_all_ready(self, timeout: float | None = None) -> bool:
         """Block until every enrolled client is ready or has withdrawn; False on timeout or interrupt."""
         with self._changed:
-            return self._wait(lambda: len(self._ready) + len(self._withdrawn) >= self.run.num_clients, timeout)
+            everyone = self.run.num_clients
+            return self._wait(lambda: len(self._ready) + len(self._withdrawn) >= everyone, timeout)
 
     def wait_for_everyone(self, timeout: float | None = None) -> bool:
         """Block until every client the open round still expects has sent its update (one that

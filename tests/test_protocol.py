@@ -69,7 +69,7 @@ def test_a_round_whose_whole_sample_withdraws_is_sampled_again(tmp_path: Path, s
     port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
     # One client a round; with --sample-seed 0 round 1 samples client 1, which withdraws once it
     # has the weights (as a script whose model does not fit them does).
-    flags = ("--clients-per-round", "1", "--min-clients", "1", "--join-timeout", "3600")
+    flags: tuple[str, ...] = ("--clients-per-round", "1", "--min-clients", "1", "--join-timeout", "3600")
     flags += ("--finish-grace", "1")
     server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=2, extra=flags), log=log)
     good = start_clients(port, synthetic_npz, tmp_path, ids=(2,))
