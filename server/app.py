@@ -71,7 +71,8 @@ class RoundPolicy:
     """When a round may close without every client.
 
     A round closes as soon as all enrolled clients have reported. After `timeout_s` it closes
-    with what it has, if that is at least `min_clients`; with fewer it keeps waiting. The first
+    with what it has, if that is at least `min_clients`; with fewer it keeps waiting, unless
+    withdrawals left fewer than `min_clients` clients: then the run stops (RunFailedError). The first
     round opens when every client is ready, or after `join_timeout_s` with `min_clients`
     (clients start slowly: a TensorFlow import and a shard to load). Federated evaluations
     close when every asked client has reported, or after `timeout_s` with what came.
@@ -225,6 +226,7 @@ class FederatedServer:
             sample_seed=cfg.sample_seed,
             sampling=cfg.client_sampling,
             secagg_timeout_s=cfg.secagg_timeout_s,
+            min_clients=minimum,
         )
         self._coordinator = coordinator
         self.results.withdrawals = lambda: coordinator.withdrawals
@@ -482,8 +484,15 @@ class FederatedServer:
                     expected = self._secure_collect(coordinator, secure, number)
                 else:
                     expected = coordinator.expected
-                    if not self._collect(coordinator, expected, number, min(minimum, expected)):
+                    floor = min(minimum, len(coordinator.participants(number)))  # a sample may be smaller
+                    if not self._collect(coordinator, expected, number, floor):
                         return
+                    if coordinator.received == 0 and floor > 0 and self.config.privacy is None:
+                        log.warning(
+                            "round %d: every sampled client withdrew before sending an update; "
+                            "the round is sampled again among the others", number,
+                        )  # fmt: skip
+                        continue  # the same round again, from the same weights
                 outcome = coordinator.close_round(allow_empty=self.config.privacy is not None)
             except SecAggError as exc:
                 if coordinator.interrupted:
@@ -662,9 +671,10 @@ class FederatedServer:
             )
 
     def _collect(self, coordinator: RoundCoordinator, expected: int, number: int, minimum: int) -> bool:
-        """Wait until the open round may close; False when the server is stopping."""
+        """Wait until the open round may close; False when the server is stopping. RunFailedError:
+        withdrawals left fewer clients than --min-clients."""
         timeout = self.config.policy.timeout_s
-        if coordinator.wait_for_everyone(timeout) and coordinator.received >= minimum:
+        if coordinator.wait_for_everyone(timeout):  # with at least --min-clients, or the run failed
             return True
         if coordinator.interrupted:
             return False

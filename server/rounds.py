@@ -49,7 +49,13 @@ from functools import partial
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import MetricsError, SecAggError, StaleRoundError, UpdateRejectedError
+from fedgrpc.common.errors import (
+    MetricsError,
+    RunFailedError,
+    SecAggError,
+    StaleRoundError,
+    UpdateRejectedError,
+)
 from fedgrpc.common.metrics import check_metrics
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.common.secagg import COUNT_TENSOR
@@ -184,10 +190,15 @@ class RoundCoordinator:
         sample_seed: int = 0,
         sampling: str = "fixed",
         secagg_timeout_s: float = 60.0,
+        min_clients: int = 1,
     ) -> None:
         if clients_per_round is not None and not 1 <= clients_per_round <= run.num_clients:
             raise ValueError(f"clients_per_round must be in 1..{run.num_clients}, got {clients_per_round}")
+        if not 1 <= min_clients <= run.num_clients:
+            raise ValueError(f"min_clients must be in 1..{run.num_clients}, got {min_clients}")
         self.run = run
+        #: --min-clients: fewer clients left than this once some withdrew, and the run cannot go on.
+        self.min_clients = min_clients
         if sampling not in ("fixed", "poisson"):
             raise ValueError(f"sampling must be fixed or poisson, got {sampling!r}")
         self.clients_per_round = clients_per_round
@@ -325,39 +336,31 @@ class RoundCoordinator:
             return self._expected(self._round)
 
     def wait_ready(self, count: int, timeout: float | None = None) -> bool:
-        """Block until `count` clients are ready to train (have asked for their first task)."""
+        """Block until `count` clients are ready to train (have asked for their first task);
+        False on timeout or interrupt, RunFailedError once withdrawals leave too few clients."""
         with self._changed:
-            return self._changed.wait_for(
-                lambda: len(self._ready) >= count or self._interrupted, timeout
-            ) and (len(self._ready) >= count)
+            return self._wait(lambda: len(self._ready) >= count, timeout)
 
     def wait_all_ready(self, timeout: float | None = None) -> bool:
         """Block until every enrolled client is ready or has withdrawn; False on timeout or interrupt."""
-
-        def everyone() -> bool:
-            return len(self._ready) + len(self._withdrawn) >= self.run.num_clients
-
         with self._changed:
-            return self._changed.wait_for(lambda: everyone() or self._interrupted, timeout) and everyone()
+            everyone = self.run.num_clients
+            return self._wait(lambda: len(self._ready) + len(self._withdrawn) >= everyone, timeout)
 
     def wait_for_everyone(self, timeout: float | None = None) -> bool:
         """Block until every client the open round still expects has sent its update (one that
-        withdraws meanwhile is no longer expected); False on timeout or interrupt."""
+        withdraws meanwhile is no longer expected, and an update it sent before does not stand in
+        for another client's); False on timeout or interrupt."""
         with self._changed:
             current = self._require_round()
-
-            def done() -> bool:
-                return len(current.accepted) >= self._expected(current)
-
-            self._changed.wait_for(lambda: done() or self._interrupted, timeout)
-            return done() and not self._interrupted
+            return self._wait(lambda: self._everyone_in(current), timeout)
 
     def wait_for_updates(self, count: int, timeout: float | None = None) -> bool:
-        """Block until the open round holds `count` accepted updates; False on timeout or interrupt."""
+        """Block until the open round holds `count` accepted updates, or every client it still
+        expects has reported (no more will come); False on timeout or interrupt."""
         with self._changed:
             current = self._require_round()
-            self._changed.wait_for(lambda: len(current.accepted) >= count or self._interrupted, timeout)
-            return len(current.accepted) >= count and not self._interrupted
+            return self._wait(lambda: len(current.accepted) >= count or self._everyone_in(current), timeout)
 
     def close_round(self, *, allow_empty: bool = False) -> RoundOutcome:
         """Stop taking updates and aggregate them. `allow_empty`: a round with none is still
@@ -411,8 +414,12 @@ class RoundCoordinator:
         """Block until `count` reports are in; False on timeout or interrupt."""
         with self._changed:
             current = self._require_evaluation()
-            self._changed.wait_for(lambda: len(current.reports) >= count or self._interrupted, timeout)
-            return len(current.reports) >= count and not self._interrupted
+
+            def done() -> bool:  # a client asked that withdrew since will not report
+                gone = (current.participants & self._withdrawn.keys()) - current.reports.keys()
+                return len(current.reports) + len(gone) >= count
+
+            return self._wait(done, timeout)
 
     def close_evaluation(self) -> list[EvaluationReport]:
         with self._changed:
@@ -692,6 +699,35 @@ class RoundCoordinator:
                 self._round.bytes_out += nbytes
 
     # -- internals (call with the lock held) -----------------------------------------
+
+    def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """The driver's waits: until `done`, the timeout or an interrupt (False unless done and
+        not interrupted). Every withdrawal wakes them: RunFailedError once too few clients are left."""
+        self._changed.wait_for(lambda: done() or self._interrupted or self._too_few(), timeout)
+        if self._too_few() and not self._interrupted:
+            raise self._too_few_error()
+        return done() and not self._interrupted
+
+    def _too_few(self) -> bool:
+        return self.run.num_clients - len(self._withdrawn) < self.min_clients
+
+    def _too_few_error(self) -> RunFailedError:
+        left = self.run.num_clients - len(self._withdrawn)
+        named = "; ".join(f"client {c}: {why}" for c, why in sorted(self._withdrawn.items()))
+        return RunFailedError(
+            f"only {left} of {self.run.num_clients} clients can still take part, fewer than "
+            f"--min-clients {self.min_clients}, because these withdrew ({named}); stopping. Fix what "
+            "they report and start them again, or lower --min-clients; the last checkpoint is intact: "
+            "start the server again with the same --out to resume"
+        )
+
+    def _everyone_in(self, current: _Round) -> bool:
+        """Every client the round still expects has reported. Under secure aggregation that is
+        every client that shared its keys (its masked update is needed, withdrawn or not);
+        otherwise only updates of clients that have not withdrawn count toward it."""
+        if current.secure is not None and current.secure.shared:
+            return len(current.accepted) >= len(current.secure.shared)
+        return len(current.accepted.keys() - self._withdrawn.keys()) >= self._expected(current)
 
     def _expected(self, current: _Round | None) -> int:
         if current is not None and current.secure is not None and current.secure.shared:

@@ -17,7 +17,7 @@ from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
 from fedgrpc.common.processes import free_port
-from helpers import finish, server_command, start, start_clients
+from helpers import finish, finish_all, server_command, start, start_clients
 from test_secagg import _GarbageWords, _LiveRound
 
 
@@ -45,6 +45,51 @@ def test_a_client_whose_data_does_not_fit_says_so_and_the_run_goes_on_without_it
     assert [w["client_id"] for w in history["withdrawn"]] == [1]
     assert "does not fit the model" in history["withdrawn"][0]["reason"]
     assert sorted(c["client_id"] for c in history["rounds"][0]["clients"]) == [2, 3]
+
+
+def test_a_withdrawal_that_leaves_fewer_than_min_clients_stops_the_server_with_a_clear_error(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    misfit = tmp_path / "misfit.npz"
+    x, y = make_synthetic(300, seed=1, size=16)
+    np.savez(misfit, x_train=x, y_train=y, x_test=x[:50], y_test=y[:50])
+    # Without --min-clients every client is needed: once one withdraws, the run cannot go on.
+    flags = ("--join-timeout", "3600", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=3, extra=flags), log=log)
+    ((bad, bad_log),) = start_clients(port, misfit, tmp_path, ids=(1,))
+    assert finish(bad, bad_log) != 0
+    assert finish(server, log) == 2, log.read_text()
+    text = log.read_text()
+    assert "fl-server: error: only 2 of 3 clients can still take part, fewer than --min-clients 3" in text
+    assert "client 1: " in text and "does not fit the model" in text and "lower --min-clients" in text
+
+
+def test_a_round_whose_whole_sample_withdraws_is_sampled_again(tmp_path: Path, synthetic_npz: Path) -> None:
+    from fedgrpc.client.connection import Connection
+    from fedgrpc.common.protocol import Instruction
+
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    # One client a round; with --sample-seed 0 round 1 samples client 1, which withdraws once it
+    # has the weights (as a script whose model does not fit them does).
+    flags: tuple[str, ...] = ("--clients-per-round", "1", "--min-clients", "1", "--join-timeout", "3600")
+    flags += ("--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=1, clients=2, extra=flags), log=log)
+    good = start_clients(port, synthetic_npz, tmp_path, ids=(2,))
+    with Connection(f"127.0.0.1:{port}", 1, connect_timeout_s=180) as one:
+        one.join()
+        task = one.next_task(after_round=0, max_wait_s=10)
+        for _ in range(60):
+            if task.instruction is Instruction.TRAIN:
+                break
+            task = one.next_task(after_round=0, max_wait_s=10)
+        assert task.instruction is Instruction.TRAIN and task.round == 1
+        assert one.withdraw("the server's weights do not fit this script's model")
+    assert finish(server, log) == 0, log.read_text()
+    finish_all(good)
+    assert "every sampled client withdrew" in log.read_text()
+    history = json.loads((out / "history.json").read_text())
+    assert [c["client_id"] for c in history["rounds"][0]["clients"]] == [2]
 
 
 class _SendsItsLoss(SecureRound):

@@ -1,12 +1,14 @@
 """The round state machine on its own: no network, no TensorFlow."""
 
 import threading
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pytest
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import NotEnrolledError, StaleRoundError, UpdateRejectedError
+from fedgrpc.common.errors import NotEnrolledError, RunFailedError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.rounds import RoundCoordinator
 from fedgrpc.server.strategy import FedAvg
@@ -214,3 +216,60 @@ def test_samples_are_seeded_by_seed_and_round() -> None:
 def test_clients_per_round_must_fit_the_run() -> None:
     with pytest.raises(ValueError, match="1..6"):
         RoundCoordinator(RunSpec(num_clients=6), SPECS, FedAvg(), clients_per_round=7)
+
+
+def three(min_clients: int = 1) -> RoundCoordinator:
+    c = RoundCoordinator(RunSpec(rounds=2, num_clients=3), SPECS, FedAvg(), min_clients=min_clients)
+    for client in (1, 2, 3):
+        c.next_task(client, after_round=0, timeout=0)
+    c.open_round(1, weights(0.0))
+    return c
+
+
+def test_an_update_sent_before_a_withdrawal_does_not_stand_in_for_another_client() -> None:
+    c = three()
+    submit(c, 1, 1.0)
+    c.withdraw(1, "it ran out of disk")
+    submit(c, 2, 1.0)
+    assert not c.wait_for_everyone(timeout=0)  # client 3 is still expected
+    assert not c.wait_for_updates(3, timeout=0)
+    submit(c, 3, 1.0)
+    assert c.wait_for_everyone(timeout=0)
+    assert [u.client_id for u in c.close_round().updates] == [1, 2, 3]  # the early update is aggregated
+
+
+def test_a_sampled_round_closes_once_the_rest_of_its_sample_has_reported() -> None:
+    c = sampled(2)
+    c.open_round(1, weights(0.0))
+    stays, leaves = sorted(trainers(c))
+    c.withdraw(leaves, "its data does not fit the model")
+    submit(c, stays, 1.0)
+    assert c.wait_for_updates(2, timeout=0)  # the server's wait for its floor: no more will come
+
+
+def test_withdrawals_that_leave_fewer_than_min_clients_end_every_wait_with_a_clear_error() -> None:
+    c = three(min_clients=2)
+    c.withdraw(1, "its data does not fit the model")
+    assert not c.wait_for_everyone(timeout=0)  # two are left: --min-clients 2 still holds
+    errors: list[BaseException] = []
+
+    def wait(waiter: Callable[[], bool]) -> None:
+        try:
+            waiter()
+        except RunFailedError as exc:
+            errors.append(exc)
+
+    # None with a timeout: each must wake on the withdrawal (the first round's waits, a round's).
+    waits = [c.wait_for_everyone, partial(c.wait_for_updates, 3), partial(c.wait_ready, 3)]
+    threads = [threading.Thread(target=wait, args=(w,), daemon=True) for w in waits]
+    for thread in threads:
+        thread.start()
+    c.withdraw(2, "the task's parameters are refused")
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(errors) == len(waits)
+    message = str(errors[0])
+    assert "1 of 3 clients" in message and "--min-clients 2" in message
+    assert "client 1: its data does not fit the model" in message and "client 2:" in message
+    with pytest.raises(RunFailedError):
+        c.wait_all_ready(timeout=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from fedgrpc.client.connection import Connection
 from fedgrpc.common import wire
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import NotEnrolledError, StaleRoundError, UpdateRejectedError
+from fedgrpc.common.errors import NotEnrolledError, RunFailedError, StaleRoundError, UpdateRejectedError
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.limits import Limits
 from fedgrpc.server.rounds import RoundCoordinator
@@ -408,3 +409,35 @@ def test_the_open_round_stops_waiting_for_a_client_that_withdraws(
         assert two.withdraw("the server's weights do not fit this script's model")
     assert coordinator.wait_for_everyone(timeout=10)
     assert coordinator.expected == 1
+
+
+def test_withdrawals_mid_round_that_leave_fewer_than_min_clients_stop_the_run(tmp_path: Path) -> None:
+    from fedgrpc.server.app import FederatedServer, RoundPolicy, ServerConfig
+
+    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=3), SPECS, FedAvg(), min_clients=2)
+    for client in (1, 2, 3):
+        coordinator.next_task(client, after_round=0, timeout=0)
+    coordinator.open_round(1, GLOBAL)
+    server = FederatedServer(ServerConfig(out_dir=tmp_path, policy=RoundPolicy(min_clients=2)))
+    outcome: list[object] = []
+
+    def collect() -> None:  # the server's driver, without a round timeout
+        try:
+            outcome.append(server._collect(coordinator, 3, 1, 2))
+        except RunFailedError as exc:
+            outcome.append(exc)
+
+    driver = threading.Thread(target=collect, daemon=True)
+    driver.start()
+    with serving(coordinator, host="127.0.0.1", port=0) as endpoint:
+        target = f"127.0.0.1:{endpoint.port}"
+        with Connection(target, 1, connect_timeout_s=5) as one:
+            one.submit(1, SPECS, GLOBAL, 1, {})
+        with grpc.insecure_channel(target) as channel:
+            withdraw = pb_grpc.CoordinatorStub(channel).Withdraw
+            withdraw(pb.WithdrawRequest(client_id=2, reason="its data does not fit the model"), timeout=10)
+            withdraw(pb.WithdrawRequest(client_id=3, reason="no data"), timeout=10)
+        driver.join(timeout=60)
+    assert outcome, "the driver still waits for updates that cannot come"
+    assert isinstance(outcome[0], RunFailedError), outcome
+    assert "--min-clients 2" in str(outcome[0]) and "client 3: no data" in str(outcome[0])
