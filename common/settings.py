@@ -8,7 +8,9 @@ checks are all derived from it, so a value is held to the same rule wherever it 
 
 A run file's values become the parser's defaults, so a flag typed on the command line wins
 and a default nobody typed never overrides the file. Every refusal is a ConfigError naming
-the flag (or the run file and key), what was expected and what was given. Settings that a
+the flag (or the run file and key), what was expected and what was given. A setting's
+environment variable ($FL_TASK) stands in for its default, so it is read only when the flag
+is absent, and a bad value is refused naming the variable. Settings that a
 launcher (fl-local, fl-sim) reads from a run file too are declared here once, in RUN_SETTINGS;
 each CLI adds its own beside them.
 
