@@ -115,7 +115,7 @@ def run_federation(
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        while any(p.poll() is None for p, _ in procs):
+        while None in [p.poll() for p, _ in procs]:  # poll every one: a client may have failed
             failed = [p for p, _ in procs if p.returncode not in (None, 0)]
             if failed or (deadline is not None and time.monotonic() > deadline):
                 break

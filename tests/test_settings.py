@@ -222,8 +222,8 @@ def test_fl_local_refuses_a_run_file_before_and_after_the_dashes(tmp_path: Path)
 
 def test_fl_local_leaves_the_task_to_the_server_when_none_is_chosen(tmp_path: Path) -> None:
     """`fl-local -- --init-model model.keras`: no --task of fl-local's default reaches the server,
-    so the saved model is the task (fl-client, having no script, is then refused: the test stops
-    at the server's word)."""
+    so the saved model is the task. fl-client, having no script, is then refused, and fl-local
+    ends the run saying so (it used to poll only the server while that ran)."""
     from test_saved_task import MODEL
 
     (tmp_path / "model.py").write_text(MODEL)
@@ -240,6 +240,8 @@ def test_fl_local_leaves_the_task_to_the_server_when_none_is_chosen(tmp_path: Pa
     try:
         wait_for_line(log, "server    task ", process=process)
         wait_for_line(log, "this run's task is 'saved:model.keras'", process=process)
+        assert finish(process, log) == 1
+        assert "fl-local: fl-client 1 exited 2" in log.read_text(), log.read_text()[-3000:]
     finally:
         with contextlib.suppress(ProcessLookupError):  # fl-local and the processes it started
             os.killpg(process.pid, signal.SIGKILL)
