@@ -119,21 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more fl-server options")
     args = p.parse_args(argv)
     args.server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
-    chosen = settings.typed_flags(p, argv) - {"server_args"}
-    raw: dict[str, Any] = {}
-    if args.config is not None:
-        raw, _ = settings.read_run_file(args.config)
-        for name, value in settings.check_run_values(raw, SETTINGS, args.config, only_known=False).items():
-            if name not in chosen:
-                setattr(args, name, value)
-    told = chosen if args.config is not None else chosen | {"rounds", "clients", "out"}
+    chosen = settings.merge_run_file(p, argv, args, SETTINGS, args.config)
     args.server_flags = [
         *(["--config", str(args.config)] if args.config else []),
-        *(["--rounds", str(args.rounds)] if "rounds" in told else []),
+        *(["--rounds", str(args.rounds)] if "rounds" in chosen or args.config is None else []),
         "--clients", str(args.clients), "--out", str(args.out),
-        *(["--join-timeout", "600"] if "join_timeout" not in raw else []),
+        *(["--join-timeout", "600"] if "join_timeout" not in chosen.in_file else []),
         *(["--clients-per-round", str(args.clients_per_round)] if args.clients_per_round else []),
-        *(["--task", args.task] if "task" in told or "task" in raw else []),
+        *(["--task", args.task] if "task" in chosen else []),
         *(["--data", args.data] if args.data and "{id}" not in args.data else []),
     ]  # fmt: skip
     return args
@@ -187,22 +180,9 @@ def simulate(args: argparse.Namespace) -> int:
         "%d client ids on %d Ray actors (%g CPUs, %g GPUs each), %d a round; server at %s",
         args.clients, count, args.cpus_per_client, args.gpus_per_client, per_round, target,
     )  # fmt: skip
-    started = time.monotonic()
-    reports: list[dict[str, Any]] = []
-    broken: list[str] = []  # actors that failed as a whole, with Ray's word for why
     stopped = False
     try:
-        while pending and server.poll() is None:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in done:
-                actor_number = pending.pop(ref)
-                try:
-                    reports.append(json.loads(ray.get(ref)))
-                except Exception as exc:  # Ray wraps whatever the actor raised in errors of its own
-                    broken.append(f"Ray actor {actor_number}: {_last_line(exc)}")
-            if args.timeout and time.monotonic() - started > args.timeout:
-                log.error("fl-sim: --timeout %.0f s passed", args.timeout)
-                break
+        reports, broken = collect_reports(ray, pending, server, timeout_s=args.timeout)
         if not pending:
             # Every client has left: the server has finished, or waits for clients that failed.
             failed = bool(broken) or any(r["failures"] for r in reports)
@@ -228,6 +208,45 @@ def simulate(args: argparse.Namespace) -> int:
     elif server.returncode != 0:
         log.error("fl-sim: fl-server exited %s", server.returncode)
     return 1 if failures or broken or pending or stopped or server.returncode != 0 else 0
+
+
+#: How long the actors' last reports may take once fl-server has exited 0: their clients have
+#: heard the end, and an actor reports when the last of its clients has.
+REPORT_WAIT_S = 60.0
+
+
+def collect_reports(
+    ray: Any, pending: dict[Any, int], server: subprocess.Popen[str], *, timeout_s: float | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The actors' reports as they come (`pending`, Ray's refs to the actor numbers, loses each
+    one collected), and the actors that failed as a whole with Ray's word for why. Ends when
+    all are in, when fl-server fails, after `timeout_s`, or REPORT_WAIT_S after fl-server exits 0."""
+    started = time.monotonic()
+    ended: float | None = None  # when fl-server exited 0
+    reports: list[dict[str, Any]] = []
+    broken: list[str] = []
+    while pending:
+        if server.poll() is not None:
+            if server.returncode != 0:
+                break
+            ended = time.monotonic() if ended is None else ended
+            if time.monotonic() - ended > REPORT_WAIT_S:
+                log.error(
+                    "fl-sim: fl-server finished, but %d Ray actor(s) did not report within %.0f s",
+                    len(pending), REPORT_WAIT_S,
+                )  # fmt: skip
+                break
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for ref in done:
+            actor_number = pending.pop(ref)
+            try:
+                reports.append(json.loads(ray.get(ref)))
+            except Exception as exc:  # Ray wraps whatever the actor raised in errors of its own
+                broken.append(f"Ray actor {actor_number}: {_last_line(exc)}")
+        if timeout_s and time.monotonic() - started > timeout_s:
+            log.error("fl-sim: --timeout %.0f s passed", timeout_s)
+            break
+    return reports, broken
 
 
 #: How long the server may take to exit once every client has left: it finishes the last

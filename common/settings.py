@@ -8,7 +8,9 @@ checks are all derived from it, so a value is held to the same rule wherever it 
 
 A run file's values become the parser's defaults, so a flag typed on the command line wins
 and a default nobody typed never overrides the file. Every refusal is a ConfigError naming
-the flag (or the run file and key), what was expected and what was given. Settings that a
+the flag (or the run file and key), what was expected and what was given. A setting's
+environment variable ($FL_TASK) stands in for its default, so it is read only when the flag
+is absent, and a bad value is refused naming the variable. Settings that a
 launcher (fl-local, fl-sim) reads from a run file too are declared here once, in RUN_SETTINGS;
 each CLI adds its own beside them.
 
@@ -78,11 +80,16 @@ class Setting:
     def option(self) -> str:
         return self.flag_name or "--" + self.name.replace("_", "-")
 
-    def initial(self) -> Any:
-        """The default, or the environment's value when `env` is set there."""
-        if self.env and os.environ.get(self.env):
-            return self.parse(os.environ[self.env], f"${self.env}")
-        return self.default
+    def from_env(self) -> Any:
+        """The environment's value when `env` is set there, else the default. Read only when the
+        flag is absent, so an unusable variable never stops a run that gives the flag."""
+        text = os.environ.get(self.env) if self.env else None
+        if not text:
+            return self.default
+        try:
+            return self.parse(text, f"${self.env}")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; give {self.option}, or fix or unset ${self.env}") from None
 
     def parse(self, text: str, label: str | None = None) -> Any:
         """A flag's text as this setting's value, range checked."""
@@ -168,7 +175,7 @@ def build_parser(
     """A parser with one flag per flag setting. Sections come in the order their settings first
     appear, the settings of group "" first of all; `groups` gives a section's title (its key
     otherwise)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         usage=usage,
         description=description,
@@ -185,13 +192,38 @@ def build_parser(
     return parser
 
 
+class _FromEnv:
+    """The parser's default for a setting with `env`: replaced after parsing by the
+    environment's value (or the declared default), only when the flag was not given."""
+
+    def __init__(self, setting: Setting) -> None:
+        self.setting = setting
+
+    def __str__(self) -> str:  # what --help shows for %(default)s
+        return str(self.setting.default)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that reads the environment defaults of the flags not given."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        for name, value in vars(parsed).items():
+            if isinstance(value, _FromEnv):
+                setattr(parsed, name, value.setting.from_env())
+        return parsed, extras
+
+
 def _add_flag(section: Any, setting: Setting) -> None:
     names = [setting.short, setting.option] if setting.short else [setting.option]
     options: dict[str, Any] = {"dest": setting.name, "help": setting.help}
+    default = _FromEnv(setting) if setting.env else setting.default
     if setting.kind is bool:
-        options.update(action="store_true", default=bool(setting.initial()))
+        options.update(action="store_true", default=default)
     else:
-        options.update(default=setting.initial(), type=setting.parse, metavar=setting.metavar)
+        options.update(default=default, type=setting.parse, metavar=setting.metavar)
         if setting.choices:
             options["choices"] = setting.choices
         if setting.repeat:
@@ -258,6 +290,40 @@ def check_run_values(
             continue
         checked[key] = setting.check(_resolved(path.parent, setting, value), f"{path}: [run] {key}")
     return checked
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """Which settings a person chose for a launcher's run: typed as flags, or keys of the run
+    file's [run]. Only these are passed on to fl-server; a default nobody chose is not, since
+    it would override the run file's value or the server's own choice (a saved model as the
+    task when no task is given)."""
+
+    typed: frozenset[str]
+    in_file: frozenset[str]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.typed or name in self.in_file
+
+
+def merge_run_file(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    args: argparse.Namespace,
+    settings: Sequence[Setting],
+    config: Path | None,
+) -> Chosen:
+    """A launcher's values, flags typed over the run file's [run] over defaults: sets on `args`
+    each of `settings` that the file gives and no flag typed (the file's other keys are the
+    server's to check), and says which were chosen."""
+    typed = typed_flags(parser, argv)
+    run: dict[str, Any] = {}
+    if config is not None:
+        run, _ = read_run_file(config)
+        for name, value in check_run_values(run, settings, config, only_known=False).items():
+            if name not in typed:
+                setattr(args, name, value)
+    return Chosen(frozenset(typed), frozenset(run))
 
 
 def _resolved(folder: Path, setting: Setting, value: Any) -> Any:

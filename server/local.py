@@ -19,11 +19,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from fedgrpc.common import settings
 from fedgrpc.common.device import gpus_present
-from fedgrpc.common.errors import FedGrpcError
+from fedgrpc.common.errors import ConfigError, FedGrpcError
 from fedgrpc.common.processes import free_port, spawn
 from fedgrpc.common.settings import CLIENTS, DATA, ROUNDS, TASK, Setting, site_data
 
@@ -116,7 +115,7 @@ def run_federation(
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        while any(p.poll() is None for p, _ in procs):
+        while None in [p.poll() for p, _ in procs]:  # poll every one: a client may have failed
             failed = [p for p, _ in procs if p.returncode not in (None, 0)]
             if failed or (deadline is not None and time.monotonic() > deadline):
                 break
@@ -154,24 +153,22 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more fl-server options")
     args = p.parse_args(argv)
     extra = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
-    config = args.config or _config_in(extra)
+    passed_on = _config_in(extra)
+    if args.config is not None and passed_on is not None:
+        raise ConfigError(
+            f"--config {args.config} and --config {passed_on} after --: give the run file once "
+            "(before --, and fl-local passes it on to fl-server)"
+        )
+    config = args.config or passed_on
     # What the user typed wins; else the run file's value; else fl-local's default. A run file
-    # is passed to the server, and the defaults nobody typed are not (they would override it).
-    chosen = settings.typed_flags(p, argv) - {"server_args"}
-    found = {}
-    if config is not None:
-        run, _ = settings.read_run_file(config)
-        found = settings.check_run_values(run, SETTINGS, config, only_known=False)
-
-    def value(name: str) -> Any:
-        return getattr(args, name) if name in chosen or name not in found else found[name]
-
+    # is passed to the server, and the defaults nobody chose are not (they would override it).
+    chosen = settings.merge_run_file(p, argv, args, SETTINGS, config)
     return run_federation(
-        clients=value("clients"),
+        clients=args.clients,
         rounds=args.rounds if config is None or "rounds" in chosen else None,
-        data=value("data"),
-        out_dir=value("out"),
-        task=value("task"),
+        data=args.data,
+        out_dir=args.out,
+        task=args.task if "task" in chosen else None,
         threads=args.threads,
         schedule=args.schedule,
         gpus=[g for g in args.gpus.split(",") if g.strip()],
@@ -181,13 +178,15 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _config_in(server_args: Sequence[str]) -> Path | None:
-    """A --config passed on to the server after --: fl-local reads it too."""
+    """A --config passed on to the server after --: fl-local reads it too (the last one, as
+    the server does)."""
+    found = None
     for i, arg in enumerate(server_args):
         if arg == "--config" and i + 1 < len(server_args):
-            return Path(server_args[i + 1])
-        if arg.startswith("--config="):
-            return Path(arg.split("=", 1)[1])
-    return None
+            found = Path(server_args[i + 1])
+        elif arg.startswith("--config="):
+            found = Path(arg.split("=", 1)[1])
+    return found
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ overrides a run file, on any CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +203,69 @@ def test_threads_zero_means_every_core_as_the_compose_files_pass_it() -> None:
     assert client_args(["--id=1", "--threads=0", "--insecure"]).threads == 0
     with pytest.raises(ConfigError, match="threads"):
         parse_args(["--threads=-1", "--insecure"])
+
+
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_an_unusable_fl_client_id_is_ignored_when_id_is_given_and_named_when_used(value: str) -> None:
+    """$FL_CLIENT_ID is a default: `--id 3` runs whatever it holds (the run stops here at a bad
+    --chunk-kb, after the id was taken); without --id, its bad value is refused naming it."""
+    env = ENV | {"FL_CLIENT_ID": value}
+    command = [str(BIN / "fl-client"), "--insecure", "--chunk-kb", "0"]
+    given = subprocess.run([*command, "--id", "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert given.returncode == 2 and "--chunk-kb must be in 1..8192" in given.stderr, given.stderr
+    assert "FL_CLIENT_ID" not in given.stderr, given.stderr
+    used = subprocess.run(command[:2], capture_output=True, text=True, env=env, timeout=120)
+    assert used.returncode == 2 and "Traceback" not in used.stderr, used.stderr
+    assert "$FL_CLIENT_ID must be " in used.stderr, used.stderr
+    assert "give --id, or fix or unset $FL_CLIENT_ID" in used.stderr, used.stderr
+
+
+def test_an_environment_default_yields_to_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedgrpc.client.cli import parse_args as client_args
+
+    monkeypatch.setenv("FL_CLIENT_ID", "4")
+    monkeypatch.setenv("FL_TASK", "my_task.py")
+    assert client_args(["--insecure"]).client_id == 4
+    assert client_args(["--insecure"]).task == "my_task.py"
+    taken = client_args(["--insecure", "--id", "2", "--task", "cifar10"])
+    assert (taken.client_id, taken.task) == (2, "cifar10")
+    monkeypatch.delenv("FL_TASK")
+    assert client_args(["--insecure"]).task == "cifar10"
+
+
+def test_fl_local_refuses_a_run_file_before_and_after_the_dashes(tmp_path: Path) -> None:
+    """fl-local reads one run file and the server would keep the other: refused, nothing started."""
+    first = run_file(tmp_path, '[run]\ntask = "missing_task.py"\nclients = 1\n', "a.toml")
+    second = run_file(tmp_path, '[run]\ntask = "missing_task.py"\nclients = 1\n', "b.toml")
+    result = fl_local("--config", str(first), "--", "--config", str(second), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"--config {first} and --config {second} after --: give the run file once" in result.stderr
+    assert not (tmp_path / "results").exists()  # no run began
+
+
+def test_fl_local_leaves_the_task_to_the_server_when_none_is_chosen(tmp_path: Path) -> None:
+    """`fl-local -- --init-model model.keras`: no --task of fl-local's default reaches the server,
+    so the saved model is the task. fl-client, having no script, is then refused, and fl-local
+    ends the run saying so (it used to poll only the server while that ran)."""
+    from test_saved_task import MODEL
+
+    (tmp_path / "model.py").write_text(MODEL)
+    saved, log = tmp_path / "model.keras", tmp_path / "fl-local.log"
+    subprocess.run([sys.executable, str(tmp_path / "model.py"), str(saved)], check=True, env=ENV, timeout=120)
+    command = [
+        sys.executable, "-m", "fedgrpc.server.local", "--threads", "1", "--clients", "1", "--rounds", "1",
+        "--out", str(tmp_path / "out"), "--", "--init-model", str(saved), "--join-timeout", "60",
+    ]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
+        )
+    try:
+        wait_for_line(log, "server    task ", process=process)
+        wait_for_line(log, "this run's task is 'saved:model.keras'", process=process)
+        assert finish(process, log) == 1
+        assert "fl-local: fl-client 1 exited 2" in log.read_text(), log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # fl-local and the processes it started
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,28 @@ def test_fl_sim_reports_clients_that_cannot_load_their_data_and_exits(tmp_path: 
     assert "2 client(s) failed" in result.stderr, result.stderr[-3000:]
     assert "missing_1.npz" in result.stderr and "missing_2.npz" in result.stderr, result.stderr[-3000:]
     assert "TimeoutExpired" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_reports_that_come_after_the_server_exited_0_are_still_collected() -> None:
+    """fl-server may exit 0 (its clients heard the end) a moment before the last Ray actor's
+    report arrives: that report is waited for, not dropped with the actors killed and an exit
+    of 1. A real Ray task reports 5 s after a real process exited 0."""
+    import ray
+    from fedgrpc.client.sim import collect_reports
+
+    report = {"rounds": {"1": 1}, "train_seconds": 0.5, "failures": {}}
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+
+        @ray.remote
+        def late_report() -> str:
+            time.sleep(5)
+            return json.dumps(report)
+
+        server = subprocess.Popen([sys.executable, "-c", "pass"], text=True)
+        assert server.wait(timeout=60) == 0
+        pending = {late_report.remote(): 0}
+        reports, broken = collect_reports(ray, pending, server, timeout_s=300)
+    finally:
+        ray.shutdown()
+    assert (reports, broken, pending) == ([report], [], {})
