@@ -1,9 +1,10 @@
 """The client's link to the coordinator: the calls it makes, with retries.
 
-Connection makes them blocking (fl-client); AioConnection makes a light client's calls on
-grpc.aio, so one event loop can run thousands of simulated clients. The only module of
-fedgrpc.client that touches generated *_pb2 types, and the place where gRPC status codes
-become fedgrpc errors:
+Connection makes them blocking (fl-client); AioConnection (fedgrpc.client.aio_connection) makes
+a light client's calls on grpc.aio, so one event loop can run thousands of simulated clients.
+Both take their retry policy (Retries) and their reading of a task's header (task_from_header)
+from here, one copy for both. These two are the only modules of fedgrpc.client that touch
+generated *_pb2 types; this is the place where gRPC status codes become fedgrpc errors:
 
     UNAVAILABLE, DEADLINE_EXCEEDED,  retried with exponential backoff and jitter until the
     CANCELLED, RESOURCE_EXHAUSTED    connect timeout, then ServerUnavailableError (the server
@@ -17,13 +18,12 @@ become fedgrpc errors:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 from fedgrpc.common import compression, wire
 from fedgrpc.common import secagg as sa
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import RunSpec, TaskRef
 from fedgrpc.common.errors import (
     AuthError,
@@ -44,7 +44,7 @@ from fedgrpc.common.errors import (
     UpdateRejectedError,
 )
 from fedgrpc.common.metrics import check_metrics
-from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX, READY_FOR_CHUNKS_KEY, Instruction
+from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX, Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -177,6 +177,89 @@ def _error_from(exc: grpc.RpcError) -> FedGrpcError:
     return UpdateRejectedError(details or code.name, code=code.name)
 
 
+_INSTRUCTIONS = {
+    pb.TRAIN: Instruction.TRAIN,
+    pb.WAIT: Instruction.WAIT,
+    pb.FINISHED: Instruction.FINISHED,
+    pb.EVALUATE: Instruction.EVALUATE,
+}
+
+
+def task_from_header(first: pb.WeightsMessage | None) -> Task:
+    """The task that a weights stream's first message announces, without its weights.
+
+    A stream that does not start with a header, or an instruction this client does not know (a
+    newer server's), is an error: taken for WAIT, it would have the client poll for ever."""
+    if first is None or first.WhichOneof("part") != "header":
+        raise UpdateRejectedError("the server's weights stream did not start with a header", code="INTERNAL")
+    header = first.header
+    instruction = _INSTRUCTIONS.get(header.instruction)
+    if instruction is None:
+        raise UpdateRejectedError(
+            f"the server sent instruction {header.instruction}, which this client does not know: "
+            "run an fl-client as new as the server",
+            code="INTERNAL",
+        )
+    specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
+    return Task(instruction, header.round, specs, run_id=header.run_id)
+
+
+@dataclass
+class Tries:
+    """One call's tries so far (see Retries)."""
+
+    deadline: float
+    delays: Iterator[float]
+    failures: int = 0
+
+
+class Retries:
+    """When a failed call is tried again, and what the log says about it, for one connection.
+
+    Retryable codes are tried again with `backoff` until `connect_timeout_s` has passed, then
+    ServerUnavailableError; other codes become fedgrpc errors at once. The first answer after
+    failures logs that the server "answered", later ones that it "is back"."""
+
+    def __init__(self, target: str, connect_timeout_s: float, backoff: Backoff) -> None:
+        self.target, self.connect_timeout_s, self.backoff = target, connect_timeout_s, backoff
+        self.answered = False  # whether the server has answered this connection once
+        self.retried: dict[str, int] = {}  # calls retried, by the status code that failed them
+
+    def begin(self) -> Tries:
+        return Tries(time.monotonic() + self.connect_timeout_s, self.backoff.delays())
+
+    def succeeded(self, what: str, tries: Tries) -> None:
+        if tries.failures:
+            how = "is back" if self.answered else "answered"
+            log.info("%s: server at %s %s", what, self.target, how)
+        self.answered = True
+
+    def failed(self, what: str, tries: Tries, exc: grpc.RpcError) -> float:
+        """The seconds to wait before the next try; raises when there is none."""
+        code = exc.code()
+        if code not in _RETRYABLE:
+            raise _error_from(exc) from None
+        tries.failures += 1
+        self.retried[code.name] = self.retried.get(code.name, 0) + 1
+        if tries.failures == 1 and what != "join":
+            log.warning(
+                "%s: %s (%s); retrying for up to %.0f s",
+                what,
+                code.name,
+                exc.details(),
+                self.connect_timeout_s,
+            )
+        remaining = tries.deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerUnavailableError(
+                f"could not {what} at {self.target} for {self.connect_timeout_s:.0f} s "
+                f"({code.name}: {exc.details()}); is fl-server running there?"
+            ) from None
+        delay = min(next(tries.delays), remaining)
+        log.debug("%s: %s, retrying in %.2f s", what, code.name, delay)
+        return delay
+
+
 class Connection:
     """One client's channel to the server."""
 
@@ -194,7 +277,6 @@ class Connection:
         """`channel`: one to share with other Connections of this process (many simulated
         clients: one channel, one polling thread, instead of one each); it is not closed here."""
         self.target = target
-        self._answered = False  # whether the server has answered once: "reached" first, "back" later
         self.client_id = client_id
         self.connect_timeout_s = connect_timeout_s
         self.chunk_bytes = chunk_bytes
@@ -205,6 +287,7 @@ class Connection:
         self._channel = channel if channel is not None else security.channel(target)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self.traffic = Traffic()
+        self.retries = Retries(target, connect_timeout_s, backoff)
         # SubmitUpdate with wire.serialize, so chunks go out as encode_chunk wrote them (one copy).
         self._submit_update = self._channel.stream_unary(
             f"/{wire.SERVICE}/SubmitUpdate",
@@ -317,12 +400,12 @@ class Connection:
                 # for them (its initial metadata), so an update waiting for the server's
                 # in-flight budget waits here, not in the server's memory.
                 header = next(stream)
-                self.traffic.sent += _size(header)
+                self.traffic.sent += message_size(header)
                 yield header
                 started.wait()
                 calls[0].initial_metadata()  # returns early too if the call already ended
                 for message in stream:
-                    self.traffic.sent += _size(message)
+                    self.traffic.sent += message_size(message)
                     yield message
 
             future = self._submit_update.future(paced(), timeout=300, metadata=self._metadata)
@@ -404,262 +487,28 @@ class Connection:
     def _receive(self, stream: Iterator[pb.WeightsMessage]) -> Task:
         first = next(stream, None)
         self.traffic.received += first.ByteSize() if first is not None else 0
-        if first is None or first.WhichOneof("part") != "header":
-            raise UpdateRejectedError(
-                "the server's weights stream did not start with a header", code="INTERNAL"
-            )
-        header = first.header
-        if header.instruction == pb.FINISHED:
-            return Task(Instruction.FINISHED, header.round, run_id=header.run_id)
-        if header.instruction not in (pb.TRAIN, pb.EVALUATE):
-            return Task(Instruction.WAIT, header.round, run_id=header.run_id)
-        instruction = Instruction.TRAIN if header.instruction == pb.TRAIN else Instruction.EVALUATE
-        specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
-        received = wire.assemble(specs, (self._counted(m).chunk for m in stream))
-        return Task(instruction, header.round, specs, received.arrays, received.wire_bytes, header.run_id)
+        task = task_from_header(first)
+        if task.instruction not in (Instruction.TRAIN, Instruction.EVALUATE):
+            return task
+        received = wire.assemble(task.specs, (self._counted(m).chunk for m in stream))
+        return replace(task, weights=received.arrays, wire_bytes=received.wire_bytes)
 
     def _counted(self, message: pb.WeightsMessage) -> pb.WeightsMessage:
         self.traffic.received += message.ByteSize()
         return message
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.connect_timeout_s
-        delays = self.backoff.delays()
-        failures = 0
+        """`call`, tried again as self.retries says, waiting with time.sleep."""
+        tries = self.retries.begin()
         while True:
             try:
                 result = call()
-                if failures:
-                    how = "is back" if self._answered else "answered"
-                    log.info("%s: server at %s %s", what, self.target, how)
-                self._answered = True
-                return result
             except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE:
-                    raise _error_from(exc) from None
-                failures += 1
-                if failures == 1 and what != "join":
-                    log.warning(
-                        "%s: %s (%s); retrying for up to %.0f s",
-                        what,
-                        exc.code().name,
-                        exc.details(),
-                        self.connect_timeout_s,
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ServerUnavailableError(
-                        f"could not {what} at {self.target} for {self.connect_timeout_s:.0f} s "
-                        f"({exc.code().name}: {exc.details()}); is fl-server running there?"
-                    ) from None
-                delay = min(next(delays), remaining)
-                log.debug("%s: %s, retrying in %.2f s", what, exc.code().name, delay)
-                time.sleep(delay)
+                time.sleep(self.retries.failed(what, tries, exc))
+            else:
+                self.retries.succeeded(what, tries)
+                return result
 
 
-def _size(message: pb.UpdateMessage | bytes) -> int:
+def message_size(message: pb.UpdateMessage | bytes) -> int:
     return len(message) if isinstance(message, bytes) else message.ByteSize()
-
-
-class AioConnection:
-    """One client's channel to the server on grpc.aio: the calls of Connection that a client
-    without task code makes (Join, the long-poll, SubmitUpdate, SubmitEvaluation), as coroutines.
-
-    Many of these share one event loop (and, if given, one channel), so thousands of simulated
-    clients cost a coroutine each, not a thread each. The same requests, pacing, retries and
-    errors as Connection."""
-
-    def __init__(
-        self,
-        target: str,
-        client_id: int,
-        *,
-        connect_timeout_s: float = 60.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        backoff: Backoff = Backoff(),
-        security: ChannelSecurity | None = None,
-        channel: grpc.aio.Channel | None = None,
-    ) -> None:
-        """`channel`: one to share with the other AioConnections of this loop; not closed here."""
-        self.target = target
-        self.client_id = client_id
-        self.connect_timeout_s = connect_timeout_s
-        self.chunk_bytes = chunk_bytes
-        self.backoff = backoff
-        security = security or ChannelSecurity()
-        self._metadata = security.metadata()
-        self._owns_channel = channel is None
-        self._channel = channel if channel is not None else security.aio_channel(target)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
-        self.traffic = Traffic()
-        self.retried: dict[str, int] = {}  # calls retried, by the status code that failed them
-        self._submit_update = self._channel.stream_unary(
-            f"/{wire.SERVICE}/SubmitUpdate",
-            request_serializer=wire.serialize,
-            response_deserializer=pb.SubmitUpdateReply.FromString,
-        )
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close(None)
-
-    async def __aenter__(self) -> AioConnection:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def join(self) -> tuple[RunSpec, int]:
-        """The run's spec and its current round (as Connection.join for a client with no task)."""
-        request = pb.JoinRequest(client_id=self.client_id, task=wire.task_to_pb(None))
-        try:
-            reply = await self._unary("join", self._stub.Join, request, timeout=10)
-        except StaleRoundError as exc:
-            raise TaskMismatchError(str(exc)) from None
-        return wire.run_from_pb(reply.run), reply.current_round
-
-    async def submit_evaluation(
-        self, round_number: int, num_examples: int, metrics: Mapping[str, float]
-    ) -> tuple[int, int]:
-        request = pb.EvaluationReport(
-            client_id=self.client_id,
-            round=round_number,
-            num_examples=num_examples,
-            metrics=check_metrics(metrics),
-        )
-        reply = await self._unary("report", self._stub.SubmitEvaluation, request)
-        return reply.received, reply.expected
-
-    async def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Task:
-        """Long-poll for what to do after `after_round`; the weights come with a TRAIN task."""
-        request = pb.GetGlobalWeightsRequest(
-            client_id=self.client_id, after_round=after_round, max_wait_ms=int(max_wait_s * 1000)
-        )
-        self.traffic.sent += request.ByteSize()
-
-        async def call() -> Task:
-            stream = self._stub.GetGlobalWeights(request, timeout=max_wait_s + 30, metadata=self._metadata)
-            try:
-                return await self._receive(stream)
-            finally:
-                stream.cancel()  # a no-op once the stream has ended; ends it if we stopped reading
-
-        return await self._retrying("fetch", call)
-
-    async def submit(
-        self,
-        round_number: int,
-        specs: Sequence[TensorSpec],
-        weights: Sequence[np.ndarray],
-        num_examples: int,
-        metrics: Mapping[str, float],
-        *,
-        method: str = "none",
-        reference: Sequence[np.ndarray] = (),
-    ) -> tuple[int, int]:
-        """Send trained weights (as Connection.submit): the header at once, the chunks once the
-        server says it has room for them; returns (updates received, updates expected)."""
-        metrics = check_metrics(metrics)
-        arrays, scales = compression.encode(specs, weights, reference, method)
-
-        async def call() -> pb.SubmitUpdateReply:
-            stream = wire.update_stream(
-                client_id=self.client_id,
-                round_number=round_number,
-                num_examples=num_examples,
-                metrics=metrics,
-                specs=specs,
-                arrays=arrays,
-                chunk_bytes=self.chunk_bytes,
-                compression=method,
-                scales=scales,
-            )
-            update = self._submit_update(None, timeout=300, metadata=self._metadata)
-            try:
-                header = next(stream)
-                self.traffic.sent += _size(header)
-                await update.write(header)
-                # The chunks only once the server says it has room for them. Without that word
-                # the server is ending the call, and a write now would hide its status behind
-                # grpc.aio's INTERNAL "Internal error from Core".
-                ready = await update.initial_metadata()  # also returns if the call already ended
-                if any(key == READY_FOR_CHUNKS_KEY for key, _ in ready or ()):
-                    for message in stream:
-                        self.traffic.sent += _size(message)
-                        await update.write(message)
-                    await update.done_writing()
-            except asyncio.InvalidStateError:  # the server ended the call early: its status says why
-                pass
-            reply: pb.SubmitUpdateReply = await update
-            self.traffic.received += reply.ByteSize()
-            return reply
-
-        reply = await self._retrying("submit", call)
-        return reply.received, reply.expected
-
-    async def _unary(self, what: str, method: Callable[..., Any], request: Any, timeout: float = 30) -> Any:
-        reply = await self._retrying(what, lambda: method(request, timeout=timeout, metadata=self._metadata))
-        self.traffic.sent += request.ByteSize()
-        self.traffic.received += reply.ByteSize()
-        return reply
-
-    async def _receive(self, stream: Any) -> Task:
-        first = await stream.read()
-        if not isinstance(first, pb.WeightsMessage):  # grpc.aio.EOF: the stream ended
-            first = None
-        self.traffic.received += first.ByteSize() if first is not None else 0
-        if first is None or first.WhichOneof("part") != "header":
-            raise UpdateRejectedError(
-                "the server's weights stream did not start with a header", code="INTERNAL"
-            )
-        header = first.header
-        if header.instruction not in (pb.TRAIN, pb.EVALUATE):
-            await stream.read()  # the stream's end: the call ends as it should, not cancelled
-        if header.instruction == pb.FINISHED:
-            return Task(Instruction.FINISHED, header.round, run_id=header.run_id)
-        if header.instruction not in (pb.TRAIN, pb.EVALUATE):
-            return Task(Instruction.WAIT, header.round, run_id=header.run_id)
-        instruction = Instruction.TRAIN if header.instruction == pb.TRAIN else Instruction.EVALUATE
-        specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
-        assembler = TensorAssembler(specs)
-        wire_bytes = 0
-        while isinstance(message := await stream.read(), pb.WeightsMessage):
-            self.traffic.received += message.ByteSize()
-            chunk = message.chunk
-            assembler.add(chunk.tensor_index, chunk.offset, chunk.data)
-            wire_bytes += len(chunk.data)
-        return Task(instruction, header.round, specs, assembler.finish(), wire_bytes, header.run_id)
-
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """As Connection._retrying, waiting with asyncio.sleep."""
-        deadline = time.monotonic() + self.connect_timeout_s
-        delays = self.backoff.delays()
-        failures = 0
-        while True:
-            try:
-                result = await call()
-                if failures:
-                    log.info("%s: server at %s is back", what, self.target)
-                return result
-            except grpc.RpcError as exc:
-                if exc.code() not in _RETRYABLE:
-                    raise _error_from(exc) from None
-                failures += 1
-                self.retried[exc.code().name] = self.retried.get(exc.code().name, 0) + 1
-                if failures == 1 and what != "join":
-                    log.warning(
-                        "%s: %s (%s); retrying for up to %.0f s",
-                        what,
-                        exc.code().name,
-                        exc.details(),
-                        self.connect_timeout_s,
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ServerUnavailableError(
-                        f"could not {what} at {self.target} for {self.connect_timeout_s:.0f} s "
-                        f"({exc.code().name}: {exc.details()}); is fl-server running there?"
-                    ) from None
-                delay = min(next(delays), remaining)
-                log.debug("%s: %s, retrying in %.2f s", what, exc.code().name, delay)
-                await asyncio.sleep(delay)

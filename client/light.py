@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from fedgrpc.client.connection import AioConnection, ChannelSecurity, Connection, Task
+from fedgrpc.client.aio_connection import AioConnection
+from fedgrpc.client.connection import ChannelSecurity, Connection, Task
 from fedgrpc.client.secagg import SecureRound
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.config import RunSpec
@@ -141,7 +142,7 @@ async def light_client(
             if secure_link is not None:
                 secure_link.close()
         stats.traffic_sent, stats.traffic_received = connection.traffic.sent, connection.traffic.received
-        stats.retried = dict(connection.retried)
+        stats.retried = dict(connection.retries.retried)
         if secure_link is not None:
             stats.traffic_sent += secure_link.connection.traffic.sent
             stats.traffic_received += secure_link.connection.traffic.received

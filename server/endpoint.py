@@ -145,6 +145,7 @@ class GrpcEndpoint:
         raise_open_files_limit()
         self._thread.start()
         self.coordinator.on_phase_change(lambda: self._call_soon(self.servicer.phase_changed))
+        self.servicer.count_calls_gone()
         self.port = self._run(self._start())
         return self.port
 

@@ -68,6 +68,7 @@ from fedgrpc.server.summary import EventSummary
 from fedgrpc.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
+_GRPC_LOG = logging.getLogger("grpc._cython.cygrpc")  # where gRPC logs its own failures
 
 T = TypeVar("T")
 Handler = Callable[[Any, CallContext], Awaitable[T]]
@@ -127,6 +128,7 @@ class CoordinatorServicer:
         self.monitor = monitor or Monitor(coordinator.run)
         self.refusals = RefusalLog(listener=self.monitor.refused)
         self.joins = EventSummary(log, "clients joined")
+        self._joined: set[int] = set()
         self.ended_early = EventSummary(
             log,
             "calls ended by their client before they were answered (cancelled, past their deadline, "
@@ -135,7 +137,12 @@ class CoordinatorServicer:
         )
         self._counting_ended = True
         self._grpc_log_filter = _CallGoneFilter(self._call_ended_early)
-        logging.getLogger("grpc._cython.cygrpc").addFilter(self._grpc_log_filter)
+
+    def count_calls_gone(self) -> None:
+        """From now until close_summaries: gRPC's own failure to answer a call its client has
+        ended is counted, not logged (the endpoint calls this when it starts serving)."""
+        _GRPC_LOG.removeFilter(self._grpc_log_filter)  # a second start adds no second filter
+        _GRPC_LOG.addFilter(self._grpc_log_filter)
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The fedgrpc.v1.Coordinator service, with the weight streams' own serializers."""
@@ -186,7 +193,7 @@ class CoordinatorServicer:
         """The server is stopping: log the counts not yet reported; calls it cancels itself from
         now on are not counted as ended by their client."""
         self._counting_ended = False
-        logging.getLogger("grpc._cython.cygrpc").removeFilter(self._grpc_log_filter)
+        _GRPC_LOG.removeFilter(self._grpc_log_filter)
         self.joins.flush()
         self.ended_early.flush()
 
@@ -199,8 +206,10 @@ class CoordinatorServicer:
             except asyncio.CancelledError:  # gRPC cancels the handler of a call its client ended
                 self._call_ended_early()
                 raise
-            except grpc.aio.InternalError:  # a write to a call whose client is gone failed
-                self._call_ended_early()
+            except grpc.aio.InternalError:
+                if not (context.cancelled() or context.done()):
+                    raise  # a fault of its own, not a client gone: gRPC logs it and answers UNKNOWN
+                self._call_ended_early()  # a write to a call whose client is gone failed
                 raise asyncio.CancelledError from None  # gRPC ends a cancelled handler quietly
 
         return handle
@@ -221,7 +230,13 @@ class CoordinatorServicer:
                 self._check_task(request.client_id, wire.task_from_pb(request.task))
         except FedGrpcError as exc:
             await self._abort(context, exc, what, request.client_id)
-        self.joins.event("client %d joined from %s", request.client_id, peer_address(context))
+        if request.client_id in self._joined:  # back after a crash or a restart: always worth a line
+            self.joins.event(
+                "client %d joined again from %s", request.client_id, peer_address(context), always=True
+            )
+        else:
+            self._joined.add(request.client_id)  # ids the run enrols (check_client): bounded
+            self.joins.event("client %d joined from %s", request.client_id, peer_address(context))
         self.monitor.client_joined(request.client_id, peer_address(context))
         return pb.JoinReply(
             run=wire.run_to_pb(self._coordinator.run), current_round=self._coordinator.current_round
@@ -579,7 +594,7 @@ def _stage_reply(round_number: int, session: bytes, view: dict[str, Any]) -> pb.
 class _CallGoneFilter(logging.Filter):
     """Keeps gRPC's own traceback out of the log when it fails to send the reply or status of a
     call whose client already ended it (an ExecuteBatchError after the handler returned), and
-    counts that call instead."""
+    counts that call instead. Any other error of gRPC's, InternalError or not, is logged."""
 
     def __init__(self, count: Callable[[], None]) -> None:
         super().__init__()
@@ -587,8 +602,13 @@ class _CallGoneFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[0] if record.exc_info else None
-        if error is not None and issubclass(error, grpc.aio.InternalError):
+        # ExecuteBatchError (grpc._cython.cygrpc's, not in grpc's public API): a send that failed
+        if error is not None and issubclass(error, grpc.aio.InternalError) and _is_batch_error(error):
             self._count()
             log.debug("a call ended before its answer was sent: %s", record.getMessage())
             return False
         return True
+
+
+def _is_batch_error(error: type[BaseException]) -> bool:
+    return any(cls.__name__ == "ExecuteBatchError" for cls in error.__mro__)

@@ -1,11 +1,13 @@
-"""Log lines for events that come by the thousand: the first few one by one, then counts.
+"""Log lines for events that come by the thousand: one by one, but counts for a burst.
 
 Ten thousand clients joining, or hundreds of calls that their clients cancelled, would bury the
-rounds in a log a person reads. An EventSummary logs its first `first` events as they come,
-then at most one line per `interval_s` saying how many more there were and how many in all
-("clients joined: 9990 more in the last 10 s, 10000 in all");
-a count still unreported is logged by flush() (the server calls it when it stops) or, on an
-event loop, once the interval has passed.
+rounds in a log a person reads. An EventSummary logs each event as it comes unless more than
+`first` arrived within the last `interval_s` (a burst); a burst's further events are counted,
+at most one line per `interval_s` saying how many more there were and how many in all
+("clients joined: 9990 more in the last 10 s, 10000 in all"). Once the burst is over, events
+are logged one by one again, and an event marked `always` (a client joining again) is logged
+one by one even in a burst. A count still unreported is logged by flush() (the server calls it
+when it stops) or, on an event loop, once the interval has passed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 FIRST = 10
@@ -40,12 +43,18 @@ class EventSummary:
         self._pending = 0  # counted since the last line
         self._last_line = -interval_s
         self._flush_scheduled = False
+        # The times of the latest first + 1 events: all within interval_s means a burst.
+        self._recent: deque[float] = deque(maxlen=first + 1)
 
-    def event(self, message: str, *args: object) -> None:
-        """One event: logged as `message % args` while among the first, else counted."""
+    def event(self, message: str, *args: object, always: bool = False) -> None:
+        """One event: logged as `message % args` unless it is part of a burst (and not `always`),
+        else counted."""
         with self._lock:
             self.total += 1
-            if self.total <= self._first:
+            now = self._clock()
+            self._recent.append(now)
+            burst = len(self._recent) > self._first and now - self._recent[0] < self._interval_s
+            if always or not burst:
                 self._last_line = self._clock()
                 line: tuple[str, tuple[object, ...]] | None = (message, args)
             else:

@@ -168,3 +168,33 @@ def test_a_summary_logs_the_first_events_then_counts(caplog: pytest.LogCaptureFi
     assert lines[-1].endswith(", 1000 in all")
     counts = [int(line.split(": ")[1].split()[0]) for line in lines[2:]]
     assert sum(counts) == 998
+
+
+def test_a_summary_counts_bursts_only_and_logs_an_event_marked_always(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Joins spread over a long run are logged one by one however many there are; in a burst,
+    the first ten are, then counts, except a client joining again; after the burst, lines again."""
+    import logging
+
+    from fedgrpc.server.summary import EventSummary
+
+    now = [100.0]
+    summary = EventSummary(logging.getLogger("test.bursts"), "clients joined", first=10, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.bursts"):
+        for client in range(1, 13):  # one every 20 s: no burst
+            summary.event("client %d joined", client)
+            now[0] += 20
+        for client in range(13, 63):  # 50 in 5 s: a burst
+            summary.event("client %d joined", client)
+            now[0] += 0.1
+        summary.event("client %d joined again", 3, always=True)
+        now[0] += 60
+        summary.flush()
+        summary.event("client %d joined", 63)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:22] == [f"client {i} joined" for i in range(1, 23)], lines
+    assert "client 3 joined again" in lines and lines[-1] == "client 63 joined", lines
+    counts = [line for line in lines if " in all" in line]
+    assert counts and counts[-1].endswith(", 63 in all"), lines
+    assert sum(int(line.split(": ")[1].split()[0]) for line in counts) == 40, lines

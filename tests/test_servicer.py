@@ -441,3 +441,125 @@ def test_withdrawals_mid_round_that_leave_fewer_than_min_clients_stop_the_run(tm
     assert outcome, "the driver still waits for updates that cannot come"
     assert isinstance(outcome[0], RunFailedError), outcome
     assert "--min-clients 2" in str(outcome[0]) and "client 3: no data" in str(outcome[0])
+
+
+def test_both_connections_refuse_an_instruction_they_do_not_know() -> None:
+    """A newer server's instruction is an error that says so, not a WAIT to poll on for ever."""
+    import asyncio
+
+    from fedgrpc.client.aio_connection import AioConnection
+
+    async def weights(request: pb.GetGlobalWeightsRequest, context: object) -> object:
+        yield pb.WeightsMessage(header=pb.WeightsHeader(instruction=9, round=1))  # type: ignore[arg-type]
+
+    async def run() -> list[str]:
+        server = grpc.aio.server()
+        handler = grpc.unary_stream_rpc_method_handler(
+            weights,
+            request_deserializer=pb.GetGlobalWeightsRequest.FromString,
+            response_serializer=pb.WeightsMessage.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(wire.SERVICE, {"GetGlobalWeights": handler}),)
+        )
+        target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        said = []
+        try:
+            async with AioConnection(target, 1, connect_timeout_s=5) as aio:
+                with pytest.raises(UpdateRejectedError, match="instruction 9") as caught:
+                    await aio.next_task(0, max_wait_s=1)
+                said.append(str(caught.value))
+            with Connection(target, 1, connect_timeout_s=5) as blocking:
+                with pytest.raises(UpdateRejectedError, match="instruction 9") as caught:
+                    await asyncio.to_thread(blocking.next_task, 0, 1)
+                said.append(str(caught.value))
+        finally:
+            await server.stop(0)
+        return said
+
+    said = asyncio.run(asyncio.wait_for(run(), 60))
+    assert said[0] == said[1] and "does not know" in said[0]
+
+
+def test_a_fault_in_a_handler_is_logged_not_counted_as_a_call_its_client_ended(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a call its client really ended is counted as such; gRPC's InternalError for any other
+    reason reaches the log (with the call-gone filter on) and the client gets an error status."""
+    import asyncio
+    import logging
+
+    from fedgrpc.server.servicer import CoordinatorServicer
+
+    servicer = CoordinatorServicer(RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg()))
+
+    async def broken(request: pb.JoinRequest, context: object) -> pb.JoinReply:
+        raise grpc.aio.InternalError("a fault of the server's own")
+
+    async def run() -> grpc.StatusCode:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(
+            servicer._quiet(broken),
+            request_deserializer=pb.JoinRequest.FromString,
+            response_serializer=pb.JoinReply.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(wire.SERVICE, {"Join": handler}),)
+        )
+        target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.CoordinatorStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Join(pb.JoinRequest(client_id=1), timeout=30)
+                return caught.value.code()
+        finally:
+            await server.stop(0)
+
+    servicer.count_calls_gone()
+    try:
+        with caplog.at_level(logging.ERROR, logger="grpc"):
+            code = asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        servicer.close_summaries()
+    assert code == grpc.StatusCode.UNKNOWN
+    assert servicer.ended_early.total == 0
+    errors = [r.exc_info[0] for r in caplog.records if r.exc_info and r.exc_info[0] is not None]
+    assert any(issubclass(e, grpc.aio.InternalError) for e in errors), caplog.text
+
+
+def test_the_call_gone_filter_is_on_grpcs_log_once_and_only_while_an_endpoint_serves() -> None:
+    """Servicers made in a process do not pile filters onto gRPC's (process-wide) logger."""
+    import logging
+
+    from fedgrpc.server.servicer import CoordinatorServicer
+
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    before = len(grpc_log.filters)
+    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg())
+    for _ in range(3):
+        CoordinatorServicer(coordinator)
+    assert len(grpc_log.filters) == before
+    with serving(coordinator) as endpoint:
+        endpoint.servicer.count_calls_gone()  # again: still one
+        assert len(grpc_log.filters) == before + 1
+    assert len(grpc_log.filters) == before
+
+
+def test_a_client_that_joins_again_gets_a_line_of_its_own(
+    served: tuple[RoundCoordinator, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client back after a crash is news whatever joined before it: never only a count."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fedgrpc.server.servicer"):
+        for _ in range(2):
+            with Connection(served[1], 2, connect_timeout_s=5) as connection:
+                connection.join()
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedgrpc.server.servicer"]
+    assert [line.split(" from ")[0] for line in lines if "client 2 joined" in line] == [
+        "client 2 joined",
+        "client 2 joined again",
+    ], lines

@@ -1,0 +1,207 @@
+"""A light client's link to the coordinator on grpc.aio: Connection's calls as coroutines.
+
+The async twin of fedgrpc.client.connection (the other module of fedgrpc.client that touches
+*_pb2 types): the same requests, and the same retry policy and reading of a task's header,
+which it takes from there rather than keeping a copy of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from fedgrpc.client.connection import (
+    Backoff,
+    ChannelSecurity,
+    Retries,
+    Task,
+    Traffic,
+    message_size,
+    task_from_header,
+)
+from fedgrpc.common import compression, wire
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec
+from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import StaleRoundError, TaskMismatchError
+from fedgrpc.common.metrics import check_metrics
+from fedgrpc.common.protocol import READY_FOR_CHUNKS_KEY, Instruction
+from fedgrpc.v1 import coordinator_pb2 as pb
+from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class AioConnection:
+    """One client's channel to the server on grpc.aio: the calls of Connection that a client
+    without task code makes (Join, the long-poll, SubmitUpdate, SubmitEvaluation), as coroutines.
+
+    Many of these share one event loop (and, if given, one channel), so thousands of simulated
+    clients cost a coroutine each, not a thread each. The same requests, pacing, retries and
+    errors as Connection."""
+
+    def __init__(
+        self,
+        target: str,
+        client_id: int,
+        *,
+        connect_timeout_s: float = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        backoff: Backoff | None = None,
+        security: ChannelSecurity | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        """`channel`: one to share with the other AioConnections of this loop; not closed here."""
+        self.target = target
+        self.client_id = client_id
+        self.connect_timeout_s = connect_timeout_s
+        self.chunk_bytes = chunk_bytes
+        security = security or ChannelSecurity()
+        self._metadata = security.metadata()
+        self._owns_channel = channel is None
+        self._channel = channel if channel is not None else security.aio_channel(target)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self.traffic = Traffic()
+        self.retries = Retries(target, connect_timeout_s, backoff or Backoff())
+        self._submit_update = self._channel.stream_unary(
+            f"/{wire.SERVICE}/SubmitUpdate",
+            request_serializer=wire.serialize,
+            response_deserializer=pb.SubmitUpdateReply.FromString,
+        )
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close(None)
+
+    async def __aenter__(self) -> AioConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def join(self) -> tuple[RunSpec, int]:
+        """The run's spec and its current round (as Connection.join for a client with no task)."""
+        request = pb.JoinRequest(client_id=self.client_id, task=wire.task_to_pb(None))
+        try:
+            reply = await self._unary("join", self._stub.Join, request, timeout=10)
+        except StaleRoundError as exc:
+            raise TaskMismatchError(str(exc)) from None
+        return wire.run_from_pb(reply.run), reply.current_round
+
+    async def submit_evaluation(
+        self, round_number: int, num_examples: int, metrics: Mapping[str, float]
+    ) -> tuple[int, int]:
+        request = pb.EvaluationReport(
+            client_id=self.client_id,
+            round=round_number,
+            num_examples=num_examples,
+            metrics=check_metrics(metrics),
+        )
+        reply = await self._unary("report", self._stub.SubmitEvaluation, request)
+        return reply.received, reply.expected
+
+    async def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Task:
+        """Long-poll for what to do after `after_round`; the weights come with a TRAIN task."""
+        request = pb.GetGlobalWeightsRequest(
+            client_id=self.client_id, after_round=after_round, max_wait_ms=int(max_wait_s * 1000)
+        )
+        self.traffic.sent += request.ByteSize()
+
+        async def call() -> Task:
+            stream = self._stub.GetGlobalWeights(request, timeout=max_wait_s + 30, metadata=self._metadata)
+            try:
+                return await self._receive(stream)
+            finally:
+                stream.cancel()  # a no-op once the stream has ended; ends it if we stopped reading
+
+        return await self._retrying("fetch", call)
+
+    async def submit(
+        self,
+        round_number: int,
+        specs: Sequence[TensorSpec],
+        weights: Sequence[np.ndarray],
+        num_examples: int,
+        metrics: Mapping[str, float],
+        *,
+        method: str = "none",
+        reference: Sequence[np.ndarray] = (),
+    ) -> tuple[int, int]:
+        """Send trained weights (as Connection.submit): the header at once, the chunks once the
+        server says it has room for them; returns (updates received, updates expected)."""
+        metrics = check_metrics(metrics)
+        arrays, scales = compression.encode(specs, weights, reference, method)
+
+        async def call() -> pb.SubmitUpdateReply:
+            stream = wire.update_stream(
+                client_id=self.client_id,
+                round_number=round_number,
+                num_examples=num_examples,
+                metrics=metrics,
+                specs=specs,
+                arrays=arrays,
+                chunk_bytes=self.chunk_bytes,
+                compression=method,
+                scales=scales,
+            )
+            update = self._submit_update(None, timeout=300, metadata=self._metadata)
+            try:
+                header = next(stream)
+                self.traffic.sent += message_size(header)
+                await update.write(header)
+                # The chunks only once the server says it has room for them. Without that word
+                # the server is ending the call, and a write now would hide its status behind
+                # grpc.aio's INTERNAL "Internal error from Core".
+                ready = await update.initial_metadata()  # also returns if the call already ended
+                if any(key == READY_FOR_CHUNKS_KEY for key, _ in ready or ()):
+                    for message in stream:
+                        self.traffic.sent += message_size(message)
+                        await update.write(message)
+                    await update.done_writing()
+            except asyncio.InvalidStateError:  # the server ended the call early: its status says why
+                pass
+            reply: pb.SubmitUpdateReply = await update
+            self.traffic.received += reply.ByteSize()
+            return reply
+
+        reply = await self._retrying("submit", call)
+        return reply.received, reply.expected
+
+    async def _unary(self, what: str, method: Callable[..., Any], request: Any, timeout: float = 30) -> Any:
+        reply = await self._retrying(what, lambda: method(request, timeout=timeout, metadata=self._metadata))
+        self.traffic.sent += request.ByteSize()
+        self.traffic.received += reply.ByteSize()
+        return reply
+
+    async def _receive(self, stream: Any) -> Task:
+        first = await stream.read()
+        if not isinstance(first, pb.WeightsMessage):  # grpc.aio.EOF: the stream ended
+            first = None
+        self.traffic.received += first.ByteSize() if first is not None else 0
+        task = task_from_header(first)
+        if task.instruction not in (Instruction.TRAIN, Instruction.EVALUATE):
+            await stream.read()  # the stream's end: the call ends as it should, not cancelled
+            return task
+        assembler = TensorAssembler(task.specs)
+        wire_bytes = 0
+        while isinstance(message := await stream.read(), pb.WeightsMessage):
+            self.traffic.received += message.ByteSize()
+            chunk = message.chunk
+            assembler.add(chunk.tensor_index, chunk.offset, chunk.data)
+            wire_bytes += len(chunk.data)
+        return replace(task, weights=assembler.finish(), wire_bytes=wire_bytes)
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, tried again as self.retries says (Connection's policy), waiting with asyncio.sleep."""
+        tries = self.retries.begin()
+        while True:
+            try:
+                result = await call()
+            except grpc.RpcError as exc:
+                await asyncio.sleep(self.retries.failed(what, tries, exc))
+            else:
+                self.retries.succeeded(what, tries)
+                return result
