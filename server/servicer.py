@@ -21,7 +21,8 @@ for the in-flight budget by its own bound, whatever deadline the client set.
 
 A call its client ends first (cancelled, past its deadline, or its connection closed) ends
 quietly: gRPC cancels its handler, or a write to it fails; either is counted (a summary line,
-fedgrpc_calls_ended_early_total), never a traceback.
+fedgrpc_calls_ended_early_total), never a traceback. A failure of gRPC's on a call its client has
+not ended is an error, and logged as one.
 
 The service is registered by hand rather than through the generated add_*_to_server so the
 weight streams can use fedgrpc.common.wire's serializers: chunks written with one copy, and a
@@ -136,11 +137,11 @@ class CoordinatorServicer:
             first=0,
         )
         self._counting_ended = True
-        self._grpc_log_filter = _CallGoneFilter(self._call_ended_early)
+        self._grpc_log_filter = _CallGoneFilter()
 
     def count_calls_gone(self) -> None:
         """From now until close_summaries: gRPC's own failure to answer a call its client has
-        ended is counted, not logged (the endpoint calls this when it starts serving)."""
+        ended is not logged (the endpoint calls this when it starts serving)."""
         _GRPC_LOG.removeFilter(self._grpc_log_filter)  # a second start adds no second filter
         _GRPC_LOG.addFilter(self._grpc_log_filter)
 
@@ -198,24 +199,27 @@ class CoordinatorServicer:
         self.ended_early.flush()
 
     def _quiet(self, method: Handler[T]) -> Handler[T]:
-        """`method`, ending quietly (and counted) when its client has ended the call."""
+        """`method`, ending quietly when its client has ended the call, which is then counted.
+
+        Counted once the call is over, if it ended with no status sent (context.done() false
+        in its done callback): gRPC's server context never reports such a call as cancelled(),
+        and a call that ended with an error status its client received is not one of them."""
 
         async def handle(request: Any, context: CallContext) -> T:
+            context.add_done_callback(self._count_if_ended_early)  # type: ignore[arg-type]  # stubs: a class
             try:
                 return await method(request, context)
-            except asyncio.CancelledError:  # gRPC cancels the handler of a call its client ended
-                self._call_ended_early()
-                raise
-            except grpc.aio.InternalError:
-                if not (context.cancelled() or context.done()):
+            except grpc.aio.InternalError as exc:
+                if not _is_batch_error(type(exc)):
                     raise  # a fault of its own, not a client gone: gRPC logs it and answers UNKNOWN
-                self._call_ended_early()  # a write to a call whose client is gone failed
-                raise asyncio.CancelledError from None  # gRPC ends a cancelled handler quietly
+                # A send or receive on the call failed: its client has gone. gRPC ends a
+                # cancelled handler quietly; the done callback counts the call if it is so.
+                raise asyncio.CancelledError from None
 
         return handle
 
-    def _call_ended_early(self) -> None:
-        if self._counting_ended:
+    def _count_if_ended_early(self, context: CallContext) -> None:
+        if not context.done() and self._counting_ended:
             self.ended_early.event("")
             self.monitor.call_ended_early()
 
@@ -593,22 +597,19 @@ def _stage_reply(round_number: int, session: bytes, view: dict[str, Any]) -> pb.
 
 class _CallGoneFilter(logging.Filter):
     """Keeps gRPC's own traceback out of the log when it fails to send the reply or status of a
-    call whose client already ended it (an ExecuteBatchError after the handler returned), and
-    counts that call instead. Any other error of gRPC's, InternalError or not, is logged."""
-
-    def __init__(self, count: Callable[[], None]) -> None:
-        super().__init__()
-        self._count = count
+    call whose client already ended it (an ExecuteBatchError after the handler returned); the
+    servicer counts that call when it is done. Any other error of gRPC's is logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[0] if record.exc_info else None
         # ExecuteBatchError (grpc._cython.cygrpc's, not in grpc's public API): a send that failed
         if error is not None and issubclass(error, grpc.aio.InternalError) and _is_batch_error(error):
-            self._count()
             log.debug("a call ended before its answer was sent: %s", record.getMessage())
             return False
         return True
 
 
 def _is_batch_error(error: type[BaseException]) -> bool:
+    """Whether `error` is gRPC's ExecuteBatchError (not in its public API): an operation on a
+    call that failed, which is what a call whose client has gone gives."""
     return any(cls.__name__ == "ExecuteBatchError" for cls in error.__mro__)

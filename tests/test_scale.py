@@ -70,11 +70,25 @@ def test_a_sample_of_light_clients_per_round_with_int8_updates(tmp_path: Path, s
 SIZED = Path(__file__).resolve().parents[1] / "bench" / "tasks" / "sized.py"
 
 
+def _metric(http_port: int, name: str) -> float:
+    """One value from the server's /metrics (0 while the server is not up yet)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    except (urllib.error.URLError, OSError):
+        return 0.0
+    values = [float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else 0.0
+
+
 def test_hundreds_of_asyncio_light_clients_in_one_process_some_cancelling(tmp_path: Path) -> None:
     """300 light clients on one event loop complete a round against a real fl-server. Before it,
-    20 of them cancel a waiting long-poll; in it, 20 cancel their download after its header.
-    The server counts calls ended early in a summary line, logs no traceback for them, and
-    summarises the joins instead of writing 300 lines."""
+    20 of them cancel a long-poll the server is holding; in it, 20 cancel their download after
+    its header. The server counts the calls of both kinds as ended early (in a summary line and
+    on /metrics), logs no traceback for them, and summarises the joins instead of writing 300 lines."""
     import asyncio
 
     import grpc
@@ -83,14 +97,25 @@ def test_hundreds_of_asyncio_light_clients_in_one_process_some_cancelling(tmp_pa
     from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 
     clients, port, out, server_log = 300, free_port(), tmp_path / "out", tmp_path / "server.log"
+    http_port = free_port()
     server = start(
         "fl-server", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--rounds", "1",
         "--clients", str(clients), "--task", str(SIZED), "--param", "parameters=1048576",
         "--chunk-kb", "256", "--eval-every", "0", "--out", str(out), "--threads", "1",
+        "--http", str(http_port),
         log=server_log,
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
     settings = LightSettings(connect_timeout_s=180)
+
+    async def metric_reaches(name: str, at_least: float) -> float:
+        value = 0.0
+        for _ in range(1200):  # up to 5 minutes and more on a loaded machine
+            value = await asyncio.to_thread(_metric, http_port, name)
+            if value >= at_least:
+                return value
+            await asyncio.sleep(0.25)
+        raise AssertionError(f"{name} stayed at {value}, below {at_least}")
 
     async def join(stub: pb_grpc.CoordinatorStub, client_id: int) -> None:
         for _ in range(600):
@@ -101,13 +126,14 @@ def test_hundreds_of_asyncio_light_clients_in_one_process_some_cancelling(tmp_pa
                 await asyncio.sleep(0.3)
         raise AssertionError("the server never answered Join")
 
-    async def cancel_a_wait(channel: grpc.aio.Channel, client_id: int) -> None:
+    async def cancel_a_wait(channel: grpc.aio.Channel, client_id: int, held: asyncio.Event) -> None:
         stub = pb_grpc.CoordinatorStub(channel)
         await join(stub, client_id)
         call = stub.GetGlobalWeights(
             pb.GetGlobalWeightsRequest(client_id=client_id, after_round=1000, max_wait_ms=30_000)
         )
-        await asyncio.sleep(1.0)  # the server holds the long-poll: nothing to send after round 1000
+        await held.wait()  # the server holds the long-poll: nothing to send after round 1000
+        assert not call.done()
         call.cancel()
 
     async def cancel_a_download_then_take_part(channel: grpc.aio.Channel, client_id: int) -> None:
@@ -123,20 +149,26 @@ def test_hundreds_of_asyncio_light_clients_in_one_process_some_cancelling(tmp_pa
                 break
         await light_client(target, client_id, settings, channel=channel)
 
-    async def everyone() -> tuple[dict[int, object], dict[int, str]]:
+    async def everyone() -> tuple[dict[int, object], dict[int, str], float]:
         channel = grpc.aio.insecure_channel(target)
-        await asyncio.gather(*(cancel_a_wait(channel, i) for i in range(1, 21)))
+        held = asyncio.Event()
+        waits = [asyncio.ensure_future(cancel_a_wait(channel, i, held)) for i in range(1, 21)]
+        await metric_reaches("fedgrpc_open_calls", 20)  # all 20 long-polls held by the server
+        held.set()
+        await asyncio.gather(*waits)
+        ended_waits = await metric_reaches("fedgrpc_calls_ended_early_total", 20)
         others = [asyncio.ensure_future(cancel_a_download_then_take_part(channel, i)) for i in range(21, 41)]
         done, failed = await run_light_clients(
             target, [i for i in range(1, clients + 1) if not 21 <= i <= 40], settings
         )
         await asyncio.gather(*others)
         await channel.close(None)
-        return dict(done), failed
+        return dict(done), failed, ended_waits
 
-    done, failed = asyncio.run(asyncio.wait_for(everyone(), 600))
+    done, failed, ended_waits = asyncio.run(asyncio.wait_for(everyone(), 900))
     assert finish(server, server_log) == 0, server_log.read_text()[-3000:]
     assert not failed and len(done) == clients - 20
+    assert ended_waits == 20  # the cancelled waits alone, before any download began
 
     history = json.loads((out / "history.json").read_text())
     assert len(history["rounds"][0]["clients"]) == clients
@@ -144,7 +176,7 @@ def test_hundreds_of_asyncio_light_clients_in_one_process_some_cancelling(tmp_pa
     assert "Traceback" not in log and "ExecuteBatchError" not in log, log[-3000:]
     counts = r": \d+(?: more)? in the last \d+ s, (\d+) in all"
     ended = [int(n) for n in re.findall(r"calls ended by their client .*" + counts, log)]
-    assert ended and ended[-1] >= 20, log[-3000:]
+    assert ended and ended[-1] >= 40, log[-3000:]  # the 20 cancelled waits and the 20 downloads
     assert log.count(" joined from ") <= 10
     joined = [int(n) for n in re.findall(r"clients joined" + counts, log)]
     assert joined and joined[-1] >= clients, log[-3000:]
