@@ -5,8 +5,8 @@ needs only the model's tensors, to start from and to average into. A saved `.ker
 carries them, so a server of script clients needs no task file duplicating the model and no
 `load_data` it never calls::
 
-    model.save("model.keras")                       # once, from the script's model
-    fl-server --init-model model.keras --clients 3  # no --task: the saved model is the task
+    model.save("model.keras")                  # once, from the script's model, compiled
+    fl-server --task model.keras --clients 3   # the saved model is the task, and its weights the start
 
 The file is loaded in safe mode (no code in it runs). The task's name is `saved:<file name>`
 and its digest the file's SHA-256. It has no data: a `fl-client` pointed at it is told that its

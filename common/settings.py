@@ -343,8 +343,8 @@ _SPEC = RunSpec()
 
 TASK = Setting(
     "task", str, DEFAULT_TASK, env="FL_TASK", maybe_path=True,
-    help="a task file (my_task.py), module:attribute, or an installed task's name "
-    "(default: $FL_TASK, else cifar10, the reference CIFAR-10 job)",
+    help="a task file (my_task.py), module:attribute, an installed task's name, or a saved model "
+    "(model.keras: a server of training scripts) (default: $FL_TASK, else cifar10, the reference job)",
 )  # fmt: skip
 DATA = Setting(
     "data", str, None, env="FL_DATA", maybe_path=True,

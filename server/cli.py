@@ -42,7 +42,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     task_params: dict[str, Any] = {}
-    run: dict[str, Any] = {}
     if first.config is not None:
         run, table = settings.read_run_file(first.config)
         parser.set_defaults(**settings.check_run_values(run, SETTINGS, first.config))
@@ -55,9 +54,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
         if not sep or not key:
             raise ConfigError(f"--param {item!r}: write KEY=VALUE, e.g. --param learning_rate=0.01")
         task_params[key.strip()] = ParamOverride(value, f"--param {key.strip()}", text=True)
-    chosen = "task" in run or "task" in settings.typed_flags(parser, argv) or os.environ.get("FL_TASK")
-    if args.init_model is not None and not chosen:
-        args.task = str(args.init_model)  # a server of training scripts: the saved model is the task
     return args, task_params
 
 

@@ -1,4 +1,5 @@
-"""A server of training scripts starts from a saved model alone: no task file on the server."""
+"""A server of training scripts starts from a saved model alone (`--task model.keras`): no task
+file on the server."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_a_server_of_scripts_starts_from_a_saved_model_without_a_task_file(tmp_p
     port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
     server = start(
         "fl-server", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--out", str(out),
-        "--threads", "1", "--clients", "2", "--rounds", "2", "--init-model", str(saved), log=log,
+        "--threads", "1", "--clients", "2", "--rounds", "2", "--task", str(saved), log=log,
     )  # fmt: skip
     scripts: list[tuple[Any, Path]] = []
     for k in (1, 2):
@@ -96,7 +97,7 @@ def test_a_saved_model_must_have_been_compiled(tmp_path: Path) -> None:
     server_log = tmp_path / "server.log"
     server = start(
         "fl-server", "--insecure", "--host", "127.0.0.1", "--port", str(free_port()),
-        "--out", str(tmp_path / "out"), "--init-model", str(uncompiled), log=server_log,
+        "--out", str(tmp_path / "out"), "--task", str(uncompiled), log=server_log,
     )  # fmt: skip
     assert finish(server, server_log) == 2
     assert "saved before model.compile(...)" in server_log.read_text()

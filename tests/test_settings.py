@@ -244,8 +244,8 @@ def test_fl_local_refuses_a_run_file_before_and_after_the_dashes(tmp_path: Path)
 
 
 def test_fl_local_leaves_the_task_to_the_server_when_none_is_chosen(tmp_path: Path) -> None:
-    """`fl-local -- --init-model model.keras`: no --task of fl-local's default reaches the server,
-    so the saved model is the task. fl-client, having no script, is then refused, and fl-local
+    """`fl-local -- --task model.keras`: no --task of fl-local's default reaches the server after
+    it, so the saved model is the task. fl-client, having no script, is then refused, and fl-local
     ends the run saying so (it used to poll only the server while that ran)."""
     from test_saved_task import MODEL
 
@@ -254,7 +254,7 @@ def test_fl_local_leaves_the_task_to_the_server_when_none_is_chosen(tmp_path: Pa
     subprocess.run([sys.executable, str(tmp_path / "model.py"), str(saved)], check=True, env=ENV, timeout=120)
     command = [
         sys.executable, "-m", "fedgrpc.server.local", "--threads", "1", "--clients", "1", "--rounds", "1",
-        "--out", str(tmp_path / "out"), "--", "--init-model", str(saved), "--join-timeout", "60",
+        "--out", str(tmp_path / "out"), "--", "--task", str(saved), "--join-timeout", "60",
     ]  # fmt: skip
     with log.open("wb") as sink:
         process = subprocess.Popen(
