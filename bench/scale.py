@@ -27,6 +27,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
 import re
 import shutil
 import statistics
@@ -163,10 +164,15 @@ def main() -> int:
         kept_log.parent.mkdir(parents=True, exist_ok=True)
         try:
             answers = [results.get(timeout=args.timeout) for _ in workers]
-        except BaseException:  # out of time, or interrupted: stop everything, keep the log
+        except BaseException as exc:  # out of time, or interrupted: stop everything, keep the log
             for worker in workers:
                 worker.kill()
             server.kill()
+            if isinstance(exc, queue.Empty):
+                sys.exit(
+                    f"the clients did not finish within --timeout {args.timeout:.0f} s; "
+                    f"the server's log: {kept_log}"
+                )
             raise
         finally:
             shutil.copyfile(server_log, kept_log)  # kept for a look, however the run ends
