@@ -1,9 +1,12 @@
 """fl-server's settings, each declared once (see fedgrpc.common.settings): its flag, its run-file
 key, type, default, range and help. The parser, the run file's checks and the range checks
-are derived from this table; fedgrpc.server.cli turns the values into a ServerConfig.
+are derived from this table, and so are fedgrpc.server.config's defaults and ranges;
+fedgrpc.server.cli turns the values into a ServerConfig.
 
 To add a setting: add one `Setting(...)` to SETTINGS in the section it belongs to (its
-`group`), then read `args.<name>` where fedgrpc.server.cli builds the ServerConfig.
+`group`; group "" is the essentials, listed first in --help: keep it to about ten), a field
+to ServerConfig (or the piece of it it belongs to) with `_default(name)`, and read
+`args.<name>` where fedgrpc.server.cli builds that piece.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedgrpc.common.logs import FORMATS
-from fedgrpc.common.settings import DATA, RUN_SETTINGS, Setting
+from fedgrpc.common.settings import CONFIG, DATA, RUN_SETTINGS, Setting
 from fedgrpc.server.limits import Limits
 from fedgrpc.server.strategy import STRATEGIES
 
@@ -35,9 +38,9 @@ GROUPS = {
 
 
 SETTINGS: tuple[Setting, ...] = (
-    # -- what most runs set (group "": listed first in --help)
-    Setting(
-        "config", Path, None, in_file=False, metavar="RUN.toml",
+    # -- the essentials (group "": listed first in --help, the flags a newcomer needs)
+    replace(
+        CONFIG,
         help="a run file: [run] holds any of these flags without dashes, [task] the task's parameters; "
         "flags given too override it",
     ),
@@ -56,10 +59,8 @@ SETTINGS: tuple[Setting, ...] = (
         "port", int, 50051, low=0, high=65535, help="port to listen on; 0 picks a free one (default 50051)"
     ),
     Setting("insecure", bool, False, help="run without TLS (trusted networks only)"),
-    Setting(
-        "http", int, None, low=0, high=65535, metavar="PORT",
-        help="serve the live dashboard and Prometheus /metrics on PORT (read-only; 0 picks a free port)",
-    ),
+    Setting("tls_cert", Path, None, metavar="PEM", help="server certificate (PEM): turns on TLS"),
+    Setting("tls_key", Path, None, metavar="PEM", help="server private key (PEM)"),
     # -- the task
     Setting(
         "param", str, None, group="task", repeat=True, in_file=False, metavar="KEY=VALUE",
@@ -91,6 +92,10 @@ SETTINGS: tuple[Setting, ...] = (
         "record_updates", bool, False, group="server", help="also save every accepted update (debugging)"
     ),
     # -- watching the run
+    Setting(
+        "http", int, None, group="watch", low=0, high=65535, metavar="PORT",
+        help="serve the live dashboard and Prometheus /metrics on PORT (read-only; 0 picks a free port)",
+    ),
     Setting(
         "http_host", str, "127.0.0.1", group="watch",
         help="address of the dashboard (default 127.0.0.1: this machine only; it shows metadata, no data)",
@@ -249,8 +254,6 @@ SETTINGS: tuple[Setting, ...] = (
         help="longest wait for room in --max-inflight-mb, then UNAVAILABLE (default %(default)s)",
     ),
     # -- security
-    Setting("tls_cert", Path, None, group="security", help="server certificate (PEM)"),
-    Setting("tls_key", Path, None, group="security", help="server private key (PEM)"),
     Setting(
         "client_ca", Path, None, group="security",
         help="CA that signs client certificates: turns on mutual TLS",
