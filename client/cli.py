@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from fedgrpc.common import device, logs, settings
 from fedgrpc.common.errors import ConfigError
-from fedgrpc.common.settings import CONFIG, DATA, TASK, Setting, site_data
+from fedgrpc.common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, TASK, VERBOSE, Setting, site_data
 from fedgrpc.common.words import plural
 
 if TYPE_CHECKING:
@@ -77,19 +77,13 @@ SETTINGS = (
         "take_turns", Path, None, metavar="LOCKFILE", group=_CLIENT,
         help="train only while holding an exclusive lock on LOCKFILE: clients sharing one machine take turns",
     ),
-    Setting(
-        "chunk_kb", int, 1024, low=1, high=8 << 10, why="(messages stay under 16 MiB)", group=_CLIENT,
-        help="size of the update chunks sent up (default 1024 KiB)",
-    ),
+    replace(CHUNK_KB, group=_CLIENT, help="size of the update chunks sent up (default %(default)s KiB)"),
     Setting(
         "light", bool, False, group=_CLIENT,
         help="no TensorFlow, no data: send seeded perturbations of the global weights (benchmarks, tests)",
     ),
-    Setting("verbose", bool, False, short="-v", group=_CLIENT, help="debug lines too"),
-    Setting(
-        "log_format", str, "text", choices=logs.FORMATS, group=_CLIENT,
-        help="log lines for people or one JSON object a line",
-    ),
+    replace(VERBOSE, group=_CLIENT),
+    replace(LOG_FORMAT, group=_CLIENT),
     Setting(
         "local_dp_clip", float, None, above=0, metavar="C", group=_LOCAL_DP, help="clip each update to L2 C"
     ),

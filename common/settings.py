@@ -14,6 +14,11 @@ is absent, and a bad value is refused naming the variable. Settings that a
 launcher (fl-local, fl-sim) reads from a run file too are declared here once, in RUN_SETTINGS;
 each CLI adds its own beside them.
 
+Every CLI has one shape: `--help` opens with "the essentials" (the settings of group "", about
+ten), then the rest by topic, and a flag that takes a fixed set of names lists them; a refusal
+is one line, `PROG: error: SENTENCE`, and exit status 2 (run_cli); a check that joins several
+settings (go_together, require_tls) is written here once for all of them.
+
 A run file (`--config run.toml`):
 
     [run]                       # any setting, without its dashes: --round-timeout is round_timeout
@@ -39,9 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.compression import COMPRESSIONS
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec
 from fedgrpc.common.errors import ConfigError, FedGrpcError
+from fedgrpc.common.logs import FORMATS
 from fedgrpc.common.partition import SCHEMES
 from fedgrpc.common.words import type_name
 
@@ -416,14 +423,27 @@ DATA = Setting(
     help="what the task reads; {id} in it becomes each client's id (data/site_{id}.csv: every "
     "client its own file) (cifar10: a folder, .tar.gz or .npz; default $FL_DATA, else the Keras download)",
 )  # fmt: skip
-ROUNDS = Setting("rounds", int, _SPEC.rounds, low=1, help="federated rounds (default %(default)s)")
-CLIENTS = Setting(
-    "clients", int, _SPEC.num_clients, low=1, help="clients of the run, ids 1..N (default %(default)s)"
+ROUNDS = Setting(
+    "rounds", int, _SPEC.rounds, low=1, metavar="N", help="federated rounds (default %(default)s)"
 )
+CLIENTS = Setting(
+    "clients", int, _SPEC.num_clients, low=1, metavar="N",
+    help="clients of the run, ids 1..N (default %(default)s)",
+)  # fmt: skip
 CLIENTS_PER_ROUND = Setting(
     "clients_per_round", int, None, group=_RUN, low=1, metavar="K",
     help="train a seeded sample of K ready clients each round (default: all of them)",
 )  # fmt: skip
+
+#: Settings both fl-server and fl-client have, declared once; each CLI places them (`group`).
+CHUNK_KB = Setting(
+    "chunk_kb", int, DEFAULT_CHUNK_BYTES >> 10, low=1, high=8 << 10, why="(messages stay under 16 MiB)",
+    help="size of the weight chunks sent (default %(default)s KiB)",
+)  # fmt: skip
+VERBOSE = Setting("verbose", bool, False, short="-v", help="debug lines too")
+LOG_FORMAT = Setting(
+    "log_format", str, "text", choices=FORMATS, help="log lines for people or one JSON object a line"
+)
 
 RUN_SETTINGS = (
     TASK,

@@ -30,8 +30,8 @@ from fedgrpc.common.task_loader import LoadedTask
 from fedgrpc.common.words import plural
 from fedgrpc.server.auth import Authenticator
 from fedgrpc.server.checkpoint import Checkpoint, CheckpointStore, weights_digest
-from fedgrpc.server.config import RoundPolicy as RoundPolicy  # where callers found it before
-from fedgrpc.server.config import ServerConfig
+from fedgrpc.server.config import RoundPolicy as RoundPolicy  # re-exported: callers found them here
+from fedgrpc.server.config import ServerConfig as ServerConfig
 from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
 from fedgrpc.server.evaluation import CentralEvaluator, FederatedEvaluation, describe, main_metric
 from fedgrpc.server.http import DashboardServer

@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from fedgrpc.common.logs import FORMATS
-from fedgrpc.common.settings import CONFIG, DATA, RUN_SETTINGS, Setting
+from fedgrpc.common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, RUN_SETTINGS, VERBOSE, Setting
 from fedgrpc.server.limits import Limits
 from fedgrpc.server.strategy import STRATEGIES
 
@@ -54,7 +53,7 @@ SETTINGS: tuple[Setting, ...] = (
         "strategy", str, "fedavg", choices=STRATEGIES,
         help="aggregation: %(choices)s (default %(default)s)",
     ),
-    Setting("out", Path, Path("results"), help="folder for history, curves and model"),
+    Setting("out", Path, Path("results"), metavar="DIR", help="folder for history, curves and model"),
     Setting(
         "port", int, 50051, low=0, high=65535, help="port to listen on; 0 picks a free one (default 50051)"
     ),
@@ -83,11 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
         "threads", int, None, group="server", low=0,
         help="cap the CPU threads of evaluation (0 or unset: all cores)",
     ),
-    Setting("verbose", bool, False, group="server", short="-v", help="debug lines too"),
-    Setting(
-        "log_format", str, "text", group="server", choices=FORMATS,
-        help="log lines for people or one JSON object a line",
-    ),
+    replace(VERBOSE, group="server"),
+    replace(LOG_FORMAT, group="server"),
     Setting(
         "record_updates", bool, False, group="server", help="also save every accepted update (debugging)"
     ),
@@ -215,10 +211,7 @@ SETTINGS: tuple[Setting, ...] = (
         help="largest example count an update may claim",
     ),
     # -- big models, many clients
-    Setting(
-        "chunk_kb", int, 1024, group="big", low=1, high=8 << 10, why="(messages stay under 16 MiB)",
-        help="size of the weight chunks sent down (default 1024 KiB)",
-    ),
+    replace(CHUNK_KB, group="big", help="size of the weight chunks sent down (default %(default)s KiB)"),
     Setting(
         "max_inflight_mb", int, 256, group="big", low=1,
         help="updates received at once, in MB: more wait their turn, bounding memory (default 256)",
