@@ -42,7 +42,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.compression import COMPRESSIONS
@@ -67,7 +67,7 @@ class Setting:
     kind: type  # bool, int, float, str or Path
     default: Any = None
     help: str = ""
-    group: str = ""  # the --help section; "" is the section of the settings most runs need
+    group: str = ""  # the --help section; "" is the essentials, listed first (keep it to about ten)
     low: float | None = None
     high: float | None = None
     above: float | None = None
@@ -234,7 +234,12 @@ class _FromEnv:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that reads the environment defaults of the flags not given."""
+    """An ArgumentParser that reads the environment defaults of the flags not given, and says
+    its own refusals (an unknown flag, a missing value) as ConfigErrors: in one line, as every
+    other refusal, not after a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -253,10 +258,10 @@ def _add_flag(section: Any, setting: Setting) -> None:
     if setting.kind is bool:
         options.update(action="store_true", default=default)
     else:
+        # The choices are checked by setting.parse, with the run file's message; argparse only
+        # shows them, in the help.
         metavar = setting.metavar or (setting.name.upper() if setting.choices else None)
         options.update(default=default, type=setting.parse, metavar=metavar)
-        if setting.choices:
-            options["choices"] = setting.choices
         if setting.repeat:
             options.update(action="append", default=[])
     section.add_argument(*names, **options)
@@ -264,9 +269,12 @@ def _add_flag(section: Any, setting: Setting) -> None:
 
 def _help(setting: Setting) -> str:
     """A flag's help; one that takes a fixed set of names lists them, whatever its help says."""
-    if setting.choices and "%(choices)s" not in setting.help:
-        return f"{setting.help} (one of: %(choices)s)"
-    return setting.help
+    if not setting.choices:
+        return setting.help
+    names = ", ".join(setting.choices)
+    if "%(choices)s" in setting.help:
+        return setting.help.replace("%(choices)s", names)
+    return f"{setting.help} (one of: {names})"
 
 
 def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:

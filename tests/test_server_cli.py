@@ -110,6 +110,21 @@ def test_a_bad_run_file_is_refused_with_what_is_wrong(tmp_path: Path, text: str,
         parse_args(["--config", str(write_run_file(tmp_path, text))])
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--log-format", "xml"], "--log-format must be one of text, json, got 'xml'"),
+        (["--rounds"], r"argument --rounds: expected one argument \(see fl-server --help\)"),
+        (["--round", "3"], "ambiguous option: --round could match --rounds, --round-timeout"),
+    ],
+)
+def test_what_argparse_refuses_is_a_config_error_too(flags: list[str], message: str) -> None:
+    """A name outside a flag's set is refused with the run file's message; a flag argparse cannot
+    read is a ConfigError too, said in one line like every other refusal."""
+    with pytest.raises(ConfigError, match=message):
+        parse_args(flags)
+
+
 def test_a_param_needs_a_key_and_a_value() -> None:
     with pytest.raises(ConfigError, match="write KEY=VALUE"):
         parse_args(["--param", "units"])

@@ -222,6 +222,9 @@ def test_fl_client_without_an_id_or_tls_is_refused_in_one_line_as_fl_server_is()
         "pass --insecure to talk without TLS on a network you trust",
         ("fl-server",): "fl-server: error: no TLS: give --tls-cert and --tls-key, or pass --insecure to run "
         "without TLS on a network you trust",
+        ("fl-client", "--tsl"): "fl-client: error: unrecognized arguments: --tsl (see fl-client --help)",
+        ("fl-server", "--strategy", "fedsgd"): "fl-server: error: --strategy must be one of fedavg, fedprox, "
+        "fedavgm, fedadagrad, fedadam, fedyogi, median, trimmed-mean, krum, got 'fedsgd'",
     }
     for (program, *flags), said in runs.items():
         result = subprocess.run(
