@@ -17,16 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fedgrpc.common.codec import to_wire
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import CheckpointError, FedGrpcError
-from fedgrpc.server.results import RoundRecord, remove_quietly, strict_json, write_atomically
+from fedgrpc.common.errors import CheckpointError, FedGrpcError, RunFailedError
+from fedgrpc.server.events import Event, RoundClosed, RunStarted
+from fedgrpc.server.results import RoundRecord, persist, remove_quietly, strict_json, write_atomically
 
 FORMAT_VERSION = 2  # 2: run specs name a task and its parameters
 
@@ -178,3 +181,26 @@ class CheckpointStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class CheckpointSink:
+    """A new run's identity (id, spec, initial weights) on disk before any client can join it,
+    which the run cannot go on without (RunFailedError): a server killed at any moment from then
+    on, round 1 included, resumes this same run, and its clients carry on with it. Then the
+    checkpoint after every round; one not written is reported, and the next round's holds it too.
+    """
+
+    def __init__(self, store: CheckpointStore, stop: threading.Event) -> None:
+        self.store, self._stop = store, stop
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, RunStarted) and not event.resumed:
+            save = partial(self.store.save, event.run, 0, event.weights, [], event.strategy_state)
+            if not persist("the run's first checkpoint", save, stop=self._stop):
+                raise RunFailedError(
+                    f"no checkpoint can be written in {self.store.directory.parent} (see above)"
+                )
+        elif isinstance(event, RoundClosed):
+            number, state = event.record.round, event.strategy_state
+            save = partial(self.store.save, event.run, number, event.weights, event.history, state)
+            persist(f"the checkpoint after round {number}", save, stop=self._stop)

@@ -20,10 +20,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedgrpc.common.config import RunSpec
+from fedgrpc.server.events import Event, PhaseChanged, RoundClosed, RunStarted
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 #: Per client, the rounds whose timeline is kept (the dashboard's strip shows the last few).
@@ -365,3 +366,21 @@ class Monitor:
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge read when scraped (in-flight bytes, fold queue depth, open calls, ...)."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
+
+
+class MonitorSink:
+    """The driver's side of the monitor: phases and finished rounds (a resumed run's past ones
+    too, so that the dashboard shows the whole run)."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            for record in event.history:
+                self.monitor.round_recorded(asdict(record), event.main_metric)
+        elif isinstance(event, PhaseChanged):
+            participants = None if event.participants is None else list(event.participants)
+            self.monitor.phase(event.phase, event.round, participants)
+        elif isinstance(event, RoundClosed):
+            self.monitor.round_recorded(asdict(event.record), event.main_metric)

@@ -18,12 +18,15 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
+from fedgrpc.common.errors import RunFailedError
+from fedgrpc.server.events import Event, RoundClosed, RunFinished
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -297,6 +300,36 @@ class RunResults:
         figure.tight_layout()
         figure.savefig(self.curves_path, dpi=100)
         plt.close(figure)
+
+
+class ResultsSink:
+    """history.json after every round (a write that fails is reported and left to the next
+    round's); at the end the final model, history.json marked finished, and the curves, which
+    the run cannot finish without (RunFailedError)."""
+
+    def __init__(self, results: RunResults, model: Any, stop: threading.Event) -> None:
+        self.results, self._model, self._stop = results, model, stop
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, RoundClosed):
+            history = partial(self.results.write_history, event.run, event.history, finished=False)
+            persist("history.json", history, stop=self._stop)
+        elif isinstance(event, RunFinished) and not persist(
+            "the final model and history.json", partial(self._save_final, event)
+        ):
+            raise RunFailedError(
+                f"the results could not be written to {self.results.out_dir} (see above); the checkpoint "
+                "after the last round is intact: free what is missing and start the server again"
+            )
+
+    def _save_final(self, event: RunFinished) -> None:
+        model = self._model
+        model.set_weights(list(event.weights))
+        if getattr(model, "optimizer", None) is not None:
+            model.optimizer.build(model.trainable_variables)  # saved with fresh slots: loads cleanly
+        model.save(self.results.model_path)
+        self.results.write_history(event.run, event.history, finished=True)
+        self.results.plot(event.history, event.main_metric)
 
 
 def _nan_for_null(metrics: Mapping[str, float | None]) -> dict[str, float]:

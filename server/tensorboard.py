@@ -15,13 +15,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from fedgrpc.common.errors import ConfigError
+from fedgrpc.server.events import Event, RoundClosed, RunClosed
 
 
 class TensorBoardWriter:
+    """A sink of the run's events (server.events): every closed round's scalars."""
+
     def __init__(self, logdir: Path) -> None:
         try:
             from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -33,6 +37,12 @@ class TensorBoardWriter:
         logdir.mkdir(parents=True, exist_ok=True)
         self._event, self._summary = event_pb2.Event, summary_pb2.Summary
         self._writer = EventFileWriter(str(logdir))
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, RoundClosed):
+            self.round(asdict(event.record))
+        elif isinstance(event, RunClosed):
+            self.close()
 
     def round(self, record: Mapping[str, Any]) -> None:
         """Every scalar of one round's record (as history.json has it)."""

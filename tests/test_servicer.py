@@ -412,18 +412,17 @@ def test_the_open_round_stops_waiting_for_a_client_that_withdraws(
 
 
 def test_withdrawals_mid_round_that_leave_fewer_than_min_clients_stop_the_run(tmp_path: Path) -> None:
-    from fedgrpc.server.app import FederatedServer, RoundPolicy, ServerConfig
+    from fedgrpc.server.driver import wait_to_close
 
     coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=3), SPECS, FedAvg(), min_clients=2)
     for client in (1, 2, 3):
         coordinator.next_task(client, after_round=0, timeout=0)
     coordinator.open_round(1, GLOBAL)
-    server = FederatedServer(ServerConfig(out_dir=tmp_path, policy=RoundPolicy(min_clients=2)))
     outcome: list[object] = []
 
     def collect() -> None:  # the server's driver, without a round timeout
         try:
-            outcome.append(server._collect(coordinator, 3, 1, 2))
+            outcome.append(wait_to_close(coordinator, None, 3, 1, 2))
         except RunFailedError as exc:
             outcome.append(exc)
 

@@ -249,19 +249,19 @@ def test_a_server_with_a_bad_task_stops_before_serving(tmp_path: Path) -> None:
 
 def test_init_model_takes_the_weights_of_a_saved_model_of_the_task(tmp_path: Path) -> None:
     import keras
-    from fedgrpc.server.app import _weights_of_saved_model
+    from fedgrpc.server.startup import weights_of_saved_model
 
     loaded = load_task(str(write_task(tmp_path)))
     saved = build_model(loaded, resolve_params(loaded.task, {}))
     saved.set_weights([np.full(w.shape, 0.5, w.dtype) for w in saved.get_weights()])
     saved.save(tmp_path / "start.keras")
     fresh = build_model(loaded, resolve_params(loaded.task, {}))
-    for got in _weights_of_saved_model(tmp_path / "start.keras", fresh):
+    for got in weights_of_saved_model(tmp_path / "start.keras", fresh):
         assert np.all(got == 0.5)
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     other.save(tmp_path / "other.keras")
     with pytest.raises(TaskError, match="it is not a saved model of this task"):
-        _weights_of_saved_model(tmp_path / "other.keras", fresh)
+        weights_of_saved_model(tmp_path / "other.keras", fresh)
 
 
 def test_several_inputs_and_outputs_with_custom_training_and_evaluation() -> None:
