@@ -38,6 +38,7 @@ from fedgrpc.server.limits import Limits
 from fedgrpc.server.masked_sum import SecAggStrategy
 from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults, persist
+from fedgrpc.server.revocation import RevocationList
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
 from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
@@ -124,6 +125,7 @@ class ServerConfig:
     client_sampling: str = "fixed"  # with --clients-per-round: fixed-size samples, or poisson
     tls: ServerTls | None = None
     tokens: dict[int, str] | None = None
+    revoked: Path | None = None  # revoked client ids (fedgrpc.server.revocation), re-read when changed
     init_seed: int = 0
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     max_examples: int = 10_000_000
@@ -423,7 +425,9 @@ class FederatedServer:
                 host=cfg.host,
                 port=cfg.port,
                 tls=cfg.tls,
-                authenticator=Authenticator(cfg.tokens, mutual_tls=mutual_tls),
+                authenticator=Authenticator(
+                    cfg.tokens, mutual_tls=mutual_tls, revoked=cfg.revoked and RevocationList(cfg.revoked)
+                ),
                 limits=cfg.limits,
                 chunk_bytes=cfg.chunk_bytes,
                 max_inflight_bytes=cfg.max_inflight_bytes,

@@ -70,6 +70,8 @@ def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, dict[int,
             "or pass --insecure to run without TLS on a network you trust"
         )
     tokens = load_tokens(args.tokens) if args.tokens else None
+    if args.revoked and not (args.client_ca or tokens):
+        raise ConfigError("--revoked refuses client identities: it needs --client-ca or --tokens")
     return tls, tokens
 
 
@@ -165,6 +167,7 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         max_examples=args.max_examples,
         tls=tls,
         tokens=tokens,
+        revoked=args.revoked,
         clients_per_round=args.clients_per_round,
         sample_seed=args.sample_seed,
         chunk_bytes=args.chunk_kb << 10,
