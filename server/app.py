@@ -419,15 +419,14 @@ class FederatedServer:
     def _start_endpoint(self, coordinator: RoundCoordinator) -> GrpcEndpoint:
         cfg, run = self.config, coordinator.run
         mutual_tls = cfg.tls is not None and cfg.tls.client_ca is not None
+        revoked = RevocationList(cfg.revoked) if cfg.revoked else None  # fedgrpc.server.revocation
         endpoint = GrpcEndpoint(
             coordinator,
             EndpointConfig(
                 host=cfg.host,
                 port=cfg.port,
                 tls=cfg.tls,
-                authenticator=Authenticator(
-                    cfg.tokens, mutual_tls=mutual_tls, revoked=cfg.revoked and RevocationList(cfg.revoked)
-                ),
+                authenticator=Authenticator(cfg.tokens, mutual_tls=mutual_tls, revoked=revoked),
                 limits=cfg.limits,
                 chunk_bytes=cfg.chunk_bytes,
                 max_inflight_bytes=cfg.max_inflight_bytes,

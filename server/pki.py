@@ -17,7 +17,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from fedgrpc.common.errors import ConfigError
 
 #: Leaf certificates start this long before they are made, so that clocks a little behind accept them.
@@ -92,7 +91,7 @@ class Authority:
     def load(cls, key_pem: bytes, cert_pem: bytes) -> Authority:
         key = serialization.load_pem_private_key(key_pem, password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError("the CA key is not an EC key: the provisioning state was not made by fl-provision")
+            raise ConfigError("the CA key is not an EC key: this state folder was not made by fl-provision")
         return cls(key, x509.load_pem_x509_certificate(cert_pem))
 
     @property

@@ -100,9 +100,7 @@ class Provisioner:
 
     def open(self) -> Authority:
         """The project's CA, made on the first run; the issued identities, read."""
-        for folder in (self.out, self.state, self.state / "certs", self.out / "kits"):
-            make_private_dir(folder)
-        for folder in ("kits/sites", "kits/admins"):
+        for folder in ("", "state", "state/certs", "kits", "kits/sites", "kits/admins"):
             make_private_dir(self.out / folder)
         registry = self.state / "issued.json"
         if registry.exists():
@@ -174,9 +172,9 @@ class Provisioner:
         document = {"project": self.project.name, "identities": identities}
         replace_private(self.state / "issued.json", (json.dumps(document, indent=2) + "\n").encode())
         revoked = [
-            {"client": i.client_id, "common_name": i.common_name, "serial": i.serial, "revoked_at": i.revoked_at}
+            dict(client=i.client_id, common_name=i.common_name, serial=i.serial, revoked_at=i.revoked_at)
             for i in self.issued.values()
-            if i.revoked_at and i.client_id is not None
+            if i.revoked_at and i.client_id is not None  # sites: the coordinator knows only client ids
         ]
         text = revocation.dump(revoked).encode()
         replace_private(self.state / REVOKED, text)
