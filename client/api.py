@@ -43,6 +43,7 @@ from fedgrpc.common.errors import (
     UpdateRejectedError,
 )
 from fedgrpc.common.protocol import Instruction
+from fedgrpc.common.settings import require_tls
 from fedgrpc.common.words import plural
 
 __all__ = ["Federation", "Round", "connect"]
@@ -75,11 +76,12 @@ def connect(
         raise ConfigError(f"FL_CLIENT_ID must be a whole number, got {raw_id!r}") from None
     ca = ca or os.environ.get("FL_CA") or None
     insecure = insecure if insecure is not None else os.environ.get("FL_INSECURE", "") in ("1", "true", "yes")
-    if ca is None and not insecure:
-        raise ConfigError(
-            "no TLS: pass ca= (or set FL_CA) with the server's CA certificate, or insecure=True "
-            "(FL_INSECURE=1) to talk without TLS on a network you trust"
-        )
+    require_tls(
+        ca is not None,
+        insecure,
+        give="pass ca= (or set FL_CA) with the server's CA certificate",
+        without="insecure=True (FL_INSECURE=1) to talk",
+    )
     if ca is None:
         log.warning("INSECURE: talking to %s without TLS", server)
     security = ChannelSecurity(

@@ -1,4 +1,10 @@
-"""`fl-client`: one participant of a federated run."""
+"""`fl-client`: one participant of a federated run.
+
+Its settings are declared once here (SETTINGS, with the Setting machinery fl-server's use), read
+as fl-server reads its own: flags over a run file's [run] over the environment ($FL_CLIENT_ID,
+$FL_TASK, $FL_DATA, $FL_TOKEN) over defaults. Every refusal is a FedGrpcError, said in one line
+(`fl-client: error: ...`) with exit status 2, as fl-server does; Ctrl-C exits 130.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +16,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedgrpc.common import device, logs, settings
-from fedgrpc.common.errors import ConfigError, FedGrpcError
-from fedgrpc.common.settings import DATA, TASK, Setting, site_data
+from fedgrpc.common.errors import ConfigError
+from fedgrpc.common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, TASK, VERBOSE, Setting, site_data
 from fedgrpc.common.words import plural
 
 if TYPE_CHECKING:
+    from fedgrpc.client.app import LocalDP
     from fedgrpc.client.connection import ChannelSecurity
 
 
 _SECURITY = "security"
+_CLIENT = "the client"
 _LOCAL_DP = "local differential privacy (this client trusts nobody to add noise)"
 
-#: fl-client's settings, declared as fl-server's are (fedgrpc.common.settings).
+#: fl-client's settings, declared as fl-server's are (fedgrpc.common.settings); group "" is the
+#: essentials, listed first in --help.
 SETTINGS = (
+    replace(
+        CONFIG,
+        help="a run file: [run] holds any of these flags without dashes (server = \"host:port\", "
+        "ca = \"ca.pem\", ...); flags given too override it",
+    ),
     Setting(
         "client_id", int, None, low=1, env="FL_CLIENT_ID", flag_name="--id", metavar="N",
         help="this client's id, 1..N (trains shard id-1; default: $FL_CLIENT_ID, as a Kubernetes pod index)",
     ),
-    Setting("server", str, "localhost:50051", help="coordinator address host:port (default %(default)s)"),
+    Setting(
+        "server", str, "localhost:50051", metavar="HOST:PORT",
+        help="coordinator address host:port (default %(default)s)",
+    ),
     replace(
         TASK,
         help="the task: a file (my_task.py), module:attribute, or an installed task's name; must be "
@@ -40,38 +57,33 @@ SETTINGS = (
     ),
     Setting("insecure", bool, False, help="talk to the server without TLS (trusted networks only)"),
     Setting(
-        "ca", Path, None, group=_SECURITY,
+        "ca", Path, None, metavar="PEM",
         help="CA certificate that signed the server's certificate: turns on TLS",
     ),
+    Setting("token", str, None, env="FL_TOKEN", help="this client's token ($FL_TOKEN)"),
     Setting(
-        "connect_timeout", float, 60.0, above=0, group="the client",
-        help="seconds to keep retrying an unreachable server",
+        "connect_timeout", float, 60.0, above=0, group=_CLIENT, metavar="S",
+        help="seconds to keep retrying an unreachable server (default %(default)s)",
     ),
     Setting(
-        "threads", int, None, low=0, group="the client",
+        "threads", int, None, low=0, group=_CLIENT,
         help="cap the backend's CPU threads (e.g. cores / clients; 0 or unset: all cores)",
     ),
     Setting(
-        "gpu", str, None, metavar="N[,M]", group="the client",
+        "gpu", str, None, metavar="N[,M]", group=_CLIENT,
         help="use only these GPUs (sets CUDA_VISIBLE_DEVICES); several clients may share one",
     ),
     Setting(
-        "take_turns", Path, None, metavar="LOCKFILE", group="the client",
+        "take_turns", Path, None, metavar="LOCKFILE", group=_CLIENT,
         help="train only while holding an exclusive lock on LOCKFILE: clients sharing one machine take turns",
     ),
+    replace(CHUNK_KB, group=_CLIENT, help="size of the update chunks sent up (default %(default)s KiB)"),
     Setting(
-        "chunk_kb", int, 1024, low=1, high=8 << 10, why="(messages stay under 16 MiB)", group="the client",
-        help="size of the update chunks sent up (default 1024 KiB)",
-    ),
-    Setting(
-        "light", bool, False, group="the client",
+        "light", bool, False, group=_CLIENT,
         help="no TensorFlow, no data: send seeded perturbations of the global weights (benchmarks, tests)",
     ),
-    Setting("verbose", bool, False, short="-v", group="the client", help="debug lines too"),
-    Setting(
-        "log_format", str, "text", choices=logs.FORMATS, group="the client",
-        help="log lines for people or one JSON object a line",
-    ),
+    replace(VERBOSE, group=_CLIENT),
+    replace(LOG_FORMAT, group=_CLIENT),
     Setting(
         "local_dp_clip", float, None, above=0, metavar="C", group=_LOCAL_DP, help="clip each update to L2 C"
     ),
@@ -83,45 +95,54 @@ SETTINGS = (
         "local_dp_delta", float, 1e-5, above=0, below=1, group=_LOCAL_DP,
         help="the delta epsilon is reported for",
     ),
-    Setting("tls_cert", Path, None, group=_SECURITY, help="this client's certificate, for mutual TLS"),
-    Setting("tls_key", Path, None, group=_SECURITY, help="this client's private key, for mutual TLS"),
     Setting(
-        "tls_server_name", str, None, group=_SECURITY,
+        "tls_cert", Path, None, metavar="PEM", group=_SECURITY,
+        help="this client's certificate, for mutual TLS",
+    ),
+    Setting(
+        "tls_key", Path, None, metavar="PEM", group=_SECURITY,
+        help="this client's private key, for mutual TLS",
+    ),
+    Setting(
+        "tls_server_name", str, None, metavar="NAME", group=_SECURITY,
         help="name in the server's certificate, if not the host dialled",
     ),
-    Setting("token", str, None, env="FL_TOKEN", group=_SECURITY, help="this client's token ($FL_TOKEN)"),
     Setting(
-        "token_file", Path, None, group=_SECURITY,
+        "token_file", Path, None, metavar="PATH", group=_SECURITY,
         help="read the token from this file; {id} in the path becomes the client id (a mounted "
         "Secret of many clients' tokens, e.g. /etc/fedgrpc/tokens/client-{id})",
     ),
 )  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = settings.build_parser(
-        SETTINGS, prog="fl-client", description="Train on local data as one client of a federated run."
+def build_parser() -> argparse.ArgumentParser:
+    """fl-client's flags, derived from their declarations (SETTINGS), shaped as fl-server's."""
+    return settings.build_parser(
+        SETTINGS,
+        prog="fl-client",
+        usage="%(prog)s [--config RUN.toml] --id N [--server HOST:PORT] [--task TASK] [--data DATA] "
+        "[--insecure | --ca PEM] [more options, below]",
+        description="Train on local data as one client of a federated run. Every flag but --config "
+        "may also be set in a run file's [run] table, without its dashes.",
     )
-    args = p.parse_args(argv)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with a run file's [run] as their defaults; the task's parameters are the
+    server's to send, so a client's run file has no [task]."""
+    args, table = settings.parse_with_run_file(build_parser(), SETTINGS, argv)
+    if table:
+        raise ConfigError(
+            f"--config {args.config}: a client's run file has no [task]; the task's parameters are "
+            "the server's, sent to every client"
+        )
     if args.client_id is None:
-        p.error("the following arguments are required: --id (or set $FL_CLIENT_ID)")
+        raise ConfigError("which client is this? give --id N, or set $FL_CLIENT_ID")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except FedGrpcError as exc:
-        print(f"fl-client: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return _run(args)
-    except FedGrpcError as exc:
-        print(f"fl-client {args.client_id}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fl-client {args.client_id}: interrupted", file=sys.stderr)
-        return 130
+    return settings.run_cli("fl-client", lambda: _run(parse_args(argv)))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -129,35 +150,10 @@ def _run(args: argparse.Namespace) -> int:
     logs.setup(f"client {args.client_id}", verbose=args.verbose, log_format=args.log_format)
     device.prepare(args.threads, args.gpu)
     from fedgrpc.client.app import ClientConfig, run_client
-    from fedgrpc.client.connection import ChannelSecurity
 
-    if args.ca is None and not args.insecure:
-        raise ConfigError(
-            "no TLS: give --ca (the server's CA certificate), "
-            "or pass --insecure to talk without TLS on a network you trust"
-        )
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    if args.ca is None:
-        logging.getLogger("fedgrpc.client").warning("INSECURE: talking to %s without TLS", args.server)
-    token = args.token
-    if args.token_file is not None:
-        path = Path(str(args.token_file).replace("{id}", str(args.client_id)))
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"--token-file {path}: {exc.strerror}") from None
-    security = ChannelSecurity(args.ca, args.tls_cert, args.tls_key, token, args.tls_server_name)
+    security = _security(args)
     if args.light:
         return _run_light(args, security)
-
-    local_dp = None
-    if args.local_dp_clip is not None or args.local_dp_noise_multiplier is not None:
-        from fedgrpc.client.app import LocalDP
-
-        if args.local_dp_clip is None or args.local_dp_noise_multiplier is None:
-            raise ConfigError("--local-dp-clip and --local-dp-noise-multiplier go together")
-        local_dp = LocalDP(args.local_dp_clip, args.local_dp_noise_multiplier, args.local_dp_delta)
     config = ClientConfig(
         client_id=args.client_id,
         server=args.server,
@@ -169,10 +165,44 @@ def _run(args: argparse.Namespace) -> int:
         security=security,
         progress=sys.stdout.isatty(),
         chunk_bytes=args.chunk_kb << 10,
-        local_dp=local_dp,
+        local_dp=_local_dp(args),
     )
     run_client(config)
     return 0
+
+
+def _security(args: argparse.Namespace) -> ChannelSecurity:
+    """TLS and the token, refusing plain text not asked for and half a client certificate."""
+    from fedgrpc.client.connection import ChannelSecurity
+
+    settings.require_tls(
+        args.ca is not None,
+        args.insecure,
+        give="give --ca (the server's CA certificate)",
+        without="pass --insecure to talk",
+    )
+    settings.go_together({"--tls-cert": args.tls_cert, "--tls-key": args.tls_key})
+    if args.ca is None:
+        logging.getLogger("fedgrpc.client").warning("INSECURE: talking to %s without TLS", args.server)
+    token = args.token
+    if args.token_file is not None:
+        path = Path(str(args.token_file).replace("{id}", str(args.client_id)))
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {path}: {exc.strerror}") from None
+    return ChannelSecurity(args.ca, args.tls_cert, args.tls_key, token, args.tls_server_name)
+
+
+def _local_dp(args: argparse.Namespace) -> LocalDP | None:
+    """Local DP when both --local-dp-clip and --local-dp-noise-multiplier are given."""
+    clip, noise = args.local_dp_clip, args.local_dp_noise_multiplier
+    settings.go_together({"--local-dp-clip": clip, "--local-dp-noise-multiplier": noise})
+    if clip is None:
+        return None
+    from fedgrpc.client.app import LocalDP
+
+    return LocalDP(clip, noise, args.local_dp_delta)
 
 
 def _run_light(args: argparse.Namespace, security: ChannelSecurity) -> int:

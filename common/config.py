@@ -12,7 +12,8 @@ from fedgrpc.common.compression import COMPRESSIONS
 from fedgrpc.common.errors import ConfigError, NotEnrolledError
 from fedgrpc.common.partition import check_scheme
 
-#: A task parameter's value (see fedgrpc.common.task.ParamValue).
+#: A task parameter's value: the types TOML, the command line and the wire all carry
+#: (fedgrpc.common.task shows it to task authors).
 ParamValue = bool | int | float | str
 
 DEFAULT_TASK = "cifar10"
@@ -20,6 +21,14 @@ DEFAULT_TASK = "cifar10"
 
 def new_run_id() -> str:
     return secrets.token_hex(6)
+
+
+def check_clients_per_round(clients_per_round: int | None, num_clients: int) -> None:
+    """Refuse a per-round sample that the run's clients cannot fill (None: every client)."""
+    if clients_per_round is not None and not 1 <= clients_per_round <= num_clients:
+        raise ConfigError(
+            f"--clients-per-round must be in 1..{num_clients} (at most --clients), got {clients_per_round}"
+        )
 
 
 @dataclass(frozen=True)

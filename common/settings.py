@@ -14,6 +14,11 @@ is absent, and a bad value is refused naming the variable. Settings that a
 launcher (fl-local, fl-sim) reads from a run file too are declared here once, in RUN_SETTINGS;
 each CLI adds its own beside them.
 
+Every CLI has one shape: `--help` opens with "the essentials" (the settings of group "", about
+ten), then the rest by topic, and a flag that takes a fixed set of names lists them; a refusal
+is one line, `PROG: error: SENTENCE`, and exit status 2 (run_cli); a check that joins several
+settings (go_together, require_tls) is written here once for all of them.
+
 A run file (`--config run.toml`):
 
     [run]                       # any setting, without its dashes: --round-timeout is round_timeout
@@ -34,14 +39,16 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
 from fedgrpc.common.compression import COMPRESSIONS
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec
-from fedgrpc.common.errors import ConfigError
+from fedgrpc.common.errors import ConfigError, FedGrpcError
+from fedgrpc.common.logs import FORMATS
 from fedgrpc.common.partition import SCHEMES
 from fedgrpc.common.words import type_name
 
@@ -60,7 +67,7 @@ class Setting:
     kind: type  # bool, int, float, str or Path
     default: Any = None
     help: str = ""
-    group: str = ""  # the --help section; "" is the section of the settings most runs need
+    group: str = ""  # the --help section; "" is the essentials, listed first (keep it to about ten)
     low: float | None = None
     high: float | None = None
     above: float | None = None
@@ -162,19 +169,42 @@ def by_name(settings: Iterable[Setting]) -> dict[str, Setting]:
 # -- the command line --------------------------------------------------------------------
 
 
+#: The exit status of a run refused for its settings or stopped by one of our errors, on every CLI
+#: (argparse's own, for a flag it cannot read, is 2 too).
+EXIT_REFUSED = 2
+#: The first --help section: the dozen flags a newcomer needs; the rest follow by topic.
+ESSENTIALS = "the essentials"
+
+
+EXIT_INTERRUPTED = 130
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """A CLI's exit status: `body`'s, or EXIT_REFUSED for one of our errors, said in one line on
+    stderr (`fl-server: error: ...`, no traceback), or EXIT_INTERRUPTED for Ctrl-C."""
+    try:
+        return body()
+    except FedGrpcError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
 def build_parser(
     settings: Sequence[Setting],
     *,
     prog: str,
     description: str,
-    first: str = "the settings most runs need",
+    first: str = ESSENTIALS,
     groups: Mapping[str, str] | None = None,
     raw_description: bool = False,
     usage: str | None = None,
 ) -> argparse.ArgumentParser:
     """A parser with one flag per flag setting. Sections come in the order their settings first
-    appear, the settings of group "" first of all; `groups` gives a section's title (its key
-    otherwise)."""
+    appear, the settings of group "" (the essentials) first of all; `groups` gives a section's
+    title (its key otherwise)."""
     parser = _Parser(
         prog=prog,
         usage=usage,
@@ -204,7 +234,12 @@ class _FromEnv:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that reads the environment defaults of the flags not given."""
+    """An ArgumentParser that reads the environment defaults of the flags not given, and says
+    its own refusals (an unknown flag, a missing value) as ConfigErrors: in one line, as every
+    other refusal, not after a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -218,17 +253,28 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_flag(section: Any, setting: Setting) -> None:
     names = [setting.short, setting.option] if setting.short else [setting.option]
-    options: dict[str, Any] = {"dest": setting.name, "help": setting.help}
+    options: dict[str, Any] = {"dest": setting.name, "help": _help(setting)}
     default = _FromEnv(setting) if setting.env else setting.default
     if setting.kind is bool:
         options.update(action="store_true", default=default)
     else:
-        options.update(default=default, type=setting.parse, metavar=setting.metavar)
-        if setting.choices:
-            options["choices"] = setting.choices
+        # The choices are checked by setting.parse, with the run file's message; argparse only
+        # shows them, in the help.
+        metavar = setting.metavar or (setting.name.upper() if setting.choices else None)
+        options.update(default=default, type=setting.parse, metavar=metavar)
         if setting.repeat:
             options.update(action="append", default=[])
     section.add_argument(*names, **options)
+
+
+def _help(setting: Setting) -> str:
+    """A flag's help; one that takes a fixed set of names lists them, whatever its help says."""
+    if not setting.choices:
+        return setting.help
+    names = ", ".join(setting.choices)
+    if "%(choices)s" in setting.help:
+        return setting.help.replace("%(choices)s", names)
+    return f"{setting.help} (one of: {names})"
 
 
 def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
@@ -269,6 +315,19 @@ def read_run_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(run, dict) or not isinstance(task, dict):
         raise ConfigError(f"--config {path}: [run] and [task] must be tables")
     return {key.replace("-", "_"): value for key, value in run.items()}, task
+
+
+def parse_with_run_file(
+    parser: argparse.ArgumentParser, settings: Sequence[Setting], argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The flags, with the [run] of the run file named by --config as their defaults (so only a
+    flag typed on the command line overrides the file), and that file's [task] table."""
+    first, _ = parser.parse_known_args(argv)
+    table: dict[str, Any] = {}
+    if first.config is not None:
+        run, table = read_run_file(first.config)
+        parser.set_defaults(**check_run_values(run, settings, first.config))
+    return parser.parse_args(argv), table
 
 
 def check_run_values(
@@ -336,11 +395,32 @@ def _resolved(folder: Path, setting: Setting, value: Any) -> Any:
     return value
 
 
+# -- checks that join several settings, written once for every CLI ----------------------------
+
+
+def go_together(given: Mapping[str, object]) -> None:
+    """Refuse some of `given` (flag -> value, None when not given) set without the others."""
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing and len(missing) < len(given):
+        raise ConfigError(f"{' and '.join(given)} go together")
+
+
+def require_tls(tls: bool, insecure: bool, *, give: str, without: str) -> None:
+    """Plain text only when asked for by name: no TLS and no --insecure is refused, saying
+    what to `give` for TLS and how to go `without` it."""
+    if not tls and not insecure:
+        raise ConfigError(f"no TLS: {give}, or {without} without TLS on a network you trust")
+
+
 # -- settings every side of a run shares ---------------------------------------------------
 
 _RUN = "the run"
 _SPEC = RunSpec()
 
+CONFIG = Setting(
+    "config", Path, None, in_file=False, metavar="RUN.toml",
+    help="a run file: [run] holds any of these flags without dashes; flags given too override it",
+)  # fmt: skip
 TASK = Setting(
     "task", str, DEFAULT_TASK, env="FL_TASK", maybe_path=True,
     help="a task file (my_task.py), module:attribute, an installed task's name, or a saved model "
@@ -351,14 +431,27 @@ DATA = Setting(
     help="what the task reads; {id} in it becomes each client's id (data/site_{id}.csv: every "
     "client its own file) (cifar10: a folder, .tar.gz or .npz; default $FL_DATA, else the Keras download)",
 )  # fmt: skip
-ROUNDS = Setting("rounds", int, _SPEC.rounds, low=1, help="federated rounds (default %(default)s)")
-CLIENTS = Setting(
-    "clients", int, _SPEC.num_clients, low=1, help="clients of the run, ids 1..N (default %(default)s)"
+ROUNDS = Setting(
+    "rounds", int, _SPEC.rounds, low=1, metavar="N", help="federated rounds (default %(default)s)"
 )
+CLIENTS = Setting(
+    "clients", int, _SPEC.num_clients, low=1, metavar="N",
+    help="clients of the run, ids 1..N (default %(default)s)",
+)  # fmt: skip
 CLIENTS_PER_ROUND = Setting(
     "clients_per_round", int, None, group=_RUN, low=1, metavar="K",
     help="train a seeded sample of K ready clients each round (default: all of them)",
 )  # fmt: skip
+
+#: Settings both fl-server and fl-client have, declared once; each CLI places them (`group`).
+CHUNK_KB = Setting(
+    "chunk_kb", int, DEFAULT_CHUNK_BYTES >> 10, low=1, high=8 << 10, why="(messages stay under 16 MiB)",
+    help="size of the weight chunks sent (default %(default)s KiB)",
+)  # fmt: skip
+VERBOSE = Setting("verbose", bool, False, short="-v", help="debug lines too")
+LOG_FORMAT = Setting(
+    "log_format", str, "text", choices=FORMATS, help="log lines for people or one JSON object a line"
+)
 
 RUN_SETTINGS = (
     TASK,

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from fedgrpc.common.config import ParamValue
 from fedgrpc.common.errors import TaskError
 from fedgrpc.common.words import type_name
 
@@ -64,8 +65,6 @@ __all__ = [
     "fit_model",
 ]
 
-#: A task parameter's value: the types TOML, the command line and the wire all carry.
-ParamValue = bool | int | float | str
 #: A task's parameters, typed by the task's declared defaults.
 Params = Mapping[str, ParamValue]
 

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -21,33 +21,31 @@ from typing import Any
 
 import numpy as np
 from fedgrpc.common import device, task_loader
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.config import DEFAULT_TASK, RunSpec, SecAggSpec
+from fedgrpc.common.config import RunSpec, SecAggSpec
 from fedgrpc.common.errors import ConfigError, RunFailedError, SecAggError, TaskError
 from fedgrpc.common.logs import human_bytes
 from fedgrpc.common.privacy import PrivacyAccountant
 from fedgrpc.common.task import Site
 from fedgrpc.common.task_loader import LoadedTask
 from fedgrpc.common.words import plural
-from fedgrpc.server.auth import Authenticator, ServerTls
+from fedgrpc.server.auth import Authenticator
 from fedgrpc.server.checkpoint import Checkpoint, CheckpointStore, weights_digest
+from fedgrpc.server.config import RoundPolicy as RoundPolicy  # re-exported: callers found them here
+from fedgrpc.server.config import ServerConfig as ServerConfig
 from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
 from fedgrpc.server.evaluation import CentralEvaluator, FederatedEvaluation, describe, main_metric
-from fedgrpc.server.http import DashboardServer, HttpConfig
-from fedgrpc.server.limits import Limits
+from fedgrpc.server.http import DashboardServer
 from fedgrpc.server.masked_sum import SecAggStrategy
 from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord, RunResults, persist
 from fedgrpc.server.revocation import RevocationList
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
 from fedgrpc.server.secagg import SecAggRound
-from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES
 from fedgrpc.server.strategy import (
     ROBUST,
     CentralDP,
     FedAvg,
     Strategy,
-    StrategySettings,
     make_strategy,
     strategy_record,
 )
@@ -65,82 +63,6 @@ MAX_ABORTED_ROUNDS = 3
 #: Under secure aggregation without --round-timeout, the longest the masked input waits for the
 #: clients that shared keys (a client that vanished mid-round must not hold the round forever).
 MASKED_INPUT_TIMEOUT_S = 600.0
-
-
-@dataclass(frozen=True)
-class RoundPolicy:
-    """When a round may close without every client.
-
-    A round closes as soon as all enrolled clients have reported. After `timeout_s` it closes
-    with what it has, if that is at least `min_clients`; with fewer it keeps waiting, unless
-    withdrawals left fewer than `min_clients` clients: then the run stops (RunFailedError). The first
-    round opens when every client is ready, or after `join_timeout_s` with `min_clients`
-    (clients start slowly: a TensorFlow import and a shard to load). Federated evaluations
-    close when every asked client has reported, or after `timeout_s` with what came.
-    """
-
-    min_clients: int | None = None  # None: all enrolled clients
-    timeout_s: float | None = None  # None: wait for everyone, however long
-    join_timeout_s: float = 120.0  # how long the first round waits for every client to be ready
-
-    def minimum(self, run: RunSpec) -> int:
-        wanted = run.num_clients if self.min_clients is None else self.min_clients
-        if not 1 <= wanted <= run.num_clients:
-            raise ConfigError(f"--min-clients must be in 1..{run.num_clients}, got {wanted}")
-        return wanted
-
-
-@dataclass(frozen=True)
-class PrivacySettings:
-    """Central DP-FedAvg (fedgrpc.common.privacy): clip, noise, and the budget to stop at."""
-
-    clip: float
-    noise_multiplier: float
-    clip_on: str = "client"  # client: clients clip (works under secure aggregation); server: it does
-    delta: float = 1e-5
-    target_epsilon: float | None = None  # stop before a round would spend more
-
-    def __post_init__(self) -> None:
-        if self.clip_on not in ("client", "server"):
-            raise ConfigError(f"--dp-clip-on must be client or server, got {self.clip_on!r}")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ConfigError(f"--dp-target-epsilon must be positive, got {self.target_epsilon}")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    run: RunSpec = field(default_factory=RunSpec)
-    task: str = DEFAULT_TASK  # a task file, module:attribute or installed name (--task)
-    task_params: Mapping[str, Any] = field(default_factory=dict)  # overrides of the task's defaults
-    init_model: Path | None = None  # start from this saved Keras model's weights
-    federated_eval: bool | None = None  # None: federated evaluation when there is no central test set
-    host: str = "[::]"
-    port: int = 50051
-    data: str | None = None
-    out_dir: Path = Path("results")
-    strategy: StrategySettings = field(default_factory=StrategySettings)
-    privacy: PrivacySettings | None = None
-    secagg: SecAggSpec | None = None  # secure aggregation (fedgrpc.server.secagg)
-    secagg_timeout_s: float = 60.0  # how long each key stage and the unmasking wait for clients
-    client_sampling: str = "fixed"  # with --clients-per-round: fixed-size samples, or poisson
-    tls: ServerTls | None = None
-    tokens: dict[int, str] | None = None
-    revoked: Path | None = None  # revoked client ids (fedgrpc.server.revocation), re-read when changed
-    init_seed: int = 0
-    policy: RoundPolicy = field(default_factory=RoundPolicy)
-    max_examples: int = 10_000_000
-    limits: Limits = field(default_factory=Limits)
-    finish_grace_s: float = 15.0
-    record_updates: bool = False
-    threads: int | None = None
-    clients_per_round: int | None = None  # None: every enrolled client trains every round
-    sample_seed: int = 0
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES
-    spool_dir: Path | None = None  # stage updates being received on disk (see fedgrpc.server.spool)
-    http: HttpConfig | None = None  # the dashboard and /metrics (fedgrpc.server.http)
-    tensorboard: Path | None = None  # write TensorBoard scalars there
-    health_port: int | None = None  # plain-text health checks on this port too (probes)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """`fl-server`: the coordinator of a federated run.
 
 Its settings are declared once in fedgrpc.server.flags; this module reads them (flags over a
-run file over defaults), checks what joins several of them, and builds the ServerConfig.
+run file over defaults), checks what joins several of them, and builds the ServerConfig
+(fedgrpc.server.config), each of its pieces in one function. Every refusal is a FedGrpcError,
+said in one line (`fl-server: error: ...`) with exit status 2, as fl-client does.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from fedgrpc.common import device, logs, settings
 from fedgrpc.common.config import EvaluationPlan, RunSpec, SecAggSpec
-from fedgrpc.common.errors import ConfigError, FedGrpcError
+from fedgrpc.common.errors import ConfigError
 from fedgrpc.common.task_loader import ParamOverride
 from fedgrpc.server.auth import ServerTls, load_tokens
+from fedgrpc.server.config import PrivacySettings, RoundPolicy, ServerConfig
 from fedgrpc.server.flags import GROUPS, SETTINGS
 from fedgrpc.server.http import HttpConfig
 from fedgrpc.server.limits import Limits
@@ -39,16 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """The flags, with a run file's [run] as their defaults (so only a flag typed on the command
     line overrides the file), and the task parameters ([task], then every --param)."""
-    parser = build_parser()
-    first, _ = parser.parse_known_args(argv)
-    task_params: dict[str, Any] = {}
-    if first.config is not None:
-        run, table = settings.read_run_file(first.config)
-        parser.set_defaults(**settings.check_run_values(run, SETTINGS, first.config))
-        task_params = {
-            key: ParamOverride(value, f"{first.config}: [task] {key}") for key, value in table.items()
-        }
-    args = parser.parse_args(argv)
+    args, table = settings.parse_with_run_file(build_parser(), SETTINGS, argv)
+    task_params: dict[str, Any] = {
+        key: ParamOverride(value, f"{args.config}: [task] {key}") for key, value in table.items()
+    }
     for item in args.param:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -59,16 +57,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
 
 def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, dict[int, str] | None]:
     """TLS and token settings from the flags, refusing combinations that would not be safe."""
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise ConfigError("--tls-cert and --tls-key go together")
+    settings.go_together({"--tls-cert": args.tls_cert, "--tls-key": args.tls_key})
     tls = ServerTls(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
     if args.client_ca and tls is None:
         raise ConfigError("--client-ca needs --tls-cert and --tls-key")
-    if tls is None and not args.insecure:
-        raise ConfigError(
-            "no TLS: give --tls-cert and --tls-key, "
-            "or pass --insecure to run without TLS on a network you trust"
-        )
+    settings.require_tls(
+        tls is not None, args.insecure, give="give --tls-cert and --tls-key", without="pass --insecure to run"
+    )
     tokens = load_tokens(args.tokens) if args.tokens else None
     if args.revoked and not (args.client_ca or tokens):
         raise ConfigError("--revoked refuses client identities: it needs --client-ca or --tokens")
@@ -76,14 +71,10 @@ def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, dict[int,
 
 
 def check_sizes(args: argparse.Namespace) -> None:
-    """The checks that join two settings or look at the machine (each setting's own type and
-    range were checked when it was read)."""
+    """The checks that look at the machine (each setting's own type and range were checked when
+    it was read; what joins several is ServerConfig's to check)."""
     if args.spool_dir is not None and not (args.spool_dir.is_dir() and os.access(args.spool_dir, os.W_OK)):
         raise ConfigError(f"--spool-dir {args.spool_dir} is not a writable directory; create it first")
-    if args.clients_per_round is not None and not 1 <= args.clients_per_round <= args.clients:
-        raise ConfigError(
-            f"--clients-per-round must be in 1..--clients ({args.clients}), got {args.clients_per_round}"
-        )
 
 
 def check_watching(args: argparse.Namespace) -> None:
@@ -95,29 +86,10 @@ def check_watching(args: argparse.Namespace) -> None:
         )
 
 
-def privacy_from(args: argparse.Namespace) -> Any:
-    from fedgrpc.server.app import PrivacySettings
-
-    if args.dp_clip is None and args.dp_noise_multiplier is None:
-        return None
-    if args.dp_clip is None or args.dp_noise_multiplier is None:
-        raise ConfigError("--dp-clip and --dp-noise-multiplier go together")
-    return PrivacySettings(
-        clip=args.dp_clip,
-        noise_multiplier=args.dp_noise_multiplier,
-        clip_on=args.dp_clip_on,
-        delta=args.dp_delta,
-        target_epsilon=args.dp_target_epsilon,
-    )
-
-
-def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
-    from fedgrpc.server.app import RoundPolicy, ServerConfig
-
-    check_watching(args)
-    tls, tokens = security_from(args)
-    check_sizes(args)
-    run = RunSpec(
+def run_spec_from(args: argparse.Namespace) -> RunSpec:
+    """What every client must agree on, as far as the flags say (the server adds the task's
+    identity and what the strategy and privacy settings ask of clients when it sets up)."""
+    return RunSpec(
         rounds=args.rounds,
         num_clients=args.clients,
         partition_seed=args.partition_seed,
@@ -131,8 +103,60 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
             personalize_epochs=args.personalize_epochs,
         ),
     )
+
+
+def privacy_from(args: argparse.Namespace) -> PrivacySettings | None:
+    """Central DP when both --dp-clip and --dp-noise-multiplier are given (one alone is refused)."""
+    settings.go_together({"--dp-clip": args.dp_clip, "--dp-noise-multiplier": args.dp_noise_multiplier})
+    if args.dp_clip is None:
+        return None
+    return PrivacySettings(
+        clip=args.dp_clip,
+        noise_multiplier=args.dp_noise_multiplier,
+        clip_on=args.dp_clip_on,
+        delta=args.dp_delta,
+        target_epsilon=args.dp_target_epsilon,
+    )
+
+
+def strategy_from(args: argparse.Namespace) -> StrategySettings:
+    return StrategySettings(
+        name=args.strategy,
+        trim_fraction=args.trim_fraction,
+        byzantine=args.byzantine,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
+        server_beta2=args.server_beta2,
+        server_tau=args.server_tau,
+        proximal_mu=args.proximal_mu,
+    )
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    return Limits(
+        stall_timeout_s=args.stall_timeout,
+        max_calls=args.max_calls,
+        max_calls_per_peer=args.max_calls_per_peer,
+        max_calls_per_client=args.max_calls_per_client,
+        max_wait_s=args.max_wait,
+        inflight_wait_s=args.inflight_wait,
+    )
+
+
+def http_from(args: argparse.Namespace) -> HttpConfig | None:
+    """The dashboard, with --http (check_watching refuses its other flags without it)."""
+    if args.http is None:
+        return None
+    return HttpConfig(port=args.http, host=args.http_host, linger_s=args.linger)
+
+
+def config_from(args: argparse.Namespace, task_params: Mapping[str, Any]) -> ServerConfig:
+    """The run's ServerConfig from the flags: each piece built once, from its settings."""
+    check_watching(args)
+    tls, tokens = security_from(args)
+    check_sizes(args)
     return ServerConfig(
-        run=run,
+        run=run_spec_from(args),
         task=args.task,
         task_params=task_params,
         init_model=args.init_model,
@@ -141,33 +165,25 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         port=args.port,
         data=args.data,
         out_dir=args.out,
+        strategy=strategy_from(args),
         privacy=privacy_from(args),
         secagg=SecAggSpec(args.secagg_bound, args.secagg_max_examples, args.secagg_threshold)
         if args.secagg
         else None,
         secagg_timeout_s=args.secagg_timeout,
         client_sampling=args.client_sampling,
-        strategy=StrategySettings(
-            name=args.strategy,
-            trim_fraction=args.trim_fraction,
-            byzantine=args.byzantine,
-            server_lr=args.server_lr,
-            server_momentum=args.server_momentum,
-            server_beta2=args.server_beta2,
-            server_tau=args.server_tau,
-            proximal_mu=args.proximal_mu,
-        ),
-        finish_grace_s=args.finish_grace,
+        tls=tls,
+        tokens=tokens,
+        revoked=args.revoked,
         init_seed=args.init_seed,
-        record_updates=args.record_updates,
-        threads=args.threads,
         policy=RoundPolicy(
             min_clients=args.min_clients, timeout_s=args.round_timeout, join_timeout_s=args.join_timeout
         ),
         max_examples=args.max_examples,
-        tls=tls,
-        tokens=tokens,
-        revoked=args.revoked,
+        limits=limits_from(args),
+        finish_grace_s=args.finish_grace,
+        record_updates=args.record_updates,
+        threads=args.threads,
         clients_per_round=args.clients_per_round,
         sample_seed=args.sample_seed,
         chunk_bytes=args.chunk_kb << 10,
@@ -178,23 +194,15 @@ def config_from(args: argparse.Namespace, task_params: dict[str, Any]) -> Any:
         else HttpConfig(port=args.http, host=args.http_host, linger_s=args.linger),
         tensorboard=args.tensorboard,
         health_port=args.health_port,
-        limits=Limits(
-            stall_timeout_s=args.stall_timeout,
-            max_calls=args.max_calls,
-            max_calls_per_peer=args.max_calls_per_peer,
-            max_calls_per_client=args.max_calls_per_client,
-            max_wait_s=args.max_wait,
-            inflight_wait_s=args.inflight_wait,
-        ),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, task_params = parse_args(argv)
-    except FedGrpcError as exc:
-        print(f"fl-server: error: {exc}", file=sys.stderr)
-        return 2
+    return settings.run_cli("fl-server", lambda: _serve(argv))
+
+
+def _serve(argv: list[str] | None) -> int:
+    args, task_params = parse_args(argv)
     if args.hash_token:
         from fedgrpc.server.auth import hash_token
 
@@ -207,14 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     device.prepare(args.threads)
     from fedgrpc.server.app import FederatedServer
 
-    try:
-        server = FederatedServer(config_from(args, task_params))
-        signal.signal(signal.SIGTERM, server.request_stop)
-        signal.signal(signal.SIGINT, server.request_stop)
-        server.run()
-    except FedGrpcError as exc:
-        print(f"fl-server: error: {exc}", file=sys.stderr)
-        return 2
+    server = FederatedServer(config_from(args, task_params))
+    signal.signal(signal.SIGTERM, server.request_stop)
+    signal.signal(signal.SIGINT, server.request_stop)
+    server.run()
     return 0
 
 

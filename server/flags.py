@@ -1,9 +1,12 @@
 """fl-server's settings, each declared once (see fedgrpc.common.settings): its flag, its run-file
 key, type, default, range and help. The parser, the run file's checks and the range checks
-are derived from this table; fedgrpc.server.cli turns the values into a ServerConfig.
+are derived from this table, and so are fedgrpc.server.config's defaults and ranges;
+fedgrpc.server.cli turns the values into a ServerConfig.
 
 To add a setting: add one `Setting(...)` to SETTINGS in the section it belongs to (its
-`group`), then read `args.<name>` where fedgrpc.server.cli builds the ServerConfig.
+`group`; group "" is the essentials, listed first in --help: keep it to about ten), a field
+to ServerConfig (or the piece of it it belongs to) with `_default(name)`, and read
+`args.<name>` where fedgrpc.server.cli builds that piece.
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from fedgrpc.common.logs import FORMATS
-from fedgrpc.common.settings import DATA, RUN_SETTINGS, Setting
+from fedgrpc.common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, RUN_SETTINGS, VERBOSE, Setting
 from fedgrpc.server.limits import Limits
 from fedgrpc.server.strategy import STRATEGIES
 
@@ -35,9 +37,9 @@ GROUPS = {
 
 
 SETTINGS: tuple[Setting, ...] = (
-    # -- what most runs set (group "": listed first in --help)
-    Setting(
-        "config", Path, None, in_file=False, metavar="RUN.toml",
+    # -- the essentials (group "": listed first in --help, the flags a newcomer needs)
+    replace(
+        CONFIG,
         help="a run file: [run] holds any of these flags without dashes, [task] the task's parameters; "
         "flags given too override it",
     ),
@@ -51,15 +53,13 @@ SETTINGS: tuple[Setting, ...] = (
         "strategy", str, "fedavg", choices=STRATEGIES,
         help="aggregation: %(choices)s (default %(default)s)",
     ),
-    Setting("out", Path, Path("results"), help="folder for history, curves and model"),
+    Setting("out", Path, Path("results"), metavar="DIR", help="folder for history, curves and model"),
     Setting(
         "port", int, 50051, low=0, high=65535, help="port to listen on; 0 picks a free one (default 50051)"
     ),
     Setting("insecure", bool, False, help="run without TLS (trusted networks only)"),
-    Setting(
-        "http", int, None, low=0, high=65535, metavar="PORT",
-        help="serve the live dashboard and Prometheus /metrics on PORT (read-only; 0 picks a free port)",
-    ),
+    Setting("tls_cert", Path, None, metavar="PEM", help="server certificate (PEM): turns on TLS"),
+    Setting("tls_key", Path, None, metavar="PEM", help="server private key (PEM)"),
     # -- the task
     Setting(
         "param", str, None, group="task", repeat=True, in_file=False, metavar="KEY=VALUE",
@@ -82,15 +82,16 @@ SETTINGS: tuple[Setting, ...] = (
         "threads", int, None, group="server", low=0,
         help="cap the CPU threads of evaluation (0 or unset: all cores)",
     ),
-    Setting("verbose", bool, False, group="server", short="-v", help="debug lines too"),
-    Setting(
-        "log_format", str, "text", group="server", choices=FORMATS,
-        help="log lines for people or one JSON object a line",
-    ),
+    replace(VERBOSE, group="server"),
+    replace(LOG_FORMAT, group="server"),
     Setting(
         "record_updates", bool, False, group="server", help="also save every accepted update (debugging)"
     ),
     # -- watching the run
+    Setting(
+        "http", int, None, group="watch", low=0, high=65535, metavar="PORT",
+        help="serve the live dashboard and Prometheus /metrics on PORT (read-only; 0 picks a free port)",
+    ),
     Setting(
         "http_host", str, "127.0.0.1", group="watch",
         help="address of the dashboard (default 127.0.0.1: this machine only; it shows metadata, no data)",
@@ -210,10 +211,7 @@ SETTINGS: tuple[Setting, ...] = (
         help="largest example count an update may claim",
     ),
     # -- big models, many clients
-    Setting(
-        "chunk_kb", int, 1024, group="big", low=1, high=8 << 10, why="(messages stay under 16 MiB)",
-        help="size of the weight chunks sent down (default 1024 KiB)",
-    ),
+    replace(CHUNK_KB, group="big", help="size of the weight chunks sent down (default %(default)s KiB)"),
     Setting(
         "max_inflight_mb", int, 256, group="big", low=1,
         help="updates received at once, in MB: more wait their turn, bounding memory (default 256)",
@@ -249,8 +247,6 @@ SETTINGS: tuple[Setting, ...] = (
         help="longest wait for room in --max-inflight-mb, then UNAVAILABLE (default %(default)s)",
     ),
     # -- security
-    Setting("tls_cert", Path, None, group="security", help="server certificate (PEM)"),
-    Setting("tls_key", Path, None, group="security", help="server private key (PEM)"),
     Setting(
         "client_ca", Path, None, group="security",
         help="CA that signs client certificates: turns on mutual TLS",

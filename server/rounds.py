@@ -48,7 +48,7 @@ from functools import partial
 
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.config import RunSpec
+from fedgrpc.common.config import RunSpec, check_clients_per_round
 from fedgrpc.common.errors import (
     MetricsError,
     RunFailedError,
@@ -192,8 +192,7 @@ class RoundCoordinator:
         secagg_timeout_s: float = 60.0,
         min_clients: int = 1,
     ) -> None:
-        if clients_per_round is not None and not 1 <= clients_per_round <= run.num_clients:
-            raise ValueError(f"clients_per_round must be in 1..{run.num_clients}, got {clients_per_round}")
+        check_clients_per_round(clients_per_round, run.num_clients)
         if not 1 <= min_clients <= run.num_clients:
             raise ValueError(f"min_clients must be in 1..{run.num_clients}, got {min_clients}")
         self.run = run

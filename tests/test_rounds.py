@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import NotEnrolledError, RunFailedError, StaleRoundError, UpdateRejectedError
+from fedgrpc.common.errors import (
+    ConfigError,
+    NotEnrolledError,
+    RunFailedError,
+    StaleRoundError,
+    UpdateRejectedError,
+)
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.rounds import RoundCoordinator
 from fedgrpc.server.strategy import FedAvg
@@ -214,7 +220,7 @@ def test_samples_are_seeded_by_seed_and_round() -> None:
 
 
 def test_clients_per_round_must_fit_the_run() -> None:
-    with pytest.raises(ValueError, match="1..6"):
+    with pytest.raises(ConfigError, match="1..6"):
         RoundCoordinator(RunSpec(num_clients=6), SPECS, FedAvg(), clients_per_round=7)
 
 

@@ -182,6 +182,59 @@ def test_fl_server_and_fl_client_refuse_a_bad_value_alike(tmp_path: Path) -> Non
     assert result.returncode == 2 and "--id must be at least 1, got 0" in result.stderr, result.stderr
 
 
+def test_fl_client_reads_a_run_file_as_fl_server_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[run] holds fl-client's flags without dashes, paths from the file's folder; a flag typed
+    wins over the file, and the file over $FL_CLIENT_ID; its values are held to their types."""
+    from fedgrpc.client.cli import parse_args as client_args
+
+    monkeypatch.setenv("FL_CLIENT_ID", "5")
+    path = run_file(
+        tmp_path, '[run]\nclient_id = 2\nserver = "coordinator:443"\nca = "ca.pem"\nchunk_kb = 64\n'
+    )
+    args = client_args(["--config", str(path), "--chunk-kb", "128"])
+    assert (args.client_id, args.server, args.ca, args.chunk_kb) == (
+        2,
+        "coordinator:443",
+        tmp_path / "ca.pem",
+        128,
+    )
+    cases = {
+        "[run]\nchunk_kb = 0\n": r"\[run\] chunk_kb must be in 1..8192 \(messages stay under 16 MiB\), got 0",
+        "[run]\nrounds = 3\n": "has no setting 'rounds'",
+        "[task]\nunits = 3\n": "a client's run file has no \\[task\\]",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            client_args(["--config", str(run_file(tmp_path, text))])
+
+
+def test_fl_client_without_an_id_or_tls_is_refused_in_one_line_as_fl_server_is() -> None:
+    """Same shape as fl-server's refusals: `PROG: error: SENTENCE`, exit 2, no usage, no traceback."""
+    env = {key: value for key, value in ENV.items() if key != "FL_CLIENT_ID"}
+    runs = {
+        (
+            "fl-client",
+            "--insecure",
+        ): "fl-client: error: which client is this? give --id N, or set $FL_CLIENT_ID",
+        ("fl-client", "--id", "1"): "fl-client: error: no TLS: give --ca (the server's CA certificate), or "
+        "pass --insecure to talk without TLS on a network you trust",
+        ("fl-server",): "fl-server: error: no TLS: give --tls-cert and --tls-key, or pass --insecure to run "
+        "without TLS on a network you trust",
+        ("fl-client", "--tsl"): "fl-client: error: unrecognized arguments: --tsl (see fl-client --help)",
+        ("fl-server", "--strategy", "fedsgd"): "fl-server: error: --strategy must be one of fedavg, fedprox, "
+        "fedavgm, fedadagrad, fedadam, fedyogi, median, trimmed-mean, krum, got 'fedsgd'",
+    }
+    for (program, *flags), said in runs.items():
+        result = subprocess.run(
+            [str(BIN / program), *flags], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == said, result.stderr
+        assert "usage:" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_linger_is_refused_without_the_dashboard_and_held_to_its_range() -> None:
     """--linger keeps the dashboard up: without --http it would be ignored, so it is refused;
     its range is its declaration's, one message wherever it is set."""

@@ -1,0 +1,127 @@
+"""What one server run is set to: ServerConfig and the pieces it holds (RoundPolicy, PrivacySettings).
+
+Each field's default is its flag's (fedgrpc.server.flags), and each range its flag's: a value
+is held to one rule whether it came from the command line, a run file or code that builds a
+ServerConfig directly (tests, fl-sim). What joins several fields is checked here once too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedgrpc.common.config import DEFAULT_TASK, RunSpec, SecAggSpec, check_clients_per_round
+from fedgrpc.common.errors import ConfigError
+from fedgrpc.common.settings import by_name
+from fedgrpc.server.auth import ServerTls
+from fedgrpc.server.flags import SETTINGS
+from fedgrpc.server.http import HttpConfig
+from fedgrpc.server.limits import Limits
+from fedgrpc.server.strategy import StrategySettings
+
+_FLAGS = by_name(SETTINGS)
+
+
+def _default(name: str) -> Any:
+    """The declared default of fl-server's setting `name`."""
+    return _FLAGS[name].default
+
+
+def _check(value: Any, name: str) -> None:
+    """`value` held to the range of fl-server's setting `name`, refused naming its flag."""
+    setting = _FLAGS[name]
+    setting.check_range(value, setting.option)
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """When a round may close without every client.
+
+    A round closes as soon as all enrolled clients have reported. After `timeout_s` it closes
+    with what it has, if that is at least `min_clients`; with fewer it keeps waiting, unless
+    withdrawals left fewer than `min_clients` clients: then the run stops (RunFailedError). The first
+    round opens when every client is ready, or after `join_timeout_s` with `min_clients`
+    (clients start slowly: a TensorFlow import and a shard to load). Federated evaluations
+    close when every asked client has reported, or after `timeout_s` with what came.
+    """
+
+    min_clients: int | None = _default("min_clients")  # None: all enrolled clients
+    timeout_s: float | None = _default("round_timeout")  # None: wait for everyone, however long
+    join_timeout_s: float = _default("join_timeout")  # how long the first round waits for every client
+
+    def __post_init__(self) -> None:
+        _check(self.min_clients, "min_clients")
+        _check(self.timeout_s, "round_timeout")
+        _check(self.join_timeout_s, "join_timeout")
+
+    def minimum(self, run: RunSpec) -> int:
+        wanted = run.num_clients if self.min_clients is None else self.min_clients
+        if not 1 <= wanted <= run.num_clients:
+            raise ConfigError(f"--min-clients must be in 1..{run.num_clients}, got {wanted}")
+        return wanted
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Central DP-FedAvg (fedgrpc.common.privacy): clip, noise, and the budget to stop at."""
+
+    clip: float
+    noise_multiplier: float
+    clip_on: str = _default("dp_clip_on")  # client: clients clip (works under secure aggregation)
+    delta: float = _default("dp_delta")
+    target_epsilon: float | None = _default("dp_target_epsilon")  # stop before a round would spend more
+
+    def __post_init__(self) -> None:
+        _check(self.clip, "dp_clip")
+        _check(self.noise_multiplier, "dp_noise_multiplier")
+        _check(self.clip_on, "dp_clip_on")
+        _check(self.delta, "dp_delta")
+        _check(self.target_epsilon, "dp_target_epsilon")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One server run, checked at start: a bad value or combination fails here with a sentence."""
+
+    run: RunSpec = field(default_factory=RunSpec)
+    task: str = DEFAULT_TASK  # a task file, module:attribute or installed name (--task)
+    task_params: Mapping[str, Any] = field(default_factory=dict)  # overrides of the task's defaults
+    init_model: Path | None = None  # start from this saved Keras model's weights
+    federated_eval: bool | None = None  # None: federated evaluation when there is no central test set
+    host: str = _default("host")
+    port: int = _default("port")
+    data: str | None = None
+    out_dir: Path = _default("out")
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    privacy: PrivacySettings | None = None
+    secagg: SecAggSpec | None = None  # secure aggregation (fedgrpc.server.secagg)
+    secagg_timeout_s: float = _default("secagg_timeout")  # each key stage's and the unmasking's wait
+    client_sampling: str = _default("client_sampling")  # with clients_per_round: fixed-size, or poisson
+    tls: ServerTls | None = None
+    tokens: dict[int, str] | None = None
+    revoked: Path | None = None  # revoked client ids (fedgrpc.server.revocation), re-read when changed
+    init_seed: int = _default("init_seed")
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+    max_examples: int = _default("max_examples")
+    limits: Limits = field(default_factory=Limits)
+    finish_grace_s: float = _default("finish_grace")
+    record_updates: bool = False
+    threads: int | None = None
+    clients_per_round: int | None = None  # None: every enrolled client trains every round
+    sample_seed: int = _default("sample_seed")
+    chunk_bytes: int = _default("chunk_kb") << 10
+    max_inflight_bytes: int = _default("max_inflight_mb") << 20
+    spool_dir: Path | None = None  # stage updates being received on disk (see fedgrpc.server.spool)
+    http: HttpConfig | None = None  # the dashboard and /metrics (fedgrpc.server.http)
+    tensorboard: Path | None = None  # write TensorBoard scalars there
+    health_port: int | None = None  # plain-text health checks on this port too (probes)
+
+    def __post_init__(self) -> None:
+        check_clients_per_round(self.clients_per_round, self.run.num_clients)
+        _check(self.client_sampling, "client_sampling")
+        _check(self.port, "port")
+        _check(self.health_port, "health_port")
+        _check(self.secagg_timeout_s, "secagg_timeout")
+        _check(self.max_examples, "max_examples")
