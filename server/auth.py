@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 from fedgrpc.common.errors import AuthError, ConfigError
 from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
+from fedgrpc.server.revocation import RevocationList
 
 CERT_NAME_PREFIX = "client-"
 _CERT_NAME = re.compile(r"client-([1-9][0-9]{0,9})")
@@ -73,9 +74,16 @@ class ServerTls:
 class Authenticator:
     """Maps a call to the client id it proved, and refuses calls that claim another one."""
 
-    def __init__(self, tokens: dict[int, str] | None = None, *, mutual_tls: bool = False) -> None:
+    def __init__(
+        self,
+        tokens: dict[int, str] | None = None,
+        *,
+        mutual_tls: bool = False,
+        revoked: RevocationList | None = None,
+    ) -> None:
         self._tokens = tokens
         self._mutual_tls = mutual_tls
+        self._revoked = revoked
 
     @property
     def enabled(self) -> bool:
@@ -83,7 +91,13 @@ class Authenticator:
 
     def identify(self, context: CallContext) -> int | None:
         """The client id this call proved from its metadata or certificate (None with no
-        authentication configured); raises AuthError. Reads no message."""
+        authentication configured); raises AuthError, also for a revoked id. Reads no message."""
+        client = self._identify(context)
+        if client is not None and self._revoked is not None and self._revoked.is_revoked(client):
+            raise AuthError(f"client {client}'s identity was revoked (fl-provision revoke)")
+        return client
+
+    def _identify(self, context: CallContext) -> int | None:
         if not self.enabled:
             return None
         if self._tokens is not None:

@@ -65,6 +65,8 @@ def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, dict[int,
         tls is not None, args.insecure, give="give --tls-cert and --tls-key", without="pass --insecure to run"
     )
     tokens = load_tokens(args.tokens) if args.tokens else None
+    if args.revoked and not (args.client_ca or tokens):
+        raise ConfigError("--revoked refuses client identities: it needs --client-ca or --tokens")
     return tls, tokens
 
 
@@ -172,6 +174,7 @@ def config_from(args: argparse.Namespace, task_params: Mapping[str, Any]) -> Ser
         client_sampling=args.client_sampling,
         tls=tls,
         tokens=tokens,
+        revoked=args.revoked,
         init_seed=args.init_seed,
         policy=RoundPolicy(
             min_clients=args.min_clients, timeout_s=args.round_timeout, join_timeout_s=args.join_timeout

@@ -101,6 +101,7 @@ class ServerConfig:
     client_sampling: str = _default("client_sampling")  # with clients_per_round: fixed-size, or poisson
     tls: ServerTls | None = None
     tokens: dict[int, str] | None = None
+    revoked: Path | None = None  # revoked client ids (fedgrpc.server.revocation), re-read when changed
     init_seed: int = _default("init_seed")
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     max_examples: int = _default("max_examples")

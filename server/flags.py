@@ -256,6 +256,10 @@ SETTINGS: tuple[Setting, ...] = (
         help='per-client token digests, {"clients": {"1": "<sha256>"}}',
     ),
     Setting(
+        "revoked", Path, None, group="security", metavar="FILE",
+        help="refuse the client ids this file lists (fl-provision revoke); re-read within 1 s of a change",
+    ),
+    Setting(
         "hash_token", str, None, group="security", in_file=False, metavar="TOKEN",
         help="print the digest of TOKEN for a tokens file, and exit",
     ),

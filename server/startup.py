@@ -28,6 +28,7 @@ from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
 from fedgrpc.server.evaluation import CentralEvaluator, describe, main_metric
 from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.results import RoundRecord, RunResults
+from fedgrpc.server.revocation import RevocationList
 from fedgrpc.server.rounds import RoundCoordinator
 from fedgrpc.server.secure_collect import secure
 from fedgrpc.server.strategy import CentralDP, Strategy, make_strategy
@@ -295,13 +296,14 @@ def start_endpoint(config: ServerConfig, coordinator: RoundCoordinator, monitor:
     """The gRPC service, listening and serving; says how it is secured and where it listens."""
     run = coordinator.run
     mutual_tls = config.tls is not None and config.tls.client_ca is not None
+    revoked = RevocationList(config.revoked) if config.revoked else None  # fedgrpc.server.revocation
     endpoint = GrpcEndpoint(
         coordinator,
         EndpointConfig(
             host=config.host,
             port=config.port,
             tls=config.tls,
-            authenticator=Authenticator(config.tokens, mutual_tls=mutual_tls),
+            authenticator=Authenticator(config.tokens, mutual_tls=mutual_tls, revoked=revoked),
             limits=config.limits,
             chunk_bytes=config.chunk_bytes,
             max_inflight_bytes=config.max_inflight_bytes,
