@@ -18,7 +18,8 @@ from fedgrpc.client.channel import ChannelSecurity
 from fedgrpc.client.connection import Connection
 from fedgrpc.client.link import BlockingLink
 from fedgrpc.client.session import BlockingSession, Session
-from fedgrpc.client.steps import LocalDP, exchange_steps
+from fedgrpc.client.steps import LocalDP as LocalDP  # fl-client's settings (cli.py) name it here
+from fedgrpc.client.steps import exchange_steps
 from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec

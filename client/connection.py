@@ -24,14 +24,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from fedgrpc.client.channel import (
-    CHANNEL_OPTIONS,
-    Backoff,
-    ChannelSecurity,
-    Retries,
-    error_from,
-    wake_waiting_calls_every,
-)
+from fedgrpc.client.channel import Backoff, ChannelSecurity, Retries, error_from
 from fedgrpc.common import compression, wire
 from fedgrpc.common import secagg as sa
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
@@ -42,15 +35,7 @@ from fedgrpc.common.protocol import Assignment, Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 
-__all__ = [
-    "CHANNEL_OPTIONS",
-    "Backoff",
-    "ChannelSecurity",
-    "Connection",
-    "Traffic",
-    "assignment_from_header",
-    "wake_waiting_calls_every",
-]
+__all__ = ["Backoff", "ChannelSecurity", "Connection", "Traffic", "assignment_from_header"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,7 +148,7 @@ def stage_request(client_id: int, round_number: int, step: str, max_wait_s: floa
     )
 
 
-def stage_from_reply(reply: pb.SecAggStageReply) -> sa.Stage:
+def stage_from_reply(reply: pb.SecAggStage) -> sa.Stage:
     status = {pb.SECAGG_READY: "ready", pb.SECAGG_ABORTED: "aborted"}.get(reply.status, "wait")
     return sa.Stage(
         status=status,

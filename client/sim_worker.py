@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 from fedgrpc.client.app import ClientConfig, prepare_trainer, take_part
-from fedgrpc.client.connection import Connection, wake_waiting_calls_every
+from fedgrpc.client.channel import wake_waiting_calls_every
+from fedgrpc.client.connection import Connection
 from fedgrpc.client.trainer import Evaluation, TrainResult
 from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import TensorSpec
