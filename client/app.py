@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from fedgrpc.client.channel import ChannelSecurity
@@ -180,7 +180,8 @@ def take_part(
                 human_bytes(assignment.wire_bytes), *answer,
             )  # fmt: skip
     trained = session.session.trained
-    log.info("run finished after %s; trained %d of them", plural(session.session.finished_after, "round"), trained)
+    rounds = plural(session.session.finished_after, "round")
+    log.info("run finished after %s; trained %d of them", rounds, trained)
     return trained
 
 

@@ -207,7 +207,7 @@ class Connection:
         *,
         connect_timeout_s: float = 60.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff | None = None,
         security: ChannelSecurity | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
@@ -217,7 +217,7 @@ class Connection:
         self.client_id = client_id
         self.connect_timeout_s = connect_timeout_s
         self.chunk_bytes = chunk_bytes
-        self.backoff = backoff
+        self.backoff = backoff = backoff or Backoff()
         security = security or ChannelSecurity()
         self._metadata = security.metadata()
         self._owns_channel = channel is None
@@ -338,7 +338,9 @@ class Connection:
 
     # -- secure aggregation's steps (fedgrpc.client.secagg drives them) ------------------------
 
-    def advertise_keys(self, round_number: int, cipher_key: bytes, mask_key: bytes, commitment: bytes) -> None:
+    def advertise_keys(
+        self, round_number: int, cipher_key: bytes, mask_key: bytes, commitment: bytes
+    ) -> None:
         request = advertise_request(self.client_id, round_number, cipher_key, mask_key, commitment)
         self._unary("advertise keys", self._stub.AdvertiseKeys, request)
 

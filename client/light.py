@@ -98,7 +98,12 @@ async def light_client(
         run, _ = await connection.join()
         steps = exchange_steps(connection, run, max_wait_s=settings.max_wait_s)
         session = Session(
-            connection, run, steps, server=server, max_wait_s=settings.max_wait_s, lost_round_level=logging.DEBUG
+            connection,
+            run,
+            steps,
+            server=server,
+            max_wait_s=settings.max_wait_s,
+            lost_round_level=logging.DEBUG,
         )
         while (assignment := await session.next()) is not None:
             if assignment.instruction is Instruction.EVALUATE:  # no data to evaluate on: say so
@@ -109,7 +114,8 @@ async def light_client(
                 stats.received[assignment.round] = assignment.weights
             weights = light_update(assignment.weights, client_id, assignment.round)
             started = time.perf_counter()
-            if await session.submit(assignment, weights, light_examples(client_id), {"loss": 0.0}) is not None:
+            answer = await session.submit(assignment, weights, light_examples(client_id), {"loss": 0.0})
+            if answer is not None:
                 stats.submit_seconds.append(time.perf_counter() - started)
                 stats.rounds += 1
         stats.traffic_sent, stats.traffic_received = connection.traffic.sent, connection.traffic.received

@@ -60,7 +60,9 @@ class Link(Protocol):
 
     async def secagg_stage(self, round_number: int, step: str, max_wait_s: float = 30.0) -> sa.Stage: ...
 
-    async def share_keys(self, round_number: int, ciphertexts: Mapping[int, bytes], session: bytes) -> None: ...
+    async def share_keys(
+        self, round_number: int, ciphertexts: Mapping[int, bytes], session: bytes
+    ) -> None: ...
 
     async def reveal_shares(
         self, round_number: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes
@@ -129,6 +131,4 @@ def run_blocking(coroutine: Coroutine[Any, Any, T]) -> T:
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
     coroutine.close()
-    raise RuntimeError(
-        "a blocking client session suspended: it awaited something that needs an event loop"
-    )
+    raise RuntimeError("a blocking client session suspended: it awaited something that needs an event loop")

@@ -106,8 +106,8 @@ class SecureSteps:
         `metrics`, which may hold timings only. (0, 0): a retried submit the server already had."""
         if round_number != self.round or len(reference) != len(weights):
             raise ValueError(
-                f"a masked update of round {self.round} needs its weights and the reference they "
-                f"changed from (got round {round_number}, {len(weights)} weights, {len(reference)} references)"
+                f"a masked update of round {self.round} needs its weights and the reference they changed "
+                f"from (got round {round_number}, {len(weights)} weights, {len(reference)} references)"
             )
         stage = await self.stage("mask")
         if len(stage.masking) + 1 < self._threshold:
@@ -186,7 +186,11 @@ class SecureSteps:
     # -- internals -----------------------------------------------------------------------------
 
     def _encoded(
-        self, stage: sa.Stage, weights: Sequence[np.ndarray], reference: Sequence[np.ndarray], num_examples: int
+        self,
+        stage: sa.Stage,
+        weights: Sequence[np.ndarray],
+        reference: Sequence[np.ndarray],
+        num_examples: int,
     ) -> list[np.ndarray]:
         """The change from `reference`, weighted and encoded in the ring (before masking)."""
         weight = 1 if self.run.dp_clip > 0 else min(num_examples, self.spec.max_examples)
@@ -196,14 +200,20 @@ class SecureSteps:
                 self.round, num_examples, self.spec.max_examples, weight,
             )  # fmt: skip
         changes = [
-            np.asarray(w, np.float64) - np.asarray(g, np.float64) for w, g in zip(weights, reference, strict=True)
+            np.asarray(w, np.float64) - np.asarray(g, np.float64)
+            for w, g in zip(weights, reference, strict=True)
         ]
         if not all(np.isfinite(c).all() for c in changes):  # would encode as 0 with full weight
-            raise SecAggError(f"round {self.round}: the trained weights hold NaN or infinite values; not sent")
+            raise SecAggError(
+                f"round {self.round}: the trained weights hold NaN or infinite values; not sent"
+            )
         clipped = sum(int(np.count_nonzero(np.abs(c) > self.spec.bound)) for c in changes)
         if clipped:
             log.debug(
-                "round %d: %d values changed by more than the bound %g, clipped", self.round, clipped, self.spec.bound
+                "round %d: %d values changed by more than the bound %g, clipped",
+                self.round,
+                clipped,
+                self.spec.bound,
             )
         return sa.encode(changes, weight, stage.scale, self.spec.bound)
 
@@ -249,8 +259,8 @@ class SecureRound:
         *,
         reference: Sequence[np.ndarray] = (),
     ) -> tuple[int, int]:
-        coroutine = self.steps.submit(round_number, specs, weights, num_examples, metrics, reference=reference)
-        return run_blocking(coroutine)
+        sending = self.steps.submit(round_number, specs, weights, num_examples, metrics, reference=reference)
+        return run_blocking(sending)
 
     def reveal(self) -> None:
         run_blocking(self.steps.reveal())

@@ -95,7 +95,9 @@ class Session:
     ) -> tuple[int, int] | None:
         """Send the update trained on `assignment` through the exchange: (updates the round has
         received, updates it expects), or None when the round was lost on the way."""
-        update = Update(assignment.round, assignment.specs, list(weights), num_examples, metrics, assignment.weights)
+        update = Update(
+            assignment.round, assignment.specs, list(weights), num_examples, metrics, assignment.weights
+        )
         self.last_round = assignment.round
         try:
             answer = await self._send(update)
@@ -144,5 +146,7 @@ class BlockingSession:
     ) -> tuple[int, int] | None:
         return run_blocking(self.session.submit(assignment, weights, num_examples, metrics))
 
-    def report(self, assignment: Assignment, num_examples: int, metrics: Mapping[str, float]) -> tuple[int, int]:
+    def report(
+        self, assignment: Assignment, num_examples: int, metrics: Mapping[str, float]
+    ) -> tuple[int, int]:
         return run_blocking(self.session.report(assignment, num_examples, metrics))

@@ -83,7 +83,8 @@ class ClipToRun(Step):
         self.clip = clip
 
     async def send(self, update: Update, call_next: Send) -> tuple[int, int]:
-        return await call_next(replace(update, weights=clip_update(update.weights, update.reference, self.clip)))
+        clipped = clip_update(update.weights, update.reference, self.clip)
+        return await call_next(replace(update, weights=clipped))
 
 
 class LocalPrivacy(Step):
@@ -98,7 +99,9 @@ class LocalPrivacy(Step):
         self._rng = noise_generator()
 
     async def send(self, update: Update, call_next: Send) -> tuple[int, int]:
-        noised = privatize_locally(update.weights, update.reference, self.clip, self.noise_multiplier, self._rng)
+        noised = privatize_locally(
+            update.weights, update.reference, self.clip, self.noise_multiplier, self._rng
+        )
         answer = await call_next(replace(update, weights=noised))
         self.rounds += 1
         log.info(

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
-
 from fedgrpc.common.codec import TensorSpec
 
 

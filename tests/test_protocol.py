@@ -286,7 +286,9 @@ def test_expected_under_secure_aggregation_counts_the_clients_that_shared() -> N
                 return
             secure = SecureRound(connection, run, task.round)
             secure.share_keys()
-            replies[client_id] = secure.submit(task.round, task.specs, task.weights, 10, {}, reference=task.weights)
+            replies[client_id] = secure.submit(
+                task.round, task.specs, task.weights, 10, {}, reference=task.weights
+            )
 
     with serving(coordinator) as endpoint:
         threads = [threading.Thread(target=client, args=(c, endpoint.port)) for c in (1, 2, 3)]

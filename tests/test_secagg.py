@@ -346,7 +346,12 @@ class _GarbageWords(SecureRound):
     """Shares its keys honestly, then submits random ring words instead of an encoded update."""
 
     def submit(
-        self, round_number: int, specs: Sequence[TensorSpec], weights: Sequence[np.ndarray], *args: object, **kw: object
+        self,
+        round_number: int,
+        specs: Sequence[TensorSpec],
+        weights: Sequence[np.ndarray],
+        *args: object,
+        **kw: object,
     ) -> tuple[int, int]:
         self.steps.held = self.steps.open_shares(self._stage("mask").shares)
         rng = np.random.default_rng(7)

@@ -27,7 +27,17 @@ from fedgrpc.server.checkpoint import CheckpointStore
 from fedgrpc.server.masked_sum import SecAggStrategy
 from fedgrpc.server.rounds import RoundCoordinator
 from fedgrpc.server.strategy import FedAvg
-from helpers import ENV, STARTED, finish, finish_all, server_command, serving, start, start_clients, wait_for_line
+from helpers import (
+    ENV,
+    STARTED,
+    finish,
+    finish_all,
+    server_command,
+    serving,
+    start,
+    start_clients,
+    wait_for_line,
+)
 
 SCRIPT = Path(__file__).with_name("script_client.py")
 
@@ -107,7 +117,9 @@ def test_the_script_api_does_not_load_fl_clients_module(secure_dp_run: dict[str,
 # -- when a light client shares its keys: before its update is made, as fl-client does -----------
 
 
-def test_light_clients_share_their_keys_before_they_make_their_update(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_light_clients_share_their_keys_before_they_make_their_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A full client advertises its keys and sends its shares before training, so that they are
     ready when training ends. A light client does the same: its update is made only once the
     server has closed the key stage (until every client has advertised, it is at "advertise")."""
