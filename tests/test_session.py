@@ -170,3 +170,58 @@ def test_light_clients_share_their_keys_before_they_make_their_update(
         changes = [real_update(weights, c, 1)[index].astype(np.float64) - g for c in (1, 2, 3)]
         want = g + sum(light_examples(c) * ch for c, ch in zip((1, 2, 3), changes, strict=True)) / total
         np.testing.assert_allclose(outcome.weights[index], want, rtol=0, atol=3 * 0.5 / scale / total + 1e-7)
+
+
+# -- the exchange's steps, composed -------------------------------------------------------------
+
+
+def test_a_runs_steps_compose_around_the_exchange_in_order() -> None:
+    """The run's DP clip, then compression, then the connection's submit: the update that reaches
+    the end of the chain is clipped and marked for compression, whatever the driver."""
+    from fedgrpc.client.connection import Connection
+    from fedgrpc.client.link import BlockingLink, run_blocking
+    from fedgrpc.client.steps import (
+        ClipToRun,
+        Compress,
+        LocalDP,
+        LocalPrivacy,
+        SecureAggregation,
+        Update,
+        chain,
+        exchange_steps,
+    )
+
+    with Connection("127.0.0.1:1", 1) as connection:  # never dialled: the chain ends before it
+        link = BlockingLink(connection)
+        plain = RunSpec(num_clients=2, dp_clip=1.0, compression="int8")
+        steps = exchange_steps(link, plain)
+        assert [type(s) for s in steps] == [ClipToRun, Compress]
+        secure = RunSpec(num_clients=3, secagg=SecAggSpec(max_examples=1000))
+        local = LocalDP(clip=2.0, noise_multiplier=1.0)
+        kinds = [type(s) for s in exchange_steps(link, secure, local_dp=local)]
+        assert kinds == [LocalPrivacy, SecureAggregation]
+    reached: list[Update] = []
+
+    async def end(update: Update) -> tuple[int, int]:
+        reached.append(update)
+        return 1, 2
+
+    reference = [np.zeros(4, np.float32)]
+    specs = (TensorSpec("t0", "float32", (4,)),)
+    update = Update(1, specs, [np.full(4, 3.0, np.float32)], 10, {}, reference)
+    assert run_blocking(chain(steps, end)(update)) == (1, 2)
+    (sent,) = reached
+    assert sent.compression == "int8"
+    assert float(np.linalg.norm(sent.weights[0])) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_a_blocking_session_that_would_suspend_says_so() -> None:
+    import asyncio
+
+    from fedgrpc.client.link import run_blocking
+
+    async def needs_a_loop() -> None:
+        await asyncio.sleep(0)
+
+    with pytest.raises(RuntimeError, match="needs an event loop"):
+        run_blocking(needs_a_loop())
