@@ -19,8 +19,9 @@ logs it and asks for the next instruction.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from fedgrpc.client.link import Link
@@ -49,7 +50,7 @@ class Update:
 
 #: The rest of the exchange, from a step's point of view: send this update, get back (updates
 #: the round has received, updates it expects).
-Send = Callable[[Update], Awaitable[tuple[int, int]]]
+Send = Callable[[Update], Coroutine[Any, Any, tuple[int, int]]]
 
 
 class Step:
