@@ -92,7 +92,8 @@ def _vanishing_client(target: str, client_id: int) -> None:
             return None  # vanishes: after sharing its keys, or after fetching the weights
         update = light_update(task.weights, client_id, task.round)
         if secure is not None:
-            secure.submit(task.specs, update, task.weights, light_examples(client_id))
+            examples = light_examples(client_id)
+            secure.submit(task.round, task.specs, update, examples, {}, reference=task.weights)
             secure.reveal()
         else:
             connection.submit(task.round, task.specs, update, light_examples(client_id), {})

@@ -11,8 +11,10 @@
 `connect()` takes its settings as arguments or from the environment: FL_SERVER (host:port),
 FL_CLIENT_ID, FL_TOKEN, FL_CA (turns on TLS), FL_CERT and FL_KEY (mutual TLS), FL_INSECURE=1
 (plain text, trusted networks only), FL_DATA (whatever the script reads). Underneath is the
-code `fl-client` runs: retries with backoff, long-polls, streamed weights, compression, TLS
-and tokens.
+code `fl-client` runs, the same client session (fedgrpc.client.session): retries with
+backoff, long-polls, streamed weights, the run's DP clipping, compression, secure aggregation
+(keys shared before the round is handed out; timings only among the metrics sent), TLS and
+tokens.
 
 `rounds(model)` sets the global weights into the model and puts its optimizer back to its
 just-compiled state at the start of every round (no optimizer state carries over, as in the
@@ -31,18 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedgrpc.client.connection import ChannelSecurity, Connection
-from fedgrpc.client.secagg import SecureRound
+from fedgrpc.client.channel import ChannelSecurity
+from fedgrpc.client.connection import Connection
+from fedgrpc.client.link import BlockingLink
+from fedgrpc.client.session import BlockingSession, Session
+from fedgrpc.client.steps import exchange_steps
 from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import (
-    ConfigError,
-    RunChangedError,
-    SecAggError,
-    StaleRoundError,
-    TaskError,
-    UpdateRejectedError,
-)
-from fedgrpc.common.protocol import Instruction
+from fedgrpc.common.errors import ConfigError, TaskError
+from fedgrpc.common.protocol import Assignment, Instruction
 from fedgrpc.common.settings import require_tls
 from fedgrpc.common.words import plural
 
@@ -107,6 +105,7 @@ class Round:
     number: int
     weights: list[np.ndarray]
     _federation: Federation = field(repr=False)
+    _assignment: Assignment = field(repr=False)
     submitted: bool = False
 
     def submit(
@@ -128,9 +127,9 @@ class Federation:
         self.connection = connection
         self.run = run
         self.client_id = connection.client_id
-        self._specs: Sequence[Any] = ()
-        self._last_round = 0
-        self._secure: SecureRound | None = None
+        link = BlockingLink(connection)
+        session = Session(link, run, exchange_steps(link, run), server=connection.target)
+        self._session = BlockingSession(session)
 
     def __enter__(self) -> Federation:
         return self
@@ -160,85 +159,57 @@ class Federation:
     def rounds(self, model: Any = None, *, evaluate: Evaluate | None = None) -> Iterator[Round]:
         """Every round the server opens for this client, until the run is finished. With a model,
         its weights are set (and its optimizer reset) before each round is handed out."""
-        fresh = proximal = None
-        if model is not None and getattr(model, "optimizer", None) is not None:
-            from fedgrpc.common.models import FreshOptimizer
-
-            if self.run.proximal_mu > 0:  # FedProx: the optimizer pulls toward the global weights
-                from fedgrpc.client.proximal import install
-
-                proximal = install(model, self.run.proximal_mu)
-            fresh = FreshOptimizer(model)
-        while True:
-            task = self.connection.next_task(self._last_round)
-            if task.run_id and task.run_id != self.run.run_id:
-                raise RunChangedError(
-                    f"the server now runs {task.run_id}, not {self.run.run_id}; start again"
-                )
-            if task.instruction is Instruction.FINISHED:
-                log.info("run finished after %s", plural(task.round, "round"))
-                return
-            if task.instruction is Instruction.WAIT:
-                continue
-            self._specs = task.specs
-            if model is not None:
+        prepare = _ModelReset(model, self.run) if model is not None else None
+        while (assignment := self._session.next()) is not None:
+            if prepare is not None:
                 try:
-                    _set_weights(model, task.weights)
+                    prepare.start_from(assignment.weights)
                 except TaskError as exc:  # the server would wait for this client: say why it cannot come
                     self.connection.withdraw(str(exc))
                     raise
-                if fresh is not None:
-                    fresh.reset()
-                if proximal is not None:
-                    proximal.set_anchors()
-            if task.instruction is Instruction.EVALUATE:
+            if assignment.instruction is Instruction.EVALUATE:
                 count, metrics = (0, {}) if evaluate is None or model is None else evaluate(model)
-                self.connection.submit_evaluation(task.round, int(count), metrics)
+                self._session.report(assignment, int(count), metrics)
                 continue
-            self._secure = None
-            if self.run.secagg is not None:  # keys and shares before training, as fl-client does
-                self._secure = SecureRound(self.connection, self.run, task.round)
-                try:
-                    self._secure.share_keys()
-                except (StaleRoundError, SecAggError) as exc:
-                    log.warning("round %d: %s", task.round, exc)
-                    continue
-            current = Round(task.round, task.weights, self)
+            current = Round(assignment.round, assignment.weights, self, assignment)
             yield current
             if not current.submitted:
                 raise TaskError(
-                    f"round {task.round} ended without round.submit(...): every round the server "
+                    f"round {assignment.round} ended without round.submit(...): every round the server "
                     "hands out must be answered"
                 )
+        log.info("run finished after %s", plural(self._session.session.finished_after, "round"))
 
     def _submit(
         self, current: Round, weights: list[np.ndarray], num_examples: int, metrics: dict[str, float]
     ) -> None:
-        if self.run.dp_clip > 0:  # the run's DP: updates leave clipped
-            from fedgrpc.client.app import privatized
+        answer = self._session.submit(current._assignment, weights, num_examples, metrics)
+        if answer is not None:
+            log.info("round %d submitted (%d/%d updates in)", current.number, *answer)
 
-            weights = privatized(weights, current.weights, self.run, None, None)
-        try:
-            if self._secure is not None:
-                received, expected = self._secure.submit(self._specs, weights, current.weights, num_examples)
-                self._secure.reveal()
-            else:
-                received, expected = self.connection.submit(
-                    current.number,
-                    self._specs,
-                    weights,
-                    num_examples,
-                    metrics,
-                    method=self.run.compression,
-                    reference=current.weights,
-                )
-            log.info("round %d submitted (%d/%d updates in)", current.number, received, expected)
-        except (StaleRoundError, SecAggError) as exc:
-            log.warning("round %d closed before this update arrived: %s", current.number, exc)
-        except UpdateRejectedError as exc:
-            if exc.code != "ALREADY_EXISTS":
-                raise
-        self._last_round = current.number
+
+class _ModelReset:
+    """What `rounds(model)` does to a script's model before each round: the global weights set,
+    the optimizer back to its just-compiled state, FedProx's anchors moved to the new weights."""
+
+    def __init__(self, model: Any, run: RunSpec) -> None:
+        self.model = model
+        self.fresh = self.proximal = None
+        if getattr(model, "optimizer", None) is not None:
+            from fedgrpc.common.models import FreshOptimizer
+
+            if run.proximal_mu > 0:  # FedProx: the optimizer pulls toward the global weights
+                from fedgrpc.client.proximal import install
+
+                self.proximal = install(model, run.proximal_mu)
+            self.fresh = FreshOptimizer(model)
+
+    def start_from(self, weights: Sequence[np.ndarray]) -> None:
+        _set_weights(self.model, weights)
+        if self.fresh is not None:
+            self.fresh.reset()
+        if self.proximal is not None:
+            self.proximal.set_anchors()
 
 
 def _set_weights(model: Any, weights: Sequence[np.ndarray]) -> None:

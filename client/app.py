@@ -11,24 +11,20 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from fedgrpc.client.connection import ChannelSecurity, Connection
-from fedgrpc.client.secagg import SecureRound
+from fedgrpc.client.channel import ChannelSecurity
+from fedgrpc.client.connection import Connection
+from fedgrpc.client.link import BlockingLink
+from fedgrpc.client.session import BlockingSession, Session
+from fedgrpc.client.steps import LocalDP as LocalDP  # fl-client's settings (cli.py) name it here
+from fedgrpc.client.steps import exchange_steps
 from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from fedgrpc.common.config import DEFAULT_TASK, RunSpec
-from fedgrpc.common.errors import (
-    ConfigError,
-    FedGrpcError,
-    RunChangedError,
-    SecAggError,
-    StaleRoundError,
-    UpdateRejectedError,
-)
+from fedgrpc.common.errors import ConfigError, FedGrpcError
 from fedgrpc.common.logs import human_bytes
-from fedgrpc.common.privacy import PrivacyAccountant, clip_update, noise_generator, privatize_locally
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.common.task import Site
 from fedgrpc.common.task_loader import LoadedTask, load_task
@@ -54,33 +50,6 @@ class ClientConfig:
     turn_lock: Path | None = None
     security: ChannelSecurity = field(default_factory=ChannelSecurity)
     local_dp: LocalDP | None = None
-
-
-@dataclass(frozen=True)
-class LocalDP:
-    """Local differential privacy: this client clips and noises its own update before it leaves
-    (for a server it does not trust to add noise), and accounts for the epsilon it spends."""
-
-    clip: float
-    noise_multiplier: float
-    delta: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if not (self.clip > 0 and self.noise_multiplier > 0):
-            raise ConfigError("--local-dp-clip and --local-dp-noise-multiplier must be positive")
-
-
-def privatized(
-    weights: list[np.ndarray], reference: list[np.ndarray], run: RunSpec, local: LocalDP | None, rng: Any
-) -> list[np.ndarray]:
-    """The update as it may leave: clipped to the run's dp_clip, or clipped and noised under
-    local DP (the stricter of the two clips)."""
-    if local is not None:
-        clip = min(local.clip, run.dp_clip) if run.dp_clip > 0 else local.clip
-        return privatize_locally(weights, reference, clip, local.noise_multiplier, rng)
-    if run.dp_clip > 0:
-        return clip_update(weights, reference, run.dp_clip)
-    return weights
 
 
 @contextlib.contextmanager
@@ -184,81 +153,36 @@ def take_part(
     trained. `turn`: held while training or evaluating (default: --take-turns' lock file).
     `main_metric`: the task's, shown first in the log lines (default: accuracy, else loss)."""
     hold = turn or (lambda: training_turn(config.turn_lock))
-    last_round, trained = 0, 0
-    rng = noise_generator()
-    accountant = (
-        PrivacyAccountant(config.local_dp.noise_multiplier, config.local_dp.delta)
-        if config.local_dp
-        else None
-    )
-    while True:
-        task = connection.next_task(last_round, config.max_wait_s)
-        if task.run_id and task.run_id != run.run_id:
-            raise RunChangedError(
-                f"the server at {config.server} now runs {task.run_id}, not the run {run.run_id} this "
-                "client joined (it was replaced, not resumed); start the client again to join the new run"
-            )
-        if task.instruction is Instruction.FINISHED:
-            log.info("run finished after %s; trained %d of them", plural(task.round, "round"), trained)
-            return trained
-        if task.instruction is Instruction.WAIT:
-            continue
-        if task.instruction is Instruction.EVALUATE:
+    link = BlockingLink(connection)
+    steps = exchange_steps(link, run, local_dp=config.local_dp, max_wait_s=config.max_wait_s)
+    session = BlockingSession(Session(link, run, steps, server=config.server, max_wait_s=config.max_wait_s))
+    while (assignment := session.next()) is not None:
+        if assignment.instruction is Instruction.EVALUATE:
             with hold():
-                evaluation = trainer.evaluate(task.round, task.weights, run.evaluation.personalize_epochs)
-            connection.submit_evaluation(task.round, evaluation.num_examples, evaluation.metrics)
+                evaluation = trainer.evaluate(
+                    assignment.round, assignment.weights, run.evaluation.personalize_epochs
+                )
+            session.report(assignment, evaluation.num_examples, evaluation.metrics)
             log.info(
                 "evaluated round %d on %d held-out examples: %s",
-                task.round, evaluation.num_examples, _short(evaluation.metrics, main_metric),
+                assignment.round, evaluation.num_examples, _short(evaluation.metrics, main_metric),
             )  # fmt: skip
             continue
-        try:
-            secure = None
-            if run.secagg is not None:  # keys and shares first: they are ready when training ends
-                secure = SecureRound(connection, run, task.round, max_wait_s=config.max_wait_s)
-                secure.share_keys()
-            with hold() as waited:
-                result = trainer.train(task.round, task.weights)
-            if waited > 0.5:
-                log.debug("waited %.1f s for a turn on the CPU", waited)
-            weights = privatized(result.weights, list(task.weights), run, config.local_dp, rng)
-            if secure is not None:
-                # One client's training metrics would say something of its data: only the time goes.
-                timing = {"train_seconds": result.metrics["train_seconds"]}
-                received, expected = secure.submit(
-                    trainer.specs, weights, task.weights, result.num_examples, timing
-                )
-                secure.reveal()
-            else:
-                received, expected = connection.submit(
-                    task.round,
-                    trainer.specs,
-                    weights,
-                    result.num_examples,
-                    result.metrics,
-                    method=run.compression,
-                    reference=task.weights,
-                )
-        except (StaleRoundError, SecAggError) as exc:
-            log.warning("round %d: this client's update is not in it: %s", task.round, exc)
-            last_round = task.round
-            continue
-        except UpdateRejectedError as exc:
-            if exc.code != "ALREADY_EXISTS":  # a retried submit whose first try got through
-                raise
-            received, expected = 0, run.num_clients
-        last_round, trained = task.round, trained + 1
-        if accountant is not None:
+        with hold() as waited:
+            result = trainer.train(assignment.round, assignment.weights)
+        if waited > 0.5:
+            log.debug("waited %.1f s for a turn on the CPU", waited)
+        answer = session.submit(assignment, result.weights, result.num_examples, result.metrics)
+        if answer is not None:
             log.info(
-                "local DP: epsilon %.3f spent so far (delta %g)",
-                accountant.epsilon(trained),
-                accountant.delta,
-            )
-        log.info(
-            "round %d  %s  %.1f s  down %s  (%d/%d updates in)",
-            task.round, _short(result.metrics, main_metric), result.metrics["train_seconds"],
-            human_bytes(task.wire_bytes), received, expected,
-        )  # fmt: skip
+                "round %d  %s  %.1f s  down %s  (%d/%d updates in)",
+                assignment.round, _short(result.metrics, main_metric), result.metrics["train_seconds"],
+                human_bytes(assignment.wire_bytes), *answer,
+            )  # fmt: skip
+    trained = session.session.trained
+    rounds = plural(session.session.finished_after, "round")
+    log.info("run finished after %s; trained %d of them", rounds, trained)
+    return trained
 
 
 def _short(metrics: dict[str, float], main_metric: str | None = None) -> str:

@@ -7,9 +7,10 @@ sent, so tests and bench/scale.py can check the server's aggregate exactly.
 
 Light clients are coroutines on grpc.aio (AioConnection): `run_light_clients` runs any number
 of them on one event loop, one channel between them, so a benchmark measures the server and
-not thousands of client threads; `run_light_client` runs one (`fl-client --light`). Under
-secure aggregation a client's secure steps are SecureRound's blocking calls, run on a thread
-of that client's own (a thread per client, as before, but only in such runs).
+not thousands of client threads; `run_light_client` runs one (`fl-client --light`). Each is a
+client session (fedgrpc.client.session) awaited on that loop, as fl-client's is run blocking:
+the same steps in the same order, secure aggregation's included (keys shared before the
+update is made), and no thread of its own.
 """
 
 from __future__ import annotations
@@ -18,18 +19,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 from fedgrpc.client.aio_connection import AioConnection
-from fedgrpc.client.connection import ChannelSecurity, Connection, Task
-from fedgrpc.client.secagg import SecureRound
+from fedgrpc.client.channel import ChannelSecurity
+from fedgrpc.client.session import Session
+from fedgrpc.client.steps import exchange_steps
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import FedGrpcError, RunChangedError, SecAggError, StaleRoundError
-from fedgrpc.common.privacy import clip_update
+from fedgrpc.common.errors import FedGrpcError
 from fedgrpc.common.protocol import Instruction
 
 log = logging.getLogger("fedgrpc.client")
@@ -62,7 +61,7 @@ class LightStats:
     bytes_down: int = 0
     traffic_sent: int = 0  # every message's protobuf bytes (the connections' traffic), all calls
     traffic_received: int = 0
-    retried: dict[str, int] = field(default_factory=dict)  # calls retried, by status code (not secure steps)
+    retried: dict[str, int] = field(default_factory=dict)  # calls retried, by status code
     received: dict[int, list[np.ndarray]] = field(default_factory=dict)  # with keep_weights only
 
 
@@ -88,7 +87,6 @@ async def light_client(
     (and, with keep_weights, the global weights it was sent each round, to check the aggregate).
     `channel`: one shared by the light clients of this loop (None: a channel of its own)."""
     stats = LightStats()
-    secure_link: _SecureLink | None = None
     async with AioConnection(
         server,
         client_id,
@@ -97,55 +95,31 @@ async def light_client(
         security=settings.security,
         channel=channel,
     ) as connection:
-        try:
-            run, _ = await connection.join()
-            last_round = 0
-            while True:
-                task = await connection.next_task(last_round, settings.max_wait_s)
-                if task.run_id and task.run_id != run.run_id:
-                    raise RunChangedError(f"the server at {server} now runs {task.run_id}, not {run.run_id}")
-                if task.instruction is Instruction.FINISHED:
-                    break
-                if task.instruction is Instruction.WAIT:
-                    continue
-                if task.instruction is Instruction.EVALUATE:  # no data to evaluate on: say so
-                    await connection.submit_evaluation(task.round, 0, {})
-                    continue
-                stats.bytes_down += task.wire_bytes
-                if keep_weights:
-                    stats.received[task.round] = task.weights
-                weights = light_update(task.weights, client_id, task.round)
-                if run.dp_clip > 0:  # the run's DP: updates leave clipped
-                    weights = clip_update(weights, task.weights, run.dp_clip)
-                started = time.perf_counter()
-                try:
-                    if run.secagg is not None:
-                        secure_link = secure_link or _SecureLink(server, client_id, settings)
-                        await secure_link.submit(run, task, weights)
-                    else:
-                        await connection.submit(
-                            task.round,
-                            task.specs,
-                            weights,
-                            light_examples(client_id),
-                            {"loss": 0.0},
-                            method=run.compression,
-                            reference=task.weights,
-                        )
-                except (StaleRoundError, SecAggError) as exc:
-                    log.debug("light client %d: %s", client_id, exc)
-                else:
-                    stats.submit_seconds.append(time.perf_counter() - started)
-                    stats.rounds += 1
-                last_round = task.round
-        finally:
-            if secure_link is not None:
-                secure_link.close()
+        run, _ = await connection.join()
+        steps = exchange_steps(connection, run, max_wait_s=settings.max_wait_s)
+        session = Session(
+            connection,
+            run,
+            steps,
+            server=server,
+            max_wait_s=settings.max_wait_s,
+            lost_round_level=logging.DEBUG,
+        )
+        while (assignment := await session.next()) is not None:
+            if assignment.instruction is Instruction.EVALUATE:  # no data to evaluate on: say so
+                await session.report(assignment, 0, {})
+                continue
+            stats.bytes_down += assignment.wire_bytes
+            if keep_weights:
+                stats.received[assignment.round] = assignment.weights
+            weights = light_update(assignment.weights, client_id, assignment.round)
+            started = time.perf_counter()
+            answer = await session.submit(assignment, weights, light_examples(client_id), {"loss": 0.0})
+            if answer is not None:
+                stats.submit_seconds.append(time.perf_counter() - started)
+                stats.rounds += 1
         stats.traffic_sent, stats.traffic_received = connection.traffic.sent, connection.traffic.received
         stats.retried = dict(connection.retries.retried)
-        if secure_link is not None:
-            stats.traffic_sent += secure_link.connection.traffic.sent
-            stats.traffic_received += secure_link.connection.traffic.received
     return stats
 
 
@@ -197,34 +171,3 @@ async def run_light_clients(
         else:
             raise outcome
     return done, failed
-
-
-class _SecureLink:
-    """A light client's secure aggregation steps: SecureRound's blocking calls on a blocking
-    Connection, on a thread of this client's own (every client of a round must be able to wait
-    in its key stage at once, which a shared pool of threads would not allow)."""
-
-    def __init__(self, server: str, client_id: int, settings: LightSettings) -> None:
-        self.client_id = client_id
-        self.max_wait_s = settings.max_wait_s
-        self.connection = Connection(
-            server,
-            client_id,
-            connect_timeout_s=settings.connect_timeout_s,
-            chunk_bytes=settings.chunk_bytes,
-            security=settings.security,
-        )
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"secagg-{client_id}")
-
-    async def submit(self, run: RunSpec, task: Task, weights: list[np.ndarray]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._steps, run, task, weights)
-
-    def _steps(self, run: RunSpec, task: Task, weights: list[np.ndarray]) -> None:
-        secure = SecureRound(self.connection, run, task.round, max_wait_s=self.max_wait_s)
-        secure.share_keys()
-        secure.submit(task.specs, weights, task.weights, light_examples(self.client_id))
-        secure.reveal()
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False)
-        self.connection.close()

@@ -2,12 +2,12 @@
 
 A SimWorker serves a set of client ids of a real run. Every id is a real client: its own
 gRPC connection to the real fl-server, its own Join, long-poll, updates (secure aggregation
-and DP included), run by the same code as `fl-client` (fedgrpc.client.app). What the ids
-share is the expensive part: one imported framework, one built and compiled model, one
-LocalTrainer, used by one id at a time (a lock), each bringing its own data (`{id}` in the
-data's path becomes the id, as with fl-local and fl-client). Shards are read
-on the worker from the run spec's partition (stand-in federations) and kept for the run, so
-no data moves through Ray.
+and DP included), run by the same code as `fl-client` (fedgrpc.client.app, a driver over
+fedgrpc.client.session). What the ids share is the expensive part: one imported framework,
+one built and compiled model, one LocalTrainer, used by one id at a time (a lock), each
+bringing its own data (`{id}` in the data's path becomes the id, as with fl-local and
+fl-client). Shards are read on the worker from the run spec's partition (stand-in
+federations) and kept for the run, so no data moves through Ray.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 from fedgrpc.client.app import ClientConfig, prepare_trainer, take_part
-from fedgrpc.client.connection import Connection, wake_waiting_calls_every
+from fedgrpc.client.channel import wake_waiting_calls_every
+from fedgrpc.client.connection import Connection
 from fedgrpc.client.trainer import Evaluation, TrainResult
 from fedgrpc.common import device, task_loader
 from fedgrpc.common.codec import TensorSpec

@@ -1,13 +1,19 @@
 """Vocabulary both sides of the protocol share, beyond the generated messages.
 
-The instruction a long-poll answers with, and the call metadata keys fedgrpc uses. The
-generated `fedgrpc.v1` enums stay at the two boundaries (fedgrpc.common.wire maps them);
-everything else speaks these.
+The instruction a long-poll answers with and the assignment it makes of it, which metrics count
+as timings, and the call metadata keys fedgrpc uses. The generated `fedgrpc.v1` enums stay at
+the two boundaries (fedgrpc.common.wire and the client's connection map them); everything else
+speaks these.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
+
+import numpy as np
+from fedgrpc.common.codec import TensorSpec
 
 
 class Instruction(Enum):
@@ -17,6 +23,30 @@ class Instruction(Enum):
     WAIT = "wait"  # nothing to do yet: ask again
     FINISHED = "finished"  # the run is over: exit
     EVALUATE = "evaluate"  # evaluate the weights that come with it on local held-out data
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One long-poll's answer as a client reads it: the instruction, the round it is about, and
+    for TRAIN and EVALUATE the global weights (their specs, the arrays, their bytes on the wire).
+    `run_id`: the run that sent it, so that a client notices a run replaced under it."""
+
+    instruction: Instruction
+    round: int
+    specs: tuple[TensorSpec, ...] = ()
+    weights: list[np.ndarray] = field(default_factory=list)
+    wire_bytes: int = 0
+    run_id: str = ""
+
+
+#: Metric names that are timings: the only metrics an update may carry under secure
+#: aggregation (one client's loss or accuracy would say something about its data).
+TIMING_SUFFIX = "_seconds"
+
+
+def timings(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The timings among `metrics` (see TIMING_SUFFIX)."""
+    return {name: value for name, value in metrics.items() if name.endswith(TIMING_SUFFIX)}
 
 
 #: Call metadata that carries a client's token: `authorization: Bearer <token>`.

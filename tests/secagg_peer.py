@@ -84,7 +84,7 @@ def main() -> int:
             except UpdateRejectedError as exc:
                 print(f"refused: {exc.code}: {exc}", flush=True)
             os._exit(0)
-        secure.submit(task.specs, weights, task.weights, light_examples(args.id))
+        secure.submit(task.round, task.specs, weights, light_examples(args.id), {}, reference=task.weights)
         if args.mode == "submit":
             os._exit(0)
         if args.mode == "lie":
@@ -111,7 +111,7 @@ def _honest_until_finished(connection: Connection, run: RunSpec, me: int, last: 
             secure = SecureRound(connection, run, task.round)
             secure.share_keys()
             weights = light_update(task.weights, me, task.round)
-            secure.submit(task.specs, weights, task.weights, light_examples(me))
+            secure.submit(task.round, task.specs, weights, light_examples(me), {}, reference=task.weights)
             secure.reveal()
             print(f"round {task.round}: revealed", flush=True)
         except (StaleRoundError, SecAggError) as exc:

@@ -99,17 +99,21 @@ class _SendsItsLoss(SecureRound):
 
     def submit(
         self,
+        round_number: int,
         specs: Sequence[TensorSpec],
         weights: Sequence[np.ndarray],
-        reference: Sequence[np.ndarray],
         num_examples: int,
-        metrics: Mapping[str, float] | None = None,
+        metrics: Mapping[str, float],
+        *,
+        reference: Sequence[np.ndarray] = (),
     ) -> tuple[int, int]:
         try:
-            super().submit(specs, weights, reference, num_examples, {"train_seconds": 1.0, "loss": 0.3})
+            loss = {"train_seconds": 1.0, "loss": 0.3}
+            super().submit(round_number, specs, weights, num_examples, loss, reference=reference)
         except UpdateRejectedError as exc:
             self.refusals.append(exc)
-        return super().submit(specs, weights, reference, num_examples, {"train_seconds": 1.0})
+        timing = {"train_seconds": 1.0}
+        return super().submit(round_number, specs, weights, num_examples, timing, reference=reference)
 
 
 def test_metrics_other_than_timings_are_refused_under_secure_aggregation() -> None:
@@ -201,7 +205,7 @@ class _RetriesLater(SecureRound):
                 code = exc.code
             except StaleRoundError:
                 code = "FAILED_PRECONDITION"
-            self.answers.setdefault(self._me, []).append(code)
+            self.answers.setdefault(self.steps.me, []).append(code)
 
 
 def test_a_retried_update_is_already_exists_only_if_its_group_sum_was_counted() -> None:
@@ -282,7 +286,9 @@ def test_expected_under_secure_aggregation_counts_the_clients_that_shared() -> N
                 return
             secure = SecureRound(connection, run, task.round)
             secure.share_keys()
-            replies[client_id] = secure.submit(task.specs, task.weights, task.weights, 10)
+            replies[client_id] = secure.submit(
+                task.round, task.specs, task.weights, 10, {}, reference=task.weights
+            )
 
     with serving(coordinator) as endpoint:
         threads = [threading.Thread(target=client, args=(c, endpoint.port)) for c in (1, 2, 3)]

@@ -273,7 +273,7 @@ class _LiveRound:
                 secure = kind(connection, self.run, task.round)
                 secure.share_keys()
                 sent = light_update(task.weights, client_id, task.round) if self._change else task.weights
-                secure.submit(task.specs, sent, task.weights, 10 * client_id)
+                secure.submit(task.round, task.specs, sent, 10 * client_id, {}, reference=task.weights)
                 secure.reveal()
         except BaseException as exc:  # noqa: BLE001 - reported when the block ends
             self._errors.append(exc)
@@ -346,9 +346,14 @@ class _GarbageWords(SecureRound):
     """Shares its keys honestly, then submits random ring words instead of an encoded update."""
 
     def submit(
-        self, specs: Sequence[TensorSpec], weights: Sequence[np.ndarray], *args: object, **kw: object
+        self,
+        round_number: int,
+        specs: Sequence[TensorSpec],
+        weights: Sequence[np.ndarray],
+        *args: object,
+        **kw: object,
     ) -> tuple[int, int]:
-        self._held = self._open_shares(self._stage("mask").shares)
+        self.steps.held = self.steps.open_shares(self._stage("mask").shares)
         rng = np.random.default_rng(7)
         words = [rng.integers(0, 2**32, np.shape(w), dtype=np.uint32) for w in weights]
         count_spec = TensorSpec(sa.COUNT_TENSOR, "uint32", (1,))
