@@ -432,26 +432,16 @@ class Connection:
         )
         self._unary("advertise keys", self._stub.AdvertiseKeys, request)
 
-    def secagg_stage(self, round_number: int, step: str, max_wait_s: float = 30.0) -> sa.Stage:
-        """Long-poll until `step` ("share", "mask" or "unmask") may start."""
-        steps = {"share": pb.SHARE_KEYS, "mask": pb.MASKED_INPUT, "unmask": pb.UNMASKING}
+    def secagg_stage(self, round_number: int, step: sa.Step, max_wait_s: float = 30.0) -> sa.Stage:
+        """Long-poll until `step` may start."""
         request = pb.SecAggStageRequest(
-            client_id=self.client_id, round=round_number, step=steps[step], max_wait_ms=int(max_wait_s * 1000)
+            client_id=self.client_id,
+            round=round_number,
+            step=wire.step_to_pb(step),
+            max_wait_ms=int(max_wait_s * 1000),
         )
         reply = self._unary("secure aggregation stage", self._stub.GetSecAggStage, request, max_wait_s + 30)
-        status = {pb.SECAGG_READY: "ready", pb.SECAGG_ABORTED: "aborted"}.get(reply.status, "wait")
-        return sa.Stage(
-            status=status,
-            session=reply.session,
-            reason=reply.reason,
-            neighbours=tuple((p.client_id, p.cipher_public_key, p.mask_public_key) for p in reply.neighbours),
-            threshold=reply.threshold,
-            scale=reply.scale,
-            shares=tuple((e.client_id, e.ciphertext) for e in reply.shares),
-            masking=tuple(reply.masking),
-            survivors=tuple(reply.survivors),
-            dropped=tuple(reply.dropped),
-        )
+        return wire.stage_from_pb(reply)
 
     def share_keys(self, round_number: int, ciphertexts: Mapping[int, bytes], session: bytes) -> None:
         request = pb.ShareKeysRequest(

@@ -56,7 +56,7 @@ class SecureRound:
         self._connection.advertise_keys(
             self.round, sa.public_bytes(self._cipher), sa.public_bytes(self._mask), sa.commitment(self._seed)
         )
-        stage = self._stage("share")
+        stage = self._stage(sa.Step.SHARE)
         self._session = stage.session
         self._peers = {v: (cipher, mask) for v, cipher, mask in stage.neighbours}
         if self._me in self._peers or len(self._peers) != len(stage.neighbours):
@@ -91,7 +91,7 @@ class SecureRound:
         metrics: Mapping[str, float] | None = None,
     ) -> tuple[int, int]:
         """Encode the change from `reference`, mask it, and send it (SubmitUpdate, SECAGG)."""
-        stage = self._stage("mask")
+        stage = self._stage(sa.Step.MASK)
         if len(stage.masking) + 1 < self._threshold:
             raise SecAggError(
                 f"only {len(stage.masking)} neighbours shared their keys, fewer than the threshold needs: "
@@ -147,7 +147,7 @@ class SecureRound:
     def reveal(self) -> None:
         """Send the shares the server may have: seeds of the survivors (ours too), mask keys of
         the neighbours that dropped after sharing."""
-        stage = self._stage("unmask")
+        stage = self._stage(sa.Step.UNMASK)
         if self._own is None:
             raise RuntimeError("share_keys was not called")
         if len(stage.survivors) + 1 < self._threshold:
@@ -164,15 +164,15 @@ class SecureRound:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _stage(self, step: str) -> sa.Stage:
+    def _stage(self, step: sa.Step) -> sa.Stage:
         while True:
             stage = self._connection.secagg_stage(self.round, step, self._max_wait_s)
-            if stage.status == "aborted":
+            if stage.status is sa.StageStatus.ABORTED:
                 raise StaleRoundError(
                     f"the server aborted round {self.round}'s secure aggregation ({stage.reason}); "
                     "the round is trained again"
                 )
-            if stage.status == "ready":
+            if stage.status is sa.StageStatus.READY:
                 if self._session and stage.session != self._session:
                     raise StaleRoundError(f"round {self.round} started again under a new session")
                 return stage

@@ -241,6 +241,7 @@ class FederatedServer:
                 raise RunFailedError(f"no checkpoint can be written in {cfg.out_dir} (see above)")
         self.results.strategy = strategy_record(cfg.strategy, strategy)
         self.monitor = Monitor(run, strategy=self.results.strategy)
+        coordinator.watch_phase(self.monitor.phase)  # the monitor's phase is the coordinator's
         log.info("strategy: %s", _described(self.results.strategy, secure=cfg.secagg is not None))
         for record in self.records:  # a resumed run shows its past rounds too
             self.monitor.round_recorded(asdict(record), job.loaded.task.main_metric or "accuracy")
@@ -273,7 +274,6 @@ class FederatedServer:
                 )
             coordinator.finish()
             finished = True
-            self.monitor.phase("finished", run.rounds)
             log.info("run finished: results in %s", cfg.out_dir)
             clients = list(range(1, run.num_clients + 1))
             if not coordinator.wait_told_finished(clients, cfg.finish_grace_s):
@@ -477,7 +477,6 @@ class FederatedServer:
             start_digest = weights_digest(job.weights)
             coordinator.open_round(number, job.weights)
             monitor = self._monitor()
-            monitor.phase("training", number)
             secure = coordinator.secure_round
             try:
                 if secure is not None:
@@ -503,7 +502,6 @@ class FederatedServer:
                 coordinator.leave_out(culprits)
                 self._secure_aborted(number, exc, aborted, culprits)
                 continue  # the same round again, from the same weights, with fresh keys
-            monitor.phase("aggregating", number, coordinator.participants(number))
             if not _all_finite(outcome.weights):
                 aborted += 1
                 self._log_aborted(outcome, aborted)
@@ -519,7 +517,6 @@ class FederatedServer:
             central = job.central(number, job.weights) if job.central else None
             federated = None
             if run.evaluation.due(number, run.rounds):
-                monitor.phase("evaluating", number)
                 federated = self._federated_evaluation(coordinator, number, job.weights)
                 if federated is None:
                     return  # interrupted

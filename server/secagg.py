@@ -54,7 +54,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
 from fedgrpc.common import secagg as sa
@@ -66,10 +67,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STAGES = ("advertise", "share", "mask", "unmask", "unmasking", "done", "aborted")
-STEPS = ("share", "mask", "unmask")  # what a client may ask to start
 #: Subsets of shares tried when the first ones do not rebuild a committed secret.
 MAX_REBUILD_ATTEMPTS = 200
-KINDS = ("self_mask", "mask_key")
+KINDS = tuple(sa.ShareKind)
 _MAX_CIPHERTEXT = 256  # a share's ciphertext is 12 + 70 + 16 bytes
 
 
@@ -179,46 +179,40 @@ class SecAggRound:
             self._revealed.add(client)
             self._lock.notify_all()
 
-    def view(self, client: int, step: str) -> dict[str, Any] | None:
-        """What `client` needs for `step` ("share", "mask" or "unmask") once the server has moved
-        past the stage before it: None while it has not, {"aborted": reason} if aborted."""
-        if step not in STEPS:
-            raise SecAggError(f"no secure aggregation step {step!r}")
+    def view(self, client: int, step: sa.Step) -> sa.Stage | None:
+        """What `client` needs for `step` once the server has moved past the stage before it:
+        None while it has not, an ABORTED stage if this attempt was aborted."""
         with self._lock:
             if self.stage == "aborted":
-                return {"aborted": self.reason or "aborted"}
+                return sa.Stage(sa.StageStatus.ABORTED, self.session, reason=self.reason or "aborted")
             if STAGES.index(self.stage) < STAGES.index(step):
                 return None
-            if step == "share" and self.stage != "share":
+            if step is sa.Step.SHARE and self.stage != "share":
                 raise StaleRoundError(
                     f"round {self.number}'s keys were shared already (it is at {self.stage}): too late"
                 )
-            if client not in self.graph or (step != "share" and client not in self.shared):
+            if client not in self.graph or (step is not sa.Step.SHARE and client not in self.shared):
                 raise StaleRoundError(
                     f"client {client} takes no part in round {self.number}'s secure aggregation from the "
                     f"{step} step on (it did not take the steps before in time); it waits for the next round"
                 )
             mine = self.graph[client]
-            if step == "share":
-                return {
-                    "neighbours": [(v, self._clients[v].cipher_key, self._clients[v].mask_key) for v in mine],
-                    "threshold": self.thresholds[client],
-                }
-            if step == "mask":
-                incoming = [(u, self._clients[u].shares_sent[client]) for u in mine if u in self.shared]
-                return {
-                    "scale": self.scale,
-                    "shares": incoming,
-                    "masking": [v for v in mine if v in self.shared],
-                }
+            ready = partial(sa.Stage, sa.StageStatus.READY, self.session)
+            if step is sa.Step.SHARE:
+                keys = tuple((v, self._clients[v].cipher_key, self._clients[v].mask_key) for v in mine)
+                return ready(neighbours=keys, threshold=self.thresholds[client])
+            if step is sa.Step.MASK:
+                incoming = tuple((u, self._clients[u].shares_sent[client]) for u in mine if u in self.shared)
+                masking = tuple(v for v in mine if v in self.shared)
+                return ready(scale=self.scale, shares=incoming, masking=masking)
             if client not in self.submitted:
                 raise StaleRoundError(
                     f"client {client}'s masked update of round {self.number} was not counted"
                 )
-            return {
-                "survivors": [v for v in mine if v in self.submitted],
-                "dropped": [v for v in mine if v in self.shared and v not in self.submitted],
-            }
+            return ready(
+                survivors=tuple(v for v in mine if v in self.submitted),
+                dropped=tuple(v for v in mine if v in self.shared and v not in self.submitted),
+            )
 
     def may_start(self, client: int) -> bool:
         """Whether `client` may be told to train this attempt: keys are still being advertised and
