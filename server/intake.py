@@ -35,7 +35,6 @@ from fedgrpc.server.strategy import UpdatePreparer
 from fedgrpc.server.validation import check_finite
 
 
-
 class InflightBudget:
     """A byte budget shared by the streams being received; one oversized stream may run alone.
 

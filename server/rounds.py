@@ -31,8 +31,8 @@ from fedgrpc.server.evaluation_round import EvaluationReport, FederatedEvaluatio
 from fedgrpc.server.fold_thread import FoldThread
 from fedgrpc.server.masked_sum import SecAggStrategy
 from fedgrpc.server.phases import AcceptedUpdate, OpenRound, Phase, PhaseChange, RoundAssignment, RoundState
-from fedgrpc.server.round_mode import ClearRounds, RoundMode, SecureRounds
 from fedgrpc.server.roster import Roster
+from fedgrpc.server.round_mode import ClearRounds, RoundMode, SecureRounds
 from fedgrpc.server.sampling import ClientSampler
 from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.server.strategy import Strategy
@@ -202,7 +202,9 @@ class RoundCoordinator:
         """Block until every enrolled client is ready or has withdrawn; False on timeout or interrupt."""
         state, everyone = self._state, self.run.num_clients
         with state.changed:
-            return state.wait(lambda: len(state.roster.ready) + len(state.roster.withdrawn) >= everyone, timeout)
+            return state.wait(
+                lambda: len(state.roster.ready) + len(state.roster.withdrawn) >= everyone, timeout
+            )
 
     def wait_for_everyone(self, timeout: float | None = None) -> bool:
         """Block until every client the open round still expects has sent its update (one that

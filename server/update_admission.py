@@ -88,9 +88,7 @@ class UpdateAdmission:
         on the fold thread."""
         return self._admit(header, keep_as_sent=self._recorder is not None)
 
-    def submit(
-        self, header: UpdateHeader, update: Sequence[np.ndarray], wire_bytes: int
-    ) -> tuple[int, int]:
+    def submit(self, header: UpdateHeader, update: Sequence[np.ndarray], wire_bytes: int) -> tuple[int, int]:
         """An update handed over whole: admitted, its arrays checked through prepared copies
         (the caller's are never overwritten), and committed."""
         admitted = self._admit(header, keep_as_sent=True)
@@ -161,7 +159,11 @@ class UpdateAdmission:
         check again, which says why not (or finds the round reopened from the same weights)."""
         state, header = self._state, admitted.header
         attempt = admitted.attempt
-        if state.round is attempt and state.phase is Phase.TRAINING and header.client_id not in attempt.accepted:
+        if (
+            state.round is attempt
+            and state.phase is Phase.TRAINING
+            and header.client_id not in attempt.accepted
+        ):
             if attempt.secure is not None:
                 attempt.secure.may_submit(header.client_id, header.session)
             return attempt

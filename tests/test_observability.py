@@ -177,7 +177,6 @@ def test_the_http_server_refuses_what_it_does_not_serve(tmp_path: Path) -> None:
     from fedgrpc.common.config import RunSpec
     from fedgrpc.server.http import HEAD_TIMEOUT_S, DashboardServer, HttpConfig
     from fedgrpc.server.monitor import Monitor
-    from fedgrpc.server.phases import Phase, PhaseChange
 
     monitor = Monitor(RunSpec())
     server = DashboardServer(monitor, HttpConfig(port=0, max_connections=5))
@@ -225,6 +224,7 @@ def test_event_streams_end_cleanly_when_the_dashboard_stops(caplog: pytest.LogCa
     from fedgrpc.common.config import RunSpec
     from fedgrpc.server.http import DashboardServer, HttpConfig
     from fedgrpc.server.monitor import Monitor
+    from fedgrpc.server.phases import Phase, PhaseChange
 
     monitor = Monitor(RunSpec())
     server = DashboardServer(monitor, HttpConfig(port=0))

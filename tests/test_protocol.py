@@ -141,7 +141,7 @@ class _RetriesAfterTheRoundClosed(SecureRound):
             result = super().submit(*args, **kwargs)
         finally:
             del connection.submit
-        self._stage("unmask")  # the round closed: the server is unmasking
+        self._stage(sa.Step.UNMASK)  # the round closed: the server is unmasking
         try:
             original(*sent[0][0], **sent[0][1])
         except UpdateRejectedError as exc:

@@ -348,7 +348,7 @@ class _GarbageWords(SecureRound):
     def submit(
         self, specs: Sequence[TensorSpec], weights: Sequence[np.ndarray], *args: object, **kw: object
     ) -> tuple[int, int]:
-        self._held = self._open_shares(self._stage("mask").shares)
+        self._held = self._open_shares(self._stage(sa.Step.MASK).shares)
         rng = np.random.default_rng(7)
         words = [rng.integers(0, 2**32, np.shape(w), dtype=np.uint32) for w in weights]
         count_spec = TensorSpec(sa.COUNT_TENSOR, "uint32", (1,))
