@@ -4,6 +4,7 @@
     phases.RoundState                  the state machine (its diagram there), the one update check
     roster.Roster                      who is ready, withdrawn, late
     sampling.ClientSampler             who trains a round, who evaluates it
+    training.TrainingRounds            opening an attempt at a round, closing it into a RoundOutcome
     round_mode.ClearRounds/SecureRounds  in the clear or under secure aggregation: open, fold, close
     update_admission.UpdateAdmission   an update admitted from its header, then committed
     fold_thread.FoldThread             accepted updates folded into the strategy off the handlers
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from fedgrpc.common.codec import TensorSpec
@@ -30,29 +30,19 @@ from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.evaluation_round import EvaluationReport, FederatedEvaluations
 from fedgrpc.server.fold_thread import FoldThread
 from fedgrpc.server.masked_sum import SecAggStrategy
-from fedgrpc.server.phases import AcceptedUpdate, OpenRound, Phase, PhaseChange, RoundAssignment, RoundState
+from fedgrpc.server.phases import AcceptedUpdate, Phase, PhaseChange, RoundAssignment, RoundState
 from fedgrpc.server.roster import Roster
 from fedgrpc.server.round_mode import ClearRounds, RoundMode, SecureRounds
 from fedgrpc.server.sampling import ClientSampler
 from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.server.strategy import Strategy
+from fedgrpc.server.training import RoundOutcome, TrainingRounds
 from fedgrpc.server.update_admission import AdmittedUpdate, UpdateAdmission, UpdateHeader, UpdateRecorder
 
 __all__ = [
     "AcceptedUpdate", "AdmittedUpdate", "EvaluationReport", "Phase", "PhaseChange", "RoundAssignment",
     "RoundCoordinator", "RoundOutcome", "UpdateHeader",
 ]  # fmt: skip
-
-
-@dataclass
-class RoundOutcome:
-    """A closed round: the new global weights and who made them."""
-
-    round: int
-    weights: list[np.ndarray]
-    updates: list[AcceptedUpdate]
-    bytes_in: int
-    bytes_out: int
 
 
 class RoundCoordinator:
@@ -85,6 +75,7 @@ class RoundCoordinator:
             self._state, self.mode, self._folder, max_examples=max_examples, recorder=recorder
         )
         self._evaluations = FederatedEvaluations(self._state, self.sampler, max_examples)
+        self._training = TrainingRounds(self._state, self.sampler, self.mode, self._folder)
 
     def on_phase_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` (from whichever thread made the change, no lock held) after every
@@ -98,57 +89,12 @@ class RoundCoordinator:
     # -- driver side ---------------------------------------------------------------
 
     def open_round(self, number: int, weights: Sequence[np.ndarray]) -> None:
-        state = self._state
-        with state.changed:
-            if state.phase is Phase.FINISHED:
-                raise RuntimeError("the run is finished")
-            frozen = tuple(np.asarray(w) for w in weights)
-            for w in frozen:
-                w.flags.writeable = False  # shared with every handler: nobody may change it
-            participants = self.sampler.trainers(number, state.roster.ready)
-            previous = state.round
-            if previous is not None and previous.number != number:  # it completed: its updates stay counted
-                state.counted.update(dict.fromkeys(previous.counted or (), previous.number))
-            roster = state.roster
-            eligible = [
-                c
-                for c in sorted(roster.ready)
-                if (participants is None or c in participants)
-                and not roster.late_for(c, number)
-                and c not in roster.left_out
-            ]
-            count = self.run.num_clients if participants is None else len(participants)
-            secure = self.mode.begin(number, frozen, count, eligible)
-            state.round = OpenRound(number, frozen, participants, secure)
-            state.last_round = number
-            change = state.enter(Phase.TRAINING, number)
-        state.announce(change)
+        self._training.open(number, weights)
 
     def close_round(self, *, allow_empty: bool = False) -> RoundOutcome:
         """Stop taking updates and aggregate them. `allow_empty`: a round with none is still
         aggregated (DP with Poisson sampling: its global weights move by noise alone)."""
-        state = self._state
-        with state.changed:
-            current = state.require_round()
-            # A Poisson sample of no client (participants empty) leaves the model as it was.
-            unchanged = not current.accepted and not allow_empty
-            if unchanged and current.participants != frozenset():
-                raise RuntimeError(f"round {current.number} has no updates to aggregate")
-            expected = self._participants(current)
-            change = state.enter(Phase.AGGREGATING, current.number, tuple(expected))
-        state.announce(change)
-        self._folder.drain()  # handlers now refuse new updates: no fold can be queued meanwhile
-        secure = current.secure
-        if secure is None and unchanged:
-            weights = list(current.weights)
-        else:  # under secure aggregation, SecAggError: no result, the round is redone
-            weights = self.mode.result(secure, sorted(current.accepted), lambda: state.interrupted)
-        counted = sorted(current.accepted.values(), key=lambda u: u.client_id)
-        if secure is not None:  # an update counts once its group's sum was unmasked and used
-            counted = [u for u in counted if u.client_id in secure.counted]
-        with state.changed:  # only these are answered ALREADY_EXISTS from now on
-            current.counted = frozenset(u.client_id for u in counted)
-        return RoundOutcome(current.number, weights, counted, current.bytes_in, current.bytes_out)
+        return self._training.close(allow_empty=allow_empty)
 
     def leave_out(self, clients: Sequence[int]) -> None:
         """Keep these clients out of every later secure aggregation of the run."""
@@ -176,14 +122,7 @@ class RoundCoordinator:
 
     def participants(self, number: int) -> list[int]:
         """Who was to train round `number` (the open or last round): its sample, or every client."""
-        with self._state.changed:
-            current = self._state.round
-            return [] if current is None or current.number != number else self._participants(current)
-
-    def _participants(self, current: OpenRound) -> list[int]:
-        if current.participants is None:
-            return list(range(1, self.run.num_clients + 1))
-        return sorted(current.participants)
+        return self._training.participants(number)
 
     @property
     def expected(self) -> int:
