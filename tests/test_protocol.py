@@ -14,6 +14,7 @@ import numpy as np
 from conftest import make_synthetic
 from fedgrpc.client.light import light_update
 from fedgrpc.client.secagg import SecureRound
+from fedgrpc.common import secagg as sa
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
 from fedgrpc.common.processes import free_port
