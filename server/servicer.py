@@ -484,10 +484,15 @@ class CoordinatorServicer:
         specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
         admitted = self._coordinator.admit(
             UpdateHeader(
-                header.client_id, header.round, header.num_examples, specs, dict(header.metrics),
-                header.session, method,
+                client_id=header.client_id,
+                round=header.round,
+                num_examples=header.num_examples,
+                specs=specs,
+                metrics=dict(header.metrics),
+                session=header.session,
+                encoding=method,
             )
-        )  # fmt: skip
+        )
         size = UpdateIntake.wire_size(specs, method)
         self.monitor.upload_started(header.client_id, header.round)
         wait = min(self._limits.inflight_wait_s, self._time_left(context))
