@@ -168,7 +168,7 @@ class AioConnection:
         request = advertise_request(self.client_id, round_number, cipher_key, mask_key, commitment)
         await self._unary("advertise keys", self._stub.AdvertiseKeys, request)
 
-    async def secagg_stage(self, round_number: int, step: str, max_wait_s: float = 30.0) -> sa.Stage:
+    async def secagg_stage(self, round_number: int, step: sa.Step, max_wait_s: float = 30.0) -> sa.Stage:
         """Long-poll until `step` ("share", "mask" or "unmask") may start."""
         request = stage_request(self.client_id, round_number, step, max_wait_s)
         stub = self._stub.GetSecAggStage
@@ -179,7 +179,7 @@ class AioConnection:
         await self._unary("share keys", self._stub.ShareKeys, request)
 
     async def reveal_shares(
-        self, round_number: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes
+        self, round_number: int, shares: Sequence[tuple[int, sa.ShareKind, sa.Share]], session: bytes
     ) -> None:
         request = reveal_request(self.client_id, round_number, shares, session)
         await self._unary("reveal shares", self._stub.RevealShares, request)

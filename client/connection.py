@@ -140,28 +140,20 @@ def advertise_request(
     )
 
 
-def stage_request(client_id: int, round_number: int, step: str, max_wait_s: float) -> pb.SecAggStageRequest:
-    """GetSecAggStage's request: wait until `step` ("share", "mask" or "unmask") may start."""
-    steps = {"share": pb.SHARE_KEYS, "mask": pb.MASKED_INPUT, "unmask": pb.UNMASKING}
+def stage_request(
+    client_id: int, round_number: int, step: sa.Step, max_wait_s: float
+) -> pb.SecAggStageRequest:
+    """GetSecAggStage's request: wait until `step` may start."""
     return pb.SecAggStageRequest(
-        client_id=client_id, round=round_number, step=steps[step], max_wait_ms=int(max_wait_s * 1000)
+        client_id=client_id,
+        round=round_number,
+        step=wire.step_to_pb(step),
+        max_wait_ms=int(max_wait_s * 1000),
     )
 
 
 def stage_from_reply(reply: pb.SecAggStage) -> sa.Stage:
-    status = {pb.SECAGG_READY: "ready", pb.SECAGG_ABORTED: "aborted"}.get(reply.status, "wait")
-    return sa.Stage(
-        status=status,
-        session=reply.session,
-        reason=reply.reason,
-        neighbours=tuple((p.client_id, p.cipher_public_key, p.mask_public_key) for p in reply.neighbours),
-        threshold=reply.threshold,
-        scale=reply.scale,
-        shares=tuple((e.client_id, e.ciphertext) for e in reply.shares),
-        masking=tuple(reply.masking),
-        survivors=tuple(reply.survivors),
-        dropped=tuple(reply.dropped),
-    )
+    return wire.stage_from_pb(reply)
 
 
 def share_request(
@@ -176,15 +168,16 @@ def share_request(
 
 
 def reveal_request(
-    client_id: int, round_number: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes
+    client_id: int, round_number: int, shares: Sequence[tuple[int, sa.ShareKind, sa.Share]], session: bytes
 ) -> pb.RevealSharesRequest:
-    kinds = {"self_mask": pb.SELF_MASK_SEED, "mask_key": pb.MASK_KEY}
     return pb.RevealSharesRequest(
         client_id=client_id,
         round=round_number,
         session=session,
         shares=[
-            pb.RevealedShare(owner=owner, kind=kinds[kind], index=share.index, value=share.value)
+            pb.RevealedShare(
+                owner=owner, kind=wire.share_kind_to_pb(kind), index=share.index, value=share.value
+            )
             for owner, kind, share in shares
         ],
     )
@@ -344,7 +337,7 @@ class Connection:
         request = advertise_request(self.client_id, round_number, cipher_key, mask_key, commitment)
         self._unary("advertise keys", self._stub.AdvertiseKeys, request)
 
-    def secagg_stage(self, round_number: int, step: str, max_wait_s: float = 30.0) -> sa.Stage:
+    def secagg_stage(self, round_number: int, step: sa.Step, max_wait_s: float = 30.0) -> sa.Stage:
         """Long-poll until `step` ("share", "mask" or "unmask") may start."""
         request = stage_request(self.client_id, round_number, step, max_wait_s)
         reply = self._unary("secure aggregation stage", self._stub.GetSecAggStage, request, max_wait_s + 30)
@@ -355,7 +348,7 @@ class Connection:
         self._unary("share keys", self._stub.ShareKeys, request)
 
     def reveal_shares(
-        self, round_number: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes
+        self, round_number: int, shares: Sequence[tuple[int, sa.ShareKind, sa.Share]], session: bytes
     ) -> None:
         request = reveal_request(self.client_id, round_number, shares, session)
         self._unary("reveal shares", self._stub.RevealShares, request)

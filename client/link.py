@@ -58,14 +58,14 @@ class Link(Protocol):
         self, round_number: int, cipher_key: bytes, mask_key: bytes, commitment: bytes
     ) -> None: ...
 
-    async def secagg_stage(self, round_number: int, step: str, max_wait_s: float = 30.0) -> sa.Stage: ...
+    async def secagg_stage(self, round_number: int, step: sa.Step, max_wait_s: float = 30.0) -> sa.Stage: ...
 
     async def share_keys(
         self, round_number: int, ciphertexts: Mapping[int, bytes], session: bytes
     ) -> None: ...
 
     async def reveal_shares(
-        self, round_number: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes
+        self, round_number: int, shares: Sequence[tuple[int, sa.ShareKind, sa.Share]], session: bytes
     ) -> None: ...
 
 
@@ -111,14 +111,14 @@ class BlockingLink:
     ) -> None:
         self.connection.advertise_keys(round_number, cipher_key, mask_key, commitment)
 
-    async def secagg_stage(self, round_number: int, step: str, max_wait_s: float = 30.0) -> sa.Stage:
+    async def secagg_stage(self, round_number: int, step: sa.Step, max_wait_s: float = 30.0) -> sa.Stage:
         return self.connection.secagg_stage(round_number, step, max_wait_s)
 
     async def share_keys(self, round_number: int, ciphertexts: Mapping[int, bytes], session: bytes) -> None:
         self.connection.share_keys(round_number, ciphertexts, session)
 
     async def reveal_shares(
-        self, round_number: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes
+        self, round_number: int, shares: Sequence[tuple[int, sa.ShareKind, sa.Share]], session: bytes
     ) -> None:
         self.connection.reveal_shares(round_number, shares, session)
 

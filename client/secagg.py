@@ -66,7 +66,7 @@ class SecureSteps:
         await self.link.advertise_keys(
             self.round, sa.public_bytes(self._cipher), sa.public_bytes(self._mask), sa.commitment(self._seed)
         )
-        stage = await self.stage("share")
+        stage = await self.stage(sa.Step.SHARE)
         self.session = stage.session
         self.peers = {v: (cipher, mask) for v, cipher, mask in stage.neighbours}
         if self.me in self.peers or len(self.peers) != len(stage.neighbours):
@@ -109,7 +109,7 @@ class SecureSteps:
                 f"a masked update of round {self.round} needs its weights and the reference they changed "
                 f"from (got round {round_number}, {len(weights)} weights, {len(reference)} references)"
             )
-        stage = await self.stage("mask")
+        stage = await self.stage(sa.Step.MASK)
         if len(stage.masking) + 1 < self._threshold:
             raise SecAggError(
                 f"only {len(stage.masking)} neighbours shared their keys, fewer than the threshold needs: "
@@ -135,7 +135,7 @@ class SecureSteps:
     async def reveal(self) -> None:
         """Send the shares the server may have: seeds of the survivors (ours too), mask keys of
         the neighbours that dropped after sharing."""
-        stage = await self.stage("unmask")
+        stage = await self.stage(sa.Step.UNMASK)
         if self._own is None:
             raise RuntimeError("share_keys was not called")
         if len(stage.survivors) + 1 < self._threshold:
@@ -143,23 +143,23 @@ class SecureSteps:
                 f"the server names {len(stage.survivors)} surviving neighbours, fewer than the threshold "
                 "needs: refusing to reveal"
             )
-        revealed: list[tuple[int, str, sa.Share]] = [(self.me, "self_mask", self._own[0])]
-        revealed += [(v, "self_mask", self.held[v][0]) for v in stage.survivors if v in self.held]
-        revealed += [(v, "mask_key", self.held[v][1]) for v in stage.dropped if v in self.held]
+        revealed: list[tuple[int, sa.ShareKind, sa.Share]] = [(self.me, sa.ShareKind.SELF_MASK, self._own[0])]
+        revealed += [(v, sa.ShareKind.SELF_MASK, self.held[v][0]) for v in stage.survivors if v in self.held]
+        revealed += [(v, sa.ShareKind.MASK_KEY, self.held[v][1]) for v in stage.dropped if v in self.held]
         if set(stage.survivors) & set(stage.dropped):
             raise SecAggError("the server names a neighbour both survivor and dropped: refusing to reveal")
         await self.link.reveal_shares(self.round, revealed, self.session)
 
-    async def stage(self, step: str) -> sa.Stage:
+    async def stage(self, step: sa.Step) -> sa.Stage:
         """Wait until the server lets `step` start; StaleRoundError if it aborted the attempt."""
         while True:
             stage = await self.link.secagg_stage(self.round, step, self.max_wait_s)
-            if stage.status == "aborted":
+            if stage.status is sa.StageStatus.ABORTED:
                 raise StaleRoundError(
                     f"the server aborted round {self.round}'s secure aggregation ({stage.reason}); "
                     "the round is trained again"
                 )
-            if stage.status == "ready":
+            if stage.status is sa.StageStatus.READY:
                 if self.session and stage.session != self.session:
                     raise StaleRoundError(f"round {self.round} started again under a new session")
                 return stage
@@ -265,5 +265,5 @@ class SecureRound:
     def reveal(self) -> None:
         run_blocking(self.steps.reveal())
 
-    def _stage(self, step: str) -> sa.Stage:
+    def _stage(self, step: sa.Step) -> sa.Stage:
         return run_blocking(self.steps.stage(step))

@@ -33,6 +33,7 @@ import random
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -52,11 +53,35 @@ SEED_BYTES = 32
 FULL_GRAPH_UP_TO = 20
 
 
+class Step(str, Enum):
+    """A step a client long-polls for (GetSecAggStage): it may start once the server has moved
+    past the stage before it."""
+
+    SHARE = "share"  # the neighbours' public keys are known: share the secrets
+    MASK = "mask"  # the shares addressed to the client and the scale are known: submit the update
+    UNMASK = "unmask"  # the survivors are known: reveal the shares the server may have
+
+
+class StageStatus(str, Enum):
+    """What a GetSecAggStage answer says of the step asked for."""
+
+    WAIT = "wait"  # not yet: ask again
+    READY = "ready"  # the step may start: the Stage's fields for it are set
+    ABORTED = "aborted"  # this attempt at the round is over (`reason`)
+
+
+class ShareKind(str, Enum):
+    """Whose secret a revealed share rebuilds: a survivor's self-mask seed or a dropped client's mask key."""
+
+    SELF_MASK = "self_mask"
+    MASK_KEY = "mask_key"
+
+
 @dataclass(frozen=True)
 class Stage:
-    """A GetSecAggStage answer as a client sees it (fields set for the step asked)."""
+    """A GetSecAggStage answer, the same on both sides (fields set for the step asked)."""
 
-    status: str  # "wait", "ready" or "aborted"
+    status: StageStatus
     session: bytes = b""
     reason: str = ""
     neighbours: tuple[tuple[int, bytes, bytes], ...] = ()  # (id, cipher public key, mask public key)

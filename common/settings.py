@@ -57,6 +57,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+
 @dataclass(frozen=True)
 class Setting:
     """One setting. `name` is the run-file key and the parser's dest; the flag is `--name` with
@@ -462,12 +463,20 @@ RUN_SETTINGS = (
     Setting("batch_size", int, _SPEC.batch_size, group=_RUN, low=1, help="(default %(default)s)"),
     Setting("local_epochs", int, _SPEC.local_epochs, group=_RUN, low=1, help="(default %(default)s)"),
     Setting(
-        "partition", str, _SPEC.partition, group=_RUN, metavar="SCHEME",
+        "partition",
+        str,
+        _SPEC.partition,
+        group=_RUN,
+        metavar="SCHEME",
         help=f"how stand-in federations cut one dataset: {', '.join(SCHEMES)} (default %(default)s)",
     ),
     Setting("partition_seed", int, _SPEC.partition_seed, group=_RUN, low=0, help="seed of the client shards"),
     Setting(
-        "compression", str, _SPEC.compression, group=_RUN, choices=COMPRESSIONS,
+        "compression",
+        str,
+        _SPEC.compression,
+        group=_RUN,
+        choices=COMPRESSIONS,
         help="how clients send updates: %(choices)s (fp16 halves the bytes, int8 quarters them)",
     ),
 )

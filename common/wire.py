@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from fedgrpc.common import secagg as sa
 from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec, iter_chunks, to_wire
 from fedgrpc.common.config import EvaluationPlan, ParamValue, RunSpec, SecAggSpec, TaskRef
-from fedgrpc.common.errors import CodecError
+from fedgrpc.common.errors import CodecError, SecAggError
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
 
@@ -235,6 +236,73 @@ _INSTRUCTION_TO_PB = {
 
 def instruction_to_pb(instruction: Instruction) -> pb.Instruction:
     return _INSTRUCTION_TO_PB[instruction]
+
+
+# Secure aggregation's vocabulary on the wire: one table each, used by both sides.
+_STEP_TO_PB = {sa.Step.SHARE: pb.SHARE_KEYS, sa.Step.MASK: pb.MASKED_INPUT, sa.Step.UNMASK: pb.UNMASKING}
+_STEP_FROM_PB = {int(v): k for k, v in _STEP_TO_PB.items()}
+_STATUS_TO_PB = {
+    sa.StageStatus.WAIT: pb.SECAGG_WAIT,
+    sa.StageStatus.READY: pb.SECAGG_READY,
+    sa.StageStatus.ABORTED: pb.SECAGG_ABORTED,
+}
+_STATUS_FROM_PB = {int(v): k for k, v in _STATUS_TO_PB.items()}
+_SHARE_KIND_TO_PB = {sa.ShareKind.SELF_MASK: pb.SELF_MASK_SEED, sa.ShareKind.MASK_KEY: pb.MASK_KEY}
+_SHARE_KIND_FROM_PB = {int(v): k for k, v in _SHARE_KIND_TO_PB.items()}
+
+
+def step_to_pb(step: sa.Step) -> pb.SecAggStep:
+    return _STEP_TO_PB[step]
+
+
+def step_from_pb(code: int) -> sa.Step:
+    step = _STEP_FROM_PB.get(code)
+    if step is None:
+        raise SecAggError(f"unknown secure aggregation step {code}")
+    return step
+
+
+def share_kind_to_pb(kind: sa.ShareKind) -> pb.SecretKind:
+    return _SHARE_KIND_TO_PB[kind]
+
+
+def share_kind_from_pb(code: int) -> str:
+    """The kind, or "" for a code this version does not know (the server refuses the share)."""
+    return _SHARE_KIND_FROM_PB.get(code, "")
+
+
+def stage_to_pb(round_number: int, stage: sa.Stage) -> pb.SecAggStage:
+    reply = pb.SecAggStage(
+        status=_STATUS_TO_PB[stage.status],
+        round=round_number,
+        session=stage.session,
+        reason=stage.reason,
+        threshold=stage.threshold,
+        scale=stage.scale,
+        masking=stage.masking,
+        survivors=stage.survivors,
+        dropped=stage.dropped,
+    )
+    reply.neighbours.extend(
+        pb.PeerKeys(client_id=v, cipher_public_key=c, mask_public_key=m) for v, c, m in stage.neighbours
+    )
+    reply.shares.extend(pb.EncryptedShares(client_id=u, ciphertext=c) for u, c in stage.shares)
+    return reply
+
+
+def stage_from_pb(reply: pb.SecAggStage) -> sa.Stage:
+    return sa.Stage(
+        status=_STATUS_FROM_PB.get(reply.status, sa.StageStatus.WAIT),
+        session=reply.session,
+        reason=reply.reason,
+        neighbours=tuple((p.client_id, p.cipher_public_key, p.mask_public_key) for p in reply.neighbours),
+        threshold=reply.threshold,
+        scale=reply.scale,
+        shares=tuple((e.client_id, e.ciphertext) for e in reply.shares),
+        masking=tuple(reply.masking),
+        survivors=tuple(reply.survivors),
+        dropped=tuple(reply.dropped),
+    )
 
 
 def weights_stream(

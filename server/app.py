@@ -93,6 +93,8 @@ class FederatedServer:
             coordinator.interrupt()
         self.results.strategy = strategy_record(cfg.strategy, strategy)
         bus = self._sinks(job)
+        assert self.monitor is not None  # made with the sinks
+        coordinator.watch_phase(self.monitor.phase)  # the monitor's phase is the coordinator's own
         resumed = checkpoint is not None
         history = tuple(job.history)
         bus.publish(RunStarted(job.run, resumed, job.weights, history, strategy.state(), job.declared_metric))

@@ -27,7 +27,7 @@ from fedgrpc.common.logs import human_bytes
 from fedgrpc.common.privacy import PrivacyAccountant
 from fedgrpc.server.checkpoint import weights_digest
 from fedgrpc.server.evaluation import FederatedEvaluation, describe, main_metric
-from fedgrpc.server.events import EventBus, PhaseChanged, RoundClosed, RunFinished
+from fedgrpc.server.events import EventBus, RoundClosed, RunFinished
 from fedgrpc.server.masked_sum import SecAggStrategy
 from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord
 from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
@@ -137,7 +137,6 @@ class RoundDriver:
         )
         self.bus.publish(RunFinished(job.run, tuple(job.history), job.weights, main))
         self.coordinator.finish()
-        self.bus.publish(PhaseChanged("finished", job.run.rounds))
         self.finished = True
         log.info("run finished: results in %s", self.config.out_dir)
         clients = list(range(1, job.run.num_clients + 1))
@@ -164,7 +163,6 @@ class RoundDriver:
         """Open the round, collect its updates, aggregate them; None when the server is stopping."""
         coordinator, private = self.coordinator, self.config.privacy is not None
         coordinator.open_round(number, self.job.weights)
-        self.bus.publish(PhaseChanged("training", number))
         secure = coordinator.secure_round
         try:
             if secure is not None:
@@ -185,7 +183,6 @@ class RoundDriver:
             if coordinator.interrupted:
                 return None
             return _Again(self._secure_aborted(number, exc, aborted, secure))
-        self.bus.publish(PhaseChanged("aggregating", number, coordinator.participants(number)))
         return _Trained(outcome, expected, secure)
 
     def _secure_aborted(
@@ -217,7 +214,6 @@ class RoundDriver:
         central = job.central(number, job.weights) if job.central else None
         federated = None
         if job.run.evaluation.due(number, job.run.rounds):
-            self.bus.publish(PhaseChanged("evaluating", number))
             federated = self._federated_evaluation(number, job.weights)
             if federated is None:
                 return None

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from fedgrpc.common.task import Dataset, Params, RoundContext, evaluate_model
 from fedgrpc.common.task_loader import LoadedTask, call
-from fedgrpc.server.rounds import EvaluationReport
+from fedgrpc.server.evaluation_round import EvaluationReport
 
 PERSONALIZED_PREFIX = "personalized_"
 _SHORT = {"accuracy": "acc", "loss": "loss"}

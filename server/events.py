@@ -1,20 +1,20 @@
 """What a run tells the parts that keep its record: the round driver publishes, sinks listen.
 
-The driver says what happened (a round opened, was aggregated, was evaluated, closed; the run
-finished) and knows nothing of where that goes. Each sink is one concern, in the module that owns
+The driver says what happened (a round closed with its record, the run finished) and knows
+nothing of where that goes. Phases (training, aggregating, evaluating, finished) are the
+coordinator's own state: the monitor hears them from it directly (RoundCoordinator.watch_phase),
+so they are tracked in one place. Each sink is one concern, in the module that owns
 it: history.json and the curves (server.results), checkpoints (server.checkpoint), the dashboard
 and the Prometheus metrics (server.monitor), TensorBoard (server.tensorboard).
 
 One run publishes, in order:
 
-    RunStarted ─> ( PhaseChanged training ─> PhaseChanged aggregating
-                    [─> PhaseChanged evaluating] ─> RoundClosed )* ─> RunFinished
-                    ─> PhaseChanged finished ─> RunClosed
+    RunStarted ─> RoundClosed* ─> RunFinished ─> RunClosed
 
-A round trained again (non-finite weights, secure aggregation aborted) repeats its phases
-without a RoundClosed; a stopped run skips RunFinished and "finished" but always ends with
-RunClosed. Sinks are called in the order they subscribed, on the driver's thread; a sink that
-cannot do its part and must stop the run raises (RunFailedError), and the bus lets it through.
+A round trained again (non-finite weights, secure aggregation aborted) publishes nothing until
+it closes; a stopped run skips RunFinished but always ends with RunClosed. Sinks are called in
+the order they subscribed, on the driver's thread; a sink that cannot do its part and must stop
+the run raises (RunFailedError), and the bus lets it through.
 """
 
 from __future__ import annotations
@@ -44,16 +44,6 @@ class RunStarted:
 
 
 @dataclass(frozen=True)
-class PhaseChanged:
-    """The coordinator moved on: training, aggregating (`participants`: the clients expected
-    this round), evaluating, finished."""
-
-    phase: str
-    round: int
-    participants: Sequence[int] | None = None
-
-
-@dataclass(frozen=True)
 class RoundClosed:
     """A round is complete: its record, and what a checkpoint after it holds."""
 
@@ -80,7 +70,7 @@ class RunClosed:
     """The server is going down, finished or stopped: let go of files and threads."""
 
 
-Event = RunStarted | PhaseChanged | RoundClosed | RunFinished | RunClosed
+Event = RunStarted | RoundClosed | RunFinished | RunClosed
 
 
 class Sink(Protocol):

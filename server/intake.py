@@ -10,7 +10,7 @@ Two jobs, both about the bytes of updates that are still arriving:
   thread (the fold thread releases it once the update is in the sum).
 - `UpdateIntake` turns the chunks of one stream into the model's arrays, tensor by tensor:
   each tensor is decompressed (fedgrpc.common.compression), then prepared and bounded for
-  the strategy (`Preparer`: FedAvg makes it a weighted change and refuses NaN, infinity and
+  the strategy (its `UpdatePreparer`: FedAvg makes it a weighted change and refuses NaN, infinity and
   values that could overflow the sum) as soon as its last chunk is in. Chunks are copied in
   on the event loop; the per-tensor work runs where the caller says (`process`), so the
   servicer can move big tensors to worker threads. Tensors are kept in memory or written to
@@ -31,10 +31,8 @@ from fedgrpc.common import compression
 from fedgrpc.common.codec import TensorAssembler, TensorSpec
 from fedgrpc.common.errors import UpdateRejectedError
 from fedgrpc.server.spool import SpooledUpdate
+from fedgrpc.server.strategy import UpdatePreparer
 from fedgrpc.server.validation import check_finite
-
-#: What the intake applies to each decoded tensor it owns (see RoundCoordinator.tensor_preparer).
-Preparer = Callable[[int, np.ndarray], np.ndarray]
 
 
 class InflightBudget:
@@ -142,7 +140,7 @@ class UpdateIntake:
         method: str,
         scales: Sequence[float],
         *,
-        prepare: Preparer | None = None,
+        prepare: UpdatePreparer | None = None,
         spool_dir: Path | None = None,
     ) -> None:
         compression.check_scales(len(specs), scales, method)
@@ -152,7 +150,7 @@ class UpdateIntake:
         self._reference = reference
         self._method = method
         self._scales = list(scales) or [1.0] * len(specs)
-        self._prepare = prepare or _CheckFinite(self.specs)
+        self._prepare: Callable[[int, np.ndarray], np.ndarray] = prepare or _CheckFinite(self.specs)
         self._store: list[np.ndarray] | SpooledUpdate = []
         if spool_dir is not None:
             try:

@@ -29,7 +29,11 @@ from fedgrpc.common.settings import CLIENTS, DATA, ROUNDS, TASK, Setting, site_d
 #: fl-local's own settings; --clients, --rounds, --task, --data and --out are fl-server's too.
 SETTINGS = (
     Setting(
-        "config", Path, None, metavar="RUN.toml", in_file=False,
+        "config",
+        Path,
+        None,
+        metavar="RUN.toml",
+        in_file=False,
         help="a run file for the server (see fl-server --help); fl-local takes --clients, --task and "
         "--data from it too, and a flag typed here overrides it",
     ),
@@ -40,11 +44,17 @@ SETTINGS = (
     Setting("out", Path, Path("results"), help="folder for history, curves and model (default %(default)s)"),
     Setting("threads", int, None, low=0, help="CPU threads per client (0 or unset: all cores)"),
     Setting(
-        "gpus", str, "", metavar="0,1,...",
+        "gpus",
+        str,
+        "",
+        metavar="0,1,...",
         help="GPUs for the clients, round robin: client 1 on the first listed, client 2 on the second, ...",
     ),
     Setting(
-        "schedule", str, "auto", choices=("auto", "turns", "parallel"),
+        "schedule",
+        str,
+        "auto",
+        choices=("auto", "turns", "parallel"),
         help="clients train one at a time (turns) or at once (parallel); auto: at once on a GPU "
         "machine or when clients <= cores, else turns",
     ),

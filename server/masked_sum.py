@@ -4,7 +4,9 @@ SecAggStrategy wraps the run's strategy (FedAvg, a server optimizer, DP-FedAvg's
 a round is open it only adds uint32 words, modulo 2^32, as each masked update streams in: the
 server's memory stays one model, and nothing it holds says anything about one client. At the
 end, the round's SecAggRound removes the masks; the sum of n x change and of n is decoded,
-checked, and handed to the run's strategy as one aggregate (`FedAvg.add_aggregate`).
+checked, and handed to the run's strategy as one aggregate (`FedAvg.add_aggregate`). The
+SecAggRound of the attempt is passed to each call that needs it (`add_from`, `unmasked`, by
+fedgrpc.server.round_mode): the strategy holds no round of its own.
 
 When the round's SecAggRound splits its clients into groups, each group has its own ring and
 its sum is checked alone: the sums that pass are added into the one aggregate, a group whose
@@ -41,7 +43,6 @@ class SecAggStrategy:
     def __init__(self, inner: FedAvg) -> None:
         self.inner = inner
         self.name = inner.name
-        self.secagg: SecAggRound | None = None  # the open round's, attached by the driver
         self._rings: dict[int, list[np.ndarray]] = {}  # group index -> its running sum
         self._global: list[np.ndarray] = []
         self._max_updates = 1
@@ -68,9 +69,8 @@ class SecAggStrategy:
     def add(self, update: Sequence[np.ndarray], num_examples: int) -> None:
         raise RuntimeError("a masked update is added with add_from: its sender's group picks the ring")
 
-    def add_from(self, client_id: int, update: Sequence[np.ndarray]) -> None:
-        """Add a masked update to its sender's group's ring (on the fold thread)."""
-        secure = self._secure()
+    def add_from(self, secure: SecAggRound, client_id: int, update: Sequence[np.ndarray]) -> None:
+        """Add a masked update of attempt `secure` to its sender's group's ring (on the fold thread)."""
         ring = self._rings.get(secure.group_of[client_id])
         if ring is None:
             ring = [np.zeros(np.shape(w), np.uint32) for w in self._global] + [np.zeros(1, np.uint32)]
@@ -83,7 +83,11 @@ class SecAggStrategy:
         return self._rings
 
     def result(self) -> Weights:
-        secure = self._secure()
+        raise RuntimeError("a masked sum is unmasked with unmasked(secure): its attempt holds the shares")
+
+    def unmasked(self, secure: SecAggRound) -> Weights:
+        """The result of attempt `secure`: each group's ring unmasked, checked, and the passing
+        sums handed to the run's strategy (SecAggError when none passes or unmasking fails)."""
         self.progress = False
         try:
             totals = secure.unmask(self._rings)
@@ -115,11 +119,6 @@ class SecAggStrategy:
         self.inner.begin_round(self._global, self._max_updates)
         self.inner.add_aggregate(sums, sum(count for _, count in passed))
         return self.inner.result()
-
-    def _secure(self) -> SecAggRound:
-        if self.secagg is None:
-            raise RuntimeError("the round's secure aggregation was not attached")
-        return self.secagg
 
     def state(self) -> dict[str, np.ndarray]:
         state = self.inner.state()

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedgrpc.common.config import RunSpec
-from fedgrpc.server.events import Event, PhaseChanged, RoundClosed, RunStarted
+from fedgrpc.server.events import Event, RoundClosed, RunStarted
+from fedgrpc.server.phases import Phase, PhaseChange
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 #: Per client, the rounds whose timeline is kept (the dashboard's strip shows the last few).
@@ -82,7 +83,7 @@ class Monitor:
         self.strategy = dict(strategy or {"name": "fedavg"})  # fedgrpc.server.strategy.strategy_record
         self.started = clock()
         self.version = 0  # bumped on every change: the dashboard's stream sends when it moves
-        self._phase = "waiting"
+        self._phase = Phase.WAITING
         self._round = 0
         self._round_started: float | None = None
         self._clients: dict[int, _Client] = {}
@@ -206,18 +207,19 @@ class Monitor:
             client.state, client.last_seen = "withdrawn", now
             self._changed()
 
-    def phase(self, phase: str, round_number: int, participants: list[int] | None = None) -> None:
+    def phase(self, change: PhaseChange) -> None:
+        """The coordinator entered a phase (RoundCoordinator.watch_phase)."""
         with self._lock:
             now = self._clock()
-            if phase == "training" and self._phase != "training":
+            if change.phase is Phase.TRAINING and self._phase is not Phase.TRAINING:
                 self._round_started = now
-            if phase == "aggregating" and participants is not None:
-                for client_id in participants:  # expected this round, no update in: late
+            if change.phase is Phase.AGGREGATING and change.expected is not None:
+                for client_id in change.expected:  # expected this round, no update in: late
                     client = self._clients.get(client_id)
                     if client is not None and client.state in ("downloading", "training", "uploading"):
                         client.state = "late"
-            self._phase, self._round = phase, round_number
-            self._metrics["round"].set(round_number)
+            self._phase, self._round = change.phase, change.round
+            self._metrics["round"].set(change.round)
             self._changed()
 
     def round_recorded(self, record: Mapping[str, Any], main_metric: str) -> None:
@@ -279,7 +281,7 @@ class Monitor:
                     "secagg": self.run.secagg is not None,
                 },
                 "state": {
-                    "phase": self._phase,
+                    "phase": self._phase.value,
                     "round": self._round,
                     "rounds_done": len(self._rounds),
                     "time_in_round_s": round(now - self._round_started, 1) if self._round_started else None,
@@ -369,8 +371,8 @@ class Monitor:
 
 
 class MonitorSink:
-    """The driver's side of the monitor: phases and finished rounds (a resumed run's past ones
-    too, so that the dashboard shows the whole run)."""
+    """The driver's side of the monitor: finished rounds (a resumed run's past ones too, so that
+    the dashboard shows the whole run). Phases come from the coordinator itself (watch_phase)."""
 
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
@@ -379,8 +381,5 @@ class MonitorSink:
         if isinstance(event, RunStarted):
             for record in event.history:
                 self.monitor.round_recorded(asdict(record), event.main_metric)
-        elif isinstance(event, PhaseChanged):
-            participants = None if event.participants is None else list(event.participants)
-            self.monitor.phase(event.phase, event.round, participants)
         elif isinstance(event, RoundClosed):
             self.monitor.round_recorded(asdict(event.record), event.main_metric)

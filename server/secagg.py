@@ -24,11 +24,7 @@ its clients into disjoint groups, each its own neighbour graph, masked sum and c
 client sending ring words that are no encoded update spoils only its own group's sum. With one
 group (the normal case) this is the protocol above, unchanged.
 
-Disputes: a holder that reveals but holds no share of an owner's secret either got a share
-that did not decrypt (the owner's fault) or holds it back (its own): the server cannot tell.
-The pair is recorded, and later attempts draw no edge between the two, so neither can spoil
-the other's round again, and neither is excluded for it. An attempt that recorded a new pair
-is no failure to count (fedgrpc.server.masked_sum), and the pairs are kept in the checkpoint.
+Disputes (a holder that reveals without a share it should hold): see fedgrpc.server.unmasking.
 
 A stage closes when every expected client has acted, or after `stage_timeout_s`. Up to the
 threshold's slack, clients may vanish at any stage after advertising and the round still yields
@@ -47,29 +43,24 @@ Threads: handlers call the client-side methods, the driver the `close_*` ones; o
 from __future__ import annotations
 
 import logging
-import random
 import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from functools import partial
 
 import numpy as np
 from fedgrpc.common import secagg as sa
 from fedgrpc.common.config import SecAggSpec
 from fedgrpc.common.errors import SecAggError, StaleRoundError
+from fedgrpc.server import unmasking
 from fedgrpc.server.isolation import MIN_GROUP_SIZE
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STAGES = ("advertise", "share", "mask", "unmask", "unmasking", "done", "aborted")
-STEPS = ("share", "mask", "unmask")  # what a client may ask to start
-#: Subsets of shares tried when the first ones do not rebuild a committed secret.
-MAX_REBUILD_ATTEMPTS = 200
-KINDS = ("self_mask", "mask_key")
 _MAX_CIPHERTEXT = 256  # a share's ciphertext is 12 + 70 + 16 bytes
 
 
@@ -108,7 +99,7 @@ class SecAggRound:
         self.reason = ""
         self._on_change = on_change
         self._lock = threading.Condition()
-        self._clients: dict[int, _Client] = {}
+        self.clients: dict[int, _Client] = {}
         self.graph: dict[int, list[int]] = {}
         self.thresholds: dict[int, int] = {}
         self.shared: frozenset[int] = frozenset()  # U2
@@ -121,7 +112,7 @@ class SecAggRound:
         self.disputes: set[frozenset[int]] = set()  # (owner, holder) pairs: a share missing between them
         self.counted: frozenset[int] = frozenset()  # clients whose group's sum was used
         self.failed: list[tuple[frozenset[int], str]] = []  # groups whose sum was impossible, and why
-        self._revealed: set[int] = set()
+        self.revealed: set[int] = set()
         self._opened = time.monotonic()
         self._unmask_started = self._opened
         self._seconds = {"keys": 0.0, "unmask": 0.0}
@@ -135,7 +126,7 @@ class SecAggRound:
                 raise SecAggError("the two public keys and the commitment are 32 bytes each")
             sa.check_public_key(cipher_key)  # refuses keys no exchange works with (low order)
             sa.check_public_key(mask_key)
-            self._clients[client] = _Client(cipher_key, mask_key, commitment)  # again: replaced
+            self.clients[client] = _Client(cipher_key, mask_key, commitment)  # again: replaced
             self._lock.notify_all()
 
     def share(self, client: int, ciphertexts: dict[int, bytes], session: bytes) -> None:
@@ -149,82 +140,60 @@ class SecAggRound:
                 )
             if any(not 0 < len(c) <= _MAX_CIPHERTEXT for c in ciphertexts.values()):
                 raise SecAggError(f"a share's ciphertext holds 1 to {_MAX_CIPHERTEXT} bytes")
-            self._clients[client].shares_sent = dict(ciphertexts)
+            self.clients[client].shares_sent = dict(ciphertexts)
             self._lock.notify_all()
 
     def reveal(self, client: int, shares: Sequence[tuple[int, str, sa.Share]], session: bytes) -> None:
         with self._lock:
             self._expect(client, "unmask", self.submitted, session)
-            if client in self._revealed:
+            if client in self.revealed:
                 return  # a retried call whose first try got through
-            holders = set(self.graph[client]) | {client}
-            seen: set[int] = set()
+            unmasking.check_reveals(self, client, shares)
             for owner, kind, share in shares:
-                if owner in seen:
-                    raise SecAggError(f"client {client} revealed two shares of client {owner}")
-                seen.add(owner)
-                if owner not in holders or owner not in self.shared:
-                    raise SecAggError(f"client {client} holds no share of client {owner}")
-                owners_holders = len(self.graph[owner]) + 1  # the x-coordinates the owner used
-                if kind not in KINDS or len(share.value) != 32 or not 1 <= share.index <= owners_holders:
-                    raise SecAggError("a revealed share is a self-mask or mask-key share of 32 bytes")
-                if kind == "self_mask" and owner not in self.submitted:
-                    raise SecAggError(
-                        f"client {owner}'s update was not counted: its self-mask seed is not asked for"
-                    )
-                if kind == "mask_key" and owner in self.submitted:
-                    raise SecAggError(f"client {owner}'s update was counted: its mask key is never revealed")
-            for owner, kind, share in shares:
-                self._clients[owner].reveals.append((client, kind, share))
-            self._revealed.add(client)
+                self.clients[owner].reveals.append((client, kind, share))
+            self.revealed.add(client)
             self._lock.notify_all()
 
-    def view(self, client: int, step: str) -> dict[str, Any] | None:
-        """What `client` needs for `step` ("share", "mask" or "unmask") once the server has moved
-        past the stage before it: None while it has not, {"aborted": reason} if aborted."""
-        if step not in STEPS:
-            raise SecAggError(f"no secure aggregation step {step!r}")
+    def view(self, client: int, step: sa.Step) -> sa.Stage | None:
+        """What `client` needs for `step` once the server has moved past the stage before it:
+        None while it has not, an ABORTED stage if this attempt was aborted."""
         with self._lock:
             if self.stage == "aborted":
-                return {"aborted": self.reason or "aborted"}
+                return sa.Stage(sa.StageStatus.ABORTED, self.session, reason=self.reason or "aborted")
             if STAGES.index(self.stage) < STAGES.index(step):
                 return None
-            if step == "share" and self.stage != "share":
+            if step is sa.Step.SHARE and self.stage != "share":
                 raise StaleRoundError(
                     f"round {self.number}'s keys were shared already (it is at {self.stage}): too late"
                 )
-            if client not in self.graph or (step != "share" and client not in self.shared):
+            if client not in self.graph or (step is not sa.Step.SHARE and client not in self.shared):
                 raise StaleRoundError(
                     f"client {client} takes no part in round {self.number}'s secure aggregation from the "
                     f"{step} step on (it did not take the steps before in time); it waits for the next round"
                 )
             mine = self.graph[client]
-            if step == "share":
-                return {
-                    "neighbours": [(v, self._clients[v].cipher_key, self._clients[v].mask_key) for v in mine],
-                    "threshold": self.thresholds[client],
-                }
-            if step == "mask":
-                incoming = [(u, self._clients[u].shares_sent[client]) for u in mine if u in self.shared]
-                return {
-                    "scale": self.scale,
-                    "shares": incoming,
-                    "masking": [v for v in mine if v in self.shared],
-                }
+            ready = partial(sa.Stage, sa.StageStatus.READY, self.session)
+            if step is sa.Step.SHARE:
+                keys = tuple((v, self.clients[v].cipher_key, self.clients[v].mask_key) for v in mine)
+                return ready(neighbours=keys, threshold=self.thresholds[client])
+            if step is sa.Step.MASK:
+                incoming = tuple((u, self.clients[u].shares_sent[client]) for u in mine if u in self.shared)
+                masking = tuple(v for v in mine if v in self.shared)
+                return ready(scale=self.scale, shares=incoming, masking=masking)
             if client not in self.submitted:
                 raise StaleRoundError(
                     f"client {client}'s masked update of round {self.number} was not counted"
                 )
-            return {
-                "survivors": [v for v in mine if v in self.submitted],
-                "dropped": [v for v in mine if v in self.shared and v not in self.submitted],
-            }
+            return ready(
+                survivors=tuple(v for v in mine if v in self.submitted),
+                dropped=tuple(v for v in mine if v in self.shared and v not in self.submitted),
+            )
 
     def may_start(self, client: int) -> bool:
         """Whether `client` may be told to train this attempt: keys are still being advertised and
         it has not advertised yet (a client that dropped out of a step waits for the next round)."""
         with self._lock:
-            return self.stage == "advertise" and client in self.participants and client not in self._clients
+            return self.stage == "advertise" and client in self.participants and client not in self.clients
 
     def may_submit(self, client: int, session: bytes) -> None:
         with self._lock:
@@ -240,7 +209,7 @@ class SecAggRound:
     def run_key_stages(self, timeout_s: float, stopping: Callable[[], bool]) -> bool:
         """Advertise, then share: each closes when everyone expected has acted, or after
         `timeout_s`. False: aborted (or stopping)."""
-        self._wait(lambda: len(self._clients) >= len(self.participants), timeout_s, stopping)
+        self._wait(lambda: len(self.clients) >= len(self.participants), timeout_s, stopping)
         if stopping() or not self._close_advertise():
             return False
         expected = len(self.graph)
@@ -281,11 +250,11 @@ class SecAggRound:
                     return self._abort(f"no group holds {MIN_GROUP_SIZE} masked updates")
             self.stage = "unmask"
         self._on_change()
-        self._wait(lambda: len(self._revealed) >= len(self.submitted), timeout_s, stopping)
+        self._wait(lambda: len(self.revealed) >= len(self.submitted), timeout_s, stopping)
         with self._lock:
             if self.stage == "aborted":
                 return False
-            revealed = frozenset(self._revealed)
+            revealed = frozenset(self.revealed)
             _say_who_is_missing(self.number, "revealed their shares", revealed, self.submitted)
         return True
 
@@ -311,56 +280,18 @@ class SecAggRound:
             if self.stage != "unmask":
                 raise SecAggError(f"round {self.number}'s secure aggregation cannot unmask at {self.stage}")
             self.stage = "unmasking"
-        seeds: dict[int, bytes] = {}
-        keys: dict[int, bytes] = {}
         try:
-            for u in sorted(self.submitted):
-                seeds[u] = self._rebuild(u, "self_mask", _matches_commitment(self._clients[u].commitment))
-            for u in sorted(self.shared - self.submitted):
-                if self.submitted & set(self.graph[u]):  # else no mask of u's is in the sum
-                    keys[u] = self._rebuild(u, "mask_key", _matches_public_key(self._clients[u].mask_key))
+            seeds, keys = unmasking.rebuild_secrets(self)
         except SecAggError as exc:
             with self._lock:
                 self._abort(str(exc))
             raise
-        mask_keys = {u: self._clients[u].mask_key for u in self.submitted}
         try:
-            out = {}
-            for index, members in self.groups_submitted().items():
-                mine = self.groups[index]
-                out[index] = self._remove_masks(
-                    masked_sums[index],
-                    {u: b for u, b in seeds.items() if u in mine},
-                    {u: k for u, k in keys.items() if u in mine},
-                    {u: k for u, k in mask_keys.items() if u in members},
-                )
-            return out
+            return unmasking.remove_masks(self, masked_sums, seeds, keys)
         finally:
             with self._lock:
                 self.stage = "done"
             self._seconds["unmask"] = time.monotonic() - self._unmask_started
-
-    def _remove_masks(
-        self,
-        masked_sum: Sequence[np.ndarray],
-        seeds: dict[int, bytes],
-        keys: dict[int, bytes],
-        mask_keys: dict[int, bytes],
-    ) -> list[np.ndarray]:
-        flat = sa.flatten(masked_sum)
-        for seed in seeds.values():
-            sa.apply_mask(flat, seed, -1)
-        for u, key in keys.items():  # u dropped after sharing: remove what its neighbours added for it
-            private = sa.private_key(key)
-            for v in self.graph[u]:
-                if v in mask_keys:
-                    pair = sa.agree(
-                        private,
-                        mask_keys[v],
-                        sa.context(self.run_id, self.number, self.session, "mask", *sorted((u, v))),
-                    )
-                    sa.apply_mask(flat, pair, -sa.pairwise_sign(v, u))
-        return sa.unflatten(flat, masked_sum)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -375,11 +306,11 @@ class SecAggRound:
             return True
 
     def _shared_count(self) -> int:
-        return sum(1 for c in self._clients.values() if c.shares_sent)
+        return sum(1 for c in self.clients.values() if c.shares_sent)
 
     def _close_advertise(self) -> bool:
         with self._lock:
-            advertised = sorted(self._clients)
+            advertised = sorted(self.clients)
             if len(advertised) < 2:
                 return self._abort(f"{len(advertised)} client(s) advertised keys; secure aggregation needs 2")
             _say_who_is_missing(self.number, "advertised keys", advertised, self.participants)
@@ -419,7 +350,7 @@ class SecAggRound:
 
     def _close_share(self) -> bool:
         with self._lock:
-            shared = sorted(u for u, c in self._clients.items() if c.shares_sent)
+            shared = sorted(u for u, c in self.clients.items() if c.shares_sent)
             if len(shared) < 2:
                 return self._abort(f"{len(shared)} client(s) shared their keys; secure aggregation needs 2")
             try:
@@ -454,89 +385,6 @@ class SecAggRound:
         log.warning("round %d: secure aggregation aborted: %s", self.number, reason)
         self._on_change()
         return False
-
-    def _rebuild(self, owner: int, kind: str, valid: Callable[[bytes], bool]) -> bytes:
-        """`owner`'s secret from the revealed shares: the first `threshold` of them that agree with
-        its commitment (or public key). Revealers outside that set whose shares do not fit are
-        named; too few shares, or none that agree, abort. Too few is nobody's proven fault: a
-        holder that revealed without this share and the owner are recorded as a dispute."""
-        # The owner's own share first, then by revealer: the same order whatever the arrival order.
-        shares = sorted(
-            ((revealer, share) for revealer, k, share in self._clients[owner].reveals if k == kind),
-            key=lambda pair: (pair[0] != owner, pair[0]),
-        )
-        needed = self.thresholds[owner]
-        what = f"client {owner}'s {kind.replace('_', ' ')}"
-        if len(shares) < needed:
-            # Holders that revealed, but not this share: a share that did not decrypt (the owner's
-            # doing) or one held back (the holder's). Counting them as if they had revealed it
-            # would let one holder get an honest owner excluded.
-            silent = sorted((set(self.graph[owner]) & self._revealed) - {r for r, _ in shares})
-            self.disputes.update(frozenset((owner, h)) for h in silent)
-            held_back = (
-                f"; client(s) {silent} revealed their shares but none of {what} (one that did not "
-                f"decrypt, or held back): they and client {owner} will not be neighbours again"
-                if silent
-                else ""
-            )
-            raise SecAggError(
-                f"{len(shares)} shares of {what} arrived and {needed} are needed: too few clients survived"
-                + held_back
-            )
-        for attempt, subset in enumerate(_subsets(shares, needed, f"{self.session.hex()}|{owner}|{kind}")):
-            secret = _combine([s for _, s in subset])
-            if secret is None or not valid(secret):
-                continue
-            if attempt:
-                base = [s for _, s in subset[:-1]]
-                liars = sorted(
-                    r for r, s in shares if (r, s) not in subset and not valid(_combine([*base, s]) or b"")
-                )
-                self.suspects.update(liars)
-                log.warning(
-                    "round %d: the shares of %s revealed by client(s) %s do not fit the others; left out",
-                    self.number, what, liars,
-                )  # fmt: skip
-            return secret
-        self.culprits.add(owner)
-        raise SecAggError(
-            f"no {needed} of the {len(shares)} shares of {what} rebuild it: client {owner} sent "
-            "inconsistent shares, or too many revealers lied"
-        )
-
-
-def _subsets(shares: list[T], size: int, seed: str) -> Iterator[tuple[T, ...]]:
-    """The first `size` shares, then up to MAX_REBUILD_ATTEMPTS - 1 seeded random choices: with e
-    bad shares among h, a random choice avoids them all with chance C(h-e, size)/C(h, size)
-    (7/15 for one bad share among 15 at size 8), where trying the combinations in order could
-    spend every attempt on ones that all hold the same early bad share."""
-    yield tuple(shares[:size])
-    if len(shares) == size:
-        return
-    rng = random.Random(seed)
-    for _ in range(MAX_REBUILD_ATTEMPTS - 1):
-        yield tuple(rng.sample(shares, size))
-
-
-def _combine(shares: Sequence[sa.Share]) -> bytes | None:
-    try:
-        return sa.combine(shares)
-    except (SecAggError, ValueError):
-        return None
-
-
-def _matches_commitment(commitment: bytes) -> Callable[[bytes], bool]:
-    return lambda seed: sa.commitment(seed) == commitment
-
-
-def _matches_public_key(public: bytes) -> Callable[[bytes], bool]:
-    def valid(private: bytes) -> bool:
-        try:
-            return sa.public_of(private) == public
-        except SecAggError:
-            return False
-
-    return valid
 
 
 def _say_who_is_missing(

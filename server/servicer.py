@@ -63,7 +63,7 @@ from fedgrpc.server.intake import InflightBudget, UpdateIntake
 from fedgrpc.server.limits import CallCounter, Limits, next_message
 from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.refusals import RefusalLog
-from fedgrpc.server.rounds import RoundCoordinator, Task
+from fedgrpc.server.rounds import RoundAssignment, RoundCoordinator, UpdateHeader
 from fedgrpc.server.secagg import SecAggRound
 from fedgrpc.server.summary import EventSummary
 from fedgrpc.v1 import coordinator_pb2 as pb
@@ -298,7 +298,7 @@ class CoordinatorServicer:
                 "the same --task file as the server"
             )
 
-    async def _send_task(self, client: int, task: Task, context: CallContext) -> None:
+    async def _send_task(self, client: int, task: RoundAssignment, context: CallContext) -> None:
         run_id = self._coordinator.run.run_id
         if task.instruction in (Instruction.WAIT, Instruction.FINISHED):
             header = pb.WeightsHeader(
@@ -392,18 +392,16 @@ class CoordinatorServicer:
 
     async def RevealShares(self, request: pb.RevealSharesRequest, context: CallContext) -> pb.SecAggAck:
         async with self._secagg_step(request.client_id, request.round, "revealed shares", context) as secure:
-            kinds = {pb.SELF_MASK_SEED: "self_mask", pb.MASK_KEY: "mask_key"}
-            shares = [(s.owner, kinds.get(s.kind, ""), sa.Share(s.index, s.value)) for s in request.shares]
+            shares = [
+                (s.owner, wire.share_kind_from_pb(s.kind), sa.Share(s.index, s.value)) for s in request.shares
+            ]
             secure.reveal(request.client_id, shares, request.session)
         return pb.SecAggAck(round=request.round)
 
     async def GetSecAggStage(self, request: pb.SecAggStageRequest, context: CallContext) -> pb.SecAggStage:
-        steps = {pb.SHARE_KEYS: "share", pb.MASKED_INPUT: "mask", pb.UNMASKING: "unmask"}
-        reply = pb.SecAggStage(status=pb.SECAGG_WAIT, round=request.round)
+        view: sa.Stage | None = None
         async with self._secagg_step(request.client_id, request.round, "stage request", context) as secure:
-            step = steps.get(request.step)
-            if step is None:
-                raise SecAggError(f"unknown secure aggregation step {request.step}")
+            step = wire.step_from_pb(request.step)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._poll_wait(request.max_wait_ms, context)
             while True:
@@ -415,9 +413,7 @@ class CoordinatorServicer:
                     break
                 with suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(changed), deadline - loop.time())
-            if view is not None:
-                reply = _stage_reply(request.round, secure.session, view)
-        return reply
+        return wire.stage_to_pb(request.round, view or sa.Stage(sa.StageStatus.WAIT))
 
     @asynccontextmanager
     async def _secagg_step(
@@ -458,7 +454,7 @@ class CoordinatorServicer:
             return float("inf")
         return float(remaining) - _DEADLINE_MARGIN_S
 
-    async def _wait_for_task(self, client_id: int, after_round: int, wait: float) -> Task:
+    async def _wait_for_task(self, client_id: int, after_round: int, wait: float) -> RoundAssignment:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
@@ -471,7 +467,7 @@ class CoordinatorServicer:
                 return task
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return Task(Instruction.WAIT, self._coordinator.current_round)
+                return RoundAssignment(Instruction.WAIT, self._coordinator.current_round)
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(changed), remaining)
 
@@ -482,20 +478,21 @@ class CoordinatorServicer:
         messages: AsyncIterator[pb.UpdateMessage | wire.Undecodable],
         context: CallContext,
     ) -> tuple[int, int]:
-        coordinator = self._coordinator
-        specs = [wire.spec_from_pb(t) for t in header.tensors]
-        metrics = dict(header.metrics)
-        reference = coordinator.check_header(
-            header.client_id, header.round, header.num_examples, specs, metrics, header.session
-        )
+        """Admit the update from its header (the one check), take its chunks through an intake
+        that prepares each tensor, and commit it."""
         method = wire.compression_from_pb(header.compression)
-        if method != coordinator.run.update_encoding:
-            how = (
-                "masked, with compression SECAGG (RunSpec.secagg is set)"
-                if coordinator.run.secagg is not None
-                else f"with compression {coordinator.run.compression!r} (RunSpec.compression)"
+        specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
+        admitted = self._coordinator.admit(
+            UpdateHeader(
+                client_id=header.client_id,
+                round=header.round,
+                num_examples=header.num_examples,
+                specs=specs,
+                metrics=dict(header.metrics),
+                session=header.session,
+                encoding=method,
             )
-            raise UpdateRejectedError(f"this run's updates travel {how}, not {method!r}")
+        )
         size = UpdateIntake.wire_size(specs, method)
         self.monitor.upload_started(header.client_id, header.round)
         wait = min(self._limits.inflight_wait_s, self._time_left(context))
@@ -507,9 +504,13 @@ class CoordinatorServicer:
         intake: UpdateIntake | None = None
         try:
             await context.send_initial_metadata(((READY_FOR_CHUNKS_KEY, "1"),))
-            preparer = coordinator.tensor_preparer(reference, header.num_examples)
             intake = UpdateIntake(
-                specs, reference, method, list(header.scales), prepare=preparer, spool_dir=self._spool_dir
+                specs,
+                admitted.reference,
+                method,
+                list(header.scales),
+                prepare=admitted.preparer,
+                spool_dir=self._spool_dir,
             )
             received = await self._chunks_into(intake, messages)
 
@@ -519,17 +520,7 @@ class CoordinatorServicer:
                 intake.close()
                 reservation.release()
 
-            result = coordinator.submit(
-                header.client_id,
-                header.round,
-                header.num_examples,
-                metrics,
-                received,
-                size + header_bytes,
-                preparer=preparer,
-                on_folded=folded,
-                session=header.session,
-            )
+            result = admitted.commit(received, size + header_bytes, on_folded=folded)
             self.monitor.update_accepted(header.client_id, header.round, size + header_bytes)
             return result
         except BaseException:
@@ -572,27 +563,6 @@ class CoordinatorServicer:
         self.refusals.refused(peer_address(context), code.name, what, str(error), client_id)
         await context.abort(code, str(error))
         raise AssertionError("unreachable: context.abort raises")
-
-
-def _stage_reply(round_number: int, session: bytes, view: dict[str, Any]) -> pb.SecAggStage:
-    if "aborted" in view:
-        return pb.SecAggStage(
-            status=pb.SECAGG_ABORTED, round=round_number, session=session, reason=view["aborted"]
-        )
-    reply = pb.SecAggStage(status=pb.SECAGG_READY, round=round_number, session=session)
-    if "neighbours" in view:
-        reply.neighbours.extend(
-            pb.PeerKeys(client_id=v, cipher_public_key=c, mask_public_key=m) for v, c, m in view["neighbours"]
-        )
-        reply.threshold = view["threshold"]
-    if "scale" in view:
-        reply.scale = view["scale"]
-        reply.shares.extend(pb.EncryptedShares(client_id=u, ciphertext=c) for u, c in view["shares"])
-        reply.masking.extend(view["masking"])
-    if "survivors" in view:
-        reply.survivors.extend(view["survivors"])
-        reply.dropped.extend(view["dropped"])
-    return reply
 
 
 class _CallGoneFilter(logging.Filter):

@@ -12,8 +12,9 @@ import pytest
 from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import RunFailedError
 from fedgrpc.server.checkpoint import CheckpointSink, CheckpointStore
-from fedgrpc.server.events import Event, EventBus, PhaseChanged, RoundClosed, RunClosed, RunStarted
+from fedgrpc.server.events import Event, EventBus, RoundClosed, RunClosed, RunStarted
 from fedgrpc.server.monitor import Monitor, MonitorSink
+from fedgrpc.server.phases import Phase, PhaseChange
 from fedgrpc.server.results import ClientReport, ResultsSink, RoundRecord, RunResults
 from prometheus_client import generate_latest
 
@@ -54,9 +55,10 @@ def test_sinks_hear_every_event_in_the_order_they_subscribed() -> None:
     bus = EventBus(first, Named("a"))
     bus.subscribe(Named("b"))
     bus.subscribe(second)
-    bus.publish(PhaseChanged("training", 1))
+    started = RunStarted(RUN, False, WEIGHTS, (), {}, "accuracy")
+    bus.publish(started)
     bus.publish(RunClosed())
-    assert first.events == second.events == [PhaseChanged("training", 1), RunClosed()]
+    assert first.events == second.events == [started, RunClosed()]
     assert order == ["a", "b", "a", "b"]
 
 
@@ -100,7 +102,7 @@ def test_the_monitor_shows_phases_past_rounds_and_new_ones() -> None:
     monitor = Monitor(RUN)
     sink = MonitorSink(monitor)
     sink.handle(RunStarted(RUN, True, WEIGHTS, (record(1),), {}, "accuracy"))
-    sink.handle(PhaseChanged("training", 2))
+    monitor.phase(PhaseChange(Phase.TRAINING, 2))  # phases come from the coordinator (watch_phase)
     state = monitor.snapshot()["state"]
     assert (state["phase"], state["round"], state["rounds_done"]) == ("training", 2, 1)
     sink.handle(closed([record(1), record(2)]))

@@ -224,6 +224,7 @@ def test_event_streams_end_cleanly_when_the_dashboard_stops(caplog: pytest.LogCa
     from fedgrpc.common.config import RunSpec
     from fedgrpc.server.http import DashboardServer, HttpConfig
     from fedgrpc.server.monitor import Monitor
+    from fedgrpc.server.phases import Phase, PhaseChange
 
     monitor = Monitor(RunSpec())
     server = DashboardServer(monitor, HttpConfig(port=0))
@@ -233,7 +234,7 @@ def test_event_streams_end_cleanly_when_the_dashboard_stops(caplog: pytest.LogCa
         stream.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
         assert stream.recv(65536).startswith(b"HTTP/1.1 200")
     wait_until(lambda: server.open_connections == 3)
-    monitor.phase("finished", 10)
+    monitor.phase(PhaseChange(Phase.FINISHED, 10))
     with caplog.at_level(logging.DEBUG, logger="asyncio"):
         server.stop()
         for stream in streams:

@@ -14,6 +14,7 @@ import numpy as np
 from conftest import make_synthetic
 from fedgrpc.client.light import light_update
 from fedgrpc.client.secagg import SecureRound
+from fedgrpc.common import secagg as sa
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
 from fedgrpc.common.processes import free_port
@@ -145,7 +146,7 @@ class _RetriesAfterTheRoundClosed(SecureRound):
             result = super().submit(*args, **kwargs)
         finally:
             del connection.submit
-        self._stage("unmask")  # the round closed: the server is unmasking
+        self._stage(sa.Step.UNMASK)  # the round closed: the server is unmasking
         try:
             original(*sent[0][0], **sent[0][1])
         except UpdateRejectedError as exc:

@@ -16,7 +16,7 @@ from fedgrpc.common.errors import (
     UpdateRejectedError,
 )
 from fedgrpc.common.protocol import Instruction
-from fedgrpc.server.rounds import RoundCoordinator
+from fedgrpc.server.rounds import RoundCoordinator, UpdateHeader
 from fedgrpc.server.strategy import FedAvg
 
 SPECS = [TensorSpec("w", "float32", (2,)), TensorSpec("b", "float32", ())]
@@ -39,7 +39,7 @@ def coordinator() -> RoundCoordinator:
 def submit(
     c: RoundCoordinator, client: int, value: float, n: int = 10, round_number: int = 1
 ) -> tuple[int, int]:
-    c.check_header(client, round_number, n, SPECS)
+    c.admit(UpdateHeader(client, round_number, n, SPECS))
     return c.submit(client, round_number, n, {"loss": 1.0}, weights(value), wire_bytes=16)
 
 
@@ -117,7 +117,7 @@ def test_bad_headers_are_refused_before_any_bytes(
     message: str,
 ) -> None:
     with pytest.raises(error, match=message):
-        coordinator.check_header(client, round_number, n, specs)
+        coordinator.admit(UpdateHeader(client, round_number, n, specs))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -137,9 +137,9 @@ def test_updates_after_the_round_closed_are_stale(coordinator: RoundCoordinator)
     submit(coordinator, 1, 1.0)
     coordinator.close_round()
     with pytest.raises(StaleRoundError, match="aggregating"):
-        coordinator.check_header(2, 1, 10, SPECS)
+        coordinator.admit(UpdateHeader(2, 1, 10, SPECS))
     with pytest.raises(UpdateRejectedError, match="already submitted") as info:  # a retry of a counted one
-        coordinator.check_header(1, 1, 10, SPECS)
+        coordinator.admit(UpdateHeader(1, 1, 10, SPECS))
     assert info.value.code == "ALREADY_EXISTS"
 
 
@@ -150,7 +150,7 @@ def test_a_late_joiner_sits_out_the_open_round() -> None:
     # client 2 appears for the first time (after_round=0) while round 1 is open
     assert coordinator.next_task(2, after_round=0, timeout=0).instruction is Instruction.WAIT
     with pytest.raises(StaleRoundError, match="takes part from the next round"):
-        coordinator.check_header(2, 1, 10, SPECS)
+        coordinator.admit(UpdateHeader(2, 1, 10, SPECS))
     submit(coordinator, 1, 1.0)
     coordinator.close_round()
     coordinator.open_round(2, weights(1.0))
@@ -195,7 +195,7 @@ def test_a_sampled_round_trains_k_clients_and_closes_on_their_updates() -> None:
     assert len(chosen) == 2 and c.expected == 2
     left_out = min(set(range(1, 7)) - chosen)
     with pytest.raises(StaleRoundError, match="not sampled"):
-        c.check_header(left_out, 1, 10, SPECS)
+        c.admit(UpdateHeader(left_out, 1, 10, SPECS))
     for client in sorted(chosen):
         received, expected = submit(c, client, 1.0)
     assert (received, expected) == (2, 2)

@@ -91,17 +91,18 @@ def test_a_secret_is_rebuilt_past_bad_shares_wherever_they_sit() -> None:
     """15 holders, 8 needed, the owner's own share first and two bad ones right after it: every
     combination of the first ones in order would hold a bad share; the rebuild still finds the
     secret and names the two."""
-    from fedgrpc.server.secagg import SecAggRound, _Client, _matches_commitment
+    from fedgrpc.server.secagg import SecAggRound, _Client
+    from fedgrpc.server.unmasking import matches_commitment, rebuild
 
     seed = secrets.token_bytes(32)
     shares = sa.split(seed, 8, 15)
     secure = SecAggRound("run", 1, range(1, 16), SecAggSpec())
     secure.thresholds = {1: 8}
-    secure._clients[1] = _Client(b"", b"", sa.commitment(seed))
+    secure.clients[1] = _Client(b"", b"", sa.commitment(seed))
     for revealer, share in zip(range(1, 16), shares, strict=True):
         forged = sa.Share(share.index, secrets.token_bytes(32)) if revealer in (2, 3) else share
-        secure._clients[1].reveals.append((revealer, "self_mask", forged))
-    assert secure._rebuild(1, "self_mask", _matches_commitment(sa.commitment(seed))) == seed
+        secure.clients[1].reveals.append((revealer, "self_mask", forged))
+    assert rebuild(secure, 1, "self_mask", matches_commitment(sa.commitment(seed))) == seed
     assert secure.suspects == {2, 3}
 
 
@@ -353,7 +354,7 @@ class _GarbageWords(SecureRound):
         *args: object,
         **kw: object,
     ) -> tuple[int, int]:
-        self.steps.held = self.steps.open_shares(self._stage("mask").shares)
+        self.steps.held = self.steps.open_shares(self._stage(sa.Step.MASK).shares)
         rng = np.random.default_rng(7)
         words = [rng.integers(0, 2**32, np.shape(w), dtype=np.uint32) for w in weights]
         count_spec = TensorSpec(sa.COUNT_TENSOR, "uint32", (1,))
