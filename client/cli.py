@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedgrpc.common import device, logs, settings
+from fedgrpc.common import device, logs, run_file, settings
 from fedgrpc.common.errors import ConfigError
 from fedgrpc.common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, TASK, VERBOSE, Setting, site_data
 from fedgrpc.common.words import plural
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, with a run file's [run] as their defaults; the task's parameters are the
     server's to send, so a client's run file has no [task]."""
-    args, table = settings.parse_with_run_file(build_parser(), SETTINGS, argv)
+    args, table = run_file.parse_with_run_file(build_parser(), SETTINGS, argv)
     if table:
         raise ConfigError(
             f"--config {args.config}: a client's run file has no [task]; the task's parameters are "

@@ -35,7 +35,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.common import logs, settings
+from fedgrpc.common import logs, run_file, settings
 from fedgrpc.common.errors import ConfigError, FedGrpcError
 from fedgrpc.common.processes import free_port, spawn
 from fedgrpc.common.settings import CLIENTS, CLIENTS_PER_ROUND, DATA, ROUNDS, TASK, Setting
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more fl-server options")
     args = p.parse_args(argv)
     args.server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
-    chosen = settings.merge_run_file(p, argv, args, SETTINGS, args.config)
+    chosen = run_file.merge_run_file(p, argv, args, SETTINGS, args.config)
     args.server_flags = [
         *(["--config", str(args.config)] if args.config else []),
         *(["--rounds", str(args.rounds)] if "rounds" in chosen or args.config is None else []),
@@ -193,11 +193,24 @@ def simulate(args: argparse.Namespace) -> int:
         _stop(server)
         pump.join(timeout=5)
         ray.shutdown()
+    return _reported(reports, broken, count, stopped, server.returncode, still_pending=bool(pending))
+
+
+def _reported(
+    reports: list[dict[str, Any]],
+    broken: list[str],
+    actors: int,
+    stopped: bool,
+    server_code: int | None,
+    *,
+    still_pending: bool,
+) -> int:
+    """Log what the actors reported; 0 when every client and the server ended well."""
     failures = {int(c): why for r in reports for c, why in r["failures"].items()}
     trained = sum(n for r in reports for n in r["rounds"].values())
     log.info(
         "%d client rounds trained by %d actors (%.0f s of training); %d client(s) failed",
-        trained, count, sum(r["train_seconds"] for r in reports), len(failures),
+        trained, actors, sum(r["train_seconds"] for r in reports), len(failures),
     )  # fmt: skip
     for client_id, why in sorted(failures.items())[:10]:
         log.error("client %d: %s", client_id, why)
@@ -205,9 +218,9 @@ def simulate(args: argparse.Namespace) -> int:
         log.error("%s", why)
     if stopped:
         log.error("fl-sim: every client had left, but fl-server was still running: stopped it")
-    elif server.returncode != 0:
-        log.error("fl-sim: fl-server exited %s", server.returncode)
-    return 1 if failures or broken or pending or stopped or server.returncode != 0 else 0
+    elif server_code != 0:
+        log.error("fl-sim: fl-server exited %s", server_code)
+    return 1 if failures or broken or still_pending or stopped or server_code != 0 else 0
 
 
 #: How long the actors' last reports may take once fl-server has exited 0: their clients have

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from fedgrpc.common import device, logs, settings
+from fedgrpc.common import device, logs, run_file, settings
 from fedgrpc.common.config import EvaluationPlan, RunSpec, SecAggSpec
 from fedgrpc.common.errors import ConfigError
 from fedgrpc.common.task_loader import ParamOverride
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """The flags, with a run file's [run] as their defaults (so only a flag typed on the command
     line overrides the file), and the task parameters ([task], then every --param)."""
-    args, table = settings.parse_with_run_file(build_parser(), SETTINGS, argv)
+    args, table = run_file.parse_with_run_file(build_parser(), SETTINGS, argv)
     task_params: dict[str, Any] = {
         key: ParamOverride(value, f"{args.config}: [task] {key}") for key, value in table.items()
     }

@@ -16,11 +16,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedgrpc.common import settings
+from fedgrpc.common import run_file, settings
 from fedgrpc.common.device import gpus_present
 from fedgrpc.common.errors import ConfigError, FedGrpcError
 from fedgrpc.common.processes import free_port, spawn
@@ -102,27 +103,19 @@ def run_federation(
         logs_dir.mkdir(parents=True, exist_ok=True)
     procs = [spawn(server_cmd, logs_dir / "server.log" if logs_dir else None)]
     for client_id in range(1, clients + 1):
-        cmd = [
-            sys.executable,
-            "-m",
-            "fedgrpc.client.cli",
-            "--insecure",
-            "--id",
-            str(client_id),
-            "--server",
-            f"127.0.0.1:{port}",
-            "--threads",
-            str(threads),
-        ]
-        if turn_lock:
-            cmd += ["--take-turns", str(turn_lock)]
-        if gpus:
-            cmd += ["--gpu", gpus[(client_id - 1) % len(gpus)]]
-        cmd += shared
+        cmd = _client_command(client_id, port, threads, turn_lock, gpus, shared)
         if per_client:
             cmd += ["--data", str(site_data(data, client_id))]
         procs.append(spawn(cmd, logs_dir / f"client-{client_id}.log" if logs_dir else None))
 
+    return _supervise(procs, ["fl-server"] + [f"fl-client {i}" for i in range(1, clients + 1)], timeout_s)
+
+
+def _supervise(
+    procs: list[tuple[subprocess.Popen[str], threading.Thread]], names: list[str], timeout_s: float | None
+) -> int:
+    """Wait for every process to end (stopping the rest once one fails or time runs out); 0 when
+    every one exited 0, else 1 with a line naming those that did not."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while None in [p.poll() for p, _ in procs]:  # poll every one: a client may have failed
@@ -141,13 +134,23 @@ def run_federation(
                 process.kill()
                 process.wait()
             pump.join(timeout=5)
-    codes = [p.returncode for p, _ in procs]
-    names = ["fl-server"] + [f"fl-client {i}" for i in range(1, clients + 1)]
-    bad = [f"{n} exited {c}" for n, c in zip(names, codes, strict=True) if c != 0]
+    bad = [f"{n} exited {p.returncode}" for n, (p, _) in zip(names, procs, strict=True) if p.returncode != 0]
     if bad:
         print("fl-local: " + ", ".join(bad), file=sys.stderr)
         return 1
     return 0
+
+
+def _client_command(
+    client_id: int, port: int, threads: int, turn_lock: Path | None, gpus: Sequence[str], shared: list[str]
+) -> list[str]:
+    cmd = [sys.executable, "-m", "fedgrpc.client.cli", "--insecure", "--id", str(client_id)]
+    cmd += ["--server", f"127.0.0.1:{port}", "--threads", str(threads)]
+    if turn_lock:
+        cmd += ["--take-turns", str(turn_lock)]
+    if gpus:
+        cmd += ["--gpu", gpus[(client_id - 1) % len(gpus)]]
+    return cmd + shared
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +175,7 @@ def _main(argv: list[str] | None) -> int:
     config = args.config or passed_on
     # What the user typed wins; else the run file's value; else fl-local's default. A run file
     # is passed to the server, and the defaults nobody chose are not (they would override it).
-    chosen = settings.merge_run_file(p, argv, args, SETTINGS, config)
+    chosen = run_file.merge_run_file(p, argv, args, SETTINGS, config)
     return run_federation(
         clients=args.clients,
         rounds=args.rounds if config is None or "rounds" in chosen else None,

@@ -25,7 +25,7 @@ weights can lie about its count too.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,12 +36,10 @@ from fedgrpc.common.privacy import clip_factor, gaussian_noise, l2_norm, noise_g
 from fedgrpc.server.aggregate import (
     WeightedSum,
     Weights,
-    coordinate_median,
-    krum,
     sum_dtype,
-    trimmed_mean,
     weighted_change,
 )
+from fedgrpc.server.robust import Krum, Median, TrimmedMean, no_state
 
 
 class Strategy(Protocol):
@@ -243,72 +241,7 @@ class FedAvg:
         return {}
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
-        _no_state(self.name, state)
-
-
-class _AllUpdates:
-    """Keeps the round's updates, then applies a robust rule to all of them at once."""
-
-    name = ""
-
-    def __init__(self, rule: Callable[[Sequence[Sequence[np.ndarray]]], Weights]) -> None:
-        self._rule = rule
-        self._updates: list[Sequence[np.ndarray]] = []
-
-    def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
-        self._updates = []
-
-    def bound(self, reference: np.ndarray) -> float:
-        """Finite is enough: medians, trimmed means and Krum's choice stay within the inputs."""
-        return math.inf
-
-    def prepare(
-        self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool
-    ) -> np.ndarray:
-        return tensor
-
-    def add(self, update: Sequence[np.ndarray], num_examples: int) -> None:
-        # Read into memory now: an update staged on disk is deleted once it has been added.
-        self._updates.append([np.asarray(t) for t in update])
-
-    def result(self) -> Weights:
-        return self._rule(self._updates)
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def restore(self, state: dict[str, np.ndarray]) -> None:
-        _no_state(self.name, state)
-
-
-class Median(_AllUpdates):
-    name = "median"
-
-    def __init__(self) -> None:
-        super().__init__(coordinate_median)
-
-
-class TrimmedMean(_AllUpdates):
-    name = "trimmed-mean"
-
-    def __init__(self, trim_fraction: float = 0.2) -> None:
-        if not 0 <= trim_fraction < 0.5:
-            raise ConfigError(f"--trim-fraction must be in [0, 0.5), got {trim_fraction}")
-        super().__init__(lambda updates: trimmed_mean(updates, trim_fraction))
-
-
-class Krum(_AllUpdates):
-    name = "krum"
-
-    def __init__(self, num_byzantine: int = 1) -> None:
-        if num_byzantine < 0:
-            raise ConfigError(f"--byzantine must be >= 0, got {num_byzantine}")
-        super().__init__(lambda updates: krum(updates, num_byzantine))
-
-
-def _no_state(name: str, state: dict[str, np.ndarray]) -> None:
-    if state:
-        raise ConfigError(f"the checkpoint holds server optimizer state, but --strategy {name} keeps none")
+        no_state(self.name, state)
 
 
 ROBUST = ("median", "trimmed-mean", "krum")
