@@ -176,6 +176,7 @@ class GrpcEndpoint:
         server = grpc.aio.server(
             options=server_options(cfg.limits),
             maximum_concurrent_rpcs=cfg.limits.total(self.coordinator.run.num_clients),
+            interceptors=(self.servicer.admission,),
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
