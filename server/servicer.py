@@ -1,15 +1,13 @@
 """The gRPC face of the coordinator: fedgrpc.v1.Coordinator over a RoundCoordinator, on grpc.aio.
 
-The only module of fedgrpc.server that touches generated *_pb2 types. Every call is admitted
-before its handler runs by fedgrpc.server.admission (address and client limits, credentials,
-the client id a call acts as), which also turns the fedgrpc errors a handler raises into gRPC
-status codes (its docstring has the table) and ends quietly a call its client has ended. The
-handlers here hold only the business of each call.
-
-Every handler is a coroutine on one event loop: a waiting long-poll or a silent stream costs
-memory, not a thread. The two long-polls (GetGlobalWeights, GetSecAggStage) wait through
-fedgrpc.server.longpoll. Reads inside a stream are bounded by the stall timeout, the wait for
-the in-flight budget by its own bound, whatever deadline the client set.
+The only module of fedgrpc.server that touches generated *_pb2 types. Its handlers hold only
+the business of each call: fedgrpc.server.admission admits every call before its handler runs
+(limits, credentials, the client id it acts as) and turns the errors a handler raises into
+status codes (its docstring has the table); the two long-polls (GetGlobalWeights,
+GetSecAggStage) wait through fedgrpc.server.longpoll. Every handler is a coroutine on one
+event loop: a waiting long-poll or a silent stream costs memory, not a thread. Reads inside a
+stream are bounded by the stall timeout, the wait for the in-flight budget by its own bound,
+whatever deadline the client set.
 
 The service is registered by hand rather than through the generated add_*_to_server so the
 weight streams can use fedgrpc.common.wire's serializers: chunks written with one copy, and a
