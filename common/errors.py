@@ -18,7 +18,7 @@
     └── CheckpointError           a checkpoint that is missing pieces, truncated or corrupted
 
 gRPC status codes are mapped to and from these at the two boundaries only:
-fedgrpc.server.servicer and fedgrpc.client.connection.
+fedgrpc.server.admission and fedgrpc.client.connection.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ never tokens:
 (`fl-server --hash-token TOKEN` prints a digest.) Digests are compared in constant time. An
 identity is established from the call's metadata when the call starts, before any message is
 read (`identify`), and is bound to its client id: client 2 can neither fetch as nor submit for
-client 3 (`require`).
-Refusals are logged by the servicer (fedgrpc.server.refusals), so no client can flood the log.
+client 3 (`require`). fedgrpc.server.admission does both for every call, and logs refusals
+through fedgrpc.server.refusals, so no client can flood the log.
 """
 
 from __future__ import annotations
@@ -126,10 +126,6 @@ class Authenticator:
                 f"authenticated as client {proven}, which may not act as client {claimed}",
                 code="PERMISSION_DENIED",
             )
-
-    def check(self, context: CallContext, claimed_client: int) -> None:
-        """Raise AuthError unless the caller proved it is `claimed_client`."""
-        self.require(self.identify(context), claimed_client)
 
     @staticmethod
     def _bearer(context: CallContext) -> str | None:

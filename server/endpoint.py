@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import resource
@@ -143,6 +144,12 @@ class GrpcEndpoint:
     def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until set_serving); returns the port."""
         raise_open_files_limit()
+        # What exists now (TensorFlow, the task, the data) is left out of garbage collections
+        # until stop(): a full collection walking it stalled the loop 0.9 s while 1,200 calls
+        # were held, and held streams were cut (test_hardening's 1,200-stream test failed 2 runs
+        # in 11, and about 1 in 3 with admission as an interceptor, on 2 busy cores; 0 in 11
+        # with this).
+        gc.freeze()
         self._thread.start()
         self.coordinator.on_phase_change(lambda: self._call_soon(self.servicer.phase_changed))
         self.servicer.count_calls_gone()
@@ -170,12 +177,14 @@ class GrpcEndpoint:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        gc.unfreeze()
 
     async def _start(self) -> int:
         cfg = self.config
         server = grpc.aio.server(
             options=server_options(cfg.limits),
             maximum_concurrent_rpcs=cfg.limits.total(self.coordinator.run.num_clients),
+            interceptors=(self.servicer.admission,),
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

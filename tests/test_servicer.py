@@ -497,9 +497,9 @@ def test_a_fault_in_a_handler_is_logged_not_counted_as_a_call_its_client_ended(
         raise grpc.aio.InternalError("a fault of the server's own")
 
     async def run() -> grpc.StatusCode:
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=(servicer.admission,))
         handler = grpc.unary_unary_rpc_method_handler(
-            servicer._quiet(broken),
+            broken,
             request_deserializer=pb.JoinRequest.FromString,
             response_serializer=pb.JoinReply.SerializeToString,
         )
