@@ -10,6 +10,6 @@ verbs of fedgrpc.client.api, exported here:
         round.submit(model, num_examples=len(x))
 """
 
-from fedgrpc.client.api import Federation, Round, connect
+from .api import Federation, Round, connect
 
 __all__ = ["Federation", "Round", "connect"]

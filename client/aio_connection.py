@@ -14,8 +14,17 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from fedgrpc.client.channel import Backoff, ChannelSecurity, Retries
-from fedgrpc.client.connection import (
+from fedgrpc.v1 import coordinator_pb2 as pb
+from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+
+from ..common import secagg as sa
+from ..common import wire
+from ..common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec
+from ..common.config import RunSpec
+from ..common.errors import StaleRoundError, TaskMismatchError
+from ..common.protocol import READY_FOR_CHUNKS_KEY, Assignment, Instruction
+from .channel import Backoff, ChannelSecurity, Retries
+from .connection import (
     Traffic,
     advertise_request,
     assignment_from_header,
@@ -29,14 +38,6 @@ from fedgrpc.client.connection import (
     stage_request,
     update_streams,
 )
-from fedgrpc.common import secagg as sa
-from fedgrpc.common import wire
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import StaleRoundError, TaskMismatchError
-from fedgrpc.common.protocol import READY_FOR_CHUNKS_KEY, Assignment, Instruction
-from fedgrpc.v1 import coordinator_pb2 as pb
-from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 

@@ -33,16 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedgrpc.client.channel import ChannelSecurity
-from fedgrpc.client.connection import Connection
-from fedgrpc.client.link import BlockingLink
-from fedgrpc.client.session import BlockingSession, Session
-from fedgrpc.client.steps import exchange_steps
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import ConfigError, TaskError
-from fedgrpc.common.protocol import Assignment, Instruction
-from fedgrpc.common.settings import require_tls
-from fedgrpc.common.words import plural
+
+from ..common.config import RunSpec
+from ..common.errors import ConfigError, TaskError
+from ..common.protocol import Assignment, Instruction
+from ..common.settings import require_tls
+from ..common.words import plural
+from .channel import ChannelSecurity
+from .connection import Connection
+from .link import BlockingLink
+from .session import BlockingSession, Session
+from .steps import exchange_steps
 
 __all__ = ["Federation", "Round", "connect"]
 
@@ -143,7 +144,7 @@ class Federation:
     def shard(self, x: Any, y: np.ndarray, *more: Any) -> tuple[Any, ...]:
         """This client's part of one dataset under the run's partitioning: for stand-in
         federations, where every client holds the same dataset (demos, benchmarks)."""
-        from fedgrpc.common.task import Site
+        from ..common.task import Site
 
         site = Site(
             self.client_id,
@@ -196,10 +197,10 @@ class _ModelReset:
         self.model = model
         self.fresh = self.proximal = None
         if getattr(model, "optimizer", None) is not None:
-            from fedgrpc.common.models import FreshOptimizer
+            from ..common.models import FreshOptimizer
 
             if run.proximal_mu > 0:  # FedProx: the optimizer pulls toward the global weights
-                from fedgrpc.client.proximal import install
+                from .proximal import install
 
                 self.proximal = install(model, run.proximal_mu)
             self.fresh = FreshOptimizer(model)

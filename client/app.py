@@ -14,24 +14,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from fedgrpc.client.channel import ChannelSecurity
-from fedgrpc.client.connection import Connection
-from fedgrpc.client.link import BlockingLink
-from fedgrpc.client.session import BlockingSession, Session
-from fedgrpc.client.steps import LocalDP as LocalDP  # fl-client's settings (cli.py) name it here
-from fedgrpc.client.steps import exchange_steps
-from fedgrpc.common import device, task_loader
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
-from fedgrpc.common.config import DEFAULT_TASK, RunSpec
-from fedgrpc.common.errors import ConfigError, FedGrpcError
-from fedgrpc.common.logs import human_bytes
-from fedgrpc.common.protocol import Instruction
-from fedgrpc.common.task import Site
-from fedgrpc.common.task_loader import LoadedTask, load_task
-from fedgrpc.common.words import plural
+
+from ..common import device, task_loader
+from ..common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
+from ..common.config import DEFAULT_TASK, RunSpec
+from ..common.errors import ConfigError, FedGrpcError
+from ..common.logs import human_bytes
+from ..common.protocol import Instruction
+from ..common.task import Site
+from ..common.task_loader import LoadedTask, load_task
+from ..common.words import plural
+from .channel import ChannelSecurity
+from .connection import Connection
+from .link import BlockingLink
+from .session import BlockingSession, Session
+from .steps import LocalDP as LocalDP  # fl-client's settings (cli.py) name it here
+from .steps import exchange_steps
 
 if TYPE_CHECKING:
-    from fedgrpc.client.trainer import Evaluation, LocalTrainer, TrainResult
+    from .trainer import Evaluation, LocalTrainer, TrainResult
 
 log = logging.getLogger("fedgrpc.client")
 
@@ -101,7 +102,7 @@ def run_client(config: ClientConfig) -> int:
 
 def prepare_trainer(loaded: LoadedTask, run: RunSpec, config: ClientConfig) -> LocalTrainer:
     """Load this site's data and build the task's model, checking that the two fit."""
-    from fedgrpc.client.trainer import LocalTrainer
+    from .trainer import LocalTrainer
 
     params = task_loader.check_params(loaded.task, run.task_params)
     site = Site(

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from fedgrpc.common.errors import (
+
+from ..common.errors import (
     AuthError,
     ConfigError,
     FedGrpcError,
@@ -34,7 +35,7 @@ from fedgrpc.common.errors import (
     StaleRoundError,
     UpdateRejectedError,
 )
-from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
+from ..common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
 
 log = logging.getLogger("fedgrpc.client.connection")
 

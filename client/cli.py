@@ -15,14 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedgrpc.common import device, logs, run_file, settings
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, TASK, VERBOSE, Setting, site_data
-from fedgrpc.common.words import plural
+from ..common import device, logs, run_file, settings
+from ..common.errors import ConfigError
+from ..common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, TASK, VERBOSE, Setting, site_data
+from ..common.words import plural
 
 if TYPE_CHECKING:
-    from fedgrpc.client.app import LocalDP
-    from fedgrpc.client.connection import ChannelSecurity
+    from .app import LocalDP
+    from .connection import ChannelSecurity
 
 
 _SECURITY = "security"
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     """Check the flags that go together, then take part; every refusal is a ConfigError."""
     logs.setup(f"client {args.client_id}", verbose=args.verbose, log_format=args.log_format)
     device.prepare(args.threads, args.gpu)
-    from fedgrpc.client.app import ClientConfig, run_client
+    from .app import ClientConfig, run_client
 
     security = _security(args)
     if args.light:
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _security(args: argparse.Namespace) -> ChannelSecurity:
     """TLS and the token, refusing plain text not asked for and half a client certificate."""
-    from fedgrpc.client.connection import ChannelSecurity
+    from .connection import ChannelSecurity
 
     settings.require_tls(
         args.ca is not None,
@@ -200,13 +200,13 @@ def _local_dp(args: argparse.Namespace) -> LocalDP | None:
     settings.go_together({"--local-dp-clip": clip, "--local-dp-noise-multiplier": noise})
     if clip is None:
         return None
-    from fedgrpc.client.app import LocalDP
+    from .app import LocalDP
 
     return LocalDP(clip, noise, args.local_dp_delta)
 
 
 def _run_light(args: argparse.Namespace, security: ChannelSecurity) -> int:
-    from fedgrpc.client.light import run_light_client
+    from .light import run_light_client
 
     stats = run_light_client(
         args.server,

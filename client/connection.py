@@ -24,16 +24,17 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from fedgrpc.client.channel import Backoff, ChannelSecurity, Retries, error_from
-from fedgrpc.common import compression, wire
-from fedgrpc.common import secagg as sa
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
-from fedgrpc.common.config import RunSpec, TaskRef
-from fedgrpc.common.errors import StaleRoundError, TaskMismatchError, UpdateRejectedError
-from fedgrpc.common.metrics import check_metrics
-from fedgrpc.common.protocol import Assignment, Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
+
+from ..common import compression, wire
+from ..common import secagg as sa
+from ..common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
+from ..common.config import RunSpec, TaskRef
+from ..common.errors import StaleRoundError, TaskMismatchError, UpdateRejectedError
+from ..common.metrics import check_metrics
+from ..common.protocol import Assignment, Instruction
+from .channel import Backoff, ChannelSecurity, Retries, error_from
 
 __all__ = ["Backoff", "ChannelSecurity", "Connection", "Traffic", "assignment_from_header"]
 

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from fedgrpc.client.aio_connection import AioConnection
-from fedgrpc.client.channel import ChannelSecurity
-from fedgrpc.client.session import Session
-from fedgrpc.client.steps import exchange_steps
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.errors import FedGrpcError
-from fedgrpc.common.protocol import Instruction
+
+from ..common.codec import DEFAULT_CHUNK_BYTES
+from ..common.errors import FedGrpcError
+from ..common.protocol import Instruction
+from .aio_connection import AioConnection
+from .channel import ChannelSecurity
+from .session import Session
+from .steps import exchange_steps
 
 log = logging.getLogger("fedgrpc.client")
 

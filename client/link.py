@@ -21,10 +21,11 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
-from fedgrpc.client.connection import Connection
-from fedgrpc.common import secagg as sa
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.protocol import Assignment
+
+from ..common import secagg as sa
+from ..common.codec import TensorSpec
+from ..common.protocol import Assignment
+from .connection import Connection
 
 T = TypeVar("T")
 

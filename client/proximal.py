@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedgrpc.common.errors import TaskError
+from ..common.errors import TaskError
 
 
 class _Proximal:

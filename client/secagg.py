@@ -32,12 +32,13 @@ import secrets
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from fedgrpc.client.connection import Connection
-from fedgrpc.client.link import BlockingLink, Link, run_blocking
-from fedgrpc.common import secagg as sa
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import SecAggError, StaleRoundError, UpdateRejectedError
+
+from ..common import secagg as sa
+from ..common.codec import TensorSpec
+from ..common.config import RunSpec
+from ..common.errors import SecAggError, StaleRoundError, UpdateRejectedError
+from .connection import Connection
+from .link import BlockingLink, Link, run_blocking
 
 log = logging.getLogger("fedgrpc.client")
 

@@ -34,11 +34,12 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from fedgrpc.client.link import Link, run_blocking
-from fedgrpc.client.steps import Step, Transport, Update, chain
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import RunChangedError, SecAggError, StaleRoundError
-from fedgrpc.common.protocol import Assignment, Instruction
+
+from ..common.config import RunSpec
+from ..common.errors import RunChangedError, SecAggError, StaleRoundError
+from ..common.protocol import Assignment, Instruction
+from .link import Link, run_blocking
+from .steps import Step, Transport, Update, chain
 
 log = logging.getLogger("fedgrpc.client")
 

@@ -35,10 +35,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.common import logs, run_file, settings
-from fedgrpc.common.errors import ConfigError, FedGrpcError
-from fedgrpc.common.processes import free_port, spawn
-from fedgrpc.common.settings import CLIENTS, CLIENTS_PER_ROUND, DATA, ROUNDS, TASK, Setting
+from ..common import logs, run_file, settings
+from ..common.errors import ConfigError, FedGrpcError
+from ..common.processes import free_port, spawn
+from ..common.settings import CLIENTS, CLIENTS_PER_ROUND, DATA, ROUNDS, TASK, Setting
 
 log = logging.getLogger("fedgrpc.sim")
 
@@ -49,8 +49,8 @@ def _actor_class(ray: Any) -> Any:
         """A Ray actor around one SimWorker; JSON in, JSON out."""
 
         def __init__(self, settings: str) -> None:
-            from fedgrpc.client.app import ClientConfig
-            from fedgrpc.client.sim_worker import SimWorker
+            from .app import ClientConfig
+            from .sim_worker import SimWorker
 
             logs.setup("sim-actor", verbose=False)
             logging.getLogger().setLevel(logging.WARNING)  # N clients' round lines would drown the server's

@@ -21,16 +21,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from fedgrpc.client.app import ClientConfig, prepare_trainer, take_part
-from fedgrpc.client.channel import wake_waiting_calls_every
-from fedgrpc.client.connection import Connection
-from fedgrpc.client.trainer import Evaluation, TrainResult
-from fedgrpc.common import device, task_loader
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import FedGrpcError
-from fedgrpc.common.settings import site_data
-from fedgrpc.common.task import LocalData, Site
+
+from ..common import device, task_loader
+from ..common.codec import TensorSpec
+from ..common.config import RunSpec
+from ..common.errors import FedGrpcError
+from ..common.settings import site_data
+from ..common.task import LocalData, Site
+from .app import ClientConfig, prepare_trainer, take_part
+from .channel import wake_waiting_calls_every
+from .connection import Connection
+from .trainer import Evaluation, TrainResult
 
 log = logging.getLogger("fedgrpc.client")
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from fedgrpc.client.link import Link
-from fedgrpc.client.secagg import SecureSteps
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import ConfigError, UpdateRejectedError
-from fedgrpc.common.privacy import PrivacyAccountant, clip_update, noise_generator, privatize_locally
-from fedgrpc.common.protocol import Assignment, timings
+
+from ..common.codec import TensorSpec
+from ..common.config import RunSpec
+from ..common.errors import ConfigError, UpdateRejectedError
+from ..common.privacy import PrivacyAccountant, clip_update, noise_generator, privatize_locally
+from ..common.protocol import Assignment, timings
+from .link import Link
+from .secagg import SecureSteps
 
 log = logging.getLogger("fedgrpc.client")
 

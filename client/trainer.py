@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import MetricsError, TaskError
-from fedgrpc.common.metrics import check_metrics
-from fedgrpc.common.task import LocalData, Params, RoundContext, evaluate_model, fit_model
-from fedgrpc.common.task_loader import LoadedTask, call
+
+from ..common.codec import TensorSpec
+from ..common.config import RunSpec
+from ..common.errors import MetricsError, TaskError
+from ..common.metrics import check_metrics
+from ..common.task import LocalData, Params, RoundContext, evaluate_model, fit_model
+from ..common.task_loader import LoadedTask, call
 
 PERSONALIZED_PREFIX = "personalized_"
 
@@ -42,7 +43,7 @@ class LocalTrainer:
     """Runs a task's training and evaluation on this client's data, round after round."""
 
     def __init__(self, loaded: LoadedTask, run: RunSpec, params: Params, data: LocalData, model: Any) -> None:
-        from fedgrpc.common.models import FreshOptimizer, weight_specs
+        from ..common.models import FreshOptimizer, weight_specs
 
         self.loaded = loaded
         self.run = run
@@ -52,7 +53,7 @@ class LocalTrainer:
         self.specs: list[TensorSpec] = weight_specs(model)
         self._proximal = None
         if run.proximal_mu > 0:
-            from fedgrpc.client import proximal
+            from . import proximal
 
             self._proximal = proximal.install(model, run.proximal_mu)
         self._fresh_optimizer = FreshOptimizer(model)

@@ -13,10 +13,11 @@ from typing import Any
 
 import keras
 import numpy as np
-from fedgrpc.common.data import Examples, load_labels, load_split, model_inputs
-from fedgrpc.common.models import reference_cnn
-from fedgrpc.common.partition import matching_indices
-from fedgrpc.common.task import LocalData, Params, Site, Task
+
+from .data import Examples, load_labels, load_split, model_inputs
+from .models import reference_cnn
+from .partition import matching_indices
+from .task import LocalData, Params, Site, Task
 
 NUM_CLASSES = 10
 PREFETCH_BATCHES = 2

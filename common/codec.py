@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from fedgrpc.common.errors import CodecError, UnsupportedDTypeError
+
+from .errors import CodecError, UnsupportedDTypeError
 
 #: Every dtype the wire carries, by numpy name.
 SUPPORTED_DTYPES: tuple[str, ...] = (

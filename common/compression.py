@@ -23,8 +23,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.errors import CodecError, ConfigError
+
+from .codec import TensorSpec
+from .errors import CodecError, ConfigError
 
 COMPRESSIONS: tuple[str, ...] = ("none", "fp16", "int8")
 #: How an update may travel: a compression, or masked ring words under secure aggregation.

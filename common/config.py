@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fedgrpc.common.compression import COMPRESSIONS
-from fedgrpc.common.errors import ConfigError, NotEnrolledError
-from fedgrpc.common.partition import check_scheme
+from .compression import COMPRESSIONS
+from .errors import ConfigError, NotEnrolledError
+from .partition import check_scheme
 
 #: A task parameter's value: the types TOML, the command line and the wire all carry
 #: (fedgrpc.common.task shows it to task authors).

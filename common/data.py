@@ -30,7 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal, cast
 
 import numpy as np
-from fedgrpc.common.errors import DataError
+
+from .errors import DataError
 
 Split = Literal["train", "test"]
 

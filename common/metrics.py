@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 
-from fedgrpc.common.errors import MetricsError
+from .errors import MetricsError
 
 MAX_METRICS = 32
 MAX_NAME_LENGTH = 64

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-from fedgrpc.common.codec import TensorSpec, spec_of
+
+from .codec import TensorSpec, spec_of
 
 
 def small_cnn(input_shape: tuple[int, ...] = (32, 32, 3), num_classes: int = 10) -> keras.Model:

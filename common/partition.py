@@ -22,7 +22,8 @@ run cannot be cut that way and a ConfigError says so (raise A, or use fewer clie
 from __future__ import annotations
 
 import numpy as np
-from fedgrpc.common.errors import ConfigError
+
+from .errors import ConfigError
 
 SCHEMES = ("iid", "dirichlet:ALPHA", "classes:K", "quantity:ALPHA")
 MIN_EXAMPLES = 2

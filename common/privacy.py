@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from fedgrpc.common.errors import ConfigError
+
+from .errors import ConfigError
 
 #: Renyi orders the accountant tries: whole numbers (fractional ones need numerical series that
 #: the library reports as failing to converge for small sampling rates).

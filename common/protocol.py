@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
+
+from .codec import TensorSpec
 
 
 class Instruction(Enum):

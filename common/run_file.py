@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.common.settings import Setting, by_name, typed_flags
+from .errors import ConfigError
+from .settings import Setting, by_name, typed_flags
 
 if sys.version_info >= (3, 11):
     import tomllib

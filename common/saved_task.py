@@ -19,10 +19,10 @@ import hashlib
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fedgrpc.common.config import TaskRef
-from fedgrpc.common.errors import TaskError
-from fedgrpc.common.task import Params, Site, Task
-from fedgrpc.common.task_loader import LoadedTask
+from .config import TaskRef
+from .errors import TaskError
+from .task import Params, Site, Task
+from .task_loader import LoadedTask
 
 
 def saved_model_task(path: Path) -> LoadedTask:

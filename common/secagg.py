@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from fedgrpc.common.errors import SecAggError
+
+from .errors import SecAggError
 
 #: The tensor a masked update lists after the model's: the masked example count.
 COUNT_TENSOR = "secagg/num_examples"

@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.compression import COMPRESSIONS
-from fedgrpc.common.config import DEFAULT_TASK, RunSpec
-from fedgrpc.common.errors import ConfigError, FedGrpcError
-from fedgrpc.common.logs import FORMATS
-from fedgrpc.common.partition import SCHEMES
-from fedgrpc.common.words import type_name
+from .codec import DEFAULT_CHUNK_BYTES
+from .compression import COMPRESSIONS
+from .config import DEFAULT_TASK, RunSpec
+from .errors import ConfigError, FedGrpcError
+from .logs import FORMATS
+from .partition import SCHEMES
+from .words import type_name
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fedgrpc.common.config import ParamValue
-from fedgrpc.common.errors import TaskError
-from fedgrpc.common.words import type_name
+
+from .config import ParamValue
+from .errors import TaskError
+from .words import type_name
 
 if TYPE_CHECKING:
     import keras
@@ -131,7 +132,7 @@ class Site:
     def shard(self, x: Any, y: np.ndarray, *more: Any) -> tuple[Any, ...]:
         """This site's examples of (x, y, *more) under the run's partitioning (seeded, computed
         here from the run spec alone). `y` holds the labels (class ids or one-hot rows)."""
-        from fedgrpc.common.partition import partition_indices
+        from .partition import partition_indices
 
         indices = partition_indices(
             _labels(y), self.num_clients, self.client_id - 1, self.partition_seed, self.partition

@@ -32,10 +32,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
-from fedgrpc.common.config import ParamValue, TaskRef
-from fedgrpc.common.errors import FedGrpcError, TaskError
-from fedgrpc.common.task import Dataset, LocalData, Params, Site, Task
-from fedgrpc.common.words import type_name
+from .config import ParamValue, TaskRef
+from .errors import FedGrpcError, TaskError
+from .task import Dataset, LocalData, Params, Site, Task
+from .words import type_name
 
 ENTRY_POINT_GROUP = "fedgrpc.tasks"
 T = TypeVar("T")
@@ -55,7 +55,7 @@ class LoadedTask:
 def load_task(spec: str) -> LoadedTask:
     """The task `spec` names (see the module docstring)."""
     if spec.endswith(".keras"):  # a saved model alone, for a server of training scripts
-        from fedgrpc.common.saved_task import saved_model_task
+        from .saved_task import saved_model_task
 
         return saved_model_task(Path(spec))
     if spec.endswith(".py") or Path(spec).is_file():
@@ -271,7 +271,7 @@ def check_fits(loaded: LoadedTask, model: Any, dataset: Dataset, what: str) -> N
 
 
 def _sample(dataset: Dataset) -> Any:
-    from fedgrpc.common.task import _split
+    from .task import _split
 
     x, y = _split(dataset)
     if y is None:

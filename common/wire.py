@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from fedgrpc.common import secagg as sa
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec, iter_chunks, to_wire
-from fedgrpc.common.config import EvaluationPlan, ParamValue, RunSpec, SecAggSpec, TaskRef
-from fedgrpc.common.errors import CodecError, SecAggError
-from fedgrpc.common.protocol import Instruction
 from fedgrpc.v1 import coordinator_pb2 as pb
+
+from . import secagg as sa
+from .codec import DEFAULT_CHUNK_BYTES, TensorAssembler, TensorSpec, iter_chunks, to_wire
+from .config import EvaluationPlan, ParamValue, RunSpec, SecAggSpec, TaskRef
+from .errors import CodecError, SecAggError
+from .protocol import Instruction
 
 _DTYPE_TO_PB = {
     "float16": pb.FLOAT16, "float32": pb.FLOAT32, "float64": pb.FLOAT64,

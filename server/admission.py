@@ -56,7 +56,8 @@ from typing import Any, Literal, NoReturn
 from urllib.parse import unquote
 
 import grpc
-from fedgrpc.common.errors import (
+
+from ..common.errors import (
     AuthError,
     CodecError,
     FedGrpcError,
@@ -67,9 +68,9 @@ from fedgrpc.common.errors import (
     TaskMismatchError,
     UpdateRejectedError,
 )
-from fedgrpc.server.auth import Authenticator, CallContext
-from fedgrpc.server.limits import CallCounter, Limits
-from fedgrpc.server.refusals import RefusalLog
+from .auth import Authenticator, CallContext
+from .limits import CallCounter, Limits
+from .refusals import RefusalLog
 
 __all__ = ["RULES", "Admission", "Call", "Kind", "Rule", "current_call", "peer_address", "status_of"]
 

@@ -16,18 +16,18 @@ from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
-from fedgrpc.server.checkpoint import CheckpointSink, CheckpointStore
-from fedgrpc.server.config import PrivacySettings as PrivacySettings  # re-exported: callers found them here
-from fedgrpc.server.config import RoundPolicy as RoundPolicy
-from fedgrpc.server.config import ServerConfig as ServerConfig
-from fedgrpc.server.driver import RoundDriver
-from fedgrpc.server.endpoint import GrpcEndpoint
-from fedgrpc.server.events import EventBus, RunClosed, RunStarted
-from fedgrpc.server.http import DashboardServer
-from fedgrpc.server.monitor import Monitor, MonitorSink
-from fedgrpc.server.results import ResultsSink, RoundRecord, RunResults
-from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.startup import (
+from .checkpoint import CheckpointSink, CheckpointStore
+from .config import PrivacySettings as PrivacySettings  # re-exported: callers found them here
+from .config import RoundPolicy as RoundPolicy
+from .config import ServerConfig as ServerConfig
+from .driver import RoundDriver
+from .endpoint import GrpcEndpoint
+from .events import EventBus, RunClosed, RunStarted
+from .http import DashboardServer
+from .monitor import Monitor, MonitorSink
+from .results import ResultsSink, RoundRecord, RunResults
+from .rounds import RoundCoordinator
+from .startup import (
     Job,
     load_job,
     make_coordinator,
@@ -36,7 +36,7 @@ from fedgrpc.server.startup import (
     round_minimum,
     start_endpoint,
 )
-from fedgrpc.server.strategy import strategy_record
+from .strategy import strategy_record
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -112,7 +112,7 @@ class FederatedServer:
             MonitorSink(self.monitor),
         )
         if cfg.tensorboard is not None:
-            from fedgrpc.server.tensorboard import TensorBoardWriter
+            from .tensorboard import TensorBoardWriter
 
             bus.subscribe(TensorBoardWriter(cfg.tensorboard))
         return bus

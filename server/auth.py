@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from fedgrpc.common.errors import AuthError, ConfigError
-from fedgrpc.common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
-from fedgrpc.server.revocation import RevocationList
+
+from ..common.errors import AuthError, ConfigError
+from ..common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
+from .revocation import RevocationList
 
 CERT_NAME_PREFIX = "client-"
 _CERT_NAME = re.compile(r"client-([1-9][0-9]{0,9})")

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedgrpc.common.codec import to_wire
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import CheckpointError, FedGrpcError, RunFailedError
-from fedgrpc.server.events import Event, RoundClosed, RunStarted
-from fedgrpc.server.results import RoundRecord, persist, remove_quietly, strict_json, write_atomically
+
+from ..common.codec import to_wire
+from ..common.config import RunSpec
+from ..common.errors import CheckpointError, FedGrpcError, RunFailedError
+from .events import Event, RoundClosed, RunStarted
+from .results import RoundRecord, persist, remove_quietly, strict_json, write_atomically
 
 FORMAT_VERSION = 2  # 2: run specs name a task and its parameters
 

@@ -15,16 +15,16 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from fedgrpc.common import device, logs, run_file, settings
-from fedgrpc.common.config import EvaluationPlan, RunSpec, SecAggSpec
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.common.task_loader import ParamOverride
-from fedgrpc.server.auth import ServerTls, load_tokens
-from fedgrpc.server.config import PrivacySettings, RoundPolicy, ServerConfig
-from fedgrpc.server.flags import GROUPS, SETTINGS
-from fedgrpc.server.http import HttpConfig
-from fedgrpc.server.limits import Limits
-from fedgrpc.server.strategy import StrategySettings
+from ..common import device, logs, run_file, settings
+from ..common.config import EvaluationPlan, RunSpec, SecAggSpec
+from ..common.errors import ConfigError
+from ..common.task_loader import ParamOverride
+from .auth import ServerTls, load_tokens
+from .config import PrivacySettings, RoundPolicy, ServerConfig
+from .flags import GROUPS, SETTINGS
+from .http import HttpConfig
+from .limits import Limits
+from .strategy import StrategySettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,16 +204,16 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(argv: list[str] | None) -> int:
     args, task_params = parse_args(argv)
     if args.hash_token:
-        from fedgrpc.server.auth import hash_token
+        from .auth import hash_token
 
         print(hash_token(args.hash_token))
         return 0
-    from fedgrpc.server.memory import limit_malloc_arenas
+    from .memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # before TensorFlow and gRPC start their threads
     logs.setup("server", verbose=args.verbose, log_format=args.log_format)
     device.prepare(args.threads)
-    from fedgrpc.server.app import FederatedServer
+    from .app import FederatedServer
 
     server = FederatedServer(config_from(args, task_params))
     signal.signal(signal.SIGTERM, server.request_stop)

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.common.config import DEFAULT_TASK, RunSpec, SecAggSpec, check_clients_per_round
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.common.settings import by_name
-from fedgrpc.server.auth import ServerTls
-from fedgrpc.server.flags import SETTINGS
-from fedgrpc.server.http import HttpConfig
-from fedgrpc.server.limits import Limits
-from fedgrpc.server.strategy import StrategySettings
+from ..common.config import DEFAULT_TASK, RunSpec, SecAggSpec, check_clients_per_round
+from ..common.errors import ConfigError
+from ..common.settings import by_name
+from .auth import ServerTls
+from .flags import SETTINGS
+from .http import HttpConfig
+from .limits import Limits
+from .strategy import StrategySettings
 
 _FLAGS = by_name(SETTINGS)
 

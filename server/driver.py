@@ -22,22 +22,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from fedgrpc.common.errors import RunFailedError, SecAggError
-from fedgrpc.common.logs import human_bytes
-from fedgrpc.common.privacy import PrivacyAccountant
-from fedgrpc.server.checkpoint import weights_digest
-from fedgrpc.server.evaluation import FederatedEvaluation, describe, main_metric
-from fedgrpc.server.events import EventBus, RoundClosed, RunFinished
-from fedgrpc.server.masked_sum import SecAggStrategy
-from fedgrpc.server.results import ClientReport, FederatedRecord, RoundRecord
-from fedgrpc.server.rounds import RoundCoordinator, RoundOutcome
-from fedgrpc.server.secagg import SecAggRound
-from fedgrpc.server.secure_collect import secure_collect
-from fedgrpc.server.startup import Job
-from fedgrpc.server.strategy import Strategy
+
+from ..common.errors import RunFailedError, SecAggError
+from ..common.logs import human_bytes
+from ..common.privacy import PrivacyAccountant
+from .checkpoint import weights_digest
+from .evaluation import FederatedEvaluation, describe, main_metric
+from .events import EventBus, RoundClosed, RunFinished
+from .masked_sum import SecAggStrategy
+from .results import ClientReport, FederatedRecord, RoundRecord
+from .rounds import RoundCoordinator, RoundOutcome
+from .secagg import SecAggRound
+from .secure_collect import secure_collect
+from .startup import Job
+from .strategy import Strategy
 
 if TYPE_CHECKING:
-    from fedgrpc.server.config import ServerConfig
+    from .config import ServerConfig
 
 log = logging.getLogger("fedgrpc.server")
 

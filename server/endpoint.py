@@ -28,18 +28,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from fedgrpc.common import wire
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.server import descriptors, memory
-from fedgrpc.server.auth import Authenticator, ServerTls
-from fedgrpc.server.intake import InflightBudget
-from fedgrpc.server.limits import Limits
-from fedgrpc.server.monitor import Monitor
-from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.servicer import DEFAULT_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, CoordinatorServicer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from ..common import wire
+from ..common.codec import DEFAULT_CHUNK_BYTES
+from ..common.errors import ConfigError
+from . import descriptors, memory
+from .auth import Authenticator, ServerTls
+from .intake import InflightBudget
+from .limits import Limits
+from .monitor import Monitor
+from .rounds import RoundCoordinator
+from .servicer import DEFAULT_INFLIGHT_BYTES, MAX_MESSAGE_BYTES, CoordinatorServicer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

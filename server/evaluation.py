@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fedgrpc.common.task import Dataset, Params, RoundContext, evaluate_model
-from fedgrpc.common.task_loader import LoadedTask, call
-from fedgrpc.server.evaluation_round import EvaluationReport
+
+from ..common.task import Dataset, Params, RoundContext, evaluate_model
+from ..common.task_loader import LoadedTask, call
+from .evaluation_round import EvaluationReport
 
 PERSONALIZED_PREFIX = "personalized_"
 _SHORT = {"accuracy": "acc", "loss": "loss"}

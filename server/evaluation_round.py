@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
-from fedgrpc.server.phases import Phase, RoundState
-from fedgrpc.server.sampling import ClientSampler
-from fedgrpc.server.update_admission import checked_metrics
+
+from ..common.errors import StaleRoundError, UpdateRejectedError
+from .phases import Phase, RoundState
+from .sampling import ClientSampler
+from .update_admission import checked_metrics
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the sinks' modules import this one
     import numpy as np
-    from fedgrpc.common.config import RunSpec
-    from fedgrpc.server.results import RoundRecord
+
+    from ..common.config import RunSpec
+    from .results import RoundRecord
 
 
 @dataclass(frozen=True)

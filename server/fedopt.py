@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.server.aggregate import (
+
+from ..common.errors import ConfigError
+from .aggregate import (
     Weights,
     adagrad_second_moment,
     adam_second_moment,
@@ -34,7 +35,7 @@ from fedgrpc.server.aggregate import (
     momentum_velocity,
     yogi_second_moment,
 )
-from fedgrpc.server.strategy import CentralDP, FedAvg
+from .strategy import CentralDP, FedAvg
 
 
 class ServerOptimizer(FedAvg):

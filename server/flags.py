@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from fedgrpc.common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, RUN_SETTINGS, VERBOSE, Setting
-from fedgrpc.server.limits import Limits
-from fedgrpc.server.strategy import STRATEGIES
+from ..common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, RUN_SETTINGS, VERBOSE, Setting
+from .limits import Limits
+from .strategy import STRATEGIES
 
 _LIMITS = Limits()
 

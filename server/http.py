@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from fedgrpc.server import descriptors
-from fedgrpc.server.monitor import Monitor
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import descriptors
+from .monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def _head(status: int, content_type: str, length: int) -> bytes:
 
 
 def _json(document: Any) -> bytes:
-    from fedgrpc.server.results import strict_json
+    from .results import strict_json
 
     return strict_json(document, separators=(",", ":")).encode()
 

@@ -27,12 +27,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from fedgrpc.common import compression
-from fedgrpc.common.codec import TensorAssembler, TensorSpec
-from fedgrpc.common.errors import UpdateRejectedError
-from fedgrpc.server.spool import SpooledUpdate
-from fedgrpc.server.strategy import UpdatePreparer
-from fedgrpc.server.validation import check_finite
+
+from ..common import compression
+from ..common.codec import TensorAssembler, TensorSpec
+from ..common.errors import UpdateRejectedError
+from .spool import SpooledUpdate
+from .strategy import UpdatePreparer
+from .validation import check_finite
 
 
 class InflightBudget:

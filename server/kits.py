@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedgrpc.server.project import Project
+from .project import Project
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from fedgrpc.common.errors import ConfigError, OverloadError, StalledError
+from ..common.errors import ConfigError, OverloadError, StalledError
 
 T = TypeVar("T")
 

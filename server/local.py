@@ -21,11 +21,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedgrpc.common import run_file, settings
-from fedgrpc.common.device import gpus_present
-from fedgrpc.common.errors import ConfigError, FedGrpcError
-from fedgrpc.common.processes import free_port, spawn
-from fedgrpc.common.settings import CLIENTS, DATA, ROUNDS, TASK, Setting, site_data
+from ..common import run_file, settings
+from ..common.device import gpus_present
+from ..common.errors import ConfigError, FedGrpcError
+from ..common.processes import free_port, spawn
+from ..common.settings import CLIENTS, DATA, ROUNDS, TASK, Setting, site_data
 
 #: fl-local's own settings; --clients, --rounds, --task, --data and --out are fl-server's too.
 SETTINGS = (

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TypeVar
 
-from fedgrpc.server.auth import CallContext
+from .auth import CallContext
 
 T = TypeVar("T")
 #: Answer this long before the client's deadline, so that the answer still reaches it.

@@ -24,12 +24,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from fedgrpc.common import secagg as sa
-from fedgrpc.common.errors import SecAggError
-from fedgrpc.server.aggregate import Weights
-from fedgrpc.server.isolation import Isolation
-from fedgrpc.server.secagg import SecAggRound
-from fedgrpc.server.strategy import FedAvg
+
+from ..common import secagg as sa
+from ..common.errors import SecAggError
+from .aggregate import Weights
+from .isolation import Isolation
+from .secagg import SecAggRound
+from .strategy import FedAvg
 
 #: The checkpoint entry that keeps the excluded clients across a restart.
 EXCLUDED_KEY = "secagg/excluded"

@@ -23,10 +23,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fedgrpc.common.config import RunSpec
-from fedgrpc.server.events import Event, RoundClosed, RunStarted
-from fedgrpc.server.phases import Phase, PhaseChange
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from ..common.config import RunSpec
+from .events import Event, RoundClosed, RunStarted
+from .phases import Phase, PhaseChange
 
 #: Per client, the rounds whose timeline is kept (the dashboard's strip shows the last few).
 TIMELINE_ROUNDS = 8

@@ -35,14 +35,15 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import StaleRoundError, UpdateRejectedError
-from fedgrpc.common.protocol import Instruction
-from fedgrpc.server.roster import Roster
-from fedgrpc.server.secagg import SecAggRound
+
+from ..common.config import RunSpec
+from ..common.errors import StaleRoundError, UpdateRejectedError
+from ..common.protocol import Instruction
+from .roster import Roster
+from .secagg import SecAggRound
 
 if TYPE_CHECKING:
-    from fedgrpc.server.evaluation_round import Evaluation
+    from .evaluation_round import Evaluation
 
 
 class Phase(Enum):

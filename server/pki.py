@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from fedgrpc.common.errors import ConfigError
+
+from ..common.errors import ConfigError
 
 #: Leaf certificates start this long before they are made, so that clocks a little behind accept them.
 _BACKDATE = dt.timedelta(hours=1)

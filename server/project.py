@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.common.errors import ConfigError
+from ..common.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

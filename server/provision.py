@@ -31,9 +31,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.server import revocation
-from fedgrpc.server.kits import (
+from ..common.errors import ConfigError
+from . import revocation
+from .kits import (
     CA_CERT,
     REVOKED,
     Member,
@@ -42,8 +42,8 @@ from fedgrpc.server.kits import (
     make_private_dir,
     replace_private,
 )
-from fedgrpc.server.pki import Authority
-from fedgrpc.server.project import Project, load_project
+from .pki import Authority
+from .project import Project, load_project
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import RunFailedError
-from fedgrpc.server.events import Event, RoundClosed, RunFinished
+
+from ..common.codec import TensorSpec
+from ..common.config import RunSpec
+from ..common.errors import RunFailedError
+from .events import Event, RoundClosed, RunFinished
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -210,7 +211,7 @@ class RunResults:
     def write_partition(self, run: RunSpec, labels: np.ndarray) -> dict[str, Any]:
         """The run's stand-in partition, from the labels of the dataset it cuts: what each client
         will train on (computed as every client computes its own shard)."""
-        from fedgrpc.common.partition import all_partitions
+        from ..common.partition import all_partitions
 
         classes = int(labels.max()) + 1 if len(labels) else 0
         shards = all_partitions(labels, run.num_clients, run.partition_seed, run.partition)

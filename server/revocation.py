@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.common.errors import ConfigError
+from ..common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

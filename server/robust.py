@@ -9,8 +9,9 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.server.aggregate import Weights, coordinate_median, krum, trimmed_mean
+
+from ..common.errors import ConfigError
+from .aggregate import Weights, coordinate_median, krum, trimmed_mean
 
 
 def no_state(name: str, state: dict[str, np.ndarray]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedgrpc.common.errors import RunFailedError
+from ..common.errors import RunFailedError
 
 
 @dataclass

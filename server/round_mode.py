@@ -18,14 +18,15 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import SecAggError
-from fedgrpc.common.secagg import COUNT_TENSOR
-from fedgrpc.server.aggregate import Weights
-from fedgrpc.server.masked_sum import SecAggStrategy
-from fedgrpc.server.secagg import SecAggRound
-from fedgrpc.server.strategy import Strategy, add_update
+
+from ..common.codec import TensorSpec
+from ..common.config import RunSpec
+from ..common.errors import SecAggError
+from ..common.secagg import COUNT_TENSOR
+from .aggregate import Weights
+from .masked_sum import SecAggStrategy
+from .secagg import SecAggRound
+from .strategy import Strategy, add_update
 
 
 class ClearRounds:

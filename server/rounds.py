@@ -23,21 +23,22 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.config import RunSpec
-from fedgrpc.common.errors import StaleRoundError
-from fedgrpc.common.protocol import Instruction
-from fedgrpc.server.evaluation_round import EvaluationReport, FederatedEvaluations
-from fedgrpc.server.fold_thread import FoldThread
-from fedgrpc.server.masked_sum import SecAggStrategy
-from fedgrpc.server.phases import AcceptedUpdate, Phase, PhaseChange, RoundAssignment, RoundState
-from fedgrpc.server.roster import Roster
-from fedgrpc.server.round_mode import ClearRounds, RoundMode, SecureRounds
-from fedgrpc.server.sampling import ClientSampler
-from fedgrpc.server.secagg import SecAggRound
-from fedgrpc.server.strategy import Strategy
-from fedgrpc.server.training import RoundOutcome, TrainingRounds
-from fedgrpc.server.update_admission import AdmittedUpdate, UpdateAdmission, UpdateHeader, UpdateRecorder
+
+from ..common.codec import TensorSpec
+from ..common.config import RunSpec
+from ..common.errors import StaleRoundError
+from ..common.protocol import Instruction
+from .evaluation_round import EvaluationReport, FederatedEvaluations
+from .fold_thread import FoldThread
+from .masked_sum import SecAggStrategy
+from .phases import AcceptedUpdate, Phase, PhaseChange, RoundAssignment, RoundState
+from .roster import Roster
+from .round_mode import ClearRounds, RoundMode, SecureRounds
+from .sampling import ClientSampler
+from .secagg import SecAggRound
+from .strategy import Strategy
+from .training import RoundOutcome, TrainingRounds
+from .update_admission import AdmittedUpdate, UpdateAdmission, UpdateHeader, UpdateRecorder
 
 __all__ = [
     "AcceptedUpdate", "AdmittedUpdate", "EvaluationReport", "Phase", "PhaseChange", "RoundAssignment",

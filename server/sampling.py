@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fedgrpc.common.config import check_clients_per_round
+from ..common.config import check_clients_per_round
 
 SAMPLINGS = ("fixed", "poisson")
 

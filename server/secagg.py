@@ -52,11 +52,12 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-from fedgrpc.common import secagg as sa
-from fedgrpc.common.config import SecAggSpec
-from fedgrpc.common.errors import SecAggError, StaleRoundError
-from fedgrpc.server import unmasking
-from fedgrpc.server.isolation import MIN_GROUP_SIZE
+
+from ..common import secagg as sa
+from ..common.config import SecAggSpec
+from ..common.errors import SecAggError, StaleRoundError
+from . import unmasking
+from .isolation import MIN_GROUP_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from fedgrpc.common.errors import ConfigError, SecAggError
-from fedgrpc.server.masked_sum import SecAggStrategy
-from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.secagg import SecAggRound
-from fedgrpc.server.strategy import ROBUST, FedAvg, Strategy
+from ..common.errors import ConfigError, SecAggError
+from .masked_sum import SecAggStrategy
+from .rounds import RoundCoordinator
+from .secagg import SecAggRound
+from .strategy import ROBUST, FedAvg, Strategy
 
 if TYPE_CHECKING:
-    from fedgrpc.server.config import ServerConfig
+    from .config import ServerConfig
 
 log = logging.getLogger("fedgrpc.server")
 

@@ -26,11 +26,13 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from fedgrpc.common import secagg as sa
-from fedgrpc.common import wire
-from fedgrpc.common.codec import DEFAULT_CHUNK_BYTES
-from fedgrpc.common.config import TaskRef
-from fedgrpc.common.errors import (
+from fedgrpc.v1 import coordinator_pb2 as pb
+
+from ..common import secagg as sa
+from ..common import wire
+from ..common.codec import DEFAULT_CHUNK_BYTES
+from ..common.config import TaskRef
+from ..common.errors import (
     CodecError,
     OverloadError,
     SecAggError,
@@ -38,18 +40,17 @@ from fedgrpc.common.errors import (
     TaskMismatchError,
     UpdateRejectedError,
 )
-from fedgrpc.common.protocol import READY_FOR_CHUNKS_KEY, Instruction
-from fedgrpc.server import longpoll
-from fedgrpc.server.admission import RULES, Admission, current_call
-from fedgrpc.server.auth import Authenticator, CallContext
-from fedgrpc.server.intake import InflightBudget, UpdateIntake
-from fedgrpc.server.limits import CallCounter, Limits, next_message
-from fedgrpc.server.monitor import Monitor
-from fedgrpc.server.refusals import RefusalLog
-from fedgrpc.server.rounds import RoundAssignment, RoundCoordinator, UpdateHeader
-from fedgrpc.server.secagg import SecAggRound
-from fedgrpc.server.summary import EventSummary
-from fedgrpc.v1 import coordinator_pb2 as pb
+from ..common.protocol import READY_FOR_CHUNKS_KEY, Instruction
+from . import longpoll
+from .admission import RULES, Admission, current_call
+from .auth import Authenticator, CallContext
+from .intake import InflightBudget, UpdateIntake
+from .limits import CallCounter, Limits, next_message
+from .monitor import Monitor
+from .refusals import RefusalLog
+from .rounds import RoundAssignment, RoundCoordinator, UpdateHeader
+from .secagg import SecAggRound
+from .summary import EventSummary
 
 log = logging.getLogger(__name__)
 

@@ -15,28 +15,29 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fedgrpc.common import device, task_loader
-from fedgrpc.common.config import RunSpec, SecAggSpec
-from fedgrpc.common.errors import ConfigError, TaskError
-from fedgrpc.common.privacy import PrivacyAccountant
-from fedgrpc.common.task import Site
-from fedgrpc.common.task_loader import LoadedTask
-from fedgrpc.common.words import plural
-from fedgrpc.server.auth import Authenticator
-from fedgrpc.server.checkpoint import Checkpoint
-from fedgrpc.server.endpoint import EndpointConfig, GrpcEndpoint
-from fedgrpc.server.evaluation import CentralEvaluator, describe, main_metric
-from fedgrpc.server.monitor import Monitor
-from fedgrpc.server.results import RoundRecord, RunResults
-from fedgrpc.server.revocation import RevocationList
-from fedgrpc.server.rounds import RoundCoordinator
-from fedgrpc.server.secure_collect import secure
-from fedgrpc.server.strategy import CentralDP, Strategy, make_strategy
+
+from ..common import device, task_loader
+from ..common.config import RunSpec, SecAggSpec
+from ..common.errors import ConfigError, TaskError
+from ..common.privacy import PrivacyAccountant
+from ..common.task import Site
+from ..common.task_loader import LoadedTask
+from ..common.words import plural
+from .auth import Authenticator
+from .checkpoint import Checkpoint
+from .endpoint import EndpointConfig, GrpcEndpoint
+from .evaluation import CentralEvaluator, describe, main_metric
+from .monitor import Monitor
+from .results import RoundRecord, RunResults
+from .revocation import RevocationList
+from .rounds import RoundCoordinator
+from .secure_collect import secure
+from .strategy import CentralDP, Strategy, make_strategy
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from fedgrpc.server.config import ServerConfig
+    from .config import ServerConfig
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -267,7 +268,7 @@ def make_coordinator(
     config: ServerConfig, job: Job, strategy: Strategy, minimum: int, results: RunResults
 ) -> RoundCoordinator:
     """The round state machine for this run; with --record-updates, every accepted update saved."""
-    from fedgrpc.common.models import weight_specs
+    from ..common.models import weight_specs
 
     specs = weight_specs(job.model)
     recorder = None

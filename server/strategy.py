@@ -30,16 +30,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.errors import ConfigError, UpdateRejectedError
-from fedgrpc.common.privacy import clip_factor, gaussian_noise, l2_norm, noise_generator
-from fedgrpc.server.aggregate import (
+
+from ..common.codec import TensorSpec
+from ..common.errors import ConfigError, UpdateRejectedError
+from ..common.privacy import clip_factor, gaussian_noise, l2_norm, noise_generator
+from .aggregate import (
     WeightedSum,
     Weights,
     sum_dtype,
     weighted_change,
 )
-from fedgrpc.server.robust import Krum, Median, TrimmedMean, no_state
+from .robust import Krum, Median, TrimmedMean, no_state
 
 
 class Strategy(Protocol):
@@ -314,7 +315,7 @@ def make_strategy(settings: StrategySettings, privacy: CentralDP | None = None) 
         return TrimmedMean(settings.trim_fraction)
     if name == "krum":
         return Krum(settings.byzantine)
-    from fedgrpc.server.fedopt import SERVER_OPTIMIZERS
+    from .fedopt import SERVER_OPTIMIZERS
 
     options = {
         key: value

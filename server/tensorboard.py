@@ -19,8 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fedgrpc.common.errors import ConfigError
-from fedgrpc.server.events import Event, RoundClosed, RunClosed
+from ..common.errors import ConfigError
+from .events import Event, RoundClosed, RunClosed
 
 
 class TensorBoardWriter:

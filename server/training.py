@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from fedgrpc.server.fold_thread import FoldThread
-from fedgrpc.server.phases import AcceptedUpdate, OpenRound, Phase, RoundState
-from fedgrpc.server.round_mode import RoundMode
-from fedgrpc.server.sampling import ClientSampler
+
+from .fold_thread import FoldThread
+from .phases import AcceptedUpdate, OpenRound, Phase, RoundState
+from .round_mode import RoundMode
+from .sampling import ClientSampler
 
 
 @dataclass

@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-from fedgrpc.common import secagg as sa
-from fedgrpc.common.errors import SecAggError
+
+from ..common import secagg as sa
+from ..common.errors import SecAggError
 
 if TYPE_CHECKING:
-    from fedgrpc.server.secagg import SecAggRound
+    from .secagg import SecAggRound
 
 log = logging.getLogger("fedgrpc.server.secagg")
 T = TypeVar("T")

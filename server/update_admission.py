@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.errors import MetricsError, UpdateRejectedError
-from fedgrpc.common.metrics import check_metrics
-from fedgrpc.server.fold_thread import FoldThread
-from fedgrpc.server.phases import AcceptedUpdate, OpenRound, Phase, RoundState
-from fedgrpc.server.round_mode import RoundMode
-from fedgrpc.server.strategy import UpdatePreparer
-from fedgrpc.server.validation import check_arrays, check_num_examples, check_specs
+
+from ..common.codec import TensorSpec
+from ..common.errors import MetricsError, UpdateRejectedError
+from ..common.metrics import check_metrics
+from .fold_thread import FoldThread
+from .phases import AcceptedUpdate, OpenRound, Phase, RoundState
+from .round_mode import RoundMode
+from .strategy import UpdatePreparer
+from .validation import check_arrays, check_num_examples, check_specs
 
 UpdateRecorder = Callable[[int, int, Sequence[np.ndarray]], None]
 #: Under secure aggregation, the only metrics an update may carry: names ending in this.

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from fedgrpc.common.codec import TensorSpec
-from fedgrpc.common.errors import UpdateRejectedError
+
+from ..common.codec import TensorSpec
+from ..common.errors import UpdateRejectedError
 
 
 def check_specs(expected: Sequence[TensorSpec], declared: Sequence[TensorSpec]) -> None:
