@@ -8,11 +8,11 @@ A budget spent (--dp-target-epsilon) ends the run after the round before. An att
 is trained again from the same weights: new weights that are not finite, secure aggregation
 aborted (with fresh keys), or every sampled client withdrawn (sampled again); after
 MAX_ABORTED_ROUNDS failures in a row the run stops (RunFailedError), keeping the last good
-checkpoint. An impossible secure-aggregation sum among too few clients to isolate its sender
-(fedgrpc.server.isolation) is no such failure: after LOST_AFTER of them the round is recorded as
-lost, the weights unchanged, and the run goes on. A stop requested (SIGTERM: the coordinator is
-interrupted) ends the loop after the step in progress. Runs on the server's main thread; the
-clients' calls reach the coordinator on the gRPC side meanwhile.
+checkpoint. An impossible secure-aggregation sum among fewer than six clients is no such
+failure: fedgrpc.server.isolation says the round is lost (another attempt at it would reveal too
+much); it is recorded so, the weights unchanged, and the run goes on. A stop requested (SIGTERM:
+the coordinator is interrupted) ends the loop after the step in progress. Runs on the server's
+main thread; the clients' calls reach the coordinator on the gRPC side meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from ..common.privacy import PrivacyAccountant
 from .checkpoint import weights_digest
 from .evaluation import FederatedEvaluation, describe, main_metric
 from .events import EventBus, RoundClosed, RunFinished
-from .isolation import LOST_AFTER, MIN_GROUP_SIZE
 from .masked_sum import SecAggStrategy
 from .results import ClientReport, FederatedRecord, RoundRecord
 from .rounds import RoundCoordinator, RoundOutcome
@@ -64,7 +63,13 @@ class _Again:
     """An attempt that failed: the round is trained again from the same weights."""
 
     aborted: int  # attempts that failed in a row so far
-    stuck: int = 0  # attempts at this round whose impossible sum could not be isolated
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """An attempt whose round is given up (no failure): the next round, from the same weights."""
+
+    why: str
 
 
 @dataclass(frozen=True)
@@ -107,25 +112,26 @@ class RoundDriver:
 
     def drive(self) -> None:
         """Every round still to train, until the last, a spent budget, or a stop."""
-        number, aborted, stuck = self.job.first_round, 0, 0
+        number, aborted = self.job.first_round, 0
         while number <= self.job.run.rounds and not self.coordinator.interrupted:
             epsilon = self.accountant.epsilon(number) if self.accountant is not None else None
             if self._over_budget(number, epsilon):
                 return
             started, start_digest = time.monotonic(), weights_digest(self.job.weights)
-            attempt = self._train(number, _Again(aborted, stuck))
+            attempt = self._train(number, aborted)
             if attempt is None:
                 return  # stopping
             if isinstance(attempt, _Again):
-                aborted, stuck = attempt.aborted, attempt.stuck
-                if stuck >= LOST_AFTER:
-                    self._lose(number, started, start_digest, stuck, epsilon)
-                    number, stuck = number + 1, 0
+                aborted = attempt.aborted
                 continue  # the same round again, from the same weights
+            if isinstance(attempt, _Lost):
+                self._lose(number, started, start_digest, attempt.why, epsilon)
+                number += 1
+                continue  # the next round, from the same weights
             if not _all_finite(attempt.outcome.weights):
                 aborted = self._non_finite(attempt.outcome, aborted + 1)
                 continue  # the same round again, from the same weights
-            aborted = stuck = 0
+            aborted = 0
             self.job.weights = attempt.outcome.weights
             evaluated = self._evaluate(number)
             if evaluated is None:
@@ -167,7 +173,7 @@ class RoundDriver:
         )  # fmt: skip
         return True
 
-    def _train(self, number: int, failed: _Again) -> _Trained | _Again | None:
+    def _train(self, number: int, aborted: int) -> _Trained | _Again | _Lost | None:
         """Open the round, collect its updates, aggregate them; None when the server is stopping."""
         coordinator, private = self.coordinator, self.config.privacy is not None
         coordinator.open_round(number, self.job.weights)
@@ -185,67 +191,45 @@ class RoundDriver:
                         "round %d: every sampled client withdrew before sending an update; "
                         "the round is sampled again among the others", number,
                     )  # fmt: skip
-                    return failed
+                    return _Again(aborted)
             outcome = coordinator.close_round(allow_empty=private)
         except SecAggError as exc:
             if coordinator.interrupted:
                 return None
-            return self._secure_aborted(number, exc, failed, secure)
+            return self._secure_aborted(number, exc, aborted, secure)
         return _Trained(outcome, expected, secure)
 
     def _secure_aborted(
-        self, number: int, error: SecAggError, failed: _Again, secure: SecAggRound | None
-    ) -> _Again:
-        """Leave out the clients found cheating; returns the failures in a row, counting this one
-        unless it made progress or its impossible sum could not be isolated (RunFailedError: too
-        many)."""
+        self, number: int, error: SecAggError, aborted: int, secure: SecAggRound | None
+    ) -> _Again | _Lost:
+        """Leave out the clients found cheating; the failures in a row, counting this one unless
+        it made progress (RunFailedError: too many), or the round lost (fedgrpc.server.isolation)."""
         culprits = sorted(secure.culprits) if secure is not None else []
         self.coordinator.leave_out(culprits)
         strategy = self.strategy if isinstance(self.strategy, SecAggStrategy) else None
-        if strategy is not None and strategy.isolation.stuck:
-            log.error(
-                "round %d: secure aggregation aborted (attempt %d of %d at this round whose sender cannot "
-                "be isolated): %s. The weights stay as they were and the round is trained again with "
-                "fresh keys", number, failed.stuck + 1, LOST_AFTER, error,
-            )  # fmt: skip
-            return _Again(failed.aborted, failed.stuck + 1)
-        aborted = failed.aborted
+        if strategy is not None and strategy.isolation.lost:
+            return _Lost(strategy.isolation.lost)
         if strategy is None or not strategy.progress:
             aborted += 1  # one that narrowed down an offender or found a new dispute is no failure
         secure_aborted(number, error, aborted, culprits)
-        return _Again(aborted, failed.stuck)
+        return _Again(aborted)
 
-    def _lose(
-        self, number: int, started: float, start_digest: str, attempts: int, epsilon: float | None
-    ) -> None:
-        """Round `number` is given up: its attempts' sums were impossible and their sender cannot
-        be isolated among so few clients; recorded (history, checkpoint) with the weights unchanged."""
-        why = (
-            f"{attempts} attempts gave an impossible secure-aggregation sum, and with {MIN_GROUP_SIZE} "
-            f"clients or fewer the sender cannot be isolated without unmasking a sum of fewer than "
-            f"{MIN_GROUP_SIZE} updates"
-        )
+    def _lose(self, number: int, started: float, start_digest: str, why: str, epsilon: float | None) -> None:
+        """Round `number` is given up, `why`: recorded (history, checkpoint), the weights unchanged."""
         log.error(
-            "round %d lost: %s; the weights stay as they were, nobody is named, and the run goes on",
+            "round %d lost: %s. The weights stay as they were and the run goes on with the next round",
             number, why,
         )  # fmt: skip
-        dp = self.config.privacy
+        dp, job = self.config.privacy, self.job
         record = RoundRecord(
             round=number, seconds=round(time.monotonic() - started, 3), bytes_in=0, bytes_out=0,
             privacy=None if epsilon is None or dp is None else {"epsilon": epsilon, "delta": dp.delta},
-            start_digest=start_digest, end_digest=weights_digest(self.job.weights), lost=why,
+            start_digest=start_digest, end_digest=weights_digest(job.weights), lost=why,
         )  # fmt: skip
-        job = self.job
         job.history.append(record)
+        main = main_metric(job.loaded.task.main_metric, None, None)
         self.bus.publish(
-            RoundClosed(
-                job.run,
-                record,
-                tuple(job.history),
-                job.weights,
-                self.strategy.state(),
-                main_metric(job.loaded.task.main_metric, None, None),
-            )
+            RoundClosed(job.run, record, tuple(job.history), job.weights, self.strategy.state(), main)
         )
 
     def _non_finite(self, outcome: RoundOutcome, aborted: int) -> int:

@@ -5,9 +5,10 @@ are no encoded update (a count out of range, values beyond the bound) makes the 
 without showing who it was. Group testing narrows it down:
 
     clear --impossible sum--> suspecting --one suspect left--> clear (that client excluded)
-      |                          |  ^
-      |                          +--+ each attempt: a split, or one group with suspects out
-      +--(3 or fewer eligible)--> stuck: the attempt cannot be narrowed (the round may be lost)
+                                 |  ^
+                                 +--+ each attempt: a split, or one group with suspects out
+
+    and, with fewer than 2 x MIN_GROUP_SIZE eligible: impossible sum --> the round is lost
 
 - clear: one group, the protocol as usual.
 - suspecting, with 2 x MIN_GROUP_SIZE eligible clients or more (split): two groups of about
@@ -23,11 +24,19 @@ without showing who it was. Group testing narrows it down:
   sum narrows nothing (an offender may behave when it likes: counting the clients that sat out
   as the suspects would let one that behaves while in the group get an honest one named).
 - one suspect left: it is excluded for the rest of the run, and the reason logged.
-- stuck: with MIN_GROUP_SIZE eligible clients or fewer, no attempt can leave anyone out without
-  unmasking a sum of fewer than MIN_GROUP_SIZE, so an impossible sum cannot be narrowed: nobody
-  is named, `stuck` tells the round driver, which does not count it towards its failures in a
-  row and, after LOST_AFTER such attempts at one round, records the round as lost (weights
-  unchanged) and goes on to the next.
+- MIN_GROUP_SIZE eligible clients or fewer: no attempt can leave anyone out without unmasking
+  a sum of fewer than MIN_GROUP_SIZE, so an impossible sum is not narrowed and nobody is named.
+
+The round is lost (`lost` says why; the round driver records it, weights unchanged, and goes on
+to the next round, no failure counted) after an impossible sum among fewer than 2 x
+MIN_GROUP_SIZE eligible clients. The server has unmasked that sum, and the values of one whose
+count alone is out of range are the members' true sum: another attempt at the same round (the
+same weights, so about the same updates) over a different set of them would give a sum whose
+difference with it is the sum of the one or two clients in one but not the other (all but the
+suspects sitting out, among four or five; all but a client that dropped, among three). With
+2 x MIN_GROUP_SIZE or more, the attempt after an impossible sum splits its members into two
+groups of three or more (their two sums add up to the one before): nothing smaller is revealed,
+and the round is trained again.
 
 Floors: no group of an attempt while suspecting holds fewer than MIN_GROUP_SIZE clients (a
 declared size, not derived from --secagg-threshold), and such a group left with fewer masked
@@ -59,9 +68,6 @@ log = logging.getLogger("fedgrpc.server")
 MIN_GROUP_SIZE = 3
 #: Suspecting attempts in a row without an impossible sum after which the suspects are cleared.
 CLEAR_AFTER = 3
-#: Attempts at one round whose impossible sums cannot be narrowed (MIN_GROUP_SIZE eligible or
-#: fewer) after which the round is recorded as lost and the run goes on.
-LOST_AFTER = 3
 
 
 @dataclass
@@ -70,17 +76,16 @@ class Isolation:
     excluded: dict[int, str] = field(default_factory=dict)  # client -> why
     clean: int = 0  # suspecting attempts in a row without an impossible sum
     suspecting: bool = False  # the last attempt was made while suspecting (split or sit-out)
-    too_few: bool = False  # the last attempt had MIN_GROUP_SIZE eligible clients or fewer
-    stuck: bool = False  # the last attempt's impossible sum could not be narrowed (too few)
+    eligible: int = 0  # clients the last attempt was made among
+    lost: str = ""  # why the last attempt's round is lost ("": it is not)
     sat_out: dict[int, int] = field(default_factory=dict)  # suspect -> attempts it sat out
 
     def groups(self, eligible: Sequence[int], seed: str) -> list[frozenset[int]]:
         """The groups of the next attempt: none (one group of all) unless suspecting; never a
         group below MIN_GROUP_SIZE."""
-        self.suspecting = self.stuck = False
-        self.too_few = len(eligible) <= MIN_GROUP_SIZE
+        self.suspecting, self.eligible, self.lost = False, len(eligible), ""
         present = self.suspects & frozenset(eligible)
-        if not present or self.too_few:
+        if not present or len(eligible) <= MIN_GROUP_SIZE:
             return []
         self.suspecting = True
         if len(eligible) >= 2 * MIN_GROUP_SIZE:
@@ -118,15 +123,10 @@ class Isolation:
             return False
         self.clean = 0
         spoiled = frozenset().union(*failed)
-        if self.too_few:
-            self.stuck = True
-            log.warning(
-                "round %d: the sum of %s is impossible, and with %d or fewer clients no attempt can "
-                "leave one out without unmasking a sum of fewer than %d: the sender cannot be "
-                "isolated, nobody is named",
-                number, sorted(spoiled), MIN_GROUP_SIZE, MIN_GROUP_SIZE,
-            )  # fmt: skip
-            return False
+        if self.eligible < 2 * MIN_GROUP_SIZE:
+            self.lost = _why_lost(self.eligible)
+        if self.eligible <= MIN_GROUP_SIZE:
+            return False  # nothing to narrow, nobody named
         before = self.suspects
         narrowed = before & spoiled
         self.suspects = narrowed if narrowed else spoiled
@@ -172,6 +172,19 @@ class Isolation:
     def restore(self, excluded: Iterable[int]) -> None:
         for client in excluded:
             self.excluded[int(client)] = "excluded before the server restarted (see its earlier log)"
+
+
+def _why_lost(eligible: int) -> str:
+    if eligible <= MIN_GROUP_SIZE:
+        return (
+            f"its secure-aggregation sum was impossible, and among {eligible} clients the sender cannot "
+            f"be isolated without unmasking a sum of fewer than {MIN_GROUP_SIZE} updates; nobody is named"
+        )
+    return (
+        f"its secure-aggregation sum was impossible, and among {eligible} clients another attempt at "
+        f"this round would reveal the sum of fewer than {MIN_GROUP_SIZE} updates (its difference with "
+        "this one); the suspects are narrowed down over the next rounds"
+    )
 
 
 def split(eligible: Sequence[int], suspects: frozenset[int], seed: str) -> list[frozenset[int]]:

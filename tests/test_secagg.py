@@ -202,12 +202,23 @@ def _hunt(n: int, offender: int, seed: str, spoils: object = None) -> tuple[dict
 def test_four_or_five_clients_isolate_one_offender_with_one_group_and_suspects_sitting_out() -> None:
     """An offender that spoils every sum it is in is excluded, wherever it sits, after a bounded
     number of attempts: the suspects sitting out rotate, so it cannot sit out twice in a row
-    at one step of the narrowing."""
+    at one step of the narrowing. Each impossible sum loses its round (another attempt at it
+    would differ from this one by a sum of one or two); among six, the split that follows adds
+    up to the impossible sum, and the round is trained again."""
+    from fedgrpc.server.isolation import Isolation
+
     for n in (4, 5):
         for offender in range(1, n + 1):
             for seed in range(10):
                 excluded, attempts = _hunt(n, offender, f"{n}:{offender}:{seed}")
                 assert list(excluded) == [offender] and attempts <= 7, (n, offender, seed, attempts)
+    for n, lost in ((4, True), (5, True), (6, False), (9, False)):
+        isolation = Isolation()
+        isolation.groups(list(range(1, n + 1)), "s")
+        assert isolation.observe(1, [frozenset(range(1, n + 1))])  # progress: suspects named
+        assert bool(isolation.lost) is lost
+        isolation.groups(list(range(1, n + 1)), "t")
+        assert not isolation.lost and not isolation.observe(1, [])
 
 
 def test_an_offender_that_behaves_when_it_likes_never_gets_an_honest_client_named() -> None:
@@ -230,16 +241,17 @@ def test_an_offender_that_behaves_when_it_likes_never_gets_an_honest_client_name
 
 def test_with_three_clients_an_impossible_sum_cannot_be_narrowed_and_nobody_is_named() -> None:
     """Leaving anyone out of three would unmask a sum of two: every attempt is one group of all,
-    its impossible sum is stuck (the driver neither counts it as a failure nor names anyone)."""
+    and its impossible sum loses the round (no failure to count), nobody named."""
     from fedgrpc.server.isolation import Isolation
 
     isolation = Isolation()
     for attempt in range(5):
         assert isolation.groups([1, 2, 3], f"s{attempt}") == []
-        assert not isolation.observe(1, [frozenset({1, 2, 3})])
-        assert isolation.stuck and not isolation.excluded
-    assert isolation.groups([1, 2, 3], "t") == [] and not isolation.stuck  # a new attempt
-    assert not isolation.observe(2, []) and not isolation.stuck
+        assert not isolation.observe(attempt + 1, [frozenset({1, 2, 3})])
+        assert "among 3 clients the sender cannot be isolated" in isolation.lost
+        assert not isolation.excluded and not isolation.suspects
+    assert isolation.groups([1, 2, 3], "t") == [] and not isolation.lost  # a new attempt
+    assert not isolation.observe(6, []) and not isolation.lost
     isolation = Isolation(suspects=frozenset({1, 2}))  # suspected among four, one of them gone since
     assert isolation.groups([1, 2, 3], "u") == [] and not isolation.suspecting
 
@@ -684,11 +696,13 @@ def test_with_four_or_five_clients_an_offender_is_isolated_by_suspects_sitting_o
 ) -> None:
     """The last client masks an example count of 2^30 every round. Two groups of three cannot
     be formed, so each attempt while suspecting is one group of at least three with suspects
-    sitting out; the offender is excluded by name, no honest client ever is, the run finishes,
-    and every round is the exact mean of the honest clients counted in it."""
+    sitting out, and each impossible sum loses its round (four: the first, and one per suspect
+    narrowed away). The offender is excluded by name by round 7 (at most one sit-out round per
+    step), no honest client ever is, the run finishes, and every round that was not lost is the
+    exact mean of the honest clients counted in it."""
     port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
     flags = ("--secagg", "--secagg-timeout", "10", "--round-timeout", "20", "--finish-grace", "1")
-    server = start(*server_command(port, synthetic_npz, out, rounds=5, clients=n, extra=flags), log=log)
+    server = start(*server_command(port, synthetic_npz, out, rounds=8, clients=n, extra=flags), log=log)
     wait_for_line(log, f"waiting for {n} clients", process=server)
     initial = CheckpointStore(out / "checkpoint").load()
     assert initial is not None
@@ -700,13 +714,17 @@ def test_with_four_or_five_clients_an_offender_is_isolated_by_suspects_sitting_o
     text = log.read_text()
     assert f"client {n} is left out of secure aggregation from now on" in text
     assert all(f"client {h} is left out" not in text for h in honest)
-    assert "sit this attempt out" in text and "attempts in a row" not in text and " lost" not in text
+    assert "sit this attempt out" in text and "attempts in a row" not in text
     history = json.loads((out / "history.json").read_text())
-    counted = [[c["client_id"] for c in r["clients"]] for r in history["rounds"]]
-    assert len(counted) == 5 and all(n not in r and len(r) >= 3 for r in counted), counted
+    rounds = history["rounds"]
+    lost = [r["round"] for r in rounds if "lost" in r]
+    assert len(lost) == 4 and lost[0] == 1 and "round 1 lost: its secure-aggregation sum" in text, lost
+    assert all(not r["clients"] and r["start_digest"] == r["end_digest"] for r in rounds if "lost" in r)
+    counted = [[c["client_id"] for c in r["clients"]] for r in rounds]
+    assert len(counted) == 8 and all(n not in r and len(r) in (0, 3, 4) for r in counted), counted
     assert counted[-1] == list(honest)  # after the exclusion: every honest client, one group
     final = CheckpointStore(out / "checkpoint").load()
-    assert final is not None and final.round == 5
+    assert final is not None and final.round == 8
     for got, want in zip(final.weights, _replay(initial.weights, counted), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     finish_all([peer])
@@ -715,9 +733,10 @@ def test_with_four_or_five_clients_an_offender_is_isolated_by_suspects_sitting_o
 def test_with_three_clients_an_offender_costs_rounds_but_cannot_stop_the_run(
     tmp_path: Path, synthetic_npz: Path
 ) -> None:
-    """Among three, leaving the offender out would unmask a sum of two: its impossible sums are
-    not counted as failures, each round is lost after its attempts are spent (recorded, weights
-    unchanged), nobody is excluded, and the server finishes the run with exit 0."""
+    """Among three, leaving the offender out would unmask a sum of two: an impossible sum is not
+    counted as a failure, its round is lost (recorded, weights unchanged; another attempt at it
+    would reveal the difference of two sums if a client dropped), nobody is excluded, and the
+    server finishes the run with exit 0."""
     port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
     flags = ("--secagg", "--secagg-timeout", "10", "--round-timeout", "20", "--finish-grace", "1")
     server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=3, extra=flags), log=log)
@@ -731,7 +750,7 @@ def test_with_three_clients_an_offender_costs_rounds_but_cannot_stop_the_run(
     finish_all([peer])
     text = log.read_text()
     assert "is left out" not in text and "attempts in a row" not in text
-    assert "round 1 lost: 3 attempts gave an impossible secure-aggregation sum" in text
+    assert "round 1 lost: its secure-aggregation sum was impossible, and among 3 clients" in text
     assert "round 2 lost" in text and "the sender cannot be isolated" in text
     history = json.loads((out / "history.json").read_text())
     assert history["finished"] and [r["round"] for r in history["rounds"]] == [1, 2]
