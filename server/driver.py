@@ -208,6 +208,7 @@ class RoundDriver:
         self.coordinator.leave_out(culprits)
         strategy = self.strategy if isinstance(self.strategy, SecAggStrategy) else None
         if strategy is not None and strategy.isolation.lost:
+            log.error("round %d: secure aggregation aborted: %s", number, error)
             return _Lost(strategy.isolation.lost)
         if strategy is None or not strategy.progress:
             aborted += 1  # one that narrowed down an offender or found a new dispute is no failure

@@ -125,31 +125,40 @@ class Isolation:
         spoiled = frozenset().union(*failed)
         if self.eligible < 2 * MIN_GROUP_SIZE:
             self.lost = _why_lost(self.eligible)
+        said = (
+            f"round {number}: {len(failed)} group sum(s) impossible (members {[sorted(g) for g in failed]})"
+        )
         if self.eligible <= MIN_GROUP_SIZE:
-            return False  # nothing to narrow, nobody named
+            log.warning(
+                "%s; among %d clients its sender cannot be isolated, nobody is named", said, self.eligible
+            )
+            return False
         before = self.suspects
         narrowed = before & spoiled
         self.suspects = narrowed if narrowed else spoiled
         if self.suspects != before:
             self.sat_out = {}
         if len(self.suspects) == 1:
-            (culprit,) = self.suspects
-            self.excluded[culprit] = (
-                f"its masked updates spoiled every group sum found impossible while it was a suspect, "
-                f"last in round {number}"
-            )
-            log.error(
-                "round %d: client %d is left out of secure aggregation from now on: %s",
-                number, culprit, self.excluded[culprit],
-            )  # fmt: skip
-            self.suspects = frozenset()
+            log.warning("%s; one suspect left", said)
+            self._exclude(number)
             return True
         log.warning(
-            "round %d: %d group sum(s) impossible (members %s); suspects now %s; the next attempts "
-            "aggregate in groups that narrow them down",
-            number, len(failed), [sorted(g) for g in failed], sorted(self.suspects),
+            "%s; suspects now %s; the next attempts aggregate in groups that narrow them down",
+            said, sorted(self.suspects),
         )  # fmt: skip
         return not before or len(self.suspects) < len(before)
+
+    def _exclude(self, number: int) -> None:
+        (culprit,) = self.suspects
+        self.excluded[culprit] = (
+            f"its masked updates spoiled every group sum found impossible while it was a suspect, "
+            f"last in round {number}"
+        )
+        log.error(
+            "round %d: client %d is left out of secure aggregation from now on: %s",
+            number, culprit, self.excluded[culprit],
+        )  # fmt: skip
+        self.suspects = frozenset()
 
     def _clean(self, number: int) -> None:
         if not (self.suspecting and self.suspects):
@@ -183,7 +192,7 @@ def _why_lost(eligible: int) -> str:
     return (
         f"its secure-aggregation sum was impossible, and among {eligible} clients another attempt at "
         f"this round would reveal the sum of fewer than {MIN_GROUP_SIZE} updates (its difference with "
-        "this one); the suspects are narrowed down over the next rounds"
+        "this one)"
     )
 
 
