@@ -171,12 +171,15 @@ def secagg_run(
         "kB_up_per_client_round": sum(r["sent"] for r in measured) / client_rounds / 1e3,
         "kB_down_per_client_round": sum(r["received"] for r in measured) / client_rounds / 1e3,
         "client_cpu_ms_per_round": 1e3 * sum(r["cpu_s"] for r in measured) / client_rounds,
-        "counted_last_round": len(history[-1]["clients"]),
+        "counted_last_round": len(history[-1]["clients"]),  # 0: the last round was lost
     }
     if secure:
-        row["neighbours"] = history[-1]["secagg"]["neighbours"]
-        row["unmask_s"] = history[-1]["secagg"]["unmask_seconds"]
-        row["key_steps_s"] = history[-1]["secagg"]["key_seconds"]
+        used = next(
+            (r for r in reversed(history) if "lost" not in r), history[-1]
+        )  # a lost one unmasked less
+        row["neighbours"] = used["secagg"]["neighbours"]
+        row["unmask_s"] = used["secagg"]["unmask_seconds"]
+        row["key_steps_s"] = used["secagg"]["key_seconds"]
     if offender:
         text = log.read_text()
         marker = f"client {n} is left out of secure aggregation"

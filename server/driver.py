@@ -70,6 +70,7 @@ class _Lost:
     """An attempt whose round is given up (no failure): the next round, from the same weights."""
 
     why: str
+    secure: SecAggRound | None
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class RoundDriver:
                 aborted = attempt.aborted
                 continue  # the same round again, from the same weights
             if isinstance(attempt, _Lost):
-                self._lose(number, started, start_digest, attempt.why, epsilon)
+                self._lose(number, started, start_digest, attempt, epsilon)
                 number += 1
                 continue  # the next round, from the same weights
             if not _all_finite(attempt.outcome.weights):
@@ -209,23 +210,26 @@ class RoundDriver:
         strategy = self.strategy if isinstance(self.strategy, SecAggStrategy) else None
         if strategy is not None and strategy.isolation.lost:
             log.error("round %d: secure aggregation aborted: %s", number, error)
-            return _Lost(strategy.isolation.lost)
+            return _Lost(strategy.isolation.lost, secure)
         if strategy is None or not strategy.progress:
             aborted += 1  # one that narrowed down an offender or found a new dispute is no failure
         secure_aborted(number, error, aborted, culprits)
         return _Again(aborted)
 
-    def _lose(self, number: int, started: float, start_digest: str, why: str, epsilon: float | None) -> None:
-        """Round `number` is given up, `why`: recorded (history, checkpoint), the weights unchanged."""
+    def _lose(
+        self, number: int, started: float, start_digest: str, lost: _Lost, epsilon: float | None
+    ) -> None:
+        """Round `number` is given up: recorded (history, checkpoint), the weights unchanged."""
         log.error(
             "round %d lost: %s. The weights stay as they were and the run goes on with the next round",
-            number, why,
+            number, lost.why,
         )  # fmt: skip
         dp, job = self.config.privacy, self.job
         record = RoundRecord(
             round=number, seconds=round(time.monotonic() - started, 3), bytes_in=0, bytes_out=0,
             privacy=None if epsilon is None or dp is None else {"epsilon": epsilon, "delta": dp.delta},
-            start_digest=start_digest, end_digest=weights_digest(job.weights), lost=why,
+            secagg=lost.secure.summary() if lost.secure is not None else None,
+            start_digest=start_digest, end_digest=weights_digest(job.weights), lost=lost.why,
         )  # fmt: skip
         job.history.append(record)
         main = main_metric(job.loaded.task.main_metric, None, None)
