@@ -41,9 +41,9 @@ and the round is trained again.
 Floors: no group of an attempt while suspecting holds fewer than MIN_GROUP_SIZE clients (a
 declared size, not derived from --secagg-threshold), and such a group left with fewer masked
 updates in the end (clients dropped) is not unmasked (fedgrpc.server.secagg), so the server
-never learns a sum of fewer than three updates from an attempt. Suspicion expires: after
-CLEAR_AFTER suspecting attempts in a row with no impossible sum, the suspects are cleared and
-rounds are one group again (an offender that behaves while suspected is found again if it
+never learns a sum of fewer than three updates from a suspecting attempt. Suspicion expires:
+after CLEAR_AFTER suspecting attempts in a row with no impossible sum, the suspects are cleared
+and rounds are one group again (an offender that behaves while suspected is found again if it
 resumes). Suspects not eligible this round (sampling) leave the attempt one group of all.
 
 What it reveals: while suspecting, the server learns the sum of each group (about half the
@@ -106,11 +106,12 @@ class Isolation:
         inside, out = order[:keep], order[keep:]
         for client in out:
             self.sat_out[client] = self.sat_out.get(client, 0) + 1
-        log.warning(
-            "%d clients cannot be split into two groups of at least %d: suspect(s) %s sit this attempt "
-            "out, the %d others aggregate as one group",
-            len(eligible), MIN_GROUP_SIZE, sorted(out)[:10], len(cleared) + len(inside),
-        )  # fmt: skip
+        if out:  # none: the one suspect present is in, the others are not eligible this round
+            log.warning(
+                "%d clients cannot be split into two groups of at least %d: suspect(s) %s sit this "
+                "attempt out, the %d others aggregate as one group",
+                len(eligible), MIN_GROUP_SIZE, sorted(out)[:10], len(cleared) + len(inside),
+            )  # fmt: skip
         return cleared | frozenset(inside)
 
     def observe(self, number: int, failed: Sequence[frozenset[int]]) -> bool:
