@@ -1,7 +1,7 @@
 """What privacy costs: secure aggregation's time and bytes, and DP's accuracy and epsilon.
 
     python bench/privacy.py [--sizes 3 20 100] [--rounds 3] [--noise 0 0.5 1 2] [--skip-dp]
-    python bench/privacy.py --offender --sizes 6 8 --rounds 5 --skip-dp
+    python bench/privacy.py --offender --sizes 4 5 6 --rounds 5 --skip-dp
 
 SecAgg: fl-server with a 1 MiB model (bench/tasks/sized.py, one dense layer of 262,144
 float32 weights) and N light clients (threads in 4 processes, the real client code), plain
@@ -18,8 +18,10 @@ pairwise masks must then be rebuilt and removed). Per variant:
 
 With --offender, instead: secure aggregation with and without one client (the last id) that
 masks an impossible example count every round, to measure what isolating it costs: the rounds
-until it is excluded, the honest updates left out meanwhile, the smallest group whose sum the
-server learned, and the round times (fedgrpc.server.isolation).
+until it is excluded, the attempts whose sum was impossible, the rounds lost (fewer than six
+clients: each impossible sum loses its round), the honest updates left out meanwhile (lost
+rounds, spoiled groups, suspects sitting out), the smallest group whose sum a round used, and
+the round times (fedgrpc.server.isolation).
 
 DP: examples/hospitals (4 hospitals, no data on the server) for --dp-rounds rounds with
 DP-FedAvg under secure aggregation, clients clipping to --dp-clip, at each --noise multiplier;
@@ -169,12 +171,15 @@ def secagg_run(
         "kB_up_per_client_round": sum(r["sent"] for r in measured) / client_rounds / 1e3,
         "kB_down_per_client_round": sum(r["received"] for r in measured) / client_rounds / 1e3,
         "client_cpu_ms_per_round": 1e3 * sum(r["cpu_s"] for r in measured) / client_rounds,
-        "counted_last_round": len(history[-1]["clients"]),
+        "counted_last_round": len(history[-1]["clients"]),  # 0: the last round was lost
     }
     if secure:
-        row["neighbours"] = history[-1]["secagg"]["neighbours"]
-        row["unmask_s"] = history[-1]["secagg"]["unmask_seconds"]
-        row["key_steps_s"] = history[-1]["secagg"]["key_seconds"]
+        used = next(
+            (r for r in reversed(history) if "lost" not in r), history[-1]
+        )  # a lost one unmasked less
+        row["neighbours"] = used["secagg"]["neighbours"]
+        row["unmask_s"] = used["secagg"]["unmask_seconds"]
+        row["key_steps_s"] = used["secagg"]["key_seconds"]
     if offender:
         text = log.read_text()
         marker = f"client {n} is left out of secure aggregation"
@@ -184,9 +189,10 @@ def secagg_run(
         row |= {
             "offender": True,
             "excluded_in_round": excluded[0] if excluded else None,
-            "impossible_sums": text.count("sum(s) impossible") + text.count("every group's unmasked sum"),
+            "impossible_sums": text.count("group sum(s) impossible"),  # one line per such attempt
+            "rounds_lost": sum(1 for r in history if "lost" in r),
             "honest_updates_lost": (n - 1) * len(history) - sum(counted),
-            "smallest_sum_learned": min(counted),
+            "smallest_sum_learned": min((c for c in counted if c), default=0),
             "round_s_each": [r["seconds"] for r in history],
         }
     return row
@@ -246,12 +252,13 @@ def main() -> int:
                     offender_rows.append(secagg_run(n, args.rounds, True, False, work, offender=bad))
             print("\nsecure aggregation with one client masking an impossible count every round")
             print(f"{'clients':>7} {'offender':>8} {'excluded in round':>17} {'impossible sums':>15} "
-                  f"{'honest lost':>11} {'smallest sum':>12}  round seconds")  # fmt: skip
+                  f"{'rounds lost':>11} {'honest lost':>11} {'smallest sum':>12}  round seconds")  # fmt: skip
             for row in offender_rows:
                 smallest = row.get("smallest_sum_learned", row["counted_last_round"])
                 print(f"{row['clients']:>7} {'yes' if row.get('offender') else 'no':>8} "
                       f"{row.get('excluded_in_round') or '-':>17} {row.get('impossible_sums', 0):>15} "
-                      f"{row.get('honest_updates_lost', 0):>11} {smallest:>12}  "
+                      f"{row.get('rounds_lost', 0):>11} {row.get('honest_updates_lost', 0):>11} "
+                      f"{smallest:>12}  "
                       f"{row.get('round_s_each', round(row['round_s'], 2))}")  # fmt: skip
         elif not args.skip_secagg:
             for n in args.sizes:

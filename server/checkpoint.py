@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,7 @@ class CheckpointStore:
             "weights_digest": digest,
             "strategy_file": strategy_path.name,
             "strategy_file_sha256": _file_sha256(strategy_path),
-            "history": [asdict(r) for r in history],
+            "history": [r.to_dict() for r in history],
         }
         document = {**body, "state_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
         write_atomically(self.state_path, strict_json(document, indent=1).encode())

@@ -8,9 +8,11 @@ A budget spent (--dp-target-epsilon) ends the run after the round before. An att
 is trained again from the same weights: new weights that are not finite, secure aggregation
 aborted (with fresh keys), or every sampled client withdrawn (sampled again); after
 MAX_ABORTED_ROUNDS failures in a row the run stops (RunFailedError), keeping the last good
-checkpoint. A stop requested (SIGTERM: the coordinator is interrupted) ends the loop after the
-step in progress. Runs on the server's main thread; the clients' calls reach the coordinator on
-the gRPC side meanwhile.
+checkpoint. An impossible secure-aggregation sum among fewer than six clients is no such
+failure: fedgrpc.server.isolation says the round is lost (another attempt at it would reveal too
+much); it is recorded so, the weights unchanged, and the run goes on. A stop requested (SIGTERM:
+the coordinator is interrupted) ends the loop after the step in progress. Runs on the server's
+main thread; the clients' calls reach the coordinator on the gRPC side meanwhile.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class _Again:
     """An attempt that failed: the round is trained again from the same weights."""
 
     aborted: int  # attempts that failed in a row so far
+
+
+@dataclass(frozen=True)
+class _Lost:
+    """An attempt whose round is given up (no failure): the next round, from the same weights."""
+
+    why: str
+    secure: SecAggRound | None
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,10 @@ class RoundDriver:
             if isinstance(attempt, _Again):
                 aborted = attempt.aborted
                 continue  # the same round again, from the same weights
+            if isinstance(attempt, _Lost):
+                self._lose(number, started, start_digest, attempt, epsilon)
+                number += 1
+                continue  # the next round, from the same weights
             if not _all_finite(attempt.outcome.weights):
                 aborted = self._non_finite(attempt.outcome, aborted + 1)
                 continue  # the same round again, from the same weights
@@ -160,7 +174,7 @@ class RoundDriver:
         )  # fmt: skip
         return True
 
-    def _train(self, number: int, aborted: int) -> _Trained | _Again | None:
+    def _train(self, number: int, aborted: int) -> _Trained | _Again | _Lost | None:
         """Open the round, collect its updates, aggregate them; None when the server is stopping."""
         coordinator, private = self.coordinator, self.config.privacy is not None
         coordinator.open_round(number, self.job.weights)
@@ -183,20 +197,45 @@ class RoundDriver:
         except SecAggError as exc:
             if coordinator.interrupted:
                 return None
-            return _Again(self._secure_aborted(number, exc, aborted, secure))
+            return self._secure_aborted(number, exc, aborted, secure)
         return _Trained(outcome, expected, secure)
 
     def _secure_aborted(
         self, number: int, error: SecAggError, aborted: int, secure: SecAggRound | None
-    ) -> int:
-        """Leave out the clients found cheating; returns the failures in a row, counting this one
-        unless it made progress (RunFailedError: too many)."""
-        if not (isinstance(self.strategy, SecAggStrategy) and self.strategy.progress):
-            aborted += 1  # one that narrowed down an offender or found a new dispute is no failure
+    ) -> _Again | _Lost:
+        """Leave out the clients found cheating; the failures in a row, counting this one unless
+        it made progress (RunFailedError: too many), or the round lost (fedgrpc.server.isolation)."""
         culprits = sorted(secure.culprits) if secure is not None else []
         self.coordinator.leave_out(culprits)
+        strategy = self.strategy if isinstance(self.strategy, SecAggStrategy) else None
+        if strategy is not None and strategy.isolation.lost:
+            log.error("round %d: secure aggregation aborted: %s", number, error)
+            return _Lost(strategy.isolation.lost, secure)
+        if strategy is None or not strategy.progress:
+            aborted += 1  # one that narrowed down an offender or found a new dispute is no failure
         secure_aborted(number, error, aborted, culprits)
-        return aborted
+        return _Again(aborted)
+
+    def _lose(
+        self, number: int, started: float, start_digest: str, lost: _Lost, epsilon: float | None
+    ) -> None:
+        """Round `number` is given up: recorded (history, checkpoint), the weights unchanged."""
+        log.error(
+            "round %d lost: %s. The weights stay as they were and the run goes on with the next round",
+            number, lost.why,
+        )  # fmt: skip
+        dp, job = self.config.privacy, self.job
+        record = RoundRecord(
+            round=number, seconds=round(time.monotonic() - started, 3), bytes_in=0, bytes_out=0,
+            privacy=None if epsilon is None or dp is None else {"epsilon": epsilon, "delta": dp.delta},
+            secagg=lost.secure.summary() if lost.secure is not None else None,
+            start_digest=start_digest, end_digest=weights_digest(job.weights), lost=lost.why,
+        )  # fmt: skip
+        job.history.append(record)
+        main = main_metric(job.loaded.task.main_metric, None, None)
+        self.bus.publish(
+            RoundClosed(job.run, record, tuple(job.history), job.weights, self.strategy.state(), main)
+        )
 
     def _non_finite(self, outcome: RoundOutcome, aborted: int) -> int:
         """Name the updates, largest first; RunFailedError after too many in a row."""

@@ -13,10 +13,11 @@ its sum is checked alone: the sums that pass are added into the one aggregate, a
 sum is impossible is left out (and its members' updates with it), named in
 `SecAggRound.failed` for the driver to narrow down who sent it. Only when every group fails
 does the attempt abort. An impossible sum is never taken for a diverging model: it feeds
-`isolation` (fedgrpc.server.isolation), which decides the next attempts' groups and excludes
-the client it narrows down to. Pairs of clients in a share dispute (fedgrpc.server.secagg) are
-kept in `apart` for the rest of the run (and in the checkpoint); an attempt that aborted on a
-new dispute is progress, as one that narrowed the suspects down: no failure to count.
+`isolation` (fedgrpc.server.isolation), which decides the next attempts' groups, excludes the
+client it narrows down to, and says when the round is lost instead (fewer than six clients).
+Pairs of clients in a share dispute (fedgrpc.server.secagg) are kept in `apart` for the rest of
+the run (and in the checkpoint); an attempt that aborted on a new dispute is progress, as one
+that narrowed the suspects down: no failure to count.
 """
 
 from __future__ import annotations

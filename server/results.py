@@ -66,6 +66,14 @@ class RoundRecord:
     secagg: Mapping[str, float] | None = None  # secure aggregation: who took each step, and its cost
     start_digest: str = ""  # weights_digest of the global weights the round started from
     end_digest: str = ""  # ... and of the new global weights it produced
+    lost: str | None = None  # why the round produced no new weights (secure aggregation), if so
+
+    def to_dict(self) -> dict[str, Any]:
+        """For history.json and the checkpoint: `lost` only where the round was lost."""
+        out = asdict(self)
+        if out["lost"] is None:
+            del out["lost"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
@@ -195,7 +203,7 @@ class RunResults:
         document: dict[str, Any] = {
             "run": described,
             "finished": finished,
-            "rounds": [asdict(r) for r in records],
+            "rounds": [r.to_dict() for r in records],
             "withdrawn": [{"client_id": k, "reason": why} for k, why in self.withdrawals().items()],
         }
         write_atomically(self.history_path, (strict_json(document, indent=2) + "\n").encode())

@@ -21,8 +21,10 @@ One SecAggRound per training round (fedgrpc.common.secagg has the primitives):
 
 Groups (fedgrpc.server.isolation decides them): after an impossible sum, an attempt may split
 its clients into disjoint groups, each its own neighbour graph, masked sum and check, so that a
-client sending ring words that are no encoded update spoils only its own group's sum. With one
-group (the normal case) this is the protocol above, unchanged.
+client sending ring words that are no encoded update spoils only its own group's sum; or it may
+be one group that leaves some suspects out (they sit the attempt out: told no keys, as a client
+without a neighbour). Every such group left with fewer than MIN_GROUP_SIZE masked updates is not
+unmasked. With no groups given (the normal case) this is the protocol above, unchanged.
 
 Disputes (a holder that reveals without a share it should hold): see fedgrpc.server.unmasking.
 
@@ -94,6 +96,7 @@ class SecAggRound:
         self.session = secrets.token_bytes(16)
         self.participants = frozenset(participants)
         self.groups = [frozenset(g) & self.participants for g in groups] or [self.participants]
+        self.isolating = bool(groups)  # groups of a suspecting attempt: each keeps MIN_GROUP_SIZE
         self.apart = apart
         self.group_of: dict[int, int] = {}  # client -> index in self.groups, once keys are advertised
         self.stage = "advertise"
@@ -238,7 +241,7 @@ class SecAggRound:
                 return self._abort("no masked update arrived")
             _say_who_is_missing(self.number, "submitted a masked update", arrived, self.shared)
             self.submitted = arrived
-            if len(self.groups) > 1:  # a small group's sum says too much about each update: not unmasked
+            if self.isolating:  # a small group's sum says too much about each update: not unmasked
                 sizes = Counter(self.group_of[c] for c in arrived)
                 alone = [c for c in arrived if sizes[self.group_of[c]] < MIN_GROUP_SIZE]
                 if alone:
@@ -341,7 +344,8 @@ class SecAggRound:
                 if kept:
                     graph[u] = kept
                     self.group_of[u] = index
-        lonely = sorted(set(advertised) - set(graph))
+        grouped = frozenset().union(*self.groups)
+        lonely = sorted((set(advertised) & grouped) - set(graph))
         if lonely:
             log.warning(
                 "round %d: client(s) %s have no neighbour to aggregate with this attempt (disputes or a "

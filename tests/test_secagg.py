@@ -162,24 +162,112 @@ def test_group_testing_deals_suspects_to_both_groups_and_narrows_down_to_one() -
     assert not isolation.observe(3, [])  # nothing spoiled: nothing learned
 
 
-def test_no_group_of_a_split_falls_below_the_floor() -> None:
-    """Five clients cannot be split into two groups of three: two suspects sit the attempt out
-    and the three others aggregate; when all are suspects the suspicion is dropped (nobody
-    named), and the next impossible sum is a failed attempt, not progress."""
+def test_no_group_of_a_suspecting_attempt_falls_below_the_floor() -> None:
+    """Six or more split into two groups of at least three; four or five aggregate as one group
+    of at least three, some suspects sitting out, every cleared client in; never a group of two
+    (the old rule let two clients that were not suspected aggregate alone)."""
     from fedgrpc.server.isolation import MIN_GROUP_SIZE, Isolation
 
     assert MIN_GROUP_SIZE == 3
     isolation = Isolation(suspects=frozenset({1, 2}))
-    assert isolation.groups([1, 2, 3, 4, 5], "s") == [frozenset({3, 4, 5})]
-    assert isolation.suspects == {1, 2} and not isolation.excluded
-    isolation = Isolation()
-    assert isolation.observe(1, [frozenset(range(1, 6))])  # the first impossible sum: all suspects
-    assert isolation.groups(list(range(1, 6)), "s") == []  # one group again, suspicion dropped
-    assert not isolation.suspects and not isolation.excluded
-    assert not isolation.observe(1, [frozenset(range(1, 6))])  # nothing learned: a failure
-    for seed in range(20):  # six or more: always two groups of at least three
+    assert isolation.groups([1, 2, 3, 4, 5], "s") in ([frozenset({1, 3, 4, 5})], [frozenset({2, 3, 4, 5})])
+    for seed in range(20):
+        for n in (4, 5):
+            for suspects in ({1, 2, 3}, set(range(1, n + 1)), {1, 2, 3, 4}):
+                (group,) = Isolation(suspects=frozenset(suspects)).groups(list(range(1, n + 1)), f"{seed}")
+                assert MIN_GROUP_SIZE <= len(group) < n and suspects - group, (n, suspects, group)
+                assert set(range(1, n + 1)) - suspects <= group  # cleared clients are never left out
         groups = Isolation(suspects=frozenset({1, 2, 3})).groups(list(range(1, 7 + seed % 3)), f"{seed}")
         assert len(groups) == 2 and min(len(g) for g in groups) >= MIN_GROUP_SIZE
+
+
+def _hunt(n: int, offender: int, seed: str, spoils: object = None) -> tuple[dict[int, str], int]:
+    """Attempts until the offender is excluded (or 60 attempts): each spoils the group holding
+    `offender` when `spoils(group, eligible)` says so (default: always). Returns the excluded
+    clients and the attempts made; every group is checked against the floor on the way."""
+    from fedgrpc.server.isolation import MIN_GROUP_SIZE, Isolation
+
+    isolation, eligible = Isolation(), list(range(1, n + 1))
+    decide = spoils if callable(spoils) else (lambda group, everyone: True)
+    for attempt in range(60):
+        groups = isolation.groups(eligible, f"{seed}:{attempt}") or [frozenset(eligible)]
+        assert all(len(g) >= MIN_GROUP_SIZE for g in groups) or groups == [frozenset(eligible)]
+        failed = [g for g in groups if offender in g and decide(g, eligible)]
+        isolation.observe(attempt + 1, failed)
+        if isolation.excluded:
+            return isolation.excluded, attempt + 1
+    return isolation.excluded, 60
+
+
+def test_four_or_five_clients_isolate_one_offender_with_one_group_and_suspects_sitting_out() -> None:
+    """An offender that spoils every sum it is in is excluded, wherever it sits, after a bounded
+    number of attempts: the suspects sitting out rotate, so it cannot sit out twice in a row
+    at one step of the narrowing. Each impossible sum loses its round (another attempt at it
+    would differ from this one by a sum of one or two); among six, the split that follows adds
+    up to the impossible sum, and the round is trained again."""
+    from fedgrpc.server.isolation import Isolation
+
+    for n in (4, 5):
+        for offender in range(1, n + 1):
+            for seed in range(10):
+                excluded, attempts = _hunt(n, offender, f"{n}:{offender}:{seed}")
+                assert list(excluded) == [offender] and attempts <= 7, (n, offender, seed, attempts)
+    for n, lost in ((4, True), (5, True), (6, False), (9, False)):
+        isolation = Isolation()
+        isolation.groups(list(range(1, n + 1)), "s")
+        assert isolation.observe(1, [frozenset(range(1, n + 1))])  # progress: suspects named
+        assert bool(isolation.lost) is lost
+        isolation.groups(list(range(1, n + 1)), "t")
+        assert not isolation.lost and not isolation.observe(1, [])
+
+
+def test_an_offender_that_behaves_when_it_likes_never_gets_an_honest_client_named() -> None:
+    """A possible sum clears nobody: an offender that behaves whenever someone sits out (it sees
+    its neighbours, so it knows), or at random, may go unfound, but no honest client is named."""
+    import random
+
+    rng = random.Random(5)
+    strategies = {
+        "behaves when someone sits out": lambda group, everyone: len(group) == len(everyone),
+        "at random": lambda group, everyone: rng.random() < 0.5,
+    }
+    for n in (4, 5, 6, 7):
+        for offender in range(1, n + 1):
+            for name, spoils in strategies.items():
+                for seed in range(5):
+                    excluded, _ = _hunt(n, offender, f"{name}{seed}", spoils)
+                    assert set(excluded) <= {offender}, (n, offender, name, excluded)
+
+
+def test_with_three_clients_an_impossible_sum_cannot_be_narrowed_and_nobody_is_named() -> None:
+    """Leaving anyone out of three would unmask a sum of two: every attempt is one group of all,
+    and its impossible sum loses the round (no failure to count), nobody named."""
+    from fedgrpc.server.isolation import Isolation
+
+    isolation = Isolation()
+    for attempt in range(5):
+        assert isolation.groups([1, 2, 3], f"s{attempt}") == []
+        assert not isolation.observe(attempt + 1, [frozenset({1, 2, 3})])
+        assert "among 3 clients the sender cannot be isolated" in isolation.lost
+        assert not isolation.excluded and not isolation.suspects
+    assert isolation.groups([1, 2, 3], "t") == [] and not isolation.lost  # a new attempt
+    assert not isolation.observe(6, []) and not isolation.lost
+    isolation = Isolation(suspects=frozenset({1, 2}))  # suspected among four, one of them gone since
+    assert isolation.groups([1, 2, 3], "u") == [] and not isolation.suspecting
+
+
+def test_a_sit_out_group_left_with_two_updates_is_not_unmasked() -> None:
+    """Four clients, client 4 sitting out: the group {1, 2, 3} is one group, but a group of a
+    suspecting attempt all the same; with one of its updates missing, the two left are not
+    unmasked (the old rule checked the floor only when there were two groups or more)."""
+    from fedgrpc.server.secagg import SecAggRound
+
+    secure = SecAggRound("run", 1, [1, 2, 3, 4], SecAggSpec(), groups=[frozenset({1, 2, 3})])
+    secure.group_of = {1: 0, 2: 0, 3: 0}
+    secure.shared = frozenset({1, 2, 3})
+    secure.stage = "mask"
+    assert not secure.run_unmasking([1, 2], 0.1, lambda: False)
+    assert secure.stage == "aborted" and "no group holds 3 masked updates" in secure.reason
 
 
 def test_suspicion_is_cleared_after_clean_split_attempts() -> None:
@@ -490,9 +578,12 @@ def _peer(
 
 
 def _replay(start_weights: Sequence[np.ndarray], counted: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """The global weights after light clients' rounds, `counted[r]` the clients of round r + 1."""
+    """The global weights after light clients' rounds, `counted[r]` the clients of round r + 1
+    (none: a lost round, the weights unchanged)."""
     weights = [np.asarray(w, np.float64) for w in start_weights]
     for number, clients in enumerate(counted, start=1):
+        if not clients:
+            continue
         sent = {c: light_update([w.astype(np.float32) for w in weights], c, number) for c in clients}
         total = sum(light_examples(c) for c in clients)
         weights = [
@@ -597,6 +688,79 @@ def test_a_client_masking_an_impossible_count_every_round_is_isolated_and_the_ru
     for got, want in zip(final.weights, _replay(initial.weights, counted), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     finish_all([peer])  # it waited, left out, until the run finished
+
+
+@pytest.mark.parametrize("n", [4, 5])
+def test_with_four_or_five_clients_an_offender_is_isolated_by_suspects_sitting_out(
+    tmp_path: Path, synthetic_npz: Path, n: int
+) -> None:
+    """The last client masks an example count of 2^30 every round. Two groups of three cannot
+    be formed, so each attempt while suspecting is one group of at least three with suspects
+    sitting out, and each impossible sum loses its round (four: the first, and one per suspect
+    narrowed away). The offender is excluded by name by round 7 (at most one sit-out round per
+    step), no honest client ever is, the run finishes, and every round that was not lost is the
+    exact mean of the honest clients counted in it."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "10", "--round-timeout", "20", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=8, clients=n, extra=flags), log=log)
+    wait_for_line(log, f"waiting for {n} clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None
+    honest = tuple(range(1, n))
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=honest, extra=("--insecure", "--light"))
+    peer = _peer(port, tmp_path, n, "count")
+    assert finish(server, log) == 0, log.read_text()
+    finish_all(clients)
+    text = log.read_text()
+    assert f"client {n} is left out of secure aggregation from now on" in text
+    assert all(f"client {h} is left out" not in text for h in honest)
+    assert "sit this attempt out" in text and "attempts in a row" not in text
+    history = json.loads((out / "history.json").read_text())
+    rounds = history["rounds"]
+    lost = [r["round"] for r in rounds if "lost" in r]
+    assert len(lost) == 4 and lost[0] == 1 and "round 1 lost: its secure-aggregation sum" in text, lost
+    assert all(not r["clients"] and r["start_digest"] == r["end_digest"] for r in rounds if "lost" in r)
+    counted = [[c["client_id"] for c in r["clients"]] for r in rounds]
+    assert len(counted) == 8 and all(n not in r and len(r) in (0, 3, 4) for r in counted), counted
+    assert counted[-1] == list(honest)  # after the exclusion: every honest client, one group
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 8
+    for got, want in zip(final.weights, _replay(initial.weights, counted), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    finish_all([peer])
+
+
+def test_with_three_clients_an_offender_costs_rounds_but_cannot_stop_the_run(
+    tmp_path: Path, synthetic_npz: Path
+) -> None:
+    """Among three, leaving the offender out would unmask a sum of two: an impossible sum is not
+    counted as a failure, its round is lost (recorded, weights unchanged; another attempt at it
+    would reveal the difference of two sums if a client dropped), nobody is excluded, and the
+    server finishes the run with exit 0."""
+    port, out, log = free_port(), tmp_path / "out", tmp_path / "server.log"
+    flags = ("--secagg", "--secagg-timeout", "10", "--round-timeout", "20", "--finish-grace", "1")
+    server = start(*server_command(port, synthetic_npz, out, rounds=2, clients=3, extra=flags), log=log)
+    wait_for_line(log, "waiting for 3 clients", process=server)
+    initial = CheckpointStore(out / "checkpoint").load()
+    assert initial is not None
+    clients = start_clients(port, synthetic_npz, tmp_path, ids=(1, 2), extra=("--insecure", "--light"))
+    peer = _peer(port, tmp_path, 3, "count")
+    assert finish(server, log) == 0, log.read_text()
+    finish_all(clients)
+    finish_all([peer])
+    text = log.read_text()
+    assert "is left out" not in text and "attempts in a row" not in text
+    assert "round 1 lost: its secure-aggregation sum was impossible, and among 3 clients" in text
+    assert "round 2 lost" in text and "the sender cannot be isolated" in text
+    history = json.loads((out / "history.json").read_text())
+    assert history["finished"] and [r["round"] for r in history["rounds"]] == [1, 2]
+    for record in history["rounds"]:
+        assert record["clients"] == [] and "cannot be isolated" in record["lost"]
+        assert record["start_digest"] == record["end_digest"]
+    final = CheckpointStore(out / "checkpoint").load()
+    assert final is not None and final.round == 2
+    for got, want in zip(final.weights, initial.weights, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize(
