@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from ..common.codec import to_wire
 from ..common.config import RunSpec
 from ..common.errors import CheckpointError, FedGrpcError, RunFailedError
 from .events import Event, RoundClosed, RunStarted
-from .results import RoundRecord, persist, remove_quietly, strict_json, write_atomically
+from .results import RoundRecord, persist, record_dict, remove_quietly, strict_json, write_atomically
 
 FORMAT_VERSION = 2  # 2: run specs name a task and its parameters
 
@@ -98,7 +98,7 @@ class CheckpointStore:
             "weights_digest": digest,
             "strategy_file": strategy_path.name,
             "strategy_file_sha256": _file_sha256(strategy_path),
-            "history": [asdict(r) for r in history],
+            "history": [record_dict(r) for r in history],
         }
         document = {**body, "state_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
         write_atomically(self.state_path, strict_json(document, indent=1).encode())

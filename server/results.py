@@ -66,6 +66,7 @@ class RoundRecord:
     secagg: Mapping[str, float] | None = None  # secure aggregation: who took each step, and its cost
     start_digest: str = ""  # weights_digest of the global weights the round started from
     end_digest: str = ""  # ... and of the new global weights it produced
+    staleness: Mapping[str, int] | None = None  # --mode fedbuff: client id -> its update's staleness
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
@@ -195,7 +196,7 @@ class RunResults:
         document: dict[str, Any] = {
             "run": described,
             "finished": finished,
-            "rounds": [asdict(r) for r in records],
+            "rounds": [record_dict(r) for r in records],
             "withdrawn": [{"client_id": k, "reason": why} for k, why in self.withdrawals().items()],
         }
         write_atomically(self.history_path, (strict_json(document, indent=2) + "\n").encode())
@@ -339,3 +340,12 @@ def _nan_for_null(metrics: Mapping[str, float | None]) -> dict[str, float]:
 
 def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else value
+
+
+def record_dict(record: RoundRecord) -> dict[str, Any]:
+    """A record for history.json; `staleness` only under --mode fedbuff (a synchronous run's
+    history stays as it was)."""
+    fields = asdict(record)
+    if fields["staleness"] is None:
+        del fields["staleness"]
+    return fields

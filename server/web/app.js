@@ -7,6 +7,7 @@ const STRIP_MAX_SECONDS = 300; // the client strips show the run so far, at most
 const STRIP_MIN_SECONDS = 10;
 let charts = null;
 let lastSnapshot = null;
+let unit = "round"; // "version" under --mode fedbuff (the snapshot's run.mode)
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -134,7 +135,7 @@ function drawClients(clients, now) {
       const bar = el("span", span.kind);
       bar.style.left = `${left}%`;
       bar.style.width = `${width}%`;
-      bar.title = `round ${span.round}: ${span.kind} ${(end - span.start).toFixed(1)} s`;
+      bar.title = `${unit} ${span.round}: ${span.kind} ${(end - span.start).toFixed(1)} s`;
       strip.append(bar);
     }
     row.append(strip);
