@@ -338,7 +338,8 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         group="rounds",
         above=0,
-        help="seconds after which a round may close without every client (default: wait for all)",
+        help="seconds after which a round may close without every client (default: wait for all); "
+        "with --mode fedbuff, after which a client still training no longer holds its slot",
     ),
     Setting(
         "join_timeout",

@@ -240,9 +240,10 @@ class Monitor:
                     "central": record.get("central"),
                     "federated": (record.get("federated") or {}).get("metrics"),
                     "main": main_metric,
-                    "staleness": sorted((record.get("staleness") or {}).values()),  # fedbuff: per update
                 }
             )
+            if self.mode == "fedbuff":  # each update's staleness, for the version line
+                self._rounds[-1]["staleness"] = sorted((record.get("staleness") or {}).values())
             self._metrics["rounds_completed"].inc()
             self._metrics["round_duration"].observe(record["seconds"])
             for source in ("central", "federated"):

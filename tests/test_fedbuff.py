@@ -8,6 +8,8 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import asdict, replace
+from importlib import resources
 from pathlib import Path
 
 import grpc
@@ -24,6 +26,8 @@ from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.cli import config_from, parse_args
 from fedgrpc.server.config import FedBuffSettings, ServerConfig
 from fedgrpc.server.limits import Limits
+from fedgrpc.server.monitor import Monitor
+from fedgrpc.server.results import RoundRecord, record_dict
 from fedgrpc.server.rounds import RoundCoordinator, UpdateHeader
 from fedgrpc.server.staleness import StalenessWeight
 from fedgrpc.server.strategy import CentralDP, FedAvg, StrategySettings
@@ -258,3 +262,21 @@ def test_a_killed_fedbuff_server_resumes_exactly(tmp_path: Path) -> None:
         assert [r["round"] for r in rounds] == list(range(1, 13))
         digests.append(rounds[-1]["end_digest"])
     assert digests[0] == digests[1]
+
+
+# -- what a run shows ------------------------------------------------------------------------
+
+
+def test_the_dashboard_draws_a_version_line_with_each_updates_staleness() -> None:
+    record = RoundRecord(round=1, seconds=1.0, bytes_in=1, bytes_out=1, staleness={"1": 0, "3": 2})
+    monitor = Monitor(RunSpec(num_clients=3), mode="fedbuff")
+    monitor.round_recorded(asdict(record), "accuracy")
+    snapshot = monitor.snapshot()
+    assert snapshot["run"]["mode"] == "fedbuff" and snapshot["rounds"][0]["staleness"] == [0, 2]
+    app = resources.files("fedgrpc.server").joinpath("web", "app.js").read_text()
+    assert 'run.mode === "fedbuff" ? "version" : "round"' in app
+    synchronous = Monitor(RunSpec(num_clients=3))
+    synchronous.round_recorded(asdict(replace(record, staleness=None)), "accuracy")
+    assert "staleness" not in synchronous.snapshot()["rounds"][0]  # a synchronous run's stays as it was
+    assert "staleness" not in record_dict(replace(record, staleness=None))
+    assert record_dict(record)["staleness"] == {"1": 0, "3": 2}
