@@ -25,6 +25,7 @@ from fedgrpc.common.processes import free_port
 from fedgrpc.common.protocol import Instruction
 from fedgrpc.server.cli import config_from, parse_args
 from fedgrpc.server.config import FedBuffSettings, ServerConfig
+from fedgrpc.server.fedopt import FedAdam
 from fedgrpc.server.limits import Limits
 from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.results import RoundRecord, record_dict
@@ -98,6 +99,33 @@ def test_a_buffer_aggregates_the_staleness_weighted_mean_of_changes() -> None:
     )
     np.testing.assert_allclose(got.weights[0], expected, rtol=1e-6)
     assert {u.client_id: u.staleness for u in got.updates} == {1: 0, 3: 1}
+
+
+def test_fedadam_steps_on_the_buffers_weighted_mean_change() -> None:
+    """As in the paper: the server optimizer's pseudo-gradient is the buffer's weighted mean."""
+    c = buffered(FedAdam(server_lr=0.1), buffer_size=2)
+    start = np.array([0.0, 1.0, 2.0], np.float32)
+    c.open_round(1, [start])
+    c.next_task(3, after_round=0, timeout=0)
+    submit(c, 1, 1, [1.0, 1.0, 1.0], 10)
+    submit(c, 2, 1, [1.0, 1.0, 1.0], 10)
+    second = np.asarray(c.close_round().weights[0])
+    c.open_round(2, [second])
+    submit(c, 1, 2, [2.0, 0.0, 1.0], 10)
+    submit(c, 3, 1, [3.0, 3.0, -1.0], 30)  # one version stale
+    got = c.close_round().weights[0]
+    x1, x2 = start.astype(np.float64), second.astype(np.float64)
+    m, v = np.zeros(3), np.full(3, 1e-6)  # beta1 0.9, beta2 0.99, tau 1e-3: m 0, v tau^2 at first
+
+    def adam(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        nonlocal m, v
+        m, v = 0.9 * m + 0.1 * delta, 0.99 * v + 0.01 * delta**2
+        return x + 0.1 * m / (np.sqrt(v) + 1e-3)
+
+    np.testing.assert_allclose(second, adam(x1, np.array([1.0, 0.0, -1.0])), rtol=1e-5)
+    fresh, stale = np.array([2.0, 0.0, 1.0]) - x2, np.array([3.0, 3.0, -1.0]) - x1
+    expected = adam(x2, (10 * fresh + 30 / math.sqrt(2) * stale) / 40)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_under_dp_each_change_is_clipped_then_weighted() -> None:
