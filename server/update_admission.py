@@ -134,6 +134,7 @@ class UpdateAdmission:
                 current = self._still_open(admitted)
                 if self._recorder is not None:  # before the fold is queued: a fold may free the update
                     self._recorder(header.round, header.client_id, tensors)
+                reference = self._mode.reference(current.weights, header.round)
                 staleness = None  # --mode fedbuff: versions between the update's and its buffer's
                 if state.buffered is not None:  # before the fold is queued: the fold reads its weight
                     staleness = state.buffered.committed(header.client_id, header.round, current.number)
@@ -142,7 +143,7 @@ class UpdateAdmission:
                     current.secure,
                     header.client_id,
                     tensors,
-                    self._mode.reference(current.weights, header.round),
+                    reference,
                     header.num_examples,
                     prepared=admitted.prepared,
                 )
