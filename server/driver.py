@@ -126,7 +126,7 @@ class RoundDriver:
                 continue  # the same round again, from the same weights
             aborted = 0
             self.job.weights = attempt.outcome.weights
-            if self._buffered is not None and number < self.job.run.rounds:
+            if self._opens_next_now(number):
                 self.coordinator.open_round(number + 1, self.job.weights)  # clients go on meanwhile
             evaluated = self._evaluate(number)
             if evaluated is None:
@@ -195,6 +195,13 @@ class RoundDriver:
                 return None
             return _Again(self._secure_aborted(number, exc, aborted, secure))
         return _Trained(outcome, expected, secure)
+
+    def _opens_next_now(self, number: int) -> bool:
+        """--mode fedbuff: the next version opens before this one is evaluated and recorded,
+        unless clients are to evaluate this one (federated evaluation has a phase of its own)."""
+        run = self.job.run
+        last = number >= run.rounds
+        return self._buffered is not None and not last and not run.evaluation.due(number, run.rounds)
 
     def _aggregate_buffer(self, number: int) -> _Trained | None:
         """--mode fedbuff: version `number` (opened now, or as soon as the last was aggregated)

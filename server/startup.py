@@ -178,7 +178,9 @@ def _write_partition(config: ServerConfig, loaded: LoadedTask, site: Site, resul
 
 def _run_spec(config: ServerConfig, loaded: LoadedTask, params: Any, has_central: bool) -> RunSpec:
     """The spec every client gets: the task resolved, the evaluation plan settled."""
-    federated = config.federated_eval if config.federated_eval is not None else not has_central
+    federated = config.federated_eval
+    if federated is None:  # fedbuff: only when asked (its clients evaluating would pause the versions)
+        federated = not has_central and config.fedbuff is None
     evaluation = config.run.evaluation
     if federated and evaluation.every == 0:
         evaluation = replace(evaluation, every=1)
