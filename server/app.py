@@ -105,7 +105,8 @@ class FederatedServer:
     def _sinks(self, job: Job) -> EventBus:
         """The run's record, in the order it is written: checkpoint, history, dashboard, TensorBoard."""
         cfg, stop = self.config, self._stop_requested
-        self.monitor = Monitor(job.run, strategy=self.results.strategy)
+        mode = "sync" if cfg.fedbuff is None else "fedbuff"
+        self.monitor = Monitor(job.run, strategy=self.results.strategy, mode=mode)
         bus = EventBus(
             CheckpointSink(self.checkpoints, stop),
             ResultsSink(self.results, job.model, stop),

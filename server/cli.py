@@ -20,10 +20,11 @@ from ..common.config import EvaluationPlan, RunSpec, SecAggSpec
 from ..common.errors import ConfigError
 from ..common.task_loader import ParamOverride
 from .auth import ServerTls, load_tokens
-from .config import PrivacySettings, RoundPolicy, ServerConfig
+from .config import FedBuffSettings, PrivacySettings, RoundPolicy, ServerConfig
 from .flags import GROUPS, SETTINGS
 from .http import HttpConfig
 from .limits import Limits
+from .staleness import StalenessWeight
 from .strategy import StrategySettings
 
 
@@ -132,6 +133,25 @@ def strategy_from(args: argparse.Namespace) -> StrategySettings:
     )
 
 
+def fedbuff_from(args: argparse.Namespace) -> FedBuffSettings | None:
+    """--mode fedbuff's settings; their flags are refused in sync mode, not ignored."""
+    if args.mode == "fedbuff":
+        return FedBuffSettings(
+            concurrency=args.concurrency,
+            buffer_size=args.buffer_size,
+            weight=StalenessWeight(args.staleness_weight, args.staleness_a, args.staleness_b),
+            max_staleness=args.max_staleness,
+        )
+    given = [
+        flag
+        for flag, value in (("--concurrency", args.concurrency), ("--buffer-size", args.buffer_size))
+        if value is not None
+    ]
+    if given:
+        raise ConfigError(f"{', '.join(given)} belong to --mode fedbuff; add --mode fedbuff, or drop them")
+    return None
+
+
 def limits_from(args: argparse.Namespace) -> Limits:
     return Limits(
         stall_timeout_s=args.stall_timeout,
@@ -194,6 +214,7 @@ def config_from(args: argparse.Namespace, task_params: Mapping[str, Any]) -> Ser
         else HttpConfig(port=args.http, host=args.http_host, linger_s=args.linger),
         tensorboard=args.tensorboard,
         health_port=args.health_port,
+        fedbuff=fedbuff_from(args),
     )
 
 

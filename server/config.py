@@ -19,7 +19,8 @@ from .auth import ServerTls
 from .flags import SETTINGS
 from .http import HttpConfig
 from .limits import Limits
-from .strategy import StrategySettings
+from .staleness import StalenessWeight
+from .strategy import ROBUST, StrategySettings
 
 _FLAGS = by_name(SETTINGS)
 
@@ -82,6 +83,44 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class FedBuffSettings:
+    """--mode fedbuff (fedgrpc.server.buffered): at most `concurrency` clients train at once
+    (None: every enrolled one), every `buffer_size` updates make a new version (None: half the
+    concurrency, rounded up), an update is weighted by its staleness and refused past
+    `max_staleness`."""
+
+    concurrency: int | None = _default("concurrency")
+    buffer_size: int | None = _default("buffer_size")
+    weight: StalenessWeight = field(default_factory=StalenessWeight)
+    max_staleness: int = _default("max_staleness")
+
+    def __post_init__(self) -> None:
+        _check(self.concurrency, "concurrency")
+        _check(self.buffer_size, "buffer_size")
+        _check(self.max_staleness, "max_staleness")
+
+    def slots(self, num_clients: int) -> int:
+        """Clients training at once (ConfigError: more than the run has)."""
+        if self.concurrency is not None and self.concurrency > num_clients:
+            raise ConfigError(
+                f"--concurrency must be in 1..{num_clients} (at most --clients), got {self.concurrency}"
+            )
+        return num_clients if self.concurrency is None else self.concurrency
+
+    def buffer(self, num_clients: int) -> int:
+        """Updates per aggregation; at most the concurrency, since a client puts at most one
+        update in each buffer (a larger buffer could never fill)."""
+        slots = self.slots(num_clients)
+        size = (slots + 1) // 2 if self.buffer_size is None else self.buffer_size
+        if size > slots:
+            raise ConfigError(
+                f"--buffer-size {size} is more than the {slots} clients training at once (--concurrency): "
+                "a buffer takes at most one update per client and would never fill"
+            )
+        return size
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """One server run, checked at start: a bad value or combination fails here with a sentence."""
 
@@ -117,6 +156,7 @@ class ServerConfig:
     http: HttpConfig | None = None  # the dashboard and /metrics (fedgrpc.server.http)
     tensorboard: Path | None = None  # write TensorBoard scalars there
     health_port: int | None = None  # plain-text health checks on this port too (probes)
+    fedbuff: FedBuffSettings | None = None  # --mode fedbuff: buffered asynchronous aggregation
 
     def __post_init__(self) -> None:
         check_clients_per_round(self.clients_per_round, self.run.num_clients)
@@ -125,3 +165,26 @@ class ServerConfig:
         _check(self.health_port, "health_port")
         _check(self.secagg_timeout_s, "secagg_timeout")
         _check(self.max_examples, "max_examples")
+        if self.fedbuff is not None:
+            self._check_fedbuff(self.fedbuff)
+
+    def _check_fedbuff(self, fedbuff: FedBuffSettings) -> None:
+        """What --mode fedbuff cannot be combined with, refused at start with the reason."""
+        if self.secagg is not None:
+            raise ConfigError(
+                "--mode fedbuff cannot run under --secagg: secure aggregation unmasks the sum of one "
+                "round's fixed set of clients, and a buffer's updates come from different versions and "
+                "clients; use --mode sync with --secagg, or fedbuff without it"
+            )
+        if self.strategy.name in ROBUST:
+            raise ConfigError(
+                f"--mode fedbuff weights each update's change by its staleness and needs a mean of "
+                f"changes: --strategy {self.strategy.name} cannot take it; use fedavg, fedprox or a "
+                "server optimizer (fedavgm, fedadagrad, fedadam, fedyogi)"
+            )
+        if self.clients_per_round is not None and self.client_sampling == "poisson":
+            raise ConfigError(
+                "--mode fedbuff samples a fixed number of clients per version (--client-sampling "
+                "fixed); a Poisson sample may hold nobody and leave a buffer that never fills"
+            )
+        fedbuff.buffer(self.run.num_clients)  # concurrency and buffer size in range

@@ -4,7 +4,10 @@
         --> new weights finite? --> evaluate --> RoundClosed, one log line --> round r + 1
     ... --> RunFinished --> coordinator finished --> "finished"
 
-A budget spent (--dp-target-epsilon) ends the run after the round before. An attempt that fails
+Under --mode fedbuff (server.buffered) a round is a model version: it closes once its buffer
+holds --buffer-size updates, and the next version opens at once, before the evaluation and the
+record, so that clients never wait on them. A budget spent (--dp-target-epsilon) ends the run
+after the round before. An attempt that fails
 is trained again from the same weights: new weights that are not finite, secure aggregation
 aborted (with fresh keys), or every sampled client withdrawn (sampled again); after
 MAX_ABORTED_ROUNDS failures in a row the run stops (RunFailedError), keeping the last good
@@ -28,6 +31,7 @@ import numpy as np
 from ..common.errors import RunFailedError, SecAggError
 from ..common.logs import human_bytes
 from ..common.privacy import PrivacyAccountant
+from .buffered import BufferedRounds
 from .checkpoint import weights_digest
 from .evaluation import FederatedEvaluation, describe, main_metric
 from .events import EventBus, RoundClosed, RunFinished
@@ -96,6 +100,8 @@ class RoundDriver:
         self.config, self.job, self.coordinator, self.strategy = config, job, coordinator, strategy
         self.bus, self.accountant, self.minimum = bus, accountant, minimum
         self.finished = False  # the coordinator told the clients that the run is finished
+        mode = coordinator.mode
+        self._buffered = mode if isinstance(mode, BufferedRounds) else None  # --mode fedbuff
         self._told_no_held_out = False
 
     def wait_for_clients(self) -> None:
@@ -134,6 +140,8 @@ class RoundDriver:
                 continue  # the same round again, from the same weights
             aborted = 0
             self.job.weights = attempt.outcome.weights
+            if self._opens_next_now(number):
+                self.coordinator.open_round(number + 1, self.job.weights)  # clients go on meanwhile
             evaluated = self._evaluate(number)
             if evaluated is None:
                 return  # stopping
@@ -177,6 +185,8 @@ class RoundDriver:
     def _train(self, number: int, aborted: int) -> _Trained | _Again | _Lost | None:
         """Open the round, collect its updates, aggregate them; None when the server is stopping."""
         coordinator, private = self.coordinator, self.config.privacy is not None
+        if self._buffered is not None:
+            return self._aggregate_buffer(number)
         coordinator.open_round(number, self.job.weights)
         secure = coordinator.secure_round
         try:
@@ -199,6 +209,26 @@ class RoundDriver:
                 return None
             return self._secure_aborted(number, exc, aborted, secure)
         return _Trained(outcome, expected, secure)
+
+    def _opens_next_now(self, number: int) -> bool:
+        """--mode fedbuff: the next version opens before this one is evaluated and recorded,
+        unless clients are to evaluate this one (federated evaluation has a phase of its own)."""
+        run = self.job.run
+        last = number >= run.rounds
+        return self._buffered is not None and not last and not run.evaluation.due(number, run.rounds)
+
+    def _aggregate_buffer(self, number: int) -> _Trained | None:
+        """--mode fedbuff: version `number` (opened now, or as soon as the last was aggregated)
+        is aggregated once its buffer holds K updates; None when the server is stopping."""
+        coordinator, buffered = self.coordinator, self._buffered
+        assert buffered is not None
+        from .phases import Phase
+
+        if not (coordinator.phase is Phase.TRAINING and coordinator.current_round == number):
+            coordinator.open_round(number, self.job.weights)
+        if not coordinator.wait_for_updates(buffered.buffer_size):
+            return None
+        return _Trained(coordinator.close_round(), buffered.buffer_size, None)
 
     def _secure_aborted(
         self, number: int, error: SecAggError, aborted: int, secure: SecAggRound | None
@@ -303,6 +333,9 @@ class RoundDriver:
             federated=evaluated.federated,
             privacy=None if epsilon is None or dp is None else {"epsilon": epsilon, "delta": dp.delta},
             secagg=trained.secure.summary() if trained.secure is not None else None,
+            staleness=None
+            if self._buffered is None
+            else {str(u.client_id): u.staleness or 0 for u in outcome.updates},
             start_digest=start_digest,
             end_digest=weights_digest(self.job.weights),
         )
@@ -318,9 +351,10 @@ class RoundDriver:
         state = self.strategy.state()
         self.bus.publish(RoundClosed(job.run, record, tuple(job.history), job.weights, state, main))
         spent = f"  epsilon {epsilon:.3f}" if epsilon is not None else ""
+        described = describe(main, record.central, fed_metrics, reported=reported)
         log.info(
-            "round %d/%d  %s%s  %.1f s  up %s  down %s  clients %d/%d",
-            record.round, job.run.rounds, describe(main, record.central, fed_metrics, reported=reported),
+            "%s %d/%d  %s%s  %.1f s  up %s  down %s  clients %d/%d",
+            "round" if self._buffered is None else "version", record.round, job.run.rounds, described,
             spent, record.seconds, human_bytes(record.bytes_in), human_bytes(record.bytes_out),
             len(record.clients), expected,
         )  # fmt: skip

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, RUN_SETTINGS, VERBOSE, Setting
+from ..common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, ROUNDS, RUN_SETTINGS, VERBOSE, Setting
 from .limits import Limits
+from .staleness import MODES, STALENESS_WEIGHTS
 from .strategy import STRATEGIES
 
 _LIMITS = Limits()
@@ -30,6 +31,8 @@ GROUPS = {
     "secagg": "secure aggregation (the server sees only the sum; see fedgrpc.server.secagg)",
     "evaluation": "evaluation",
     "rounds": "rounds",
+    "fedbuff": "asynchronous rounds (--mode fedbuff: FedBuff, buffered asynchronous aggregation; "
+    "see fedgrpc.server.buffered)",
     "big": "big models, many clients",
     "limits": "limits (what one peer may hold; see fedgrpc.server.limits)",
     "security": "security",
@@ -50,6 +53,11 @@ SETTINGS: tuple[Setting, ...] = (
             "(cifar10: a folder, .tar.gz or .npz; default $FL_DATA, else the Keras download)",
         )
         if s is DATA
+        else replace(
+            s,
+            help="federated rounds; with --mode fedbuff, aggregations (model versions) (default %(default)s)",
+        )
+        if s is ROUNDS
         else s
         for s in RUN_SETTINGS
     ],
@@ -330,7 +338,8 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         group="rounds",
         above=0,
-        help="seconds after which a round may close without every client (default: wait for all)",
+        help="seconds after which a round may close without every client (default: wait for all); "
+        "with --mode fedbuff, after which a client still training no longer holds its slot",
     ),
     Setting(
         "join_timeout",
@@ -356,6 +365,71 @@ SETTINGS: tuple[Setting, ...] = (
         group="rounds",
         low=1,
         help="largest example count an update may claim",
+    ),
+    # -- asynchronous rounds (FedBuff)
+    Setting(
+        "mode",
+        str,
+        "sync",
+        group="fedbuff",
+        choices=MODES,
+        help="sync: rounds wait for their clients; fedbuff: clients train at their own pace and every "
+        "--buffer-size updates make a new model version (default %(default)s)",
+    ),
+    Setting(
+        "concurrency",
+        int,
+        None,
+        group="fedbuff",
+        low=1,
+        metavar="C",
+        help="fedbuff: clients training at once (default: every enrolled client)",
+    ),
+    Setting(
+        "buffer_size",
+        int,
+        None,
+        group="fedbuff",
+        low=1,
+        metavar="K",
+        help="fedbuff: updates per aggregation, at most C (default: half of C, rounded up)",
+    ),
+    Setting(
+        "staleness_weight",
+        str,
+        "sqrt",
+        group="fedbuff",
+        choices=STALENESS_WEIGHTS,
+        help="fedbuff: an update s versions stale is weighted sqrt: 1/sqrt(1+s) (the paper's), "
+        "constant: 1, polynomial: (1+s)^-A, hinge: 1 up to s = B, then 1/(1+A(s-B)) (default %(default)s)",
+    ),
+    Setting(
+        "staleness_a",
+        float,
+        0.5,
+        group="fedbuff",
+        low=0,
+        metavar="A",
+        help="fedbuff: polynomial's exponent, hinge's slope (default %(default)s)",
+    ),
+    Setting(
+        "staleness_b",
+        int,
+        4,
+        group="fedbuff",
+        low=0,
+        metavar="B",
+        help="fedbuff: hinge's knee, the staleness weighted in full (default %(default)s)",
+    ),
+    Setting(
+        "max_staleness",
+        int,
+        10,
+        group="fedbuff",
+        low=0,
+        metavar="S",
+        help="fedbuff: refuse an update more than S versions stale (FAILED_PRECONDITION); the server "
+        "keeps S+1 versions of the weights (default %(default)s)",
     ),
     # -- big models, many clients
     replace(CHUNK_KB, group="big", help="size of the weight chunks sent down (default %(default)s KiB)"),

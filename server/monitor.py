@@ -76,12 +76,16 @@ class Monitor:
         run: RunSpec,
         *,
         strategy: Mapping[str, Any] | None = None,
+        mode: str = "sync",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`mode`: --mode; under fedbuff a round is a model version, and a client still training
+        when one closes is not late (it trains on, for a later version)."""
         self._lock = threading.Lock()
         self._clock = clock
         self.run = run
         self.strategy = dict(strategy or {"name": "fedavg"})  # fedgrpc.server.strategy.strategy_record
+        self.mode = mode
         self.started = clock()
         self.version = 0  # bumped on every change: the dashboard's stream sends when it moves
         self._phase = Phase.WAITING
@@ -214,7 +218,7 @@ class Monitor:
             now = self._clock()
             if change.phase is Phase.TRAINING and self._phase is not Phase.TRAINING:
                 self._round_started = now
-            if change.phase is Phase.AGGREGATING and change.expected is not None:
+            if change.phase is Phase.AGGREGATING and change.expected is not None and self.mode == "sync":
                 for client_id in change.expected:  # expected this round, no update in: late
                     client = self._clients.get(client_id)
                     if client is not None and client.state in ("downloading", "training", "uploading"):
@@ -238,6 +242,8 @@ class Monitor:
                     "main": main_metric,
                 }
             )
+            if self.mode == "fedbuff":  # each update's staleness, for the version line
+                self._rounds[-1]["staleness"] = sorted((record.get("staleness") or {}).values())
             self._metrics["rounds_completed"].inc()
             self._metrics["round_duration"].observe(record["seconds"])
             for source in ("central", "federated"):
@@ -280,6 +286,7 @@ class Monitor:
                     "proximal_mu": self.run.proximal_mu,
                     "strategy": self.strategy,
                     "secagg": self.run.secagg is not None,
+                    "mode": self.mode,
                 },
                 "state": {
                     "phase": self._phase.value,

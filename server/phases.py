@@ -16,7 +16,10 @@ retrying and carry on with the restarted server.
 Who trains a round: every client of its sample (every enrolled one without sampling) that has
 not yet sent an update for it, except a late joiner (fedgrpc.server.roster), and under secure
 aggregation only while its keys are being advertised. `check_open` is the one check an update
-passes: its round is open, its client may train it, and it was not counted before.
+passes: its round is open, its client may train it, and it was not counted before. Under
+--mode fedbuff a round is one model version's buffer and fedgrpc.server.buffered decides
+instead: who may start (a free slot), which version an update may come from (not too stale),
+and what a retry is.
 
 Threads: the gRPC handlers and the driver thread share one lock (`changed`, with a second
 condition on it for phase changes only, so that each of 1000 updates wakes the one driver
@@ -43,6 +46,7 @@ from .roster import Roster
 from .secagg import SecAggRound
 
 if TYPE_CHECKING:
+    from .buffered import BufferedRounds
     from .evaluation_round import Evaluation
 
 
@@ -79,6 +83,7 @@ class AcceptedUpdate:
     num_examples: int
     metrics: Mapping[str, float]
     largest_change: float = 0.0  # largest prepared magnitude (FedAvg: num_examples x change)
+    staleness: int | None = None  # --mode fedbuff: versions between its training and its buffer
 
 
 @dataclass
@@ -112,6 +117,7 @@ class RoundState:
         self.last_round = 0
         self.interrupted = False
         self.counted: dict[int, int] = {}  # client -> its last counted update's round, of closed rounds
+        self.buffered: BufferedRounds | None = None  # --mode fedbuff: its rules of who trains, what counts
 
     def on_wake(self, listener: Callable[[], None]) -> None:
         self._wake.append(listener)
@@ -166,6 +172,12 @@ class RoundState:
         return len(current.accepted.keys() - self.roster.withdrawn.keys()) >= self.expected(current)
 
     def may_train(self, client_id: int, current: OpenRound) -> bool:
+        if self.buffered is not None:  # fedbuff: no late joiners, a free slot instead
+            return (
+                client_id not in current.accepted
+                and (current.participants is None or client_id in current.participants)
+                and self.buffered.may_start(client_id)
+            )
         return (
             client_id not in current.accepted
             and not self.roster.late_for(client_id, current.number)
@@ -179,6 +191,8 @@ class RoundState:
         training = self.round.number if self.phase is Phase.TRAINING and self.round is not None else None
         if self.roster.asked(client_id, after_round, training):
             self.changed.notify_all()
+        if self.buffered is not None:
+            self.buffered.release(client_id)  # a client that asks is not training
         if self.phase is Phase.FINISHED:
             self.roster.told_finished.add(client_id)
             self.changed.notify_all()
@@ -187,6 +201,8 @@ class RoundState:
             return RoundAssignment(Instruction.WAIT, self.last_round)
         current = self.round
         if self.phase is Phase.TRAINING and current is not None and self.may_train(client_id, current):
+            if self.buffered is not None:
+                self.buffered.started(client_id, current.number)
             return RoundAssignment(Instruction.TRAIN, current.number, current.weights)
         evaluation = self.evaluation
         if self.phase is Phase.EVALUATING and evaluation is not None and evaluation.asks(client_id):
@@ -215,6 +231,9 @@ class RoundState:
             raise StaleRoundError(
                 f"the run is finished; round {round_number} is closed", current_round=self.last_round
             )
+        if self.buffered is not None and current is not None and self.phase is Phase.TRAINING:
+            self.buffered.check(client_id, round_number, current)  # fedbuff: any version not too stale
+            return current
         if current is None or self.phase is not Phase.TRAINING or round_number != current.number:
             raise self._not_open(round_number)
         if current.participants is not None and client_id not in current.participants:
@@ -254,6 +273,8 @@ class RoundState:
         """A retry of an update that was counted: in the open or last round's attempt (under
         secure aggregation, masked for that attempt's session), open or closed since (once
         closed, only the updates its aggregate holds), or in a round that completed before."""
+        if self.buffered is not None:
+            return self.buffered.counted_before(client_id, round_number)
         current = self.round
         if current is not None and current.number == round_number:
             held = current.accepted if current.counted is None else current.counted

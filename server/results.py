@@ -67,12 +67,15 @@ class RoundRecord:
     start_digest: str = ""  # weights_digest of the global weights the round started from
     end_digest: str = ""  # ... and of the new global weights it produced
     lost: str | None = None  # why the round produced no new weights (secure aggregation), if so
+    staleness: Mapping[str, int] | None = None  # --mode fedbuff: client id -> its update's staleness
 
     def to_dict(self) -> dict[str, Any]:
-        """For history.json and the checkpoint: `lost` only where the round was lost."""
+        """For history.json and the checkpoint: `lost` only where the round was lost, `staleness`
+        only under --mode fedbuff (a synchronous run's history stays as it was)."""
         out = asdict(self)
-        if out["lost"] is None:
-            del out["lost"]
+        for optional in ("lost", "staleness"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
     @classmethod

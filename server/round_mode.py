@@ -1,10 +1,13 @@
 """How a round's updates become its result: in the clear, or under secure aggregation.
 
-The mode is chosen once, from RunSpec.secagg, and every step that differs asks it:
+The mode is chosen once, from RunSpec.secagg (and --mode fedbuff: BufferedRounds, in
+fedgrpc.server.buffered, whose buffer of one model version takes the place of a round), and
+every step that differs asks it:
 
     step              ClearRounds                      SecureRounds
     open an attempt   strategy.begin_round             the same, and a fresh SecAggRound
     update tensors    the model's                      the model's, then the masked count
+    reference         the round's weights              the round's weights, and the count's place
     fold one update   strategy.add (prepared)          SecAggStrategy.add_from(attempt, ...)
     close             strategy.result()                unmask the attempt, SecAggStrategy.unmasked
 
@@ -24,6 +27,7 @@ from ..common.config import RunSpec
 from ..common.errors import SecAggError
 from ..common.secagg import COUNT_TENSOR
 from .aggregate import Weights
+from .buffered import BufferedRounds
 from .masked_sum import SecAggStrategy
 from .secagg import SecAggRound
 from .strategy import Strategy, add_update
@@ -44,7 +48,7 @@ class ClearRounds:
         self.strategy.begin_round(weights, max_updates)
         return None
 
-    def reference(self, weights: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    def reference(self, weights: tuple[np.ndarray, ...], round_number: int) -> tuple[np.ndarray, ...]:
         """What an update's tensors are checked against: the round's weights."""
         return weights
 
@@ -109,7 +113,7 @@ class SecureRounds:
             apart=frozenset(self.strategy.apart),
         )  # fmt: skip
 
-    def reference(self, weights: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    def reference(self, weights: tuple[np.ndarray, ...], round_number: int) -> tuple[np.ndarray, ...]:
         """The round's weights and the count's place."""
         return (*weights, np.zeros(1, np.uint32))
 
@@ -137,7 +141,7 @@ class SecureRounds:
         return self.strategy.unmasked(secure)
 
 
-RoundMode = ClearRounds | SecureRounds
+RoundMode = ClearRounds | SecureRounds | BufferedRounds  # the last: --mode fedbuff (server.buffered)
 
 
 def _required(attempt: SecAggRound | None) -> SecAggRound:

@@ -6,6 +6,7 @@
     sampling.ClientSampler             who trains a round, who evaluates it
     training.TrainingRounds            opening an attempt at a round, closing it into a RoundOutcome
     round_mode.ClearRounds/SecureRounds  in the clear or under secure aggregation: open, fold, close
+    buffered.BufferedRounds            --mode fedbuff: a model version's buffer in place of a round
     update_admission.UpdateAdmission   an update admitted from its header, then committed
     fold_thread.FoldThread             accepted updates folded into the strategy off the handlers
     evaluation_round.FederatedEvaluations  federated evaluation's sample and reports
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from ..common.codec import TensorSpec
 from ..common.config import RunSpec
 from ..common.errors import StaleRoundError
 from ..common.protocol import Instruction
+from .buffered import BufferedRounds
 from .evaluation_round import EvaluationReport, FederatedEvaluations
 from .fold_thread import FoldThread
 from .masked_sum import SecAggStrategy
@@ -39,6 +42,9 @@ from .secagg import SecAggRound
 from .strategy import Strategy
 from .training import RoundOutcome, TrainingRounds
 from .update_admission import AdmittedUpdate, UpdateAdmission, UpdateHeader, UpdateRecorder
+
+if TYPE_CHECKING:
+    from .config import FedBuffSettings
 
 __all__ = [
     "AcceptedUpdate", "AdmittedUpdate", "EvaluationReport", "Phase", "PhaseChange", "RoundAssignment",
@@ -62,12 +68,23 @@ class RoundCoordinator:
         sampling: str = "fixed",
         secagg_timeout_s: float = 60.0,
         min_clients: int = 1,
+        fedbuff: FedBuffSettings | None = None,
+        slot_timeout_s: float | None = None,
     ) -> None:
+        """`fedbuff`: --mode fedbuff (fedgrpc.server.buffered), a slot held longer than
+        `slot_timeout_s` (--round-timeout) is free again."""
         self.sampler = ClientSampler(run.num_clients, clients_per_round, sampling, sample_seed)
         self.run = run
         self.specs = tuple(specs)
         self._state = RoundState(run, Roster(run.num_clients, min_clients))
         self.mode = _mode(run, self.specs, strategy, secagg_timeout_s)
+        if fedbuff is not None:
+            if isinstance(self.mode, SecureRounds):
+                raise ValueError("--mode fedbuff cannot run under secure aggregation")
+            self.mode = BufferedRounds(
+                strategy, self.specs, fedbuff, run.num_clients, slot_timeout_s=slot_timeout_s
+            )
+            self._state.buffered = self.mode
         if isinstance(self.mode, SecureRounds):
             self.mode.tell(self._state.wake, sample_seed)
         self.update_specs = self.mode.update_specs  # what an update lists
@@ -269,6 +286,8 @@ class RoundCoordinator:
         self.check_client(client_id)
         with self._state.changed:
             new = self._state.roster.withdraw(client_id, reason)
+            if self._state.buffered is not None:
+                self._state.buffered.release(client_id)
             self._state.changed.notify_all()
         return new
 

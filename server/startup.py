@@ -67,11 +67,18 @@ class Job:
 
 def make_run_strategy(config: ServerConfig) -> Strategy:
     """The run's aggregation rule: central DP around it, secure aggregation around that."""
-    per_round = config.clients_per_round or config.run.num_clients
+    per_round = _updates_per_round(config)
     dp = config.privacy
     central_dp = None if dp is None else CentralDP(dp.clip, dp.noise_multiplier, per_round)
     strategy = make_strategy(config.strategy, central_dp)
     return secure(config, strategy) if config.secagg is not None else strategy
+
+
+def _updates_per_round(config: ServerConfig) -> int:
+    """What DP's noisy sum is divided by: a round's sample, or under --mode fedbuff the buffer size."""
+    if config.fedbuff is not None:
+        return config.fedbuff.buffer(config.run.num_clients)
+    return config.clients_per_round or config.run.num_clients
 
 
 def privacy_accountant(config: ServerConfig) -> PrivacyAccountant | None:
@@ -80,6 +87,8 @@ def privacy_accountant(config: ServerConfig) -> PrivacyAccountant | None:
     if dp is None or not dp.noise_multiplier > 0:
         return None
     per_round = config.clients_per_round or config.run.num_clients
+    if config.fedbuff is not None:  # each aggregation holds one update per client at most: no
+        per_round = config.run.num_clients  # amplification by sampling is claimed, each one counts
     sampling = "all" if per_round >= config.run.num_clients else config.client_sampling
     return PrivacyAccountant(dp.noise_multiplier, dp.delta, sampling, config.run.num_clients, per_round)
 
@@ -169,7 +178,9 @@ def _write_partition(config: ServerConfig, loaded: LoadedTask, site: Site, resul
 
 def _run_spec(config: ServerConfig, loaded: LoadedTask, params: Any, has_central: bool) -> RunSpec:
     """The spec every client gets: the task resolved, the evaluation plan settled."""
-    federated = config.federated_eval if config.federated_eval is not None else not has_central
+    federated = config.federated_eval
+    if federated is None:  # fedbuff: only when asked (its clients evaluating would pause the versions)
+        federated = not has_central and config.fedbuff is None
     evaluation = config.run.evaluation
     if federated and evaluation.every == 0:
         evaluation = replace(evaluation, every=1)
@@ -288,6 +299,8 @@ def make_coordinator(
         sampling=config.client_sampling,
         secagg_timeout_s=config.secagg_timeout_s,
         min_clients=minimum,
+        fedbuff=config.fedbuff,
+        slot_timeout_s=config.policy.timeout_s,
     )
     results.withdrawals = lambda: coordinator.withdrawals
     return coordinator

@@ -114,7 +114,7 @@ class UpdateAdmission:
                 else f"with compression {state.run.compression!r} (RunSpec.compression)"
             )
             raise UpdateRejectedError(f"this run's updates travel {how}, not {header.encoding!r}")
-        reference = mode.reference(attempt.weights)
+        reference = mode.reference(attempt.weights, header.round)
         preparer = UpdatePreparer(
             mode.strategy, mode.update_specs, reference, header.num_examples, keep_as_sent=keep_as_sent
         )
@@ -134,26 +134,36 @@ class UpdateAdmission:
                 current = self._still_open(admitted)
                 if self._recorder is not None:  # before the fold is queued: a fold may free the update
                     self._recorder(header.round, header.client_id, tensors)
+                reference = self._mode.reference(current.weights, header.round)
+                staleness = None  # --mode fedbuff: versions between the update's and its buffer's
+                if state.buffered is not None:  # before the fold is queued: the fold reads its weight
+                    staleness = state.buffered.committed(header.client_id, header.round, current.number)
                 fold = partial(
                     self._mode.fold,
                     current.secure,
                     header.client_id,
                     tensors,
-                    self._mode.reference(current.weights),
+                    reference,
                     header.num_examples,
                     prepared=admitted.prepared,
                 )
                 self._folder.put(partial(_then, fold, on_folded))  # under the lock: folds keep the order
                 queued = True
                 current.accepted[header.client_id] = AcceptedUpdate(
-                    header.client_id, header.num_examples, admitted.metrics, admitted.preparer.largest
-                )
+                    header.client_id, header.num_examples, admitted.metrics, admitted.preparer.largest,
+                    staleness,
+                )  # fmt: skip
                 current.bytes_in += wire_bytes
                 state.changed.notify_all()
-                return len(current.accepted), state.expected(current)
+                if state.buffered is not None:
+                    state.phase_changed.notify_all()  # a training slot is free: waiting clients may start
+                answer = len(current.accepted), state.expected(current)
         finally:
             if not queued and on_folded is not None:
                 on_folded()  # refused: nothing will be folded
+        if state.buffered is not None:
+            state.wake()  # a training slot is free: the long-polls ask again
+        return answer
 
     def _still_open(self, admitted: AdmittedUpdate) -> OpenRound:
         """The attempt this update was admitted to, if it still takes it (lock held); else the

@@ -7,6 +7,7 @@ const STRIP_MAX_SECONDS = 300; // the client strips show the run so far, at most
 const STRIP_MIN_SECONDS = 10;
 let charts = null;
 let lastSnapshot = null;
+let unit = "round"; // "version" under --mode fedbuff (the snapshot's run.mode)
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -56,23 +57,27 @@ function makeChart(id, series, yLabel, yValues) {
     height: 220,
     scales: { x: { time: false } },
     legend: { live: false },
-    axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, y],
-    series: [{ label: "round" }, ...series.map(([label, stroke]) => ({ label, stroke, width: 2, points: { show: true } }))],
+    axes: [{ label: unit, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, y],
+    series: [{ label: unit }, ...series.map(([label, stroke]) => ({ label, stroke, width: 2, points: { show: true } }))],
   };
   return new uPlot(options, [[], ...series.map(() => [])], target);
 }
 
+const CHARTS = ["metric", "loss", "bytes", "seconds", "staleness"];
 const SOURCES = [["central", "#4c78a8"], ["federated", "#f58518"], ["personalized", "#54a24b"]];
 
 function setupCharts(main) {
   const title = main === "accuracy" ? "Accuracy" : main;
-  document.getElementById("metric-title").textContent = `${title} by round`;
+  document.getElementById("metric-title").textContent = `${title} by ${unit}`;
+  setText("loss-title", `Loss by ${unit}`);
+  setText("seconds-title", `${unit === "version" ? "Version" : "Round"} duration (s)`);
   return {
     main,
     metric: makeChart("chart-metric", SOURCES, main),
     loss: makeChart("chart-loss", SOURCES, "loss"),
     bytes: makeChart("chart-bytes", [["up", "#54a24b"], ["down", "#4c78a8"]], "bytes", byteTicks),
-    seconds: makeChart("chart-seconds", [["round", "#b279a2"]], "s"),
+    seconds: makeChart("chart-seconds", [[unit, "#b279a2"]], "s"),
+    staleness: makeChart("chart-staleness", [["mean", "#4c78a8"], ["max", "#e45756"]], "versions"),
   };
 }
 
@@ -85,7 +90,7 @@ function value(metrics, name) {
 function drawCharts(rounds) {
   const main = rounds.length ? rounds[rounds.length - 1].main : "accuracy";
   if (!charts || charts.main !== main) {
-    if (charts) for (const name of ["metric", "loss", "bytes", "seconds"]) charts[name].destroy();
+    if (charts) for (const name of CHARTS) charts[name].destroy();
     charts = setupCharts(main);
   }
   const x = rounds.map((r) => r.round);
@@ -97,6 +102,10 @@ function drawCharts(rounds) {
   const largest = Math.max(0, ...rounds.map((r) => Math.max(r.bytes_in, r.bytes_out)));
   setText("bytes-title", `Bytes per round (${BYTE_UNITS[byteUnit(largest)]})`);
   charts.seconds.setData([x, rounds.map((r) => r.seconds)]);
+  // --mode fedbuff: how stale each version's updates were (versions between training and buffer)
+  const stale = rounds.map((r) => r.staleness || []);
+  charts.staleness.setData([x, stale.map((s) => (s.length ? s.reduce((a, b) => a + b, 0) / s.length : null)),
+    stale.map((s) => (s.length ? Math.max(...s) : null))]);
   return main;
 }
 
@@ -134,7 +143,7 @@ function drawClients(clients, now) {
       const bar = el("span", span.kind);
       bar.style.left = `${left}%`;
       bar.style.width = `${width}%`;
-      bar.title = `round ${span.round}: ${span.kind} ${(end - span.start).toFixed(1)} s`;
+      bar.title = `${unit} ${span.round}: ${span.kind} ${(end - span.start).toFixed(1)} s`;
       strip.append(bar);
     }
     row.append(strip);
@@ -163,6 +172,14 @@ function draw(snapshot) {
   if (lastSnapshot && snapshot.version < lastSnapshot.version) return;
   lastSnapshot = snapshot;
   const run = snapshot.run, state = snapshot.state;
+  if (unit !== (run.mode === "fedbuff" ? "version" : "round")) {  // fedbuff: a version line, not rounds
+    unit = run.mode === "fedbuff" ? "version" : "round";
+    if (charts) for (const name of CHARTS) charts[name].destroy();
+    charts = null;
+    setText("round-label", unit);
+    setText("in-round-label", `time in ${unit}`);
+    document.getElementById("staleness-box").hidden = unit !== "version";
+  }
   setText("run", `run ${run.run_id} · task ${run.task} · ${run.clients} clients · strategy ${strategyText(run.strategy)}`
     + `${run.secagg ? " · secure aggregation" : ""} · partition ${run.partition} · compression ${run.compression}`);
   setText("phase", state.phase);
