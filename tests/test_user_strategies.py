@@ -132,6 +132,12 @@ def test_fednova_weighs_updates_its_own_way_so_secagg_and_dp_are_refused() -> No
     with pytest.raises(ConfigError, match="differential privacy weighs every update 1"):
         make_strategy(settings, CentralDP(1.0, 0.5, 3))
     assert secure_refusal(make_strategy(StrategySettings("fedadam"))) is None
+    assert secure_refusal(make_strategy(StrategySettings("median"))) == "a robust rule needs every update"
+
+    class Own(strategies.UpdatesStrategy):
+        name = "own"
+
+    assert secure_refusal(Own()) == "it needs every update"
 
 
 # -- loading -----------------------------------------------------------------------------------
