@@ -150,6 +150,12 @@ class FedAvg(MeanStrategy):
     def __init__(self, privacy: CentralDP | None = None) -> None:
         self.use_privacy(privacy)
 
+    def _mean_change(self) -> Weights:
+        """The round's mean change alone (DP's noise in it), ending the round: for subclasses
+        written against FedAvg before MeanStrategy.step existed, which override `result`."""
+        fold, self._fold = self._round(), None
+        return fold.take_mean_change()
+
 
 ROBUST = ("median", "trimmed-mean", "krum")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", *ROBUST)
