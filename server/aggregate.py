@@ -39,9 +39,10 @@ def sum_dtype(dtype: np.dtype[np.generic]) -> np.dtype[np.generic]:
 
 
 def weighted_change(
-    weights: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool = False
+    weights: np.ndarray, reference: np.ndarray, num_examples: float, *, in_place: bool = False
 ) -> np.ndarray:
-    """num_examples x (weights - reference) in sum_dtype: the term FedAvg sums for one tensor.
+    """num_examples x (weights - reference) in sum_dtype: the term FedAvg sums for one tensor
+    (a mean strategy may weigh an update by another positive number than its examples).
 
     in_place: overwrite `weights` when its dtype is already the sum dtype (the caller owns it).
     """
@@ -172,7 +173,28 @@ class WeightedSum:
         self.count += 1
 
 
-def _check_count(num_examples: int) -> None:
+def apply_change(
+    weights: Sequence[np.ndarray], changes: Sequence[np.ndarray], *, in_place: bool = False
+) -> Weights:
+    """weights + changes, each in the weights' dtype (integer tensors rounded): the step a mean
+    strategy takes. in_place: add into `changes` (the caller owns them; FedAvg's mean change is
+    the sum's own memory, so the server then holds the sum or the result, never both)."""
+    if len(weights) != len(changes):
+        raise ValueError(f"expected {len(weights)} tensors, got {len(changes)}")
+    result: Weights = []
+    for w, change in zip(weights, changes, strict=True):
+        reference = np.asarray(w)
+        if in_place and change.flags.writeable and np.can_cast(reference.dtype, change.dtype, "same_kind"):
+            change += reference
+            result.append(_cast(change, reference.dtype))
+        else:
+            result.append(
+                _cast(np.add(change, reference, dtype=np.result_type(change, reference)), reference.dtype)
+            )
+    return result
+
+
+def _check_count(num_examples: float) -> None:
     if num_examples <= 0:
         raise ValueError(f"num_examples must be positive, got {num_examples}")
 

@@ -36,7 +36,8 @@ from .startup import (
     round_minimum,
     start_endpoint,
 )
-from .strategy import strategy_record
+from .strategy import configure, strategy_record
+from .strategy_loader import check_resumable
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -83,15 +84,17 @@ class FederatedServer:
         accountant = privacy_accountant(cfg)
         checkpoint = self.checkpoints.load()  # a damaged checkpoint stops us here, before anything else
         minimum = round_minimum(cfg)
+        self.results.strategy = strategy_record(cfg.strategy, strategy)
         if checkpoint is not None:
+            check_resumable(checkpoint.strategy, self.results.strategy)  # a user's file unchanged
             strategy.restore(checkpoint.strategy_state)  # the same optimizer trajectory, resumed
         job = load_job(cfg, checkpoint, self.results)
+        configure(strategy, job.run)
         self.records = job.history
         coordinator = make_coordinator(cfg, job, strategy, minimum, self.results)
         self._coordinator = coordinator
         if self._stop_requested.is_set():
             coordinator.interrupt()
-        self.results.strategy = strategy_record(cfg.strategy, strategy)
         bus = self._sinks(job)
         assert self.monitor is not None  # made with the sinks
         coordinator.watch_phase(self.monitor.phase)  # the monitor's phase is the coordinator's own
@@ -108,7 +111,7 @@ class FederatedServer:
         mode = "sync" if cfg.fedbuff is None else "fedbuff"
         self.monitor = Monitor(job.run, strategy=self.results.strategy, mode=mode)
         bus = EventBus(
-            CheckpointSink(self.checkpoints, stop),
+            CheckpointSink(self.checkpoints, stop, self.results.strategy),
             ResultsSink(self.results, job.model, stop),
             MonitorSink(self.monitor),
         )
@@ -161,8 +164,13 @@ class FederatedServer:
 
 
 def _described(strategy: Mapping[str, Any], *, secure: bool) -> str:
-    """'fedavgm (server_lr 0.1, momentum 0.9)': a strategy record for the log."""
-    parameters = ", ".join(f"{k} {v:g}" for k, v in strategy.items() if k != "name")
+    """'fedavgm (server_lr 0.1, momentum 0.9)': a strategy record for the log; a user's strategy
+    with its source and digest ('fednova (source fednova.py, digest 0123456789ab)')."""
+    parameters = ", ".join(
+        f"{k} {v[:12] if k == 'digest' else v}" if isinstance(v, str) else f"{k} {v:g}"
+        for k, v in strategy.items()
+        if k != "name"
+    )
     return f"{strategy['name']}{f' ({parameters})' if parameters else ''}" + (
         ", under secure aggregation" if secure else ""
     )

@@ -2,7 +2,9 @@
 
     <out>/checkpoint/state.json          run spec, last complete round, history, checksums
     <out>/checkpoint/weights-NNNN.npz    the global weights after round NNNN (no pickle)
-    <out>/checkpoint/strategy-NNNN.npz   the strategy's state then (server optimizers' moments)
+    <out>/checkpoint/strategy-NNNN.npz   the strategy's state then (server optimizers' moments, a
+                                         user strategy's arrays), which state.json names with the
+                                         strategy itself (a user's: its name, source and SHA-256)
 
 A checkpoint is written weights and strategy state first, then state.json, each to a temporary file that is
 fsynced and renamed over the old one, so a crash at any moment leaves either the new
@@ -64,6 +66,26 @@ class Checkpoint:
     history: list[RoundRecord]
     digest: str
     strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
+    strategy: dict[str, Any] | None = None  # the strategy record (None in checkpoints from before it)
+
+
+def checked_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A strategy's state as the checkpoint keeps it: named numpy arrays of numbers, nothing that
+    would need pickle to be read back. A strategy that returns anything else is told what to fix."""
+    checked: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key:
+            raise CheckpointError(
+                f"the strategy's state() has the key {key!r}: keys must be non-empty strings"
+            )
+        if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+            raise CheckpointError(
+                f"the strategy's state() holds {key!r} as {type(value).__name__}"
+                f"{' of objects' if isinstance(value, np.ndarray) else ''}: a checkpoint keeps only "
+                "numpy arrays of numbers (no pickle); convert it with np.asarray"
+            )
+        checked[key] = value
+    return checked
 
 
 class CheckpointStore:
@@ -81,13 +103,15 @@ class CheckpointStore:
         weights: Sequence[np.ndarray],
         history: Sequence[RoundRecord],
         strategy_state: Mapping[str, np.ndarray] | None = None,
+        strategy: Mapping[str, Any] | None = None,
     ) -> str:
         """Write the checkpoint of a completed round; returns the weights' digest."""
+        state = checked_state(strategy_state or {})
         self.directory.mkdir(parents=True, exist_ok=True)
         weights_path = self._write_npz(
             f"weights-{round_number:04d}.npz", {f"{i:04d}": w for i, w in enumerate(weights)}
         )
-        strategy_path = self._write_npz(f"strategy-{round_number:04d}.npz", dict(strategy_state or {}))
+        strategy_path = self._write_npz(f"strategy-{round_number:04d}.npz", state)
         digest = weights_digest(weights)
         body: dict[str, Any] = {
             "format": FORMAT_VERSION,
@@ -100,6 +124,8 @@ class CheckpointStore:
             "strategy_file_sha256": _file_sha256(strategy_path),
             "history": [r.to_dict() for r in history],
         }
+        if strategy is not None:
+            body["strategy"] = dict(strategy)
         document = {**body, "state_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
         write_atomically(self.state_path, strict_json(document, indent=1).encode())
         self._fsync_directory()
@@ -159,6 +185,7 @@ class CheckpointStore:
             history=[RoundRecord.from_dict(r) for r in document["history"]],
             digest=document["weights_digest"],
             strategy_state=strategy_state,
+            strategy=document.get("strategy"),
         )
 
     def _read_npz(
@@ -191,17 +218,24 @@ class CheckpointSink:
     checkpoint after every round; one not written is reported, and the next round's holds it too.
     """
 
-    def __init__(self, store: CheckpointStore, stop: threading.Event) -> None:
+    def __init__(
+        self, store: CheckpointStore, stop: threading.Event, strategy: Mapping[str, Any] | None = None
+    ) -> None:
         self.store, self._stop = store, stop
+        self._strategy = strategy  # the strategy record, kept with every checkpoint
 
     def handle(self, event: Event) -> None:
         if isinstance(event, RunStarted) and not event.resumed:
-            save = partial(self.store.save, event.run, 0, event.weights, [], event.strategy_state)
+            save = partial(
+                self.store.save, event.run, 0, event.weights, [], event.strategy_state, self._strategy
+            )
             if not persist("the run's first checkpoint", save, stop=self._stop):
                 raise RunFailedError(
                     f"no checkpoint can be written in {self.store.directory.parent} (see above)"
                 )
         elif isinstance(event, RoundClosed):
             number, state = event.record.round, event.strategy_state
-            save = partial(self.store.save, event.run, number, event.weights, event.history, state)
+            save = partial(
+                self.store.save, event.run, number, event.weights, event.history, state, self._strategy
+            )
             persist(f"the checkpoint after round {number}", save, stop=self._stop)

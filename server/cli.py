@@ -173,6 +173,7 @@ def http_from(args: argparse.Namespace) -> HttpConfig | None:
 def config_from(args: argparse.Namespace, task_params: Mapping[str, Any]) -> ServerConfig:
     """The run's ServerConfig from the flags: each piece built once, from its settings."""
     check_watching(args)
+    strategy = strategy_from(args)  # before TLS: a strategy that does not exist is the first thing to say
     tls, tokens = security_from(args)
     check_sizes(args)
     return ServerConfig(
@@ -185,7 +186,7 @@ def config_from(args: argparse.Namespace, task_params: Mapping[str, Any]) -> Ser
         port=args.port,
         data=args.data,
         out_dir=args.out,
-        strategy=strategy_from(args),
+        strategy=strategy,
         privacy=privacy_from(args),
         secagg=SecAggSpec(args.secagg_bound, args.secagg_max_examples, args.secagg_threshold)
         if args.secagg

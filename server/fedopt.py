@@ -1,5 +1,7 @@
 """Server-side optimizers: FedAvg's streamed sum, then an optimizer step on the round's mean change.
 
+Written on the public MeanStrategy (fedgrpc.server.strategies), as a user's strategy would be.
+
 Each round the clients' updates are folded into FedAvg's float32 running sum exactly as for
 FedAvg (O(model) memory, compression, sampling, `--spool-dir` all as before). At the round's
 end the mean change delta (the example-weighted mean of client weights minus global, the
@@ -35,41 +37,45 @@ from .aggregate import (
     momentum_velocity,
     yogi_second_moment,
 )
-from .strategy import CentralDP, FedAvg
+from .mean_fold import CentralDP
+from .strategies import MeanStrategy, RoundTotals
 
 
-class ServerOptimizer(FedAvg):
-    """FedAvg whose result is the global weights plus an optimizer step on the mean change."""
+class ServerOptimizer(MeanStrategy):
+    """A mean strategy whose step is an optimizer step on the mean change.
+
+    `apply(weights, mean_change)` is the step alone, usable on any mean change (a buffered
+    mean of asynchronous updates as well as a round's): it moves the optimizer state on.
+    """
 
     name = ""
     slots: tuple[str, ...] = ()  # the state tensors each float weight has
 
     def __init__(self, server_lr: float, privacy: CentralDP | None = None) -> None:
-        super().__init__(privacy)
         if not server_lr > 0:
             raise ConfigError(f"--server-lr must be positive, got {server_lr}")
         self.server_lr = server_lr
         self._state: dict[str, list[np.ndarray]] = {}
-        self._reference: list[np.ndarray] = []
+        self.use_privacy(privacy)
 
-    def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
-        super().begin_round(global_weights, max_updates)
-        self._reference = [np.asarray(w) for w in global_weights]
+    def step(self, weights: Weights, mean_change: Weights, round: RoundTotals) -> Weights:
+        return self.apply(weights, mean_change)
 
-    def result(self) -> Weights:
-        deltas = self._take_mean_change()
+    def apply(self, weights: Sequence[np.ndarray], mean_change: Sequence[np.ndarray]) -> Weights:
+        """weights moved by one optimizer step on `mean_change` (each in the tensor's sum dtype)."""
         if not self._state:
-            self._state = {slot: [self._initial(slot, d) for d in deltas] for slot in self.slots}
-        weights: Weights = []
-        for index, (reference, delta) in enumerate(zip(self._reference, deltas, strict=True)):
+            self._state = {slot: [self._initial(slot, d) for d in mean_change] for slot in self.slots}
+        result: Weights = []
+        for index, (reference, delta) in enumerate(zip(weights, mean_change, strict=True)):
             if not np.issubdtype(reference.dtype, np.floating):  # counters and the like: averaged
-                weights.append(np.rint(reference + delta).astype(reference.dtype))
+                result.append(np.rint(reference + delta).astype(reference.dtype))
                 continue
-            step = self.step(index, delta)
-            weights.append((reference + step).astype(reference.dtype))
-        return weights
+            step = self.tensor_step(index, delta)
+            result.append((reference + step).astype(reference.dtype))
+        return result
 
-    def step(self, index: int, delta: np.ndarray) -> np.ndarray:
+    def tensor_step(self, index: int, delta: np.ndarray) -> np.ndarray:
+        """The step of tensor `index`, moving its state on."""
         raise NotImplementedError
 
     def state(self) -> dict[str, np.ndarray]:
@@ -91,9 +97,6 @@ class ServerOptimizer(FedAvg):
     def _initial(self, slot: str, delta: np.ndarray) -> np.ndarray:
         return np.zeros_like(delta)
 
-    def _take_mean_change(self) -> Weights:
-        return self._mean_change()  # FedAvg's, with DP's noise when the run has it
-
 
 class FedAvgM(ServerOptimizer):
     """Server momentum (Hsu et al., 2019). The defaults give an effective learning rate
@@ -112,7 +115,7 @@ class FedAvgM(ServerOptimizer):
             raise ConfigError(f"--server-momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
 
-    def step(self, index: int, delta: np.ndarray) -> np.ndarray:
+    def tensor_step(self, index: int, delta: np.ndarray) -> np.ndarray:
         velocity = self._state["velocity"]
         velocity[index] = momentum_velocity(velocity[index], delta, self.momentum).astype(delta.dtype)
         return self.server_lr * velocity[index]
@@ -142,7 +145,7 @@ class _Adaptive(ServerOptimizer):
     def second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def step(self, index: int, delta: np.ndarray) -> np.ndarray:
+    def tensor_step(self, index: int, delta: np.ndarray) -> np.ndarray:
         m, v = self._state["m"], self._state["v"]
         m[index] = first_moment(m[index], delta, self.beta1).astype(delta.dtype)
         v[index] = self.second_moment(v[index], delta).astype(delta.dtype)

@@ -26,7 +26,7 @@ GROUPS = {
     "task": "the task (see fedgrpc.common.task)",
     "server": "the server process",
     "watch": "watching the run",
-    "strategy": "strategy (see fedgrpc.server.strategy and fedgrpc.server.fedopt)",
+    "strategy": "strategy (see fedgrpc.server.strategy, fedgrpc.server.fedopt; your own: docs/strategies.md)",
     "privacy": "differential privacy (DP-FedAvg; see fedgrpc.common.privacy)",
     "secagg": "secure aggregation (the server sees only the sum; see fedgrpc.server.secagg)",
     "evaluation": "evaluation",
@@ -65,8 +65,10 @@ SETTINGS: tuple[Setting, ...] = (
         "strategy",
         str,
         "fedavg",
-        choices=STRATEGIES,
-        help="aggregation: %(choices)s (default %(default)s)",
+        metavar="STRATEGY",
+        maybe_path=True,
+        help=f"aggregation: {', '.join(STRATEGIES)} (default %(default)s), or your own: a file "
+        "(my_strategy.py), module:attribute, or an installed strategy's name (docs/strategies.md)",
     ),
     Setting("out", Path, Path("results"), metavar="DIR", help="folder for history, curves and model"),
     Setting(

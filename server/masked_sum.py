@@ -31,7 +31,7 @@ from ..common.errors import SecAggError
 from .aggregate import Weights
 from .isolation import Isolation
 from .secagg import SecAggRound
-from .strategy import FedAvg
+from .strategies import MeanStrategy
 
 #: The checkpoint entry that keeps the excluded clients across a restart.
 EXCLUDED_KEY = "secagg/excluded"
@@ -42,7 +42,7 @@ APART_KEY = "secagg/apart"
 class SecAggStrategy:
     """Folds masked updates in the ring; the unmasked sum goes to `inner`."""
 
-    def __init__(self, inner: FedAvg) -> None:
+    def __init__(self, inner: MeanStrategy) -> None:
         self.inner = inner
         self.name = inner.name
         self._rings: dict[int, list[np.ndarray]] = {}  # group index -> its running sum

@@ -11,7 +11,8 @@ from ..common.errors import ConfigError, SecAggError
 from .masked_sum import SecAggStrategy
 from .rounds import RoundCoordinator
 from .secagg import SecAggRound
-from .strategy import ROBUST, FedAvg, Strategy
+from .strategies import MeanStrategy
+from .strategy import Strategy, secure_refusal
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -28,7 +29,7 @@ def secure(config: ServerConfig, strategy: Strategy) -> SecAggStrategy:
     combined with it: whatever needs to see one client's update."""
     cfg = config
     refusals = {
-        f"--strategy {cfg.strategy.name} (a robust rule needs every update)": cfg.strategy.name in ROBUST,
+        f"--strategy {cfg.strategy.name} ({secure_refusal(strategy)})": secure_refusal(strategy) is not None,
         f"--compression {cfg.run.compression}": cfg.run.compression != "none",
         "--record-updates": cfg.record_updates,
         "--dp-clip-on server (clients clip instead: --dp-clip-on client)": (
@@ -44,7 +45,7 @@ def secure(config: ServerConfig, strategy: Strategy) -> SecAggStrategy:
             "secure aggregation shows the server only the sum of a round's updates, which rules out "
             + "; ".join(refused)
         )
-    assert isinstance(strategy, FedAvg)
+    assert isinstance(strategy, MeanStrategy)
     return SecAggStrategy(strategy)
 
 

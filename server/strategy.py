@@ -19,7 +19,9 @@ accepted updates can overflow the sum (`UpdatePreparer` refuses a tensor past th
 |                | closest to the others, needs n > f + 2                   |                 |
 
 The robust strategies ignore example counts on purpose: a client that lies about its
-weights can lie about its count too.
+weights can lie about its count too. Every built-in strategy is written on the public API a
+user's strategy is (fedgrpc.server.strategies: MeanStrategy or UpdatesStrategy); `--strategy`
+loads a user's from a file, module:attribute or entry point (fedgrpc.server.strategy_loader).
 """
 
 from __future__ import annotations
@@ -32,15 +34,13 @@ from typing import Protocol
 import numpy as np
 
 from ..common.codec import TensorSpec
+from ..common.config import RunSpec
 from ..common.errors import ConfigError, UpdateRejectedError
-from ..common.privacy import clip_factor, gaussian_noise, l2_norm, noise_generator
-from .aggregate import (
-    WeightedSum,
-    Weights,
-    sum_dtype,
-    weighted_change,
-)
-from .robust import Krum, Median, TrimmedMean, no_state
+from .aggregate import Weights
+from .mean_fold import CentralDP as CentralDP  # re-exported: callers found it here
+from .robust import Krum, Median, TrimmedMean
+from .strategies import MeanStrategy, UpdatesStrategy
+from .strategy_loader import check_spec, load_strategy
 
 
 class Strategy(Protocol):
@@ -141,108 +141,20 @@ def _largest_magnitude(array: np.ndarray) -> float:
     return max(abs(float(array.max())), abs(float(array.min())))
 
 
-@dataclass(frozen=True)
-class CentralDP:
-    """DP-FedAvg's server side (fedgrpc.common.privacy): every update clipped to L2 `clip` and
-    weighted 1, Gaussian noise of std noise_multiplier * clip added to the sum, which is divided
-    by the expected number of updates a round (fixed, so the noise is not scaled by chance)."""
-
-    clip: float
-    noise_multiplier: float
-    expected_updates: int
-
-    def __post_init__(self) -> None:
-        if not self.clip > 0:
-            raise ConfigError(f"--dp-clip must be positive, got {self.clip}")
-        if self.noise_multiplier < 0:
-            raise ConfigError(f"--dp-noise-multiplier must be >= 0, got {self.noise_multiplier}")
-
-
-class FedAvg:
+class FedAvg(MeanStrategy):
     """Example-weighted mean of the clients' weights (McMahan et al., 2017), folded in as updates
-    arrive; with `privacy`, DP-FedAvg (McMahan et al., 2018) instead."""
+    arrive; with `privacy`, DP-FedAvg (McMahan et al., 2018) instead. MeanStrategy as it is."""
 
     name = "fedavg"
 
     def __init__(self, privacy: CentralDP | None = None) -> None:
-        self._sum: WeightedSum | None = None
-        self._max_updates = 1
-        self.privacy = privacy
-        self._noise = noise_generator() if privacy is not None else None
-
-    def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
-        self._sum = WeightedSum(global_weights)
-        self._max_updates = max(1, max_updates)
-
-    def bound(self, reference: np.ndarray) -> float:
-        """Each weighted change at most max/(2 x updates): the sum of a whole round stays finite,
-        and so does the mean plus the global weights unless those are already near the top."""
-        return float(np.finfo(sum_dtype(reference.dtype)).max) / (2 * self._max_updates)  # type: ignore[type-var]
-
-    def prepare(
-        self, tensor: np.ndarray, reference: np.ndarray, num_examples: int, *, in_place: bool
-    ) -> np.ndarray:
-        weight = num_examples if self.privacy is None else 1  # DP: each client weighs the same
-        return weighted_change(tensor, reference, weight, in_place=in_place)
-
-    def add(self, update: Sequence[np.ndarray], num_examples: int) -> None:
-        if self._sum is None:
-            raise RuntimeError("begin_round was not called")
-        if self.privacy is None:
-            self._sum.add_change(update, num_examples)
-            return
-        floating = [np.asarray(t) for t in update]  # read once (a spooled update reads from disk)
-        factor = clip_factor(
-            l2_norm([t for t in floating if np.issubdtype(t.dtype, np.floating)]), self.privacy.clip
-        )
-        for tensor in floating:
-            if factor < 1.0 and np.issubdtype(tensor.dtype, np.floating):
-                tensor *= tensor.dtype.type(factor)
-        self._sum.add_change(floating, 1)
-
-    def add_aggregate(self, sums: Sequence[np.ndarray], total_weight: int) -> None:
-        """A sum of weighted changes made elsewhere (secure aggregation unmasks only the sum),
-        added as is: under DP the clients clipped before masking, each with weight 1."""
-        if self._sum is None:
-            raise RuntimeError("begin_round was not called")
-        self._sum.add_change(
-            [
-                np.asarray(s).astype(sum_dtype(r.dtype))
-                for s, r in zip(sums, self._sum.reference, strict=True)
-            ],
-            total_weight,
-        )
-
-    def result(self) -> Weights:
-        if self._sum is None:
-            raise RuntimeError("begin_round was not called")
-        if self.privacy is None:  # the plain mean, computed in the sum's memory
-            weights, self._sum = self._sum.take_mean(), None
-            return weights
-        reference = self._sum.reference
-        return [(r + d).astype(r.dtype) for r, d in zip(reference, self._mean_change(), strict=True)]
+        self.use_privacy(privacy)
 
     def _mean_change(self) -> Weights:
-        """The round's mean change: sum / examples, or under DP (sum + noise) / expected updates."""
-        if self._sum is None:
-            raise RuntimeError("begin_round was not called")
-        if self.privacy is None:
-            changes, self._sum = self._sum.take_mean_change(), None
-            return changes
-        sums, self._sum = self._sum.take_sum(), None
-        dp, rng = self.privacy, self._noise
-        assert rng is not None
-        for total in sums:
-            if np.issubdtype(total.dtype, np.floating):
-                total += gaussian_noise(total.shape, dp.noise_multiplier * dp.clip, rng, total.dtype)
-            total /= total.dtype.type(dp.expected_updates)
-        return sums
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def restore(self, state: dict[str, np.ndarray]) -> None:
-        no_state(self.name, state)
+        """The round's mean change alone (DP's noise in it), ending the round: for subclasses
+        written against FedAvg before MeanStrategy.step existed, which override `result`."""
+        fold, self._fold = self._round(), None
+        return fold.take_mean_change()
 
 
 ROBUST = ("median", "trimmed-mean", "krum")
@@ -268,8 +180,10 @@ class StrategySettings:
     proximal_mu: float | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.name!r}; choose from {', '.join(STRATEGIES)}")
+        if not self.name:
+            raise ConfigError(f"--strategy is empty; choose from {', '.join(STRATEGIES)}, or give your own")
+        if not self.built_in:
+            check_spec(self.name)
         given = [flag for flag, value in self._server_flags() if value is not None]
         if given and self.name not in _SERVER_OPTIMIZER_NAMES:
             raise ConfigError(
@@ -280,6 +194,11 @@ class StrategySettings:
             raise ConfigError("--server-beta2 and --server-tau belong to fedadagrad, fedadam and fedyogi")
         if self.proximal_mu is not None and self.proximal_mu < 0:
             raise ConfigError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
+
+    @property
+    def built_in(self) -> bool:
+        """A strategy fedgrpc has; otherwise a file, module:attribute or entry point to load."""
+        return self.name in STRATEGIES
 
     @property
     def client_proximal_mu(self) -> float:
@@ -301,14 +220,28 @@ _SERVER_OPTIMIZER_NAMES = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
 
 
 def make_strategy(settings: StrategySettings, privacy: CentralDP | None = None) -> Strategy:
+    """The strategy --strategy names (a built-in one, or the user's, loaded), central DP around
+    it; ConfigError for a combination that cannot work."""
+    built = _built_in(settings) if settings.built_in else load_strategy(settings.name)
+    if privacy is not None:
+        if not isinstance(built, MeanStrategy):
+            raise ConfigError(
+                f"differential privacy needs a mean to add its noise to: --strategy {settings.name} "
+                "cannot take it; use fedavg, fedprox or a server optimizer"
+            )
+        if not built.weighs_by_examples:
+            raise ConfigError(
+                f"differential privacy weighs every update 1: --strategy {settings.name} weighs "
+                "updates its own way (it defines weight), so the two cannot be combined"
+            )
+        built.use_privacy(privacy)
+    return built
+
+
+def _built_in(settings: StrategySettings) -> MeanStrategy | UpdatesStrategy:
     name = settings.name
-    if privacy is not None and name in ROBUST:
-        raise ConfigError(
-            f"differential privacy needs a mean to add its noise to: --strategy {name} cannot take it; "
-            "use fedavg, fedprox or a server optimizer"
-        )
     if name in ("fedavg", "fedprox"):
-        return FedAvg(privacy)
+        return FedAvg()
     if name == "median":
         return Median()
     if name == "trimmed-mean":
@@ -327,13 +260,33 @@ def make_strategy(settings: StrategySettings, privacy: CentralDP | None = None) 
         )
         if value is not None
     }
-    return SERVER_OPTIMIZERS[name](**options, privacy=privacy)
+    return SERVER_OPTIMIZERS[name](**options)
+
+
+def configure(strategy: Strategy, run: RunSpec) -> None:
+    """Tell the run's strategy (under secure aggregation, the one inside) its RunSpec."""
+    built = getattr(strategy, "inner", strategy)
+    if isinstance(built, MeanStrategy | UpdatesStrategy):
+        built.configure(run)
+
+
+def secure_refusal(strategy: Strategy) -> str | None:
+    """Why this strategy cannot run under secure aggregation (which shows only the sum); None: it can."""
+    if isinstance(strategy, MeanStrategy):
+        return None if strategy.weighs_by_examples else "it weighs updates its own way"
+    if type(strategy) in (Median, TrimmedMean, Krum):
+        return "a robust rule needs every update"
+    return "it needs every update"
 
 
 def strategy_record(settings: StrategySettings, strategy: object) -> dict[str, str | float | int]:
     """The strategy a run aggregates with and the parameters it works with, defaults filled in
-    (`strategy` is what make_strategy built): for the start-up log, history.json and the dashboard."""
+    (`strategy` is what make_strategy built): for the start-up log, history.json and the dashboard.
+    A user's strategy: its name, where it came from and the SHA-256 of its file."""
     built = getattr(strategy, "inner", strategy)  # under secure aggregation, the FedAvg inside
+    origin = getattr(built, "origin", None)
+    if isinstance(built, MeanStrategy | UpdatesStrategy) and origin is not None:
+        return {"name": built.name, "source": origin.source, "digest": origin.digest}
     record: dict[str, str | float | int] = {"name": settings.name}
     for name in ("server_lr", "momentum", "beta1", "beta2", "tau"):
         if isinstance(getattr(built, name, None), float | int):

@@ -112,7 +112,8 @@ function drawCharts(rounds) {
 // "fedavgm (server_lr 0.1, momentum 0.9)"
 function strategyText(strategy) {
   if (!strategy) return "-";
-  const parameters = Object.entries(strategy).filter(([key]) => key !== "name").map(([key, v]) => `${key} ${v}`);
+  const parameters = Object.entries(strategy).filter(([key]) => key !== "name")
+    .map(([key, v]) => `${key} ${key === "digest" ? String(v).slice(0, 12) : v}`);
   return parameters.length ? `${strategy.name} (${parameters.join(", ")})` : String(strategy.name);
 }
 
