@@ -31,6 +31,7 @@ from fedgrpc.server.monitor import Monitor
 from fedgrpc.server.results import RoundRecord
 from fedgrpc.server.rounds import RoundCoordinator, UpdateHeader
 from fedgrpc.server.staleness import StalenessWeight
+from fedgrpc.server.strategies import MeanStrategy
 from fedgrpc.server.strategy import CentralDP, FedAvg, StrategySettings
 from fedgrpc.v1 import coordinator_pb2 as pb
 from fedgrpc.v1 import coordinator_pb2_grpc as pb_grpc
@@ -59,7 +60,7 @@ def test_staleness_weights_are_the_papers_formulas() -> None:
 # -- one buffer, in process ------------------------------------------------------------------
 
 
-def buffered(strategy: FedAvg, *, clients: int = 3, **settings: int) -> RoundCoordinator:
+def buffered(strategy: MeanStrategy, *, clients: int = 3, **settings: int) -> RoundCoordinator:
     coordinator = RoundCoordinator(
         RunSpec(rounds=10, num_clients=clients),
         SPECS,
