@@ -55,7 +55,7 @@ def get_weights(model: LogisticRegression) -> list[np.ndarray]:
 def set_weights(model: LogisticRegression, weights: list[np.ndarray]) -> None:
     w, b = weights
     if w.shape != model.w.shape or b.shape != model.b.shape:
-        raise ValueError(f"weights of shapes {w.shape}, {b.shape} do not fit {model.w.shape}, {model.b.shape}")
+        raise ValueError(f"weights of shapes {w.shape}, {b.shape} do not fit ({FEATURES},), (1,)")
     model.w, model.b = np.array(w, np.float32), np.array(b, np.float32)
 
 
