@@ -99,6 +99,20 @@ def test_the_trainer_moves_weights_through_the_task_and_trains() -> None:
         trainer.train(2, [np.zeros(3, np.float32), np.zeros(1, np.float32)])
 
 
+def test_init_model_takes_an_npz_of_the_task_models_arrays(tmp_path: Path) -> None:
+    """--init-model final_weights.npz: a framework-free run starts where another ended."""
+    from fedgrpc.common.models import save_weights
+    from fedgrpc.server.startup import weights_of_saved_model
+
+    initial = [np.zeros(8, np.float32), np.zeros(1, np.float32)]
+    save_weights(tmp_path / "final_weights.npz", [np.full(8, 0.5, np.float32), np.ones(1, np.float32)])
+    started = weights_of_saved_model(tmp_path / "final_weights.npz", initial)
+    assert [w.tolist() for w in started] == [[0.5] * 8, [1.0]]
+    save_weights(tmp_path / "other.npz", [np.zeros(3, np.float32)])
+    with pytest.raises(TaskError, match="it is not a saved model of this task"):
+        weights_of_saved_model(tmp_path / "other.npz", initial)
+
+
 PROBE = """
 import atexit, importlib.util, json, os, sys
 
