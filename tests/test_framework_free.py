@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,8 +31,11 @@ NEEDS_TORCH = pytest.mark.skipif(
 FRAMEWORKS = ("tensorflow", "keras")
 
 
-def _noop(*args: object) -> dict[str, float]:
-    return {}
+def _noop_function(*args: object) -> Any:
+    return None
+
+
+_noop: Any = _noop_function  # stands for any of a task's functions: only Task's checks run here
 
 
 def test_get_weights_and_set_weights_come_together_with_train_and_evaluate() -> None:
