@@ -161,9 +161,7 @@ class RoundContext:
     params: Params
     batch_size: int
     epochs: int
-    # FedProx's mu: a Keras model's optimizer applies it already; a task with its own
-    # get_weights applies it in its train (the weights it starts from are the round's global ones).
-    proximal_mu: float = 0.0
+    proximal_mu: float = 0.0  # FedProx's mu: already applied through the model's optimizer
 
 
 TrainFunction = Callable[[Any, LocalData, RoundContext], Mapping[str, float] | None]
@@ -182,7 +180,8 @@ class Task:
     (default: "accuracy" when the model has it, else "loss").
 
     With `get_weights` and `set_weights` the task is framework-free: its model is whatever
-    `build_model` returns, so it must bring its own `train` and `evaluate` too.
+    `build_model` returns, so it must bring its own `train` and `evaluate` too, and its train
+    applies FedProx itself (`ctx.proximal_mu`; the weights it starts from are the global ones).
     """
 
     name: str
