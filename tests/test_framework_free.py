@@ -81,6 +81,21 @@ def test_a_framework_free_model_is_checked_against_its_data_by_its_own_evaluate(
         check_fits(loaded, model, (np.zeros((5, 3), np.float32), np.zeros(5)), "training data", params)
 
 
+def test_the_server_seed_gives_a_framework_free_task_the_same_initial_weights() -> None:
+    from fedgrpc.common.models import seed_everything
+    from fedgrpc.common.task_loader import get_weights
+
+    loaded = load_task(str(NUMPY_TASK))
+    params = resolve_params(loaded.task, {})
+
+    def initial(seed: int) -> list[np.ndarray]:
+        seed_everything(loaded.task, seed)
+        return get_weights(loaded, build_model(loaded, params))
+
+    assert [w.tolist() for w in initial(3)] == [w.tolist() for w in initial(3)]
+    assert initial(3)[0].tolist() != initial(4)[0].tolist()
+
+
 def test_the_trainer_moves_weights_through_the_task_and_trains() -> None:
     """LocalTrainer on the numpy task: the global weights go in by set_weights, the trained ones
     come out by get_weights, and training on separable data lowers the loss."""
