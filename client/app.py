@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ..common import device, task_loader
+from ..common import task_loader
 from ..common.codec import DEFAULT_CHUNK_BYTES, TensorSpec
 from ..common.config import DEFAULT_TASK, RunSpec
 from ..common.errors import ConfigError, FedGrpcError
 from ..common.logs import human_bytes
+from ..common.models import configure_devices
 from ..common.protocol import Instruction
 from ..common.task import Site
 from ..common.task_loader import LoadedTask, load_task
@@ -91,7 +92,7 @@ def run_client(config: ClientConfig) -> int:
             run.run_id, config.server, loaded.name, plural(run.rounds, "round"),
             plural(run.num_clients, "client"), current,
         )  # fmt: skip
-        log.info("devices: %s", device.configure(config.threads))
+        log.info("devices: %s", configure_devices(loaded.task, config.threads))
         try:
             trainer = prepare_trainer(loaded, run, config)
         except FedGrpcError as exc:  # the server would wait for this client: say why it cannot come
@@ -117,9 +118,9 @@ def prepare_trainer(loaded: LoadedTask, run: RunSpec, config: ClientConfig) -> L
     started = time.monotonic()
     data = task_loader.load_data(loaded, site)
     model = task_loader.build_model(loaded, params)
-    task_loader.check_fits(loaded, model, data.train, "training data")
+    task_loader.check_fits(loaded, model, data.train, "training data", params)
     if data.test is not None:
-        task_loader.check_fits(loaded, model, data.test, "test data")
+        task_loader.check_fits(loaded, model, data.test, "test data", params)
     log.info(
         "data: %d examples to train on, %s held out (%.1f s)",
         data.num_examples,

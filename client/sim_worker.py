@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ..common import device, task_loader
+from ..common import task_loader
 from ..common.codec import TensorSpec
 from ..common.config import RunSpec
 from ..common.errors import FedGrpcError
+from ..common.models import configure_devices
 from ..common.settings import site_data
 from ..common.task import LocalData, Site
 from .app import ClientConfig, prepare_trainer, take_part
@@ -56,7 +57,7 @@ class SimWorker:
         self._data: dict[int, LocalData] = {}
         self._report = WorkerReport()
         self._report_lock = threading.Lock()
-        self.devices = device.configure(config.threads)
+        self.devices = configure_devices(self.loaded.task, config.threads)
         # One channel for every id this worker serves: gRPC gives each channel its own polling
         # thread, and thousands of them would keep the machine busy in the kernel.
         self._channel = config.security.channel(config.server)

@@ -5,6 +5,8 @@ from the global weights with the optimizer put back to its just-compiled state, 
 one had been built: no optimizer state carries over between rounds (the reference job's
 rule, and the usual one for stateless clients). Under FedProx (the run's proximal_mu > 0) the
 optimizer also pulls the weights toward the round's global weights (fedgrpc.client.proximal).
+A framework-free task's model is the task's own: weights go in and out through its
+get_weights/set_weights, and its train resets what it keeps and applies FedProx itself.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..common.config import RunSpec
 from ..common.errors import MetricsError, TaskError
 from ..common.metrics import check_metrics
 from ..common.task import LocalData, Params, RoundContext, evaluate_model, fit_model
-from ..common.task_loader import LoadedTask, call
+from ..common.task_loader import LoadedTask, call, get_weights, set_weights, weight_specs
 
 PERSONALIZED_PREFIX = "personalized_"
 
@@ -43,20 +45,22 @@ class LocalTrainer:
     """Runs a task's training and evaluation on this client's data, round after round."""
 
     def __init__(self, loaded: LoadedTask, run: RunSpec, params: Params, data: LocalData, model: Any) -> None:
-        from ..common.models import FreshOptimizer, weight_specs
-
         self.loaded = loaded
         self.run = run
         self.params = params
         self.data = data
         self.model = model
-        self.specs: list[TensorSpec] = weight_specs(model)
+        self.specs: list[TensorSpec] = weight_specs(loaded, model)
         self._proximal = None
-        if run.proximal_mu > 0:
-            from . import proximal
+        self._fresh_optimizer = None
+        if loaded.task.uses_keras:  # a framework-free task's train does both itself
+            from ..common.models import FreshOptimizer
 
-            self._proximal = proximal.install(model, run.proximal_mu)
-        self._fresh_optimizer = FreshOptimizer(model)
+            if run.proximal_mu > 0:
+                from . import proximal
+
+                self._proximal = proximal.install(model, run.proximal_mu)
+            self._fresh_optimizer = FreshOptimizer(model)
         self._train = loaded.task.train or fit_model
         self._evaluate = loaded.task.evaluate or evaluate_model
 
@@ -75,7 +79,7 @@ class LocalTrainer:
         metrics["train_seconds"] = round(time.monotonic() - started, 3)
         num_examples = self.data.num_examples
         assert num_examples is not None  # LocalData counts or requires it
-        return TrainResult(self.model.get_weights(), num_examples, metrics)
+        return TrainResult(get_weights(self.loaded, self.model), num_examples, metrics)
 
     def evaluate(
         self, round_number: int, weights: Sequence[np.ndarray], personalize_epochs: int = 0
@@ -99,13 +103,14 @@ class LocalTrainer:
 
     def _start_from(self, weights: Sequence[np.ndarray]) -> None:
         try:
-            self.model.set_weights(list(weights))
+            set_weights(self.loaded, self.model, list(weights))
         except ValueError as exc:
             raise TaskError(
                 f"task {self.loaded.name!r}: the server's weights do not fit this client's model "
                 f"({exc}); are both sides on the same task file?"
             ) from None
-        self._fresh_optimizer.reset()
+        if self._fresh_optimizer is not None:
+            self._fresh_optimizer.reset()
         if self._proximal is not None:
             self._proximal.set_anchors()
 

@@ -1,15 +1,35 @@
-"""Keras helpers both sides use: the reference CNN, weight specs, resetting an optimizer."""
+"""What both sides need of a task's model, whatever its framework.
+
+Keras helpers (the reference CNN, weight specs, resetting an optimizer) import Keras when
+called, never at import: a framework-free task (fedgrpc.common.task) runs without it. For such
+a task the helpers here seed the generators its build_model may draw from, say which devices
+it has, and keep its weights in a plain .npz file.
+"""
 
 from __future__ import annotations
 
-import keras
+import os
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from .codec import TensorSpec, spec_of
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import keras
+
+    from .task import Task
 
 
 def small_cnn(input_shape: tuple[int, ...] = (32, 32, 3), num_classes: int = 10) -> keras.Model:
     """The reference CNN: Conv32-Pool-Conv64-Pool-Dense64-Dense10, 167,562 parameters on CIFAR-10."""
+    import keras
+
     return keras.Sequential(
         [
             keras.Input(shape=input_shape),
@@ -39,6 +59,8 @@ def reference_cnn(
     JAX: on. There, off means no compilation at all: an epoch of a 16,666-image shard took
     about 64 s on an H200 against 0.9 s compiled.
     """
+    import keras
+
     if jit_compile is None:
         jit_compile = keras.backend.backend() == "jax"
     model = small_cnn(input_shape, num_classes)
@@ -72,3 +94,54 @@ class FreshOptimizer:
     def reset(self) -> None:
         for variable, value in zip(self._optimizer.variables, self._initial, strict=True):
             variable.assign(value)
+
+
+def is_keras_model(model: Any) -> bool:
+    """Whether `model` is a keras.Model; False, without importing Keras, when nothing has."""
+    keras_module = sys.modules.get("keras")
+    return keras_module is not None and isinstance(model, keras_module.Model)
+
+
+def configure_devices(task: Task, threads: int | None) -> str:
+    """Set the devices up for the task's model; returns the log line's description. A Keras
+    task gets its backend's setup (fedgrpc.common.device); a framework-free task picks its own
+    devices, and only its CPU threads are capped (OMP_NUM_THREADS, set before it was imported)."""
+    if task.uses_keras:
+        from . import device
+
+        return device.configure(threads)
+    torch = sys.modules.get("torch")  # imported by the task file, if at all
+    if torch is not None and threads:
+        torch.set_num_threads(threads)
+    cores = threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count()
+    return f"the task's own (framework-free, no Keras); CPU threads: {cores}"
+
+
+def seed_everything(task: Task, seed: int) -> None:
+    """Seed what a task's build_model may draw its initial weights from: Keras' generators for
+    a Keras task; else Python's, numpy's global one and, when the task imported it, torch's."""
+    if task.uses_keras:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
+def save_weights(path: Path, weights: Sequence[np.ndarray]) -> None:
+    """The weights as an .npz of plain arrays named 0000, 0001, ... in order (no pickle)."""
+    arrays: dict[str, Any] = {f"{i:04d}": np.asarray(w) for i, w in enumerate(weights)}
+    np.savez(path, **arrays)
+
+
+def load_weights(path: Path) -> list[np.ndarray]:
+    """The weights save_weights wrote (or any .npz of arrays, taken in name order)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return [np.array(stored[name]) for name in sorted(stored.files)]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as an .npz of weights: {exc}") from None

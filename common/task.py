@@ -22,17 +22,27 @@ file must be on both sides: the server tells clients the task's name and a diges
 that defines it, and refuses a client whose task differs. Code never travels: each side runs
 only the task file its own operator gave it.
 
+A task need not use Keras. Give `get_weights` and `set_weights` (the model's weights as numpy
+arrays, out and in) with your own `train` and `evaluate`, and the model is whatever your
+`build_model` returns: a torch.nn.Module, a few numpy arrays, anything. fedgrpc then never
+imports Keras or TensorFlow for it, on the server or on a site (examples/pytorch).
+
 What each function gets and when it runs:
 
 | function                   | where  | when                                   | default                     |
 |----------------------------|--------|----------------------------------------|-----------------------------|
-| `build_model(params)`      | both   | once at start: a compiled keras.Model  | (required)                  |
+| `build_model(params)`      | both   | once at start: a compiled keras.Model, | (required)                  |
+|                            |        | or any model (with get/set_weights)    |                             |
 | `load_data(site)`          | client | once at start: this site's LocalData   | (required)                  |
 | `load_test_data(site)`     | server | once at start: a central test set      | none: federated evaluation  |
-| `train(model, data, ctx)`  | client | each round, from the global weights    | `fit_model`                 |
-| `evaluate(model, data, ctx)`| both  | after rounds, on held-out data         | `evaluate_model`            |
+| `train(model, data, ctx)`  | client | each round, from the global weights    | `fit_model` (Keras)         |
+| `evaluate(model, data, ctx)`| both  | after rounds, on held-out data         | `evaluate_model` (Keras)    |
 | `partition_labels(site)`   | server | once at start: labels of a stand-in    | no partition summary        |
 |                            |        | dataset, for the partition summary     |                             |
+| `get_weights(model)`       | both   | after build_model and each train: the  | `model.get_weights()`       |
+|                            |        | model's weights, a list of numpy arrays| (Keras)                     |
+| `set_weights(model, ws)`   | both   | before each train and evaluate: the    | `model.set_weights(ws)`     |
+|                            |        | global weights, in get_weights' order  | (Keras)                     |
 
 `params` are the task's own settings: their defaults and types are declared in `Task.params`,
 a run may override them (`[task]` in `fl-server --config run.toml`, or `--param key=value`),
@@ -41,7 +51,7 @@ and the server sends them to every client, so both sides build the same model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +66,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Dataset",
+    "GetWeights",
     "LocalData",
     "ParamValue",
     "Params",
     "RoundContext",
+    "SetWeights",
     "Site",
     "Task",
     "evaluate_model",
@@ -72,6 +84,7 @@ Params = Mapping[str, ParamValue]
 #: What `load_data` may return for a split: arrays `(x, y)` (x and y may also be lists or dicts
 #: of arrays, for models with several inputs or outputs), or anything `keras.Model.fit` takes
 #: as its only input, such as a tf.data.Dataset or keras.utils.PyDataset yielding batches.
+#: A framework-free task's splits are whatever its own train and evaluate take.
 Dataset = Any
 
 
@@ -151,8 +164,12 @@ class RoundContext:
     proximal_mu: float = 0.0  # FedProx's mu: already applied through the model's optimizer
 
 
-TrainFunction = Callable[["keras.Model", LocalData, RoundContext], Mapping[str, float] | None]
-EvaluateFunction = Callable[["keras.Model", Dataset, RoundContext], Mapping[str, float]]
+TrainFunction = Callable[[Any, LocalData, RoundContext], Mapping[str, float] | None]
+EvaluateFunction = Callable[[Any, Dataset, RoundContext], Mapping[str, float]]
+#: A model's weights as numpy arrays, always in the same order (what travels and is averaged).
+GetWeights = Callable[[Any], Sequence[np.ndarray]]
+#: Puts weights, in GetWeights' order, into the model.
+SetWeights = Callable[[Any, list[np.ndarray]], None]
 
 
 @dataclass(frozen=True)
@@ -161,10 +178,14 @@ class Task:
 
     `main_metric` names the metric that round lines, curves and personalization report
     (default: "accuracy" when the model has it, else "loss").
+
+    With `get_weights` and `set_weights` the task is framework-free: its model is whatever
+    `build_model` returns, so it must bring its own `train` and `evaluate` too, and its train
+    applies FedProx itself (`ctx.proximal_mu`; the weights it starts from are the global ones).
     """
 
     name: str
-    build_model: Callable[[Params], keras.Model]
+    build_model: Callable[[Params], keras.Model | Any]
     load_data: Callable[[Site], LocalData]
     load_test_data: Callable[[Site], Dataset | None] | None = None
     train: TrainFunction | None = None
@@ -172,6 +193,13 @@ class Task:
     partition_labels: Callable[[Site], np.ndarray] | None = None
     params: Params = field(default_factory=dict)
     main_metric: str | None = None
+    get_weights: GetWeights | None = None
+    set_weights: SetWeights | None = None
+
+    @property
+    def uses_keras(self) -> bool:
+        """Whether fedgrpc handles the model as a keras.Model (False: a framework-free task)."""
+        return self.get_weights is None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -179,10 +207,12 @@ class Task:
         for what in ("build_model", "load_data"):
             if not callable(getattr(self, what)):
                 raise TaskError(f"task {self.name!r}: {what} must be a function")
-        for what in ("load_test_data", "train", "evaluate", "partition_labels"):
+        hooks = ("load_test_data", "train", "evaluate", "partition_labels", "get_weights", "set_weights")
+        for what in hooks:
             value = getattr(self, what)
             if value is not None and not callable(value):
                 raise TaskError(f"task {self.name!r}: {what} must be a function or None")
+        self._check_framework_free()
         for key, value in self.params.items():
             if not isinstance(key, str) or not isinstance(value, bool | int | float | str):
                 raise TaskError(
@@ -190,9 +220,27 @@ class Task:
                     "parameters are bool, int, float or str"
                 )
 
+    def _check_framework_free(self) -> None:
+        """get_weights and set_weights come together, and then train and evaluate with them:
+        the defaults of those two are Keras'."""
+        if (self.get_weights is None) != (self.set_weights is None):
+            given, absent = ("get_weights", "set_weights")
+            if self.get_weights is None:
+                given, absent = absent, given
+            raise TaskError(f"task {self.name!r} gives {given} but no {absent}: give both, or neither")
+        if self.uses_keras:
+            return
+        missing = [what for what in ("train", "evaluate") if getattr(self, what) is None]
+        if missing:
+            raise TaskError(
+                f"task {self.name!r} has its own get_weights and set_weights, so its model is not a "
+                f"keras.Model: give {' and '.join(missing)} too (the defaults call Keras)"
+            )
+
     def __repr__(self) -> str:
         hooks = [h for h in ("load_test_data", "train", "evaluate") if getattr(self, h) is not None]
-        return f"Task({self.name!r}, params={dict(self.params)!r}, hooks={hooks})"
+        framework = "" if self.uses_keras else ", framework-free"
+        return f"Task({self.name!r}, params={dict(self.params)!r}, hooks={hooks}{framework})"
 
 
 def fit_model(model: keras.Model, data: LocalData, ctx: RoundContext) -> dict[str, float]:

@@ -16,6 +16,11 @@ of whoever passes it; nothing here ever runs code that arrived over the network.
 
 Every failure is a TaskError naming the task, the function and what was wrong, raised before
 any round starts.
+
+A task's model is a compiled keras.Model, or, for a framework-free task (one with its own
+`get_weights`/`set_weights`), an object only the task's functions touch. `get_weights`,
+`set_weights`, `weight_specs` and `check_fits` here serve both, so that the trainer and the
+server never ask which; only for a Keras task is Keras imported.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+import numpy as np
+
+from .codec import TensorSpec, spec_of
 from .config import ParamValue, TaskRef
 from .errors import FedGrpcError, TaskError
-from .task import Dataset, LocalData, Params, Site, Task
+from .task import Dataset, LocalData, Params, RoundContext, Site, Task
 from .words import type_name
 
 ENTRY_POINT_GROUP = "fedgrpc.tasks"
@@ -218,13 +226,18 @@ def call(loaded: LoadedTask, what: str, function: Callable[..., T], *args: Any) 
 
 
 def build_model(loaded: LoadedTask, params: Params) -> Any:
-    """The task's compiled model, checked."""
+    """The task's model, checked: a compiled keras.Model with its weights built, or for a
+    framework-free task anything whose get_weights gives a list of numpy arrays."""
+    model = call(loaded, "build_model", loaded.task.build_model, params)
+    if not loaded.task.uses_keras:
+        get_weights(loaded, model)  # arrays the wire carries, or a TaskError now
+        return model
     import keras
 
-    model = call(loaded, "build_model", loaded.task.build_model, params)
     if not isinstance(model, keras.Model):
         raise TaskError(
-            f"task {loaded.name!r}: build_model returned {type(model).__name__}, not a keras.Model"
+            f"task {loaded.name!r}: build_model returned {type(model).__name__}, not a keras.Model "
+            "(a model of another framework needs the task's own get_weights and set_weights)"
         )
     if not model.built:
         raise TaskError(
@@ -236,6 +249,47 @@ def build_model(loaded: LoadedTask, params: Params) -> Any:
             f"task {loaded.name!r}: build_model must return a compiled model (call model.compile(...))"
         )
     return model
+
+
+def get_weights(loaded: LoadedTask, model: Any) -> list[np.ndarray]:
+    """The model's weights as numpy arrays, in their fixed order."""
+    function = loaded.task.get_weights
+    if function is None:
+        return list(model.get_weights())
+    weights = call(loaded, "get_weights", function, model)
+    if not isinstance(weights, list | tuple) or not all(isinstance(w, np.ndarray) for w in weights):
+        kinds = sorted({type(w).__name__ for w in weights}) if isinstance(weights, list | tuple) else None
+        raise TaskError(
+            f"task {loaded.name!r}: get_weights returned {type(weights).__name__}"
+            f"{f' of {kinds}' if kinds else ''}, not a list of numpy arrays"
+        )
+    if not weights:
+        raise TaskError(f"task {loaded.name!r}: get_weights returned no arrays; a model needs some")
+    return list(weights)
+
+
+def set_weights(loaded: LoadedTask, model: Any, weights: list[np.ndarray]) -> None:
+    """Put `weights` (get_weights' order) into the model; ValueError when they do not fit it."""
+    function = loaded.task.set_weights
+    if function is None:
+        model.set_weights(weights)
+        return
+    call(loaded, "set_weights", function, model, weights)
+
+
+def weight_specs(loaded: LoadedTask, model: Any) -> list[TensorSpec]:
+    """Name, dtype and shape of every weight, in get_weights order: what updates must match.
+    A Keras weight is named by its path; a framework-free task's by its place, weights/0, ..."""
+    if loaded.task.uses_keras:
+        from .models import weight_specs as keras_weight_specs
+
+        return keras_weight_specs(model)
+    try:
+        return [spec_of(f"weights/{i}", w) for i, w in enumerate(get_weights(loaded, model))]
+    except FedGrpcError as exc:
+        raise TaskError(
+            f"task {loaded.name!r}: get_weights gave an array the wire cannot carry: {exc}"
+        ) from None
 
 
 def load_data(loaded: LoadedTask, site: Site) -> LocalData:
@@ -253,12 +307,17 @@ def load_test_data(loaded: LoadedTask, site: Site) -> Dataset | None:
     return None if function is None else call(loaded, "load_test_data", function, site)
 
 
-def check_fits(loaded: LoadedTask, model: Any, dataset: Dataset, what: str) -> None:
+def check_fits(
+    loaded: LoadedTask, model: Any, dataset: Dataset, what: str, params: Params | None = None
+) -> None:
     """Run the model on a couple of examples of `dataset`: shapes that do not fit fail here,
-    with the task's name, before any round, rather than in the middle of one."""
+    with the task's name, before any round, rather than in the middle of one. A framework-free
+    task is checked by its own evaluate, given `params`, when the dataset is an (x, y) pair."""
     sample = _sample(dataset)
     try:
-        if isinstance(sample, tuple) and len(sample) == 2:
+        if not loaded.task.uses_keras:
+            _check_own_evaluate(loaded, model, sample, params)
+        elif isinstance(sample, tuple) and len(sample) == 2:
             model.evaluate(sample[0], sample[1], verbose=0)
         else:
             model.evaluate(sample, verbose=0, steps=1)
@@ -268,6 +327,13 @@ def check_fits(loaded: LoadedTask, model: Any, dataset: Dataset, what: str) -> N
             f"task {loaded.name!r}: the {what} from {source} does not fit the model from "
             f"build_model: {_describe(exc)}"
         ) from exc
+
+
+def _check_own_evaluate(loaded: LoadedTask, model: Any, sample: Any, params: Params | None) -> None:
+    evaluate = loaded.task.evaluate
+    if params is None or evaluate is None or not (isinstance(sample, tuple) and len(sample) == 2):
+        return  # no sample to take (a dataset of its own kind), or no parameters to call it with
+    evaluate(model, sample, RoundContext(round=0, params=params, batch_size=2, epochs=1))
 
 
 def _sample(dataset: Dataset) -> Any:

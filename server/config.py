@@ -127,7 +127,7 @@ class ServerConfig:
     run: RunSpec = field(default_factory=RunSpec)
     task: str = DEFAULT_TASK  # a task file, module:attribute or installed name (--task)
     task_params: Mapping[str, Any] = field(default_factory=dict)  # overrides of the task's defaults
-    init_model: Path | None = None  # start from this saved Keras model's weights
+    init_model: Path | None = None  # start from these weights: a saved Keras model, or an .npz
     federated_eval: bool | None = None  # None: federated evaluation when there is no central test set
     host: str = _default("host")
     port: int = _default("port")

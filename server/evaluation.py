@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..common.task import Dataset, Params, RoundContext, evaluate_model
-from ..common.task_loader import LoadedTask, call
+from ..common.task_loader import LoadedTask, call, set_weights
 from .evaluation_round import EvaluationReport
 
 PERSONALIZED_PREFIX = "personalized_"
@@ -61,7 +61,7 @@ class CentralEvaluator:
         self._evaluate = loaded.task.evaluate or evaluate_model
 
     def __call__(self, round_number: int, weights: Sequence[np.ndarray]) -> dict[str, float]:
-        self._model.set_weights(list(weights))
+        set_weights(self._loaded, self._model, list(weights))
         ctx = RoundContext(round=round_number, params=self._params, batch_size=self._batch_size, epochs=1)
         metrics = call(self._loaded, "evaluate", self._evaluate, self._model, self._test, ctx)
         return {name: float(value) for name, value in dict(metrics).items()}

@@ -93,8 +93,9 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         None,
         group="task",
-        metavar="MODEL.keras",
-        help="start from the weights of this saved Keras model (loaded in safe mode)",
+        metavar="MODEL.keras|.npz",
+        help="start from the weights of this saved Keras model (loaded in safe mode), or of an .npz "
+        "of arrays (a framework-free task's final_weights.npz)",
     ),
     Setting("init_seed", int, 0, group="task", low=0, help="seed of the initial global weights"),
     # -- the run

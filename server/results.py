@@ -3,6 +3,7 @@
 <out>/history.json        the run's spec and one record per round (rewritten after every round)
 <out>/curves.png          the main metric and loss per round: central, federated, personalized
 <out>/final_model.keras   the final global model (Keras' zip format: JSON and HDF5, no pickle)
+<out>/final_weights.npz   ... of a framework-free task: its weights, arrays 0000, 0001, ... in order
 <out>/partition.json      stand-in federations: each client's example count and label histogram
 <out>/partition.png       ... as stacked bars, one per client
 <out>/updates/round-NNNN/client-K.npz   accepted updates, only with --record-updates
@@ -196,6 +197,10 @@ class RunResults:
         return self.out_dir / "final_model.keras"
 
     @property
+    def weights_path(self) -> Path:
+        return self.out_dir / "final_weights.npz"
+
+    @property
     def curves_path(self) -> Path:
         return self.out_dir / "curves.png"
 
@@ -335,11 +340,16 @@ class ResultsSink:
             )
 
     def _save_final(self, event: RunFinished) -> None:
+        from ..common.models import is_keras_model, save_weights
+
         model = self._model
-        model.set_weights(list(event.weights))
-        if getattr(model, "optimizer", None) is not None:
-            model.optimizer.build(model.trainable_variables)  # saved with fresh slots: loads cleanly
-        model.save(self.results.model_path)
+        if not is_keras_model(model):  # a framework-free task's: its weights are all we know of it
+            save_weights(self.results.weights_path, event.weights)
+        else:
+            model.set_weights(list(event.weights))
+            if getattr(model, "optimizer", None) is not None:
+                model.optimizer.build(model.trainable_variables)  # saved with fresh slots: loads cleanly
+            model.save(self.results.model_path)
         self.results.write_history(event.run, event.history, finished=True)
         self.results.plot(event.history, event.main_metric)
 

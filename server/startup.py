@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..common import device, task_loader
+from ..common import task_loader
 from ..common.config import RunSpec, SecAggSpec
 from ..common.errors import ConfigError, TaskError
 from ..common.privacy import PrivacyAccountant
@@ -110,10 +110,10 @@ def load_job(config: ServerConfig, checkpoint: Checkpoint | None, results: RunRe
     loaded = task_loader.load_task(config.task)
     params = task_loader.resolve_params(loaded.task, config.task_params)
     log.info("task %s from %s (digest %s)", loaded.name, loaded.source, loaded.ref.digest[:12])
-    log.info("devices: %s", device.configure(config.threads))
-    import keras
+    from ..common.models import configure_devices, seed_everything
 
-    keras.utils.set_random_seed(config.init_seed)
+    log.info("devices: %s", configure_devices(loaded.task, config.threads))
+    seed_everything(loaded.task, config.init_seed)
     model = task_loader.build_model(loaded, params)
     site = Site(
         client_id=0,
@@ -128,7 +128,9 @@ def load_job(config: ServerConfig, checkpoint: Checkpoint | None, results: RunRe
     if loaded.task.partition_labels is not None and checkpoint is None:
         _write_partition(config, loaded, site, results)
     run = _run_spec(config, loaded, params, central is not None)
-    weights = weights_of_saved_model(config.init_model, model) if config.init_model else model.get_weights()
+    weights = task_loader.get_weights(loaded, model)
+    if config.init_model:
+        weights = weights_of_saved_model(config.init_model, weights)
     job = Job(loaded, run, model, weights, 1, central, [])
     if checkpoint is not None:
         _resume(job, checkpoint)
@@ -156,7 +158,7 @@ def _central_evaluator(
     test = task_loader.load_test_data(loaded, site)
     if test is None:
         return None
-    task_loader.check_fits(loaded, model, test, "test set")
+    task_loader.check_fits(loaded, model, test, "test set", site.params)
     central = CentralEvaluator(loaded, model, test, site.params, config.run.batch_size)
     log.info(
         "central test set from %s loaded (%.1f s)", config.data or "the task", time.monotonic() - started
@@ -240,17 +242,23 @@ def resumable(wanted: RunSpec, saved: RunSpec) -> RunSpec:
     )
 
 
-def weights_of_saved_model(path: Path, model: Any) -> list[np.ndarray]:
-    """The weights of a saved .keras model (loaded in safe mode: no code runs), which must have
-    the task model's tensors, in order."""
-    import keras
+def weights_of_saved_model(path: Path, initial: list[np.ndarray]) -> list[np.ndarray]:
+    """The weights of a saved .keras model (loaded in safe mode: no code runs), or of an .npz of
+    arrays (a framework-free task's final_weights.npz), which must have the tensors of the task's
+    model (`initial`), in order."""
+    if path.suffix == ".npz":
+        from ..common.models import load_weights
 
-    try:
-        saved = keras.models.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:
-        raise ConfigError(f"--init-model {path} cannot be loaded as a Keras model: {exc}") from None
-    weights = [np.asarray(w) for w in saved.get_weights()]
-    want = [(tuple(w.shape), w.dtype) for w in model.get_weights()]
+        weights = load_weights(path)
+    else:
+        import keras
+
+        try:
+            saved = keras.models.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:
+            raise ConfigError(f"--init-model {path} cannot be loaded as a Keras model: {exc}") from None
+        weights = [np.asarray(w) for w in saved.get_weights()]
+    want = [(tuple(w.shape), w.dtype) for w in initial]
     got = [(tuple(w.shape), w.dtype) for w in weights]
     if got != want:
         raise TaskError(
@@ -279,9 +287,7 @@ def make_coordinator(
     config: ServerConfig, job: Job, strategy: Strategy, minimum: int, results: RunResults
 ) -> RoundCoordinator:
     """The round state machine for this run; with --record-updates, every accepted update saved."""
-    from ..common.models import weight_specs
-
-    specs = weight_specs(job.model)
+    specs = task_loader.weight_specs(job.loaded, job.model)
     recorder = None
     if config.record_updates:
 

@@ -256,12 +256,12 @@ def test_init_model_takes_the_weights_of_a_saved_model_of_the_task(tmp_path: Pat
     saved.set_weights([np.full(w.shape, 0.5, w.dtype) for w in saved.get_weights()])
     saved.save(tmp_path / "start.keras")
     fresh = build_model(loaded, resolve_params(loaded.task, {}))
-    for got in weights_of_saved_model(tmp_path / "start.keras", fresh):
+    for got in weights_of_saved_model(tmp_path / "start.keras", fresh.get_weights()):
         assert np.all(got == 0.5)
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     other.save(tmp_path / "other.keras")
     with pytest.raises(TaskError, match="it is not a saved model of this task"):
-        weights_of_saved_model(tmp_path / "other.keras", fresh)
+        weights_of_saved_model(tmp_path / "other.keras", fresh.get_weights())
 
 
 def test_several_inputs_and_outputs_with_custom_training_and_evaluation() -> None:
