@@ -82,6 +82,11 @@ SETTINGS = (
         "light", bool, False, group=_CLIENT,
         help="no TensorFlow, no data: send seeded perturbations of the global weights (benchmarks, tests)",
     ),
+    Setting(
+        "state_dir", str, "fl-state/client-{id}", group=_CLIENT, metavar="DIR",
+        help="where this site keeps its state between rounds and restarts, a folder per run "
+        "(SCAFFOLD's control variate; {id} becomes the client id; default %(default)s)",
+    ),
     replace(VERBOSE, group=_CLIENT),
     replace(LOG_FORMAT, group=_CLIENT),
     Setting(
@@ -166,6 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=sys.stdout.isatty(),
         chunk_bytes=args.chunk_kb << 10,
         local_dp=_local_dp(args),
+        state_dir=args.state_dir,
     )
     run_client(config)
     return 0

@@ -30,6 +30,7 @@ from .evaluation import CentralEvaluator, describe, main_metric
 from .monitor import Monitor
 from .results import RoundRecord, RunResults
 from .revocation import RevocationList
+from .round_settings import RoundPlan
 from .rounds import RoundCoordinator
 from .secure_collect import secure
 from .strategy import CentralDP, Strategy, make_strategy
@@ -288,6 +289,7 @@ def make_coordinator(
         sampling=config.client_sampling,
         secagg_timeout_s=config.secagg_timeout_s,
         min_clients=minimum,
+        plan=RoundPlan(config.round_schedule, strategy, job.run.task_params),
     )
     results.withdrawals = lambda: coordinator.withdrawals
     return coordinator
