@@ -58,11 +58,16 @@ class StateStore:
     def save(self, group: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Replace `group` with `arrays`, atomically: a reader sees the old version or this one."""
         path = self._path(group)
+        named: dict[str, Any] = {name: np.asarray(a) for name, a in arrays.items()}
+        for name, array in named.items():
+            if array.dtype.hasobject:  # numpy would pickle it
+                raise TypeError(
+                    f"state {group!r}: {name!r} holds Python objects; a state holds arrays of numbers"
+                )
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{group}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as file:
-                named: dict[str, Any] = {name: np.asarray(a) for name, a in arrays.items()}
                 np.savez(file, **named)
                 file.flush()
                 os.fsync(file.fileno())

@@ -16,6 +16,7 @@ Under SCAFFOLD (its c among the TRAIN's extra tensors) the optimizer's steps are
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from ..common.task import LocalData, Params, RoundContext, evaluate_model, fit_m
 from ..common.task_loader import LoadedTask, call
 from . import scaffold
 from .state import StateStore
+
+log = logging.getLogger("fedgrpc.client")
 
 PERSONALIZED_PREFIX = "personalized_"
 
@@ -112,6 +115,8 @@ class LocalTrainer:
             return None
         if self._scaffold is None:
             self._scaffold = self._swap_optimizer(lambda: scaffold.install(self.model))
+            if state is not None and scaffold.STATE_GROUP in state.groups():
+                log.info("SCAFFOLD: this site's control variate c_i taken up from %s", state.folder)
         c = scaffold.server_control(self.specs, extras)
         ci = scaffold.client_control(state, self.specs)
         place = {id(v): i for i, v in enumerate(self.model.weights)}

@@ -32,6 +32,7 @@ from .results import RoundRecord, RunResults
 from .revocation import RevocationList
 from .round_settings import RoundPlan
 from .rounds import RoundCoordinator
+from .scaffold import scaffold_strategy
 from .secure_collect import secure
 from .strategy import CentralDP, Strategy, make_strategy
 
@@ -71,6 +72,9 @@ def make_run_strategy(config: ServerConfig) -> Strategy:
     per_round = config.clients_per_round or config.run.num_clients
     dp = config.privacy
     central_dp = None if dp is None else CentralDP(dp.clip, dp.noise_multiplier, per_round)
+    if config.strategy.name == "scaffold":  # it needs the run's client count (fedgrpc.server.scaffold)
+        mu = config.strategy.proximal_mu or 0.0
+        return scaffold_strategy(config.run.num_clients, central_dp, config.secagg, mu)
     strategy = make_strategy(config.strategy, central_dp)
     return secure(config, strategy) if config.secagg is not None else strategy
 
