@@ -28,7 +28,7 @@ from .channel import ChannelSecurity
 from .connection import Connection
 from .link import BlockingLink
 from .session import BlockingSession, Session
-from .state import StateStore, site_state_dir
+from .state import DEFAULT_STATE_DIR, StateStore, site_state_dir
 from .steps import LocalDP as LocalDP  # fl-client's settings (cli.py) name it here
 from .steps import exchange_steps
 
@@ -52,7 +52,7 @@ class ClientConfig:
     turn_lock: Path | None = None
     security: ChannelSecurity = field(default_factory=ChannelSecurity)
     local_dp: LocalDP | None = None
-    state_dir: str = "fl-state/client-{id}"  # the site's state store's root ({id}: the client id)
+    state_dir: str = DEFAULT_STATE_DIR  # the site's state store's root ({id}: the client id)
 
 
 @contextlib.contextmanager

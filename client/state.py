@@ -27,6 +27,8 @@ import numpy as np
 
 from ..common.errors import ConfigError
 
+#: fl-client's --state-dir by default: kept out of the working directory, one folder per client id.
+DEFAULT_STATE_DIR = "~/.local/state/fedgrpc/client-{id}"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
@@ -88,4 +90,4 @@ def _check_name(name: str, what: str) -> None:
 
 def site_state_dir(state_dir: str, client_id: int) -> Path:
     """A client's state directory: `{id}` in the operator's --state-dir becomes its id."""
-    return Path(state_dir.replace("{id}", str(client_id)))
+    return Path(state_dir.replace("{id}", str(client_id))).expanduser()
