@@ -17,6 +17,7 @@ from fedgrpc.common import wire
 from fedgrpc.common.codec import TensorSpec
 from fedgrpc.common.errors import ConfigError
 from fedgrpc.common.processes import free_port
+from fedgrpc.common.task import Site
 from fedgrpc.server.round_mode import ClearRounds
 from fedgrpc.server.round_settings import RoundPlan, RoundSchedule, checked_schedule, schedule_from_table
 from fedgrpc.server.scaffold import Scaffold, scaffold_strategy, scaffold_update
@@ -269,3 +270,25 @@ def test_scaffolds_client_state_survives_a_restart_and_the_run_converges(tmp_pat
     assert 1 in [c["client_id"] for c in rounds[-1]["clients"]]  # the restarted site took part again
     accuracy = [r["federated"]["metrics"]["accuracy"] for r in rounds if r.get("federated")]
     assert accuracy[-1] >= 0.8, accuracy
+
+
+def test_the_trainer_applies_a_rounds_settings_and_forgets_them_the_next_round(tmp_path: Path) -> None:
+    from fedgrpc.client.trainer import LocalTrainer
+    from fedgrpc.common.config import RunSpec
+    from fedgrpc.common.task_loader import build_model, load_data, load_task
+
+    task = tmp_path / "sgd_task.py"
+    task.write_text(textwrap.dedent(SGD_TASK))
+    loaded = load_task(str(task))
+    params = {"learning_rate": 0.1}
+    site = Site(1, 1, str(_site(tmp_path / "site.npz", 80, seed=1, skew=0.0)), params)
+    model = build_model(loaded, params)
+    trainer = LocalTrainer(loaded, RunSpec(local_epochs=1), params, load_data(loaded, site), model)
+    start = model.get_weights()
+    tuned = trainer.train(1, start, settings={"learning_rate": 0.02, "local_epochs": 2, "proximal_mu": 0.5})
+    assert tuned.metrics["optimizer_lr"] == pytest.approx(0.02) and tuned.metrics["epochs_run"] == 2
+    assert hasattr(model.optimizer, "set_anchors")  # FedProx put in for the round that asked for it
+    assert float(model.optimizer._mu) == pytest.approx(0.5)
+    plain = trainer.train(2, start)
+    assert plain.metrics["optimizer_lr"] == pytest.approx(0.1) and plain.metrics["epochs_run"] == 1
+    assert float(model.optimizer._mu) == 0.0  # the run's mu again
