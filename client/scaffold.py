@@ -124,8 +124,8 @@ def install(model: Any) -> Any:
 
 
 def corrections(
-    specs: Sequence[TensorSpec], trainable: Sequence[Any], c: Sequence[np.ndarray], ci: Sequence[np.ndarray]
+    trainable: Sequence[int], c: Sequence[np.ndarray], ci: Sequence[np.ndarray]
 ) -> list[np.ndarray]:
-    """(c - c_i) for each trainable variable, matched to the model's tensors by position in
-    get_weights order (`trainable`: the model's tensor index of each trainable variable)."""
+    """(c - c_i) for each trainable variable (`trainable`: the index of each in the model's
+    tensors, get_weights order; a non-trainable tensor gets no correction)."""
     return [(c[index] - ci[index]).astype(np.float32) for index in trainable]

@@ -121,7 +121,7 @@ class LocalTrainer:
         ci = scaffold.client_control(state, self.specs)
         place = {id(v): i for i, v in enumerate(self.model.weights)}
         trainable = [place[id(v)] for v in self.model.trainable_variables]
-        self._scaffold.set_corrections(scaffold.corrections(self.specs, trainable, c, ci))
+        self._scaffold.set_corrections(scaffold.corrections(trainable, c, ci))
         return c
 
     def _scaffold_end(
