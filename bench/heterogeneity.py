@@ -5,7 +5,7 @@ Dirichlet(0.1) CIFAR-10.
         [--partitions iid dirichlet:0.1] [--strategies fedavg fedavgm fedprox fedadam scaffold]
         [--data PATH] [--quick]
 
---quick is a sanity check, not a measurement: 2 rounds, 10 clients, 2 a round, dirichlet:0.1
+--quick is a sanity check, not a measurement: 2 rounds, 4 clients, 2 a round, dirichlet:0.1
 only, fedavg, fedprox, fedadam and scaffold. SCAFFOLD's clients keep their control variates
 in a state folder inside the run's temporary folder ($FL_STATE_DIR); the reference task trains
 with Adam, where SCAFFOLD's option II correction is a heuristic (the paper assumes SGD steps).
@@ -43,7 +43,7 @@ STRATEGY_FLAGS = {
 }
 QUICK = {
     "rounds": 2,
-    "clients": 10,
+    "clients": 4,
     "per_round": 2,
     "partitions": ["dirichlet:0.1"],
     "strategies": ["fedavg", "fedprox", "fedadam", "scaffold"],
