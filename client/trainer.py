@@ -95,7 +95,7 @@ class LocalTrainer:
         self._start_from(weights)
         settings = dict(settings or {})
         ctx = self._context(round_number, epochs or _epochs(settings, self.run.local_epochs), settings, state)
-        scaffold = self._scaffold_begin(extras or {}, state)
+        control = self._scaffold_begin(extras or {}, state)
         if self._proximal is not None:
             self._proximal.set_mu(ctx.proximal_mu)
         metrics = self._checked("train", call(self.loaded, "train", self._train, self.model, self.data, ctx))
@@ -103,7 +103,7 @@ class LocalTrainer:
         num_examples = self.data.num_examples
         assert num_examples is not None  # LocalData counts or requires it
         trained = self.model.get_weights()
-        sent = {} if scaffold is None else self._scaffold_end(scaffold, weights, trained)
+        sent = {} if control is None else self._scaffold_end(control, weights, trained)
         return TrainResult(trained, num_examples, metrics, sent)
 
     def _scaffold_begin(
