@@ -224,7 +224,7 @@ def test_fl_client_without_an_id_or_tls_is_refused_in_one_line_as_fl_server_is()
         "without TLS on a network you trust",
         ("fl-client", "--tsl"): "fl-client: error: unrecognized arguments: --tsl (see fl-client --help)",
         ("fl-server", "--strategy", "fedsgd"): "fl-server: error: --strategy must be one of fedavg, fedprox, "
-        "fedavgm, fedadagrad, fedadam, fedyogi, median, trimmed-mean, krum, got 'fedsgd'",
+        "fedavgm, fedadagrad, fedadam, fedyogi, median, trimmed-mean, krum, scaffold, got 'fedsgd'",
     }
     for (program, *flags), said in runs.items():
         result = subprocess.run(
