@@ -1,7 +1,14 @@
-"""Strategies under data skew: FedAvg, FedAvgM, FedProx and FedAdam on IID and Dirichlet(0.1) CIFAR-10.
+"""Strategies under data skew: FedAvg, FedAvgM, FedProx, FedAdam and SCAFFOLD on IID and
+Dirichlet(0.1) CIFAR-10.
 
     python bench/heterogeneity.py [--rounds 30] [--clients 10] [--per-round 5]
-        [--partitions iid dirichlet:0.1] [--strategies fedavg fedavgm fedprox fedadam] [--data PATH]
+        [--partitions iid dirichlet:0.1] [--strategies fedavg fedavgm fedprox fedadam scaffold]
+        [--data PATH] [--quick]
+
+--quick is a sanity check, not a measurement: 2 rounds, 4 clients, 2 a round, dirichlet:0.1
+only, fedavg, fedprox, fedadam and scaffold. SCAFFOLD's clients keep their control variates
+in a state folder inside the run's temporary folder ($FL_STATE_DIR); the reference task trains
+with Adam, where SCAFFOLD's option II correction is a heuristic (the paper assumes SGD steps).
 
 Each (partition, strategy) is one real run: fl-server + --clients fl-client processes (the
 reference CNN, the built-in cifar10 task, 1 local epoch), --per-round clients sampled each
@@ -32,6 +39,14 @@ STRATEGY_FLAGS = {
     "fedadam": ["--strategy", "fedadam"],
     "fedyogi": ["--strategy", "fedyogi"],
     "fedadagrad": ["--strategy", "fedadagrad"],
+    "scaffold": ["--strategy", "scaffold"],
+}
+QUICK = {
+    "rounds": 2,
+    "clients": 4,
+    "per_round": 2,
+    "partitions": ["dirichlet:0.1"],
+    "strategies": ["fedavg", "fedprox", "fedadam", "scaffold"],
 }
 
 
@@ -100,11 +115,20 @@ def main() -> int:
         "--strategies",
         nargs="+",
         choices=sorted(STRATEGY_FLAGS),
-        default=["fedavg", "fedavgm", "fedprox", "fedadam"],
+        default=["fedavg", "fedavgm", "fedprox", "fedadam", "scaffold"],
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a sanity check: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()),
     )
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "heterogeneity.json")
     p.add_argument("server_args", nargs="*", help="after --: more fl-server flags for every run")
     args = p.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.json = args.json.with_name(args.json.stem + "-quick.json")  # the measured results stay
     if not args.data.exists():
         raise SystemExit(f"no data at {args.data}; pass --data")
     from fedgrpc.common.data import load_split
@@ -112,6 +136,7 @@ def main() -> int:
     load_split(str(args.data), "test")  # decode (or find) the cache once, before the runs
     results = []
     with tempfile.TemporaryDirectory(prefix="fedgrpc-heterogeneity-") as tmp:
+        os.environ["FL_STATE_DIR"] = str(Path(tmp) / "state" / "client-{id}")  # the clients inherit it
         for partition in args.partitions:
             for strategy in args.strategies:
                 results.append(run(partition, strategy, args, Path(tmp)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -200,14 +199,14 @@ class AioConnection:
         if assignment.instruction not in (Instruction.TRAIN, Instruction.EVALUATE):
             await stream.read()  # the stream's end: the call ends as it should, not cancelled
             return assignment
-        assembler = TensorAssembler(assignment.specs)
+        assembler = TensorAssembler(assignment.all_specs)
         wire_bytes = 0
         while isinstance(message := await stream.read(), pb.WeightsMessage):
             self.traffic.received += message.ByteSize()
             chunk = message.chunk
             assembler.add(chunk.tensor_index, chunk.offset, chunk.data)
             wire_bytes += len(chunk.data)
-        return replace(assignment, weights=assembler.finish(), wire_bytes=wire_bytes)
+        return assignment.with_arrays(assembler.finish(), wire_bytes)
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """`call`, tried again as self.retries says (Connection's policy), waiting with asyncio.sleep."""

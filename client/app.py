@@ -7,7 +7,7 @@ import contextlib
 import fcntl
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +22,14 @@ from ..common.errors import ConfigError, FedGrpcError
 from ..common.logs import human_bytes
 from ..common.models import configure_devices
 from ..common.protocol import Instruction
-from ..common.task import Site
+from ..common.task import Params, Site
 from ..common.task_loader import LoadedTask, load_task
 from ..common.words import plural
 from .channel import ChannelSecurity
 from .connection import Connection
 from .link import BlockingLink
 from .session import BlockingSession, Session
+from .state import DEFAULT_STATE_DIR, StateStore, site_state_dir
 from .steps import LocalDP as LocalDP  # fl-client's settings (cli.py) name it here
 from .steps import exchange_steps
 
@@ -52,6 +53,7 @@ class ClientConfig:
     turn_lock: Path | None = None
     security: ChannelSecurity = field(default_factory=ChannelSecurity)
     local_dp: LocalDP | None = None
+    state_dir: str = DEFAULT_STATE_DIR  # the site's state store's root ({id}: the client id)
 
 
 @contextlib.contextmanager
@@ -135,7 +137,15 @@ class Trainer(Protocol):
 
     specs: list[TensorSpec]
 
-    def train(self, round_number: int, weights: Sequence[np.ndarray]) -> TrainResult: ...
+    def train(
+        self,
+        round_number: int,
+        weights: Sequence[np.ndarray],
+        *,
+        settings: Params | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
+        state: StateStore | None = None,
+    ) -> TrainResult: ...
 
     def evaluate(
         self, round_number: int, weights: Sequence[np.ndarray], personalize_epochs: int = 0
@@ -156,7 +166,8 @@ def take_part(
     `main_metric`: the task's, shown first in the log lines (default: accuracy, else loss)."""
     hold = turn or (lambda: training_turn(config.turn_lock))
     link = BlockingLink(connection)
-    steps = exchange_steps(link, run, local_dp=config.local_dp, max_wait_s=config.max_wait_s)
+    state = StateStore(site_state_dir(config.state_dir, config.client_id), run.run_id)
+    steps = exchange_steps(link, run, local_dp=config.local_dp, max_wait_s=config.max_wait_s, state=state)
     session = BlockingSession(Session(link, run, steps, server=config.server, max_wait_s=config.max_wait_s))
     while (assignment := session.next()) is not None:
         if assignment.instruction is Instruction.EVALUATE:
@@ -171,10 +182,15 @@ def take_part(
             )  # fmt: skip
             continue
         with hold() as waited:
-            result = trainer.train(assignment.round, assignment.weights)
+            result = trainer.train(
+                assignment.round, assignment.weights,
+                settings=assignment.settings, extras=assignment.extras, state=state,
+            )  # fmt: skip
         if waited > 0.5:
             log.debug("waited %.1f s for a turn on the CPU", waited)
-        answer = session.submit(assignment, result.weights, result.num_examples, result.metrics)
+        answer = session.submit(
+            assignment, result.weights, result.num_examples, result.metrics, result.extras
+        )
         if answer is not None:
             log.info(
                 "round %d  %s  %.1f s  down %s  (%d/%d updates in)",

@@ -19,6 +19,7 @@ from ..common import device, logs, run_file, settings
 from ..common.errors import ConfigError
 from ..common.settings import CHUNK_KB, CONFIG, DATA, LOG_FORMAT, TASK, VERBOSE, Setting, site_data
 from ..common.words import plural
+from .state import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
     from .app import LocalDP
@@ -81,6 +82,11 @@ SETTINGS = (
     Setting(
         "light", bool, False, group=_CLIENT,
         help="no TensorFlow, no data: send seeded perturbations of the global weights (benchmarks, tests)",
+    ),
+    Setting(
+        "state_dir", str, DEFAULT_STATE_DIR, group=_CLIENT, metavar="DIR", env="FL_STATE_DIR",
+        help="where this site keeps its state between rounds and restarts, a folder per run "
+        "(SCAFFOLD's control variate; {id} becomes the client id; default $FL_STATE_DIR, else %(default)s)",
     ),
     replace(VERBOSE, group=_CLIENT),
     replace(LOG_FORMAT, group=_CLIENT),
@@ -166,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=sys.stdout.isatty(),
         chunk_bytes=args.chunk_kb << 10,
         local_dp=_local_dp(args),
+        state_dir=args.state_dir,
     )
     run_client(config)
     return 0

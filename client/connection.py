@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -74,7 +74,11 @@ def assignment_from_header(first: pb.WeightsMessage | None) -> Assignment:
             code="INTERNAL",
         )
     specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
-    return Assignment(instruction, header.round, specs, run_id=header.run_id)
+    return Assignment(
+        instruction, header.round, specs, run_id=header.run_id,
+        settings=wire.settings_from_pb(header.settings),
+        extra_specs=tuple(wire.spec_from_pb(t) for t in header.extra_tensors),
+    )  # fmt: skip
 
 
 # -- requests and answers, for both connections ---------------------------------------------------
@@ -367,8 +371,8 @@ class Connection:
         assignment = assignment_from_header(first)
         if assignment.instruction not in (Instruction.TRAIN, Instruction.EVALUATE):
             return assignment
-        received = wire.assemble(assignment.specs, (self._counted(m).chunk for m in stream))
-        return replace(assignment, weights=received.arrays, wire_bytes=received.wire_bytes)
+        received = wire.assemble(assignment.all_specs, (self._counted(m).chunk for m in stream))
+        return assignment.with_arrays(received.arrays, received.wire_bytes)
 
     def _counted(self, message: pb.WeightsMessage) -> pb.WeightsMessage:
         self.traffic.received += message.ByteSize()

@@ -18,10 +18,12 @@ from ..common.errors import TaskError
 class _Proximal:
     """Mixed into the model's optimizer class: its gradients plus mu * (w - anchor)."""
 
-    proximal_mu: float = 0.0
+    proximal_mu: float = 0.0  # the run's; a round's setting changes `_mu` (a variable: no retrace)
 
     def build(self, variables: Any) -> None:
         super().build(variables)  # type: ignore[misc]
+        self._mu = self.add_variable(shape=(), initializer="zeros", name="proximal_mu")  # type: ignore[attr-defined]
+        self._mu.assign(self.proximal_mu)
         self._anchors = [
             self.add_variable_from_reference(variable, name="proximal_anchor")  # type: ignore[attr-defined]
             for variable in variables
@@ -40,8 +42,13 @@ class _Proximal:
                 pulled.append(grad)
                 continue
             anchor = self._anchors[index]
-            pulled.append(ops.add(grad, ops.multiply(self.proximal_mu, ops.subtract(variable, anchor))))
+            mu = ops.cast(self._mu, variable.dtype)
+            pulled.append(ops.add(grad, ops.multiply(mu, ops.subtract(variable, anchor))))
         return super().apply(pulled, trainable_variables)  # type: ignore[misc]
+
+    def set_mu(self, mu: float) -> None:
+        """This round's mu (a round setting), until the optimizer is put back to its built state."""
+        self._mu.assign(float(mu))
 
     def set_anchors(self) -> None:
         """The round's global weights: what the trainable weights now hold."""
@@ -58,6 +65,6 @@ def install(model: Any, mu: float) -> Any:
     proximal_class: Any = type(f"Proximal{type(original).__name__}", (_Proximal, type(original)), {})
     optimizer = proximal_class.from_config(original.get_config())
     optimizer.proximal_mu = float(mu)
-    optimizer.build(model.trainable_variables)
+    optimizer.build(model.trainable_variables)  # its mu variable starts at proximal_mu
     model.optimizer = optimizer
     return optimizer

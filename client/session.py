@@ -93,12 +93,15 @@ class Session:
         weights: Sequence[np.ndarray],
         num_examples: int,
         metrics: Mapping[str, float],
+        extras: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[int, int] | None:
         """Send the update trained on `assignment` through the exchange: (updates the round has
-        received, updates it expects), or None when the round was lost on the way."""
+        received, updates it expects), or None when the round was lost on the way. `extras`: the
+        strategy protocol's tensors that go with it (SCAFFOLD's delta c_i)."""
         update = Update(
-            assignment.round, assignment.specs, list(weights), num_examples, metrics, assignment.weights
-        )
+            assignment.round, assignment.specs, list(weights), num_examples, metrics, assignment.weights,
+            extras=dict(extras or {}),
+        )  # fmt: skip
         self.last_round = assignment.round
         try:
             answer = await self._send(update)
@@ -144,8 +147,9 @@ class BlockingSession:
         weights: Sequence[np.ndarray],
         num_examples: int,
         metrics: Mapping[str, float],
+        extras: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[int, int] | None:
-        return run_blocking(self.session.submit(assignment, weights, num_examples, metrics))
+        return run_blocking(self.session.submit(assignment, weights, num_examples, metrics, extras))
 
     def report(
         self, assignment: Assignment, num_examples: int, metrics: Mapping[str, float]

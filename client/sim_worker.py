@@ -151,9 +151,10 @@ class _SiteTrainer:
         with self._worker.holding_model() as waited:
             yield waited
 
-    def train(self, round_number: int, weights: Sequence[np.ndarray]) -> TrainResult:
+    def train(self, round_number: int, weights: Sequence[np.ndarray], **round_inputs: Any) -> TrainResult:
+        """`round_inputs`: the round's settings, extras and state (LocalTrainer.train)."""
         result: TrainResult = self._worker.trainer_for(self._client_id, self._run).train(
-            round_number, weights
+            round_number, weights, **round_inputs
         )
         return result
 

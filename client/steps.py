@@ -4,12 +4,14 @@ Each step wraps the exchange as middleware (the model is Flower's client mods): 
 something before training (`prepare`), and it gets the update on its way out (`send`) with the
 rest of the exchange as `call_next`, to pass it on changed, or to send it some other way.
 
+    KeepControlVariate  SCAFFOLD: once the update went through, c_i+ into the site's state store
     ClipToRun        the run's DP (dp_clip): the change from the global weights clipped
     LocalPrivacy     local DP: clipped (the stricter clip) and noised here, epsilon accounted
     Compress         the update travels compressed (fp16, int8) relative to the global weights
     SecureAggregation  keys and shares before training; the update masked, with timings only
                      as metrics, then the reveal (it sends, so it is last: nothing after it)
-    Transport        not a step: the exchange's end, the connection's submit
+    Transport        not a step: the exchange's end, the connection's submit; the update's
+                     extra tensors (the strategy protocol's) listed after the model's
 
 `exchange_steps` picks a run's steps, in that order; `chain` joins steps and Transport into one
 `Send`. A step that fails with StaleRoundError or SecAggError has lost its round: the session
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,10 @@ from ..common.config import RunSpec
 from ..common.errors import ConfigError, UpdateRejectedError
 from ..common.privacy import PrivacyAccountant, clip_update, noise_generator, privatize_locally
 from ..common.protocol import Assignment, timings
+from . import scaffold
 from .link import Link
 from .secagg import SecureSteps
+from .state import StateStore
 
 log = logging.getLogger("fedgrpc.client")
 
@@ -47,6 +51,7 @@ class Update:
     metrics: Mapping[str, float]
     reference: Sequence[np.ndarray]  # the global weights the round's training started from
     compression: str = "none"
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)  # the strategy protocol's tensors
 
 
 #: The rest of the exchange, from a step's point of view: send this update, get back (updates
@@ -101,6 +106,11 @@ class LocalPrivacy(Step):
         self._rng = noise_generator()
 
     async def send(self, update: Update, call_next: Send) -> tuple[int, int]:
+        if update.extras:
+            raise ConfigError(
+                f"local DP protects the model's tensors, not the strategy's {sorted(update.extras)[0]!r}: "
+                "leave local DP off under this strategy"
+            )
         noised = privatize_locally(
             update.weights, update.reference, self.clip, self.noise_multiplier, self._rng
         )
@@ -150,6 +160,29 @@ class SecureAggregation(Step):
         return answer
 
 
+class KeepControlVariate(Step):
+    """SCAFFOLD's c_i+ = c_i + delta c_i into the site's state store once the server has the
+    update (fedgrpc.client.scaffold): a round lost on the way leaves c_i as it was."""
+
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+
+    async def send(self, update: Update, call_next: Send) -> tuple[int, int]:
+        answer = await call_next(update)
+        deltas = {
+            name.removeprefix(scaffold.DELTA_PREFIX): delta
+            for name, delta in update.extras.items()
+            if name.startswith(scaffold.DELTA_PREFIX)
+        }
+        if deltas:
+            specs = [s for s in update.specs if s.name in deltas]
+            ci = scaffold.client_control(self.state, specs)
+            self.state.save(
+                scaffold.STATE_GROUP, {s.name: c + deltas[s.name] for s, c in zip(specs, ci, strict=True)}
+            )
+        return answer
+
+
 class Transport:
     """The exchange's end: the update sent as it is. A retried submit whose first try got
     through (ALREADY_EXISTS) counts as sent: (0, `expected`)."""
@@ -158,10 +191,11 @@ class Transport:
         self.link, self.expected = link, expected
 
     async def __call__(self, update: Update) -> tuple[int, int]:
+        specs, weights, reference = _with_extras(update)
         try:
             return await self.link.submit(
-                update.round, update.specs, update.weights, update.num_examples, update.metrics,
-                reference=update.reference, method=update.compression,
+                update.round, specs, weights, update.num_examples, update.metrics,
+                reference=reference, method=update.compression,
             )  # fmt: skip
         except UpdateRejectedError as exc:
             if exc.code != "ALREADY_EXISTS":
@@ -169,11 +203,29 @@ class Transport:
             return 0, self.expected
 
 
+def _with_extras(update: Update) -> tuple[list[TensorSpec], list[np.ndarray], list[np.ndarray]]:
+    """The tensors an update lists: the model's, then the strategy protocol's extras (float32,
+    relative to zero, so compression encodes them as it does the model's changes)."""
+    specs, weights, reference = list(update.specs), list(update.weights), list(update.reference)
+    for name, array in update.extras.items():
+        extra = np.asarray(array, np.float32)
+        specs.append(TensorSpec(name, "float32", tuple(extra.shape)))
+        weights.append(extra)
+        reference.append(np.zeros_like(extra))
+    return specs, weights, reference
+
+
 def exchange_steps(
-    link: Link, run: RunSpec, *, local_dp: LocalDP | None = None, max_wait_s: float = 30.0
+    link: Link,
+    run: RunSpec,
+    *,
+    local_dp: LocalDP | None = None,
+    max_wait_s: float = 30.0,
+    state: StateStore | None = None,
 ) -> list[Step]:
-    """The steps a run's updates go through, outermost first (see the module's docstring)."""
-    steps: list[Step] = []
+    """The steps a run's updates go through, outermost first (see the module's docstring);
+    `state`: the site's state store, where SCAFFOLD's c_i is kept once an update went through."""
+    steps: list[Step] = [] if state is None else [KeepControlVariate(state)]
     if local_dp is not None:
         steps.append(LocalPrivacy(local_dp, run.dp_clip))
     elif run.dp_clip > 0:

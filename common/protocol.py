@@ -8,8 +8,8 @@ speaks these.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -26,11 +26,19 @@ class Instruction(Enum):
     EVALUATE = "evaluate"  # evaluate the weights that come with it on local held-out data
 
 
+#: A round's client settings: a name and a typed value (bool, int, float or str).
+RoundSettings = Mapping[str, bool | int | float | str]
+
+
 @dataclass(frozen=True)
 class Assignment:
     """One long-poll's answer as a client reads it: the instruction, the round it is about, and
     for TRAIN and EVALUATE the global weights (their specs, the arrays, their bytes on the wire).
-    `run_id`: the run that sent it, so that a client notices a run replaced under it."""
+    `run_id`: the run that sent it, so that a client notices a run replaced under it.
+
+    A TRAIN may also carry the round's client `settings` (learning_rate, local_epochs, ...) and
+    the strategy protocol's `extras`, tensors by name (SCAFFOLD's "scaffold/c/..."), whose
+    specs are `extra_specs`; their chunks follow the model's on the wire."""
 
     instruction: Instruction
     round: int
@@ -38,6 +46,20 @@ class Assignment:
     weights: list[np.ndarray] = field(default_factory=list)
     wire_bytes: int = 0
     run_id: str = ""
+    settings: RoundSettings = field(default_factory=dict)
+    extra_specs: tuple[TensorSpec, ...] = ()
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def all_specs(self) -> tuple[TensorSpec, ...]:
+        """Every tensor the answer streams, the model's first: what its chunks are assembled into."""
+        return self.specs + self.extra_specs
+
+    def with_arrays(self, arrays: Sequence[np.ndarray], wire_bytes: int) -> Assignment:
+        """This assignment with the arrays of `all_specs` received: the model's and the extras."""
+        count = len(self.specs)
+        extras = {spec.name: array for spec, array in zip(self.extra_specs, arrays[count:], strict=True)}
+        return replace(self, weights=list(arrays[:count]), extras=extras, wire_bytes=wire_bytes)
 
 
 #: Metric names that are timings: the only metrics an update may carry under secure

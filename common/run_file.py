@@ -22,6 +22,23 @@ else:  # pragma: no cover - 3.10
 
 def read_run_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The [run] and [task] tables of a TOML run file, as written (keys with - become _)."""
+    document = _document(path)
+    run, task = document.get("run", {}), document.get("task", {})
+    if not isinstance(run, dict) or not isinstance(task, dict):
+        raise ConfigError(f"--config {path}: [run] and [task] must be tables")
+    return {key.replace("-", "_"): value for key, value in run.items()}, task
+
+
+def read_rounds_table(path: Path) -> dict[str, Any]:
+    """A run file's [rounds] table: per-round client settings (fedgrpc.server.round_settings)."""
+    rounds = _document(path).get("rounds", {})
+    if not isinstance(rounds, dict):
+        raise ConfigError(f"--config {path}: [rounds] must be a table")
+    return rounds
+
+
+def _document(path: Path) -> dict[str, Any]:
+    """A run file's TOML, its tables known."""
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
@@ -34,13 +51,12 @@ def read_run_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(document) - {"run", "task"})
+    unknown = sorted(set(document) - {"run", "task", "rounds"})
     if unknown:
-        raise ConfigError(f"--config {path}: unknown table(s) {unknown}; a run file has [run] and [task]")
-    run, task = document.get("run", {}), document.get("task", {})
-    if not isinstance(run, dict) or not isinstance(task, dict):
-        raise ConfigError(f"--config {path}: [run] and [task] must be tables")
-    return {key.replace("-", "_"): value for key, value in run.items()}, task
+        raise ConfigError(
+            f"--config {path}: unknown table(s) {unknown}; a run file has [run], [task] and [rounds]"
+        )
+    return document
 
 
 def parse_with_run_file(

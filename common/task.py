@@ -74,6 +74,7 @@ __all__ = [
     "SetWeights",
     "Site",
     "Task",
+    "apply_settings",
     "evaluate_model",
     "fit_model",
 ]
@@ -155,13 +156,21 @@ class Site:
 
 @dataclass(frozen=True)
 class RoundContext:
-    """What `train` and `evaluate` know about the round they run in."""
+    """What `train` and `evaluate` know about the round they run in.
+
+    `settings`: the round's client settings, as the server's [rounds] schedule or strategy sent
+    them (learning_rate, local_epochs, proximal_mu, or any name of Task.params); `epochs` and
+    `proximal_mu` already hold theirs, and `fit_model` applies learning_rate (`apply_settings`).
+    `state`: the site's state store for this run (fedgrpc.client.state.StateStore; None where
+    there is none), arrays kept on the site's disk across rounds and restarts, never sent."""
 
     round: int
     params: Params
     batch_size: int
     epochs: int
     proximal_mu: float = 0.0  # FedProx's mu: already applied through the model's optimizer
+    settings: Params = field(default_factory=dict)
+    state: Any = None
 
 
 TrainFunction = Callable[[Any, LocalData, RoundContext], Mapping[str, float] | None]
@@ -243,9 +252,19 @@ class Task:
         return f"Task({self.name!r}, params={dict(self.params)!r}, hooks={hooks}{framework})"
 
 
+def apply_settings(model: keras.Model, ctx: RoundContext) -> None:
+    """The round's learning_rate setting, if sent, into the model's optimizer (a task's own
+    `train` may call it too). The optimizer is put back to its compiled state before each round,
+    so a round without the setting trains at the compiled learning rate."""
+    rate = ctx.settings.get("learning_rate")
+    if rate is not None and not isinstance(rate, bool | str):
+        model.optimizer.learning_rate = float(rate)
+
+
 def fit_model(model: keras.Model, data: LocalData, ctx: RoundContext) -> dict[str, float]:
     """The default training: `ctx.epochs` epochs of `model.fit` on `data.train`, shuffled,
-    returning the last epoch's metrics."""
+    returning the last epoch's metrics; the round's learning_rate setting applied first."""
+    apply_settings(model, ctx)
     x, y = _split(data.train)
     kwargs: dict[str, Any] = {"epochs": ctx.epochs, "verbose": 0}
     if y is not None or _is_array_input(x):

@@ -160,6 +160,15 @@ def param_from_pb(key: str, message: pb.ParamValue) -> ParamValue:
     return value
 
 
+def settings_to_pb(settings: Mapping[str, ParamValue]) -> dict[str, pb.ParamValue]:
+    """A round's client settings (WeightsHeader.settings)."""
+    return {key: param_to_pb(value) for key, value in settings.items()}
+
+
+def settings_from_pb(settings: Mapping[str, pb.ParamValue]) -> dict[str, ParamValue]:
+    return {key: param_from_pb(key, value) for key, value in settings.items()}
+
+
 # -- chunk messages, serialized by hand ---------------------------------------------------
 #
 # A chunk message is almost all payload. Building a TensorChunk and serializing it copies the
@@ -314,17 +323,22 @@ def weights_stream(
     *,
     run_id: str = "",
     instruction: Instruction = Instruction.TRAIN,
+    settings: Mapping[str, ParamValue] | None = None,
+    extras: Sequence[tuple[TensorSpec, np.ndarray]] = (),
 ) -> Iterator[pb.WeightsMessage | bytes]:
     """A GetGlobalWeights answer for a TRAIN or EVALUATE instruction: the header, then encoded
-    chunks (lazily)."""
+    chunks (lazily). A TRAIN's round `settings` and the strategy protocol's `extras` travel with
+    it: the extras' chunks follow the model's (their tensor_index counts on)."""
     header = pb.WeightsHeader(
         instruction=instruction_to_pb(instruction),
         round=round_number,
         tensors=[spec_to_pb(s) for s in specs],
         run_id=run_id,
+        settings=settings_to_pb(settings or {}),
+        extra_tensors=[spec_to_pb(s) for s, _ in extras],
     )
     yield pb.WeightsMessage(header=header)
-    yield from _encoded_chunks(arrays, chunk_bytes)
+    yield from _encoded_chunks([*arrays, *(a for _, a in extras)], chunk_bytes)
 
 
 def update_stream(

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..common import device, logs, run_file, settings
@@ -24,6 +25,7 @@ from .config import FedBuffSettings, PrivacySettings, RoundPolicy, ServerConfig
 from .flags import GROUPS, SETTINGS
 from .http import HttpConfig
 from .limits import Limits
+from .round_settings import RoundSchedule, schedule_from_table
 from .staleness import StalenessWeight
 from .strategy import StrategySettings
 
@@ -216,7 +218,15 @@ def config_from(args: argparse.Namespace, task_params: Mapping[str, Any]) -> Ser
         tensorboard=args.tensorboard,
         health_port=args.health_port,
         fedbuff=fedbuff_from(args),
+        round_schedule=round_schedule_from(args.config),
     )
+
+
+def round_schedule_from(config: Path | None) -> RoundSchedule:
+    """The run file's [rounds]: each round's client settings (fedgrpc.server.round_settings)."""
+    if config is None:
+        return RoundSchedule()
+    return schedule_from_table(run_file.read_rounds_table(config), str(config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from .auth import ServerTls
 from .flags import SETTINGS
 from .http import HttpConfig
 from .limits import Limits
+from .round_settings import RoundSchedule
 from .staleness import StalenessWeight
 from .strategy import ROBUST, StrategySettings
 
@@ -157,6 +158,7 @@ class ServerConfig:
     tensorboard: Path | None = None  # write TensorBoard scalars there
     health_port: int | None = None  # plain-text health checks on this port too (probes)
     fedbuff: FedBuffSettings | None = None  # --mode fedbuff: buffered asynchronous aggregation
+    round_schedule: RoundSchedule = field(default_factory=RoundSchedule)  # the run file's [rounds]
 
     def __post_init__(self) -> None:
         check_clients_per_round(self.clients_per_round, self.run.num_clients)

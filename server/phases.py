@@ -32,14 +32,15 @@ place a phase leaves this module (the monitor shows it).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..common.config import RunSpec
+from ..common.codec import TensorSpec
+from ..common.config import ParamValue, RunSpec
 from ..common.errors import StaleRoundError, UpdateRejectedError
 from ..common.protocol import Instruction
 from .roster import Roster
@@ -70,11 +71,14 @@ class PhaseChange:
 
 @dataclass(frozen=True)
 class RoundAssignment:
-    """What the server assigns one client next; `weights` is set for TRAIN and EVALUATE."""
+    """What the server assigns one client next; `weights` is set for TRAIN and EVALUATE, and a
+    TRAIN carries the round's client `settings` and the strategy protocol's `extras`."""
 
     instruction: Instruction
     round: int
     weights: tuple[np.ndarray, ...] = ()
+    settings: Mapping[str, ParamValue] = field(default_factory=dict)
+    extras: Sequence[tuple[TensorSpec, np.ndarray]] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ class OpenRound:
     counted: frozenset[int] | None = None  # once closed: whose updates the aggregate holds
     bytes_in: int = 0
     bytes_out: int = 0
+    settings: Mapping[str, ParamValue] = field(default_factory=dict)  # the clients' for this round
+    extras: Sequence[tuple[TensorSpec, np.ndarray]] = ()  # the strategy protocol's, sent with TRAIN
 
 
 class RoundState:
@@ -203,7 +209,9 @@ class RoundState:
         if self.phase is Phase.TRAINING and current is not None and self.may_train(client_id, current):
             if self.buffered is not None:
                 self.buffered.started(client_id, current.number)
-            return RoundAssignment(Instruction.TRAIN, current.number, current.weights)
+            return RoundAssignment(
+                Instruction.TRAIN, current.number, current.weights, current.settings, current.extras
+            )
         evaluation = self.evaluation
         if self.phase is Phase.EVALUATING and evaluation is not None and evaluation.asks(client_id):
             return RoundAssignment(Instruction.EVALUATE, evaluation.number, evaluation.weights)

@@ -6,8 +6,10 @@ every step that differs asks it:
 
     step              ClearRounds                      SecureRounds
     open an attempt   strategy.begin_round             the same, and a fresh SecAggRound
-    update tensors    the model's                      the model's, then the masked count
-    reference         the round's weights              the round's weights, and the count's place
+    update tensors    the model's, then the strategy's the model's, then the masked count
+                      extras (SCAFFOLD's delta c_i)
+    reference         the round's weights (zeros for   the round's weights, and the count's place
+                      the extras)
     fold one update   strategy.add (prepared)          SecAggStrategy.add_from(attempt, ...)
     close             strategy.result()                unmask the attempt, SecAggStrategy.unmasked
 
@@ -40,7 +42,12 @@ class ClearRounds:
 
     def __init__(self, strategy: Strategy, specs: Sequence[TensorSpec]) -> None:
         self.strategy = strategy
-        self.update_specs = tuple(specs)
+        # What an update lists: the model's tensors, then the strategy protocol's extras, if it
+        # has some (SCAFFOLD's delta c_i), whose changes are taken from zero.
+        use_model = getattr(strategy, "use_model", None)
+        extras: tuple[TensorSpec, ...] = tuple(use_model(specs)) if use_model is not None else ()
+        self.update_specs = (*specs, *extras)
+        self._zeros = tuple(_read_only(np.zeros(s.shape, s.dtype)) for s in extras)
 
     def begin(
         self, number: int, weights: Sequence[np.ndarray], max_updates: int, eligible: Sequence[int]
@@ -49,8 +56,9 @@ class ClearRounds:
         return None
 
     def reference(self, weights: tuple[np.ndarray, ...], round_number: int) -> tuple[np.ndarray, ...]:
-        """What an update's tensors are checked against: the round's weights."""
-        return weights
+        """What an update's tensors are checked against: the round's weights (and zeros for the
+        strategy protocol's extras)."""
+        return (*weights, *self._zeros) if self._zeros else weights
 
     def fold(
         self,
@@ -142,6 +150,11 @@ class SecureRounds:
 
 
 RoundMode = ClearRounds | SecureRounds | BufferedRounds  # the last: --mode fedbuff (server.buffered)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False  # shared by every update's check
+    return array
 
 
 def _required(attempt: SecAggRound | None) -> SecAggRound:

@@ -37,6 +37,7 @@ from .masked_sum import SecAggStrategy
 from .phases import AcceptedUpdate, Phase, PhaseChange, RoundAssignment, RoundState
 from .roster import Roster
 from .round_mode import ClearRounds, RoundMode, SecureRounds
+from .round_settings import RoundPlan
 from .sampling import ClientSampler
 from .secagg import SecAggRound
 from .strategy import Strategy
@@ -70,9 +71,11 @@ class RoundCoordinator:
         min_clients: int = 1,
         fedbuff: FedBuffSettings | None = None,
         slot_timeout_s: float | None = None,
+        plan: RoundPlan | None = None,
     ) -> None:
         """`fedbuff`: --mode fedbuff (fedgrpc.server.buffered), a slot held longer than
-        `slot_timeout_s` (--round-timeout) is free again."""
+        `slot_timeout_s` (--round-timeout) is free again. `plan`: each round's client settings
+        and strategy extras (default: the strategy's own)."""
         self.sampler = ClientSampler(run.num_clients, clients_per_round, sampling, sample_seed)
         self.run = run
         self.specs = tuple(specs)
@@ -93,7 +96,7 @@ class RoundCoordinator:
             self._state, self.mode, self._folder, max_examples=max_examples, recorder=recorder
         )
         self._evaluations = FederatedEvaluations(self._state, self.sampler, max_examples)
-        self._training = TrainingRounds(self._state, self.sampler, self.mode, self._folder)
+        self._training = TrainingRounds(self._state, self.sampler, self.mode, self._folder, plan)
 
     def on_phase_change(self, listener: Callable[[], None]) -> None:
         """Call `listener` (from whichever thread made the change, no lock held) after every

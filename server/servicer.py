@@ -233,6 +233,8 @@ class CoordinatorServicer:
             self._chunk_bytes,
             run_id=run_id,
             instruction=task.instruction,
+            settings=task.settings,
+            extras=task.extras,
         ):
             await self._write(context, message)
             sent += len(message) if isinstance(message, bytes) else message.ByteSize()

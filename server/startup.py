@@ -30,7 +30,9 @@ from .evaluation import CentralEvaluator, describe, main_metric
 from .monitor import Monitor
 from .results import RoundRecord, RunResults
 from .revocation import RevocationList
+from .round_settings import RoundPlan
 from .rounds import RoundCoordinator
+from .scaffold import scaffold_strategy
 from .secure_collect import secure
 from .strategy import CentralDP, Strategy, make_strategy
 
@@ -70,6 +72,9 @@ def make_run_strategy(config: ServerConfig) -> Strategy:
     per_round = _updates_per_round(config)
     dp = config.privacy
     central_dp = None if dp is None else CentralDP(dp.clip, dp.noise_multiplier, per_round)
+    if config.strategy.name == "scaffold":  # it needs the run's client count (fedgrpc.server.scaffold)
+        mu = config.strategy.proximal_mu or 0.0
+        return scaffold_strategy(config.run.num_clients, central_dp, config.secagg, mu)
     strategy = make_strategy(config.strategy, central_dp)
     return secure(config, strategy) if config.secagg is not None else strategy
 
@@ -307,6 +312,7 @@ def make_coordinator(
         min_clients=minimum,
         fedbuff=config.fedbuff,
         slot_timeout_s=config.policy.timeout_s,
+        plan=RoundPlan(config.round_schedule, strategy, job.run.task_params),
     )
     results.withdrawals = lambda: coordinator.withdrawals
     return coordinator

@@ -158,7 +158,7 @@ class FedAvg(MeanStrategy):
 
 
 ROBUST = ("median", "trimmed-mean", "krum")
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", *ROBUST)
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", *ROBUST, "scaffold")
 DEFAULT_PROXIMAL_MU = 0.01
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from .fold_thread import FoldThread
 from .phases import AcceptedUpdate, OpenRound, Phase, RoundState
 from .round_mode import RoundMode
+from .round_settings import RoundPlan
 from .sampling import ClientSampler
 
 
@@ -34,15 +35,24 @@ class RoundOutcome:
 
 class TrainingRounds:
     def __init__(
-        self, state: RoundState, sampler: ClientSampler, mode: RoundMode, folder: FoldThread
+        self,
+        state: RoundState,
+        sampler: ClientSampler,
+        mode: RoundMode,
+        folder: FoldThread,
+        plan: RoundPlan | None = None,
     ) -> None:
         self._state = state
         self._sampler = sampler
         self._mode = mode
         self._folder = folder
+        self._plan = plan or RoundPlan(strategy=mode.strategy)
 
     def open(self, number: int, weights: Sequence[np.ndarray]) -> None:
+        """Open an attempt at round `number` from `weights`; its TRAIN carries the round's client
+        settings and the strategy protocol's extras (fedgrpc.server.round_settings)."""
         state = self._state
+        settings, extras = self._plan.settings(number), self._plan.extras()
         with state.changed:
             if state.phase is Phase.FINISHED:
                 raise RuntimeError("the run is finished")
@@ -63,7 +73,7 @@ class TrainingRounds:
             ]
             count = self._state.run.num_clients if participants is None else len(participants)
             secure = self._mode.begin(number, frozen, count, eligible)
-            state.round = OpenRound(number, frozen, participants, secure)
+            state.round = OpenRound(number, frozen, participants, secure, settings=settings, extras=extras)
             state.last_round = number
             change = state.enter(Phase.TRAINING, number)
         state.announce(change)

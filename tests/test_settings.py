@@ -224,9 +224,9 @@ def test_fl_client_without_an_id_or_tls_is_refused_in_one_line_as_fl_server_is()
         "without TLS on a network you trust",
         ("fl-client", "--tsl"): "fl-client: error: unrecognized arguments: --tsl (see fl-client --help)",
         ("fl-server", "--strategy", "fedsgd"): "fl-server: error: no strategy named 'fedsgd': choose from "
-        "fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi, median, trimmed-mean, krum, or give your "
-        "own as a file (my_strategy.py), module:attribute or the name of an installed strategy (none "
-        "installed; see docs/strategies.md)",
+        "fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi, median, trimmed-mean, krum, scaffold, or "
+        "give your own as a file (my_strategy.py), module:attribute or the name of an installed strategy "
+        "(none installed; see docs/strategies.md)",
     }
     for (program, *flags), said in runs.items():
         result = subprocess.run(

@@ -217,16 +217,27 @@ class GetGlobalWeightsRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., after_round: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("instruction", "round", "tensors", "run_id")
+    __slots__ = ("instruction", "round", "tensors", "run_id", "settings", "extra_tensors")
+    class SettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ParamValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ParamValue, _Mapping]] = ...) -> None: ...
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_TENSORS_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     run_id: str
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_id: _Optional[str] = ...) -> None: ...
+    settings: _containers.MessageMap[str, ParamValue]
+    extra_tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_id: _Optional[str] = ..., settings: _Optional[_Mapping[str, ParamValue]] = ..., extra_tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class WeightsMessage(_message.Message):
     __slots__ = ("header", "chunk")
