@@ -63,6 +63,7 @@ class LightStats:
     traffic_sent: int = 0  # every message's protobuf bytes (the connections' traffic), all calls
     traffic_received: int = 0
     retried: dict[str, int] = field(default_factory=dict)  # calls retried, by status code
+    polls: int = 0  # GetGlobalWeights calls made (check-ins)
     received: dict[int, list[np.ndarray]] = field(default_factory=dict)  # with keep_weights only
 
 
@@ -121,6 +122,7 @@ async def light_client(
                 stats.rounds += 1
         stats.traffic_sent, stats.traffic_received = connection.traffic.sent, connection.traffic.received
         stats.retried = dict(connection.retries.retried)
+        stats.polls = session.polls
     return stats
 
 

@@ -30,7 +30,8 @@ class Instruction(Enum):
 class Assignment:
     """One long-poll's answer as a client reads it: the instruction, the round it is about, and
     for TRAIN and EVALUATE the global weights (their specs, the arrays, their bytes on the wire).
-    `run_id`: the run that sent it, so that a client notices a run replaced under it."""
+    `run_id`: the run that sent it, so that a client notices a run replaced under it.
+    `retry_after_s`: WAIT only, how long to hold no call before asking again (0: at once)."""
 
     instruction: Instruction
     round: int
@@ -38,6 +39,7 @@ class Assignment:
     weights: list[np.ndarray] = field(default_factory=list)
     wire_bytes: int = 0
     run_id: str = ""
+    retry_after_s: float = 0.0
 
 
 #: Metric names that are timings: the only metrics an update may carry under secure

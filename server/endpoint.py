@@ -21,15 +21,17 @@ import logging
 import os
 import resource
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
 
 from ..common import wire
 from ..common.codec import DEFAULT_CHUNK_BYTES
@@ -138,6 +140,15 @@ class GrpcEndpoint:
         self.monitor.gauge(
             "fedgrpc_open_calls", "gRPC calls being served", lambda: self.servicer.open_calls.total
         )
+        by_kind = Gauge(
+            "fedgrpc_open_calls_by_kind",
+            "gRPC calls being served, by kind: long_poll, update_stream, other",
+            ["kind"],
+            registry=self.monitor.registry,
+        )
+        admission = self.servicer.admission
+        for kind in admission.open_by_kind():
+            by_kind.labels(kind).set_function(partial(_open_of_kind, admission.open_by_kind, kind))
         self.monitor.gauge(
             "fedgrpc_clients_ready", "Clients that have asked for work", lambda: coordinator.ready_clients
         )
@@ -249,6 +260,10 @@ class GrpcEndpoint:
     def _call_soon(self, callback: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(callback)
+
+
+def _open_of_kind(open_by_kind: Callable[[], dict[str, int]], kind: str) -> float:
+    return open_by_kind()[kind]
 
 
 def raise_open_files_limit() -> None:

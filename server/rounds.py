@@ -28,6 +28,7 @@ from ..common.codec import TensorSpec
 from ..common.config import RunSpec
 from ..common.errors import StaleRoundError
 from ..common.protocol import Instruction
+from . import pacing
 from .evaluation_round import EvaluationReport, FederatedEvaluations
 from .fold_thread import FoldThread
 from .masked_sum import SecAggStrategy
@@ -239,6 +240,15 @@ class RoundCoordinator:
         self.check_client(client_id)
         with self._state.changed:
             return self._state.assignment(client_id, after_round)
+
+    def needs(self, client_id: int) -> bool:
+        """Whether this client may get work before the phase changes: it trains the open round
+        and its update is not in, or every client trains every round (fedgrpc.server.pacing)."""
+        per_round = self.sampler.clients_per_round
+        if per_round is None or per_round >= self.run.num_clients:
+            return True
+        with self._state.changed:
+            return pacing.needed(self._state, client_id)
 
     def next_task(self, client_id: int, after_round: int, timeout: float) -> RoundAssignment:
         """poll_task, waiting up to `timeout` seconds for something to do (WAIT when nothing came)."""
