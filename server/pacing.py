@@ -11,12 +11,14 @@ What a client's GetGlobalWeights gets, when there is no work for it yet:
                                                            + its own point in the window
 
 The next opening is expected one mean round interval (open to next open, the last few rounds)
-after the open round opened; before a round has closed, as long again as the open round has
-lasted so far; between rounds, now. The window is `ready clients / checkin_rate` seconds (at
-least MIN_WINDOW_S), and each client's point in it is a hash of (client, round): spread, the
-same if it asks twice, so the clients sent away come back at about `checkin_rate` a second
-and no thundering herd meets the next round. A sampled client is back within one window of
-its round opening.
+after the open round opened; before any round has closed, and between rounds, now. The window
+is `ready clients / checkin_rate` seconds (at least MIN_WINDOW_S), and each client's point in
+it is a hash of (client, round): spread, the same if it asks twice, so the clients sent away
+come back at about `checkin_rate` a second and no thundering herd meets the next round. A
+sampled client is back within one window of its round opening. This is stable: a round lasts
+about one window (its sample checking in) plus its work, which is what the next interval
+measures, so the clients sent away during it arrive as the next round opens, not one window
+later each round.
 
 Threads: `phase` is called on the driver's thread (RoundCoordinator.watch_phase), the rest on
 the event loop; the round timings are replaced whole, never changed in place.
@@ -104,11 +106,10 @@ class Pacer:
         timings, now = self._timings, self._clock()
         if timings.phase is not Phase.TRAINING or timings.opened_at is None:
             return 0.0
-        elapsed = now - timings.opened_at
-        if timings.intervals:
-            expected = sum(timings.intervals) / len(timings.intervals)
-            return min(self._max_delay_s, max(0.0, expected - elapsed))
-        return min(self._max_delay_s, elapsed)  # no round closed yet: as long again
+        if not timings.intervals:  # no round closed yet: come back within the window
+            return 0.0
+        expected = sum(timings.intervals) / len(timings.intervals)
+        return min(self._max_delay_s, max(0.0, expected - (now - timings.opened_at)))
 
     def retry_after(self, client_id: int, last_round: int, ready: int) -> Paced:
         """The WAIT for a client not needed now: the next round's expected opening, then the

@@ -49,7 +49,7 @@ def test_the_next_round_is_expected_one_mean_interval_after_the_open_round_opene
     assert pacer.until_next_round_s() == 0  # no round yet: whenever it opens, be there
     pacer.phase(PhaseChange(Phase.TRAINING, 1))
     now[0] += 4
-    assert pacer.until_next_round_s() == 4  # no round closed yet: as long again as it has lasted
+    assert pacer.until_next_round_s() == 0  # no round closed yet: within the window
     pacer.phase(PhaseChange(Phase.AGGREGATING, 1))
     assert pacer.until_next_round_s() == 0  # between rounds: the next opens any moment
     now[0] += 2
