@@ -298,12 +298,13 @@ def enrolled(args: argparse.Namespace) -> int:
         work = Path(tmp)
         tokens, bytes_per_identity = _tokens_file(work / "tokens.json", args.enrolled)
         port, http_port, out = free_port(), free_port(), work / "out"
+        grace = 10 + 2 * args.clients / args.checkin_rate  # the clients sent away come back to hear FINISHED
         command = [
             str(BIN / "fl-server"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
             "--rounds", str(args.rounds), "--clients", str(args.enrolled), "--task", str(SIZED),
             "--param", f"parameters={args.parameters}", "--eval-every", "0", "--out", str(out),
             "--threads", "1", "--clients-per-round", str(per_round), "--tokens", str(tokens),
-            "--min-clients", str(args.clients), "--join-timeout", "1", "--finish-grace", "1",
+            "--min-clients", str(args.clients), "--join-timeout", "1", "--finish-grace", str(grace),
             "--checkin-rate", str(args.checkin_rate), "--http", str(http_port),
         ]  # fmt: skip
         server_log = work / "server.log"
