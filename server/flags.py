@@ -454,7 +454,7 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         None,
         group="security",
-        help='per-client token digests, {"clients": {"1": "<sha256>"}}',
+        help='per-client token digests, {"clients": {"1": "<sha256>"}}; re-read within 1 s of a change',
     ),
     Setting(
         "revoked",
