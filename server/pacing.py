@@ -85,6 +85,7 @@ class Pacer:
         self._max_delay_s = max_delay_s
         self._clock = clock
         self._timings = _Timings(Phase.WAITING, None, ())
+        self._back_by = 0.0  # when the last client told to come back is due, monotonic
 
     def phase(self, change: PhaseChange) -> None:
         """The driver's thread: a phase change (a round opening is a new interval)."""
@@ -115,4 +116,11 @@ class Pacer:
         """The WAIT for a client not needed now: the next round's expected opening, then the
         client's own point in the window."""
         spread = point(client_id, last_round) * self.window_s(ready)
-        return Paced(last_round, self.until_next_round_s() + spread)
+        paced = Paced(last_round, self.until_next_round_s() + spread)
+        self._back_by = max(self._back_by, self._clock() + paced.retry_after_s)
+        return paced
+
+    def away_s(self) -> float:
+        """Seconds until every client told to come back is due, and a second to ask (0: none
+        away): the run's end waits that long for them to hear it is finished."""
+        return max(0.0, self._back_by + 1.0 - self._clock()) if self._back_by else 0.0

@@ -65,6 +65,7 @@ class RoundCoordinator:
         min_clients: int = 1,
     ) -> None:
         self.sampler = ClientSampler(run.num_clients, clients_per_round, sampling, sample_seed)
+        self._away_s: Callable[[], float] = lambda: 0.0
         self.run = run
         self.specs = tuple(specs)
         self._state = RoundState(run, Roster(run.num_clients, min_clients))
@@ -264,10 +265,16 @@ class RoundCoordinator:
                 self._state.phase_changed.wait(remaining)
 
     def wait_told_finished(self, client_ids: Sequence[int], timeout: float) -> bool:
-        """After finish(): wait until these clients have been told, so none is left hanging."""
-        state = self._state
+        """After finish(): wait until these clients have been told, so none is left hanging; at
+        least until the clients told to come back later are due (`on_pacing`)."""
+        state, timeout = self._state, max(timeout, self._away_s())
         with state.changed:
             return state.changed.wait_for(lambda: state.roster.told_finished.issuperset(client_ids), timeout)
+
+    def on_pacing(self, away_s: Callable[[], float]) -> None:
+        """`away_s()`: seconds until every client told to come back later is due back
+        (fedgrpc.server.pacing), so that the end of the run waits for them to hear it."""
+        self._away_s = away_s
 
     def check_client(self, client_id: int) -> None:
         self.run.check_client_id(client_id)

@@ -85,6 +85,7 @@ class CoordinatorServicer:
         self._long_polls = longpoll.LongPolls(self._limits.max_wait_s)
         self._pacer = Pacer(self._limits.checkin_rate, self._limits.max_wait_s)
         coordinator.watch_phase(self._pacer.phase)
+        coordinator.on_pacing(self._pacer.away_s)
         self.monitor = monitor or Monitor(coordinator.run)
         self.refusals = RefusalLog(listener=self.monitor.refused)
         self.joins = EventSummary(log, "clients joined")

@@ -59,6 +59,9 @@ def test_the_next_round_is_expected_one_mean_interval_after_the_open_round_opene
     now[0] += 60
     assert pacer.until_next_round_s() == 0  # overdue: come back within the window
     assert Pacer(1000, 30, clock=lambda: now[0]).until_next_round_s() <= 30
+    assert pacer.away_s() == 0  # nobody told to come back yet
+    told = pacer.retry_after(3, 2, 10_000).retry_after_s
+    assert pacer.away_s() == pytest.approx(told + 1)  # the run's end waits for it to come back
 
 
 @contextlib.contextmanager
@@ -154,3 +157,12 @@ def test_an_unsampled_light_client_holds_no_call_and_comes_back_for_the_round_th
         assert back_at - at >= answer.retry_after_s * 0.9  # it stayed away as long as it was told
     assert held and max(held) == 0  # no long-poll open while it stayed away
     assert session.polls == len(answers)
+
+
+def test_the_end_of_the_run_waits_for_the_clients_told_to_come_back_later() -> None:
+    coordinator = RoundCoordinator(RunSpec(rounds=1, num_clients=2), SPECS, FedAvg(), clients_per_round=1)
+    coordinator.on_pacing(lambda: 0.5)  # a client told to come back is due in 0.5 s
+    coordinator.finish()
+    started = time.monotonic()
+    assert not coordinator.wait_told_finished([1, 2], timeout=0)
+    assert time.monotonic() - started >= 0.45
