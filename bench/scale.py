@@ -2,6 +2,16 @@
 
     python bench/scale.py [--clients 1000] [--per-round K] [--rounds 1] [--workers 4]
         [--shared-channel] [--parameters N] [--compression none]
+    python bench/scale.py --enrolled 1000000 [--clients 5000] [--per-round 1000] [--rounds 3]
+        [--checkin-rate 1000]
+
+With --enrolled N ("enrolled" mode, fedgrpc.server.pacing and auth's TokenTable): N identities
+are enrolled with hashed tokens (a tokens file of N digests), --clients of them are online,
+light clients with their own tokens, asyncio, thousands a process, and check in at the rate
+the server paces them to (--checkin-rate); --per-round of them train each round. Reports the
+memory one enrolled identity costs the server's token table (measured here, tracemalloc, over
+loading the same file), the server's RSS, round times, check-ins a second, open calls (and
+long-polls) and descriptors at their highest; JSON to bench/results/scale-enrolled.json.
 
 Starts `fl-server` (bench/tasks/sized.py: one dense layer of --parameters float32 weights,
 the reference CNN's 0.67 MB by default, no data, no evaluation) for --rounds rounds of
@@ -43,6 +53,7 @@ import numpy as np
 
 BIN = Path(sys.executable).parent
 SIZED = Path(__file__).resolve().parent / "tasks" / "sized.py"  # a one-layer model of any size, no data
+RESULTS = Path(__file__).resolve().parent / "results"
 KEEPERS = 50  # clients per process that keep the weights they were sent, to check the last round
 
 
@@ -61,6 +72,18 @@ def _clients(target: str, ids: list[int], last_round: int, shared: bool, results
     results.put((reports, failed, None if last is None else [w.tolist() for w in last]))
 
 
+def _enrolled_clients(target: str, ids: list[int], results: mp.Queue) -> None:  # type: ignore[type-arg]
+    from fedgrpc.client.light import LightSettings, run_light_clients
+
+    settings = LightSettings(connect_timeout_s=600)
+    done, failed = asyncio.run(run_light_clients(target, ids, settings, token_of=_token))
+    results.put(([{"polls": s.polls, "rounds": s.rounds} for s in done.values()], failed))
+
+
+def _token(client_id: int) -> str:
+    return f"bench-token-{client_id}"
+
+
 def _watch(pid: int, metrics_url: str, stop: threading.Event, peak: dict[str, float]) -> None:
     """Highest VmHWM, threads, descriptors and open calls of the server, its stall and early-end
     counters as last scraped, and the machine's highest 1-minute load average."""
@@ -73,6 +96,8 @@ def _watch(pid: int, metrics_url: str, stop: threading.Event, peak: dict[str, fl
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     high("rss_bytes", int(line.split()[1]) * 1024)
+                if line.startswith("VmRSS:"):
+                    peak["rss_now_bytes"] = int(line.split()[1]) * 1024
                 if line.startswith("Threads:"):
                     high("threads", int(line.split()[1]))
             high("fds", len(os.listdir(f"/proc/{pid}/fd")))
@@ -86,6 +111,7 @@ def _watch(pid: int, metrics_url: str, stop: threading.Event, peak: dict[str, fl
             text = ""
         for name, key in (
             ("fedgrpc_open_calls", "open_calls"),
+            ('fedgrpc_open_calls_by_kind{kind="long_poll"}', "open_long_polls"),
             ('fedgrpc_refusals_total{code="DEADLINE_EXCEEDED"}', "stalls_cut"),
             ("fedgrpc_calls_ended_early_total", "ended_early"),
         ):
@@ -114,8 +140,16 @@ def main() -> int:
     )
     p.add_argument("--compression", default="none", choices=("none", "fp16", "int8"))
     p.add_argument("--timeout", type=float, default=3600, help="seconds the clients may take (default 3600)")
-    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scale.json")
+    p.add_argument("--json", type=Path, default=None, help="default bench/results/scale[-enrolled].json")
+    p.add_argument("--enrolled", type=int, default=None, help="enrolled mode: N identities with tokens")
+    p.add_argument(
+        "--checkin-rate", type=float, default=1000, help="fl-server --checkin-rate (enrolled mode)"
+    )
     args = p.parse_args()
+    if args.json is None:
+        args.json = RESULTS / ("scale-enrolled.json" if args.enrolled else "scale.json")
+    if args.enrolled:
+        return enrolled(args)
 
     from fedgrpc.client.light import light_examples, light_update
     from fedgrpc.common.processes import free_port
@@ -253,6 +287,133 @@ def main() -> int:
     )
     print(f"wrote {args.json} (the server's log: {kept_log})")
     return 0 if ok else 1
+
+
+def enrolled(args: argparse.Namespace) -> int:
+    """The enrolled mode (see the module docstring)."""
+    from fedgrpc.common.processes import free_port
+
+    per_round = args.per_round or 1000
+    with tempfile.TemporaryDirectory(prefix="fedgrpc-enrolled-") as tmp:
+        work = Path(tmp)
+        tokens, bytes_per_identity = _tokens_file(work / "tokens.json", args.enrolled)
+        port, http_port, out = free_port(), free_port(), work / "out"
+        grace = 10 + 2 * args.clients / args.checkin_rate  # the clients sent away come back to hear FINISHED
+        command = [
+            str(BIN / "fl-server"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+            "--rounds", str(args.rounds), "--clients", str(args.enrolled), "--task", str(SIZED),
+            "--param", f"parameters={args.parameters}", "--eval-every", "0", "--out", str(out),
+            "--threads", "1", "--clients-per-round", str(per_round), "--tokens", str(tokens),
+            "--min-clients", str(args.clients), "--join-timeout", "1", "--finish-grace", str(grace),
+            "--checkin-rate", str(args.checkin_rate), "--http", str(http_port),
+        ]  # fmt: skip
+        server_log = work / "server.log"
+        server = subprocess.Popen(command, stdout=server_log.open("wb"), stderr=subprocess.STDOUT)
+        stop, peak = threading.Event(), dict[str, float]()
+        watcher = threading.Thread(
+            target=_watch, args=(server.pid, f"http://127.0.0.1:{http_port}/metrics", stop, peak), daemon=True
+        )
+        watcher.start()
+        _wait_listening(server, server_log)
+        started = time.monotonic()
+        context = mp.get_context("spawn")
+        results: mp.Queue = context.Queue()  # type: ignore[type-arg]
+        step = args.enrolled // args.clients  # the online identities, spread over the enrolled ones
+        ids = [1 + k * step for k in range(args.clients)]
+        workers = [
+            context.Process(
+                target=_enrolled_clients, args=(f"127.0.0.1:{port}", ids[k :: args.workers], results)
+            )
+            for k in range(args.workers)
+        ]
+        for worker in workers:
+            worker.start()
+        kept_log = args.json.with_name(args.json.stem + "-server.log")
+        kept_log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            answers = [results.get(timeout=args.timeout) for _ in workers]
+        finally:
+            shutil.copyfile(server_log, kept_log)
+            for worker in workers:
+                worker.kill()
+        wall = time.monotonic() - started
+        code = server.wait(timeout=300)
+        stop.set()
+        watcher.join()
+        shutil.copyfile(server_log, kept_log)
+        if code != 0:
+            raise SystemExit(f"fl-server exited {code}; its log: {kept_log}")
+        rounds = json.loads((out / "history.json").read_text())["rounds"]
+    reports = [r for done, _ in answers for r in done]
+    failures = {i: e for _, failed in answers for i, e in failed.items()}
+    polls = sum(r["polls"] for r in reports)
+    row = {
+        "enrolled": args.enrolled,
+        "online": args.clients,
+        "per_round": per_round,
+        "rounds": len(rounds),
+        "round_s": [r["seconds"] for r in rounds],
+        "trained_per_round": [len(r["clients"]) for r in rounds],
+        "token_table_bytes_per_identity": bytes_per_identity,
+        "server_peak_rss_MB": peak.get("rss_bytes", 0.0) / 1e6,
+        "server_rss_at_end_MB": peak.get("rss_now_bytes", 0.0) / 1e6,
+        "checkin_rate_asked": args.checkin_rate,
+        "checkins": polls,
+        "checkins_per_s": polls / wall,
+        "server_peak_open_calls": int(peak.get("open_calls", 0)),
+        "server_peak_long_polls": int(peak.get("open_long_polls", 0)),
+        "server_peak_fds": int(peak.get("fds", 0)),
+        "server_peak_threads": int(peak.get("threads", 0)),
+        "calls_ended_early": int(peak.get("ended_early", 0)),
+        "clients_failed": len(failures),
+        "wall_s_from_listening": wall,
+        "peak_load_average": peak.get("load", 0.0),
+    }
+    print(f"{args.enrolled} enrolled identities, {args.clients} online, {per_round} a round, loopback")
+    for key, value in row.items():
+        print(f"  {key:<34} {value:>12.4g}" if isinstance(value, float) else f"  {key:<34} {value!s:>12}")
+    ok = not failures and row["trained_per_round"] == [per_round] * args.rounds
+    print(
+        "rounds:",
+        "every round trained its sample" if ok else f"WRONG (failures e.g. {list(failures.items())[:3]})",
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps({"config": vars(args) | {"json": str(args.json)}, "result": row}, indent=2)
+    )
+    print(f"wrote {args.json} (the server's log: {kept_log})")
+    return 0 if ok else 1
+
+
+def _tokens_file(path: Path, count: int) -> tuple[Path, float]:
+    """A tokens file of `count` hashed tokens, and the bytes one identity costs in the server's
+    table (fedgrpc.server.auth.TokenTable), measured by loading it here under tracemalloc."""
+    import gc
+    import hashlib
+    import tracemalloc
+
+    from fedgrpc.server.auth import TokenTable
+
+    digests = {str(c): hashlib.sha256(_token(c).encode()).hexdigest() for c in range(1, count + 1)}
+    path.write_text(json.dumps({"clients": digests}))
+    del digests
+    gc.collect()
+    tracemalloc.start()
+    table = TokenTable(path)
+    gc.collect()
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(table) == count
+    return path, held / count
+
+
+def _wait_listening(server: subprocess.Popen[bytes], server_log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while "listening on port" not in server_log.read_text(errors="replace"):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"fl-server did not start:\n{server_log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":

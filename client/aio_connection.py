@@ -118,6 +118,10 @@ class AioConnection:
 
         return await self._retrying("fetch", call)
 
+    async def pause(self, seconds: float) -> None:
+        """Hold no call for `seconds` (a WAIT's retry-after): a sleeping coroutine, no thread."""
+        await asyncio.sleep(seconds)
+
     async def submit(
         self,
         round_number: int,

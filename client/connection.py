@@ -74,10 +74,12 @@ def assignment_from_header(first: pb.WeightsMessage | None) -> Assignment:
             code="INTERNAL",
         )
     specs = tuple(wire.spec_from_pb(t) for t in header.tensors)
+    retry_after_s = header.retry_after_ms / 1000 if instruction is Instruction.WAIT else 0.0
     return Assignment(
         instruction, header.round, specs, run_id=header.run_id,
         settings=wire.settings_from_pb(header.settings),
         extra_specs=tuple(wire.spec_from_pb(t) for t in header.extra_tensors),
+        retry_after_s=retry_after_s,
     )  # fmt: skip
 
 
@@ -120,8 +122,12 @@ def join_request(client_id: int, task: TaskRef | None) -> pb.JoinRequest:
 
 
 def poll_request(client_id: int, after_round: int, max_wait_s: float) -> pb.GetGlobalWeightsRequest:
+    """A long-poll of a client that honours WAIT's retry-after (fedgrpc.client.session pauses)."""
     return pb.GetGlobalWeightsRequest(
-        client_id=client_id, after_round=after_round, max_wait_ms=int(max_wait_s * 1000)
+        client_id=client_id,
+        after_round=after_round,
+        max_wait_ms=int(max_wait_s * 1000),
+        accepts_retry_after=True,
     )
 
 

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
@@ -63,6 +63,7 @@ class LightStats:
     traffic_sent: int = 0  # every message's protobuf bytes (the connections' traffic), all calls
     traffic_received: int = 0
     retried: dict[str, int] = field(default_factory=dict)  # calls retried, by status code
+    polls: int = 0  # GetGlobalWeights calls made (check-ins)
     received: dict[int, list[np.ndarray]] = field(default_factory=dict)  # with keep_weights only
 
 
@@ -121,6 +122,7 @@ async def light_client(
                 stats.rounds += 1
         stats.traffic_sent, stats.traffic_received = connection.traffic.sent, connection.traffic.received
         stats.retried = dict(connection.retries.retried)
+        stats.polls = session.polls
     return stats
 
 
@@ -146,15 +148,23 @@ async def run_light_clients(
     *,
     shared_channel: bool = True,
     keep_weights: Callable[[int], bool] = lambda client_id: False,
+    token_of: Callable[[int], str] | None = None,
 ) -> tuple[dict[int, LightStats], dict[int, str]]:
     """Many light clients on this event loop until the run finishes: (stats by client id, and
     the error of each client that failed). `shared_channel`: one gRPC channel for all of them;
-    otherwise one each (gRPC still lets them share one TCP connection)."""
+    otherwise one each (gRPC still lets them share one TCP connection). `token_of`: each
+    client's own token (else the settings' one, if any)."""
     channel = settings.security.aio_channel(server) if shared_channel else None
+
+    def own(client_id: int) -> LightSettings:
+        if token_of is None:
+            return settings
+        return replace(settings, security=replace(settings.security, token=token_of(client_id)))
+
     try:
         outcomes = await asyncio.gather(
             *(
-                light_client(server, i, settings, keep_weights=keep_weights(i), channel=channel)
+                light_client(server, i, own(i), keep_weights=keep_weights(i), channel=channel)
                 for i in client_ids
             ),
             return_exceptions=True,

@@ -17,6 +17,7 @@ as asyncio.sleep) is a bug, and run_blocking says so instead of hanging.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -37,6 +38,10 @@ class Link(Protocol):
     def client_id(self) -> int: ...
 
     async def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Assignment: ...
+
+    async def pause(self, seconds: float) -> None:
+        """Hold no call for `seconds` (a WAIT's retry-after)."""
+        ...
 
     async def submit(
         self,
@@ -84,6 +89,9 @@ class BlockingLink:
 
     async def next_task(self, after_round: int, max_wait_s: float = 30.0) -> Assignment:
         return self.connection.next_task(after_round, max_wait_s)
+
+    async def pause(self, seconds: float) -> None:
+        time.sleep(seconds)  # this thread is the client's own: sleeping it suspends nothing else
 
     async def submit(
         self,

@@ -14,7 +14,8 @@ what it hands them, and hand back the result. The Session owns the rest:
                  +---------------------------------------------------------------+----+
     another run's answer at any poll: RunChangedError (the client was not resumed)
 
-- next(): long-polls after the last round it took part in, skips WAIT, returns a TRAIN or
+- next(): long-polls after the last round it took part in, skips WAIT (after a WAIT with a
+  retry-after, it first holds no call that long, at most `max_pause_s`), returns a TRAIN or
   EVALUATE assignment, or None once the run is finished. Before it returns a TRAIN one, the
   exchange's steps prepare for it (secure aggregation shares its keys then, before training);
   a round lost there is logged and the session polls on.
@@ -42,6 +43,8 @@ from .link import Link, run_blocking
 from .steps import Step, Transport, Update, chain
 
 log = logging.getLogger("fedgrpc.client")
+#: The longest a WAIT's retry-after keeps a client away, whatever the server says.
+MAX_PAUSE_S = 600.0
 
 
 class Session:
@@ -55,13 +58,17 @@ class Session:
         *,
         server: str,
         max_wait_s: float = 30.0,
+        max_pause_s: float = MAX_PAUSE_S,
         lost_round_level: int = logging.WARNING,
     ) -> None:
         """`steps`: the exchange's (fedgrpc.client.steps.exchange_steps); `server`: the address
-        joined, for messages; `lost_round_level`: how loud a lost round is logged (light clients
-        by the thousand: DEBUG)."""
+        joined, for messages; `max_pause_s`: the longest a WAIT's retry-after keeps this client
+        away; `lost_round_level`: how loud a lost round is logged (light clients by the
+        thousand: DEBUG)."""
         self.link, self.run, self.server = link, run, server
         self.max_wait_s = max_wait_s
+        self.max_pause_s = max_pause_s
+        self.polls = 0  # GetGlobalWeights calls made (check-ins)
         self.lost_round_level = lost_round_level
         self._steps = tuple(steps)
         self._send = chain(self._steps, Transport(link, run.num_clients))
@@ -72,6 +79,7 @@ class Session:
     async def next(self) -> Assignment | None:
         """The next TRAIN or EVALUATE assignment, or None once the run is finished."""
         while True:
+            self.polls += 1
             assignment = await self.link.next_task(self.last_round, self.max_wait_s)
             if assignment.run_id and assignment.run_id != self.run.run_id:
                 raise RunChangedError(
@@ -86,6 +94,8 @@ class Session:
                 return assignment
             if assignment.instruction is Instruction.TRAIN and await self._prepared(assignment):
                 return assignment
+            if assignment.instruction is Instruction.WAIT and assignment.retry_after_s > 0:
+                await self.link.pause(min(assignment.retry_after_s, self.max_pause_s))
 
     async def submit(
         self,

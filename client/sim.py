@@ -9,7 +9,8 @@ through the same code as `fl-client`, keeping its framework and model warm acros
 serves. An actor asks Ray for `--cpus-per-client` CPUs and `--gpus-per-client` GPUs (a
 fraction shares a card); there are as many actors as fit (at most one per client training at
 once), and ids are dealt to them in turn. With `--clients-per-round K` the server samples K
-ready clients a round; the others wait in a long-poll (a thread and an idle call each).
+ready clients a round; the others sleep until the server's retry-after (a thread each, no
+call: docs/protocol.md, *Pacing*).
 
 Without `--ray`, fl-sim starts a local Ray of this machine's cores and stops it at the end;
 `--ray auto` (or an address) joins a running cluster (`ray start --head` on one machine,

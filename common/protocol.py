@@ -38,7 +38,8 @@ class Assignment:
 
     A TRAIN may also carry the round's client `settings` (learning_rate, local_epochs, ...) and
     the strategy protocol's `extras`, tensors by name (SCAFFOLD's "scaffold/c/..."), whose
-    specs are `extra_specs`; their chunks follow the model's on the wire."""
+    specs are `extra_specs`; their chunks follow the model's on the wire.
+    `retry_after_s`: WAIT only, how long to hold no call before asking again (0: at once)."""
 
     instruction: Instruction
     round: int
@@ -49,6 +50,7 @@ class Assignment:
     settings: RoundSettings = field(default_factory=dict)
     extra_specs: tuple[TensorSpec, ...] = ()
     extras: Mapping[str, np.ndarray] = field(default_factory=dict)
+    retry_after_s: float = 0.0
 
     @property
     def all_specs(self) -> tuple[TensorSpec, ...]:

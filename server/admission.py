@@ -200,6 +200,16 @@ class Admission(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
         return wrapped
 
+    def open_by_kind(self) -> dict[str, int]:
+        """Calls being served now: long-polls, update streams, and the rest (Join, reports, the
+        secure aggregation steps that do not wait, and calls not yet admitted)."""
+        polls, streams = self._per_client["long-polls"].total, self._per_client["update streams"].total
+        return {
+            "long_poll": polls,
+            "update_stream": streams,
+            "other": max(0, self.open_calls.total - polls - streams),
+        }
+
     @contextmanager
     def claim(self, client_id: int, kind: Kind | None = None, *, what: str | None = None) -> Iterator[None]:
         """The running call acts as `client_id`: refused unless its credentials proved that id,

@@ -7,19 +7,28 @@ never tokens:
 
     {"clients": {"1": "<sha256 hex of client 1's token>", "2": "..."}}
 
-(`fl-server --hash-token TOKEN` prints a digest.) Digests are compared in constant time. An
-identity is established from the call's metadata when the call starts, before any message is
-read (`identify`), and is bound to its client id: client 2 can neither fetch as nor submit for
-client 3 (`require`). fedgrpc.server.admission does both for every call, and logs refusals
-through fedgrpc.server.refusals, so no client can flood the log.
+(`fl-server --hash-token TOKEN` prints a digest.) A token is checked by one lookup of its
+digest in a table loaded once (TokenTable: digest bytes -> client id; 135 bytes an identity
+measured by bench/scale.py --enrolled, so a million enrolled clients cost ~135 MB, and no call
+reads the file or scans the table). The lookup's timing can only tell an attacker about the
+SHA-256 of a token it already holds, never about another's. A tokens file is looked at (stat)
+at most once a second and re-read when it changed, as fedgrpc.server.revocation does; a file
+that became unreadable keeps the last good table. An identity is established from the call's
+metadata when the call starts, before any message is read (`identify`), and is bound to its
+client id: client 2 can neither fetch as nor submit for client 3 (`require`).
+fedgrpc.server.admission does both for every call, and logs refusals through
+fedgrpc.server.refusals, so no client can flood the log.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
+import logging
+import os
 import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +37,10 @@ import grpc
 
 from ..common.errors import AuthError, ConfigError
 from ..common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
-from .revocation import RevocationList
+from .revocation import CHECK_EVERY_S, RevocationList
+
+log = logging.getLogger(__name__)
+_HEX = "0123456789abcdef"
 
 CERT_NAME_PREFIX = "client-"
 _CERT_NAME = re.compile(r"client-([1-9][0-9]{0,9})")
@@ -41,20 +53,84 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def load_tokens(path: Path) -> dict[int, str]:
-    """Client id -> token digest, from a tokens file (see the module docstring)."""
+def parse_tokens(text: str) -> dict[int, str]:
+    """Client id -> token digest (lower-case hex) of a tokens file's text; ValueError when it is
+    not the documented shape or an entry is not a SHA-256 hex digest."""
     try:
-        document = json.loads(path.read_text())
-        entries = document["clients"]
+        entries = json.loads(text)["clients"]
         tokens = {int(client): str(digest).lower() for client, digest in entries.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(
-            f'tokens file {path} is not {{"clients": {{"<id>": "<sha256 hex>"}}}}: {exc}'
-        ) from None
-    bad = [c for c, d in tokens.items() if len(d) != 64 or any(ch not in "0123456789abcdef" for ch in d)]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f'not {{"clients": {{"<id>": "<sha256 hex>"}}}}: {exc!r}') from None
+    bad = [c for c, d in tokens.items() if len(d) != 64 or d.strip(_HEX)]
     if bad:
-        raise ConfigError(f"tokens file {path}: entries for clients {bad} are not SHA-256 hex digests")
+        raise ValueError(f"entries for clients {bad[:10]} are not SHA-256 hex digests")
     return tokens
+
+
+def token_index(tokens: Mapping[int, str]) -> dict[bytes, int]:
+    """Digest (32 bytes) -> client id; a digest two clients share goes to the lower id."""
+    index: dict[bytes, int] = {}
+    for client in sorted(tokens):
+        index.setdefault(bytes.fromhex(tokens[client]), client)
+    return index
+
+
+class TokenTable:
+    """The token digests of one tokens file, as a lookup table kept current by looking at the
+    file at most once a second (see the module docstring)."""
+
+    def __init__(
+        self, path: Path, *, check_every_s: float = CHECK_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.path = path
+        self._check_every_s = check_every_s
+        self._clock = clock
+        self._signature: tuple[int, int, int] | None
+        try:
+            self._signature = self._stat()
+            self._index = token_index(parse_tokens(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tokens file {path}: {exc}") from None
+        self._checked_at = clock()
+        self.reads = 1  # times the file was read (a test sees that a call reads none)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return f"TokenTable({str(self.path)!r}, {len(self._index)} clients)"
+
+    def client_of(self, digest: bytes) -> int | None:
+        """The client id whose token has this SHA-256 digest, None if none."""
+        now = self._clock()
+        if now - self._checked_at >= self._check_every_s:
+            self._checked_at = now
+            self._refresh()
+        return self._index.get(digest)
+
+    def _stat(self) -> tuple[int, int, int]:
+        info = os.stat(self.path)
+        return info.st_ino, info.st_mtime_ns, info.st_size
+
+    def _refresh(self) -> None:
+        try:
+            signature = self._stat()
+            if signature == self._signature:
+                return
+            self.reads += 1
+            index = token_index(parse_tokens(self.path.read_text()))
+        except (OSError, ValueError) as exc:
+            if self._signature is not None:  # warn once per change, not once a second
+                log.warning("tokens file %s unreadable, keeping the last one: %s", self.path, exc)
+            self._signature = None
+            return
+        self._signature, self._index = signature, index
+        log.info("tokens file %s changed: %d clients", self.path, len(index))
+
+
+def load_tokens(path: Path) -> TokenTable:
+    """The tokens file's table, re-read when the file changes (see the module docstring)."""
+    return TokenTable(path)
 
 
 @dataclass(frozen=True)
@@ -72,17 +148,29 @@ class ServerTls:
         return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
+@dataclass(frozen=True)
+class _FixedTokens:
+    """Digests given as a mapping (tests, embedding): indexed once, never re-read."""
+
+    client_of: Callable[[bytes], int | None]
+
+
 class Authenticator:
     """Maps a call to the client id it proved, and refuses calls that claim another one."""
 
     def __init__(
         self,
-        tokens: dict[int, str] | None = None,
+        tokens: TokenTable | Mapping[int, str] | None = None,
         *,
         mutual_tls: bool = False,
         revoked: RevocationList | None = None,
     ) -> None:
-        self._tokens = tokens
+        """`tokens`: a tokens file's table, or client id -> digest (indexed here, once)."""
+        self._tokens: TokenTable | _FixedTokens | None = (
+            _FixedTokens(token_index(tokens).get)
+            if tokens is not None and not isinstance(tokens, TokenTable)
+            else tokens
+        )
         self._mutual_tls = mutual_tls
         self._revoked = revoked
 
@@ -107,11 +195,10 @@ class Authenticator:
                 if self._mutual_tls and (client := self._certificate_client(context)) is not None:
                     return client
                 raise AuthError("no credentials: send 'authorization: Bearer <token>' (fl-client --token)")
-            digest = hash_token(token)
-            matches = [c for c, known in self._tokens.items() if hmac.compare_digest(digest, known)]
-            if not matches:
+            client = self._tokens.client_of(hashlib.sha256(token.encode()).digest())
+            if client is None:
                 raise AuthError("the token is not valid for this server")
-            return matches[0]
+            return client
         client = self._certificate_client(context)
         if client is None:
             raise AuthError(

@@ -20,7 +20,7 @@ from ..common import device, logs, run_file, settings
 from ..common.config import EvaluationPlan, RunSpec, SecAggSpec
 from ..common.errors import ConfigError
 from ..common.task_loader import ParamOverride
-from .auth import ServerTls, load_tokens
+from .auth import ServerTls, TokenTable, load_tokens
 from .config import FedBuffSettings, PrivacySettings, RoundPolicy, ServerConfig
 from .flags import GROUPS, SETTINGS
 from .http import HttpConfig
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[
     return args, task_params
 
 
-def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, dict[int, str] | None]:
+def security_from(args: argparse.Namespace) -> tuple[ServerTls | None, TokenTable | None]:
     """TLS and token settings from the flags, refusing combinations that would not be safe."""
     settings.go_together({"--tls-cert": args.tls_cert, "--tls-key": args.tls_key})
     tls = ServerTls(args.tls_cert, args.tls_key, args.client_ca) if args.tls_cert else None
@@ -161,6 +161,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
         max_calls_per_peer=args.max_calls_per_peer,
         max_calls_per_client=args.max_calls_per_client,
         max_wait_s=args.max_wait,
+        checkin_rate=args.checkin_rate,
         inflight_wait_s=args.inflight_wait,
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..common.config import DEFAULT_TASK, RunSpec, SecAggSpec, check_clients_per_round
 from ..common.errors import ConfigError
 from ..common.settings import by_name
-from .auth import ServerTls
+from .auth import ServerTls, TokenTable
 from .flags import SETTINGS
 from .http import HttpConfig
 from .limits import Limits
@@ -140,7 +140,7 @@ class ServerConfig:
     secagg_timeout_s: float = _default("secagg_timeout")  # each key stage's and the unmasking's wait
     client_sampling: str = _default("client_sampling")  # with clients_per_round: fixed-size, or poisson
     tls: ServerTls | None = None
-    tokens: dict[int, str] | None = None
+    tokens: TokenTable | Mapping[int, str] | None = None
     revoked: Path | None = None  # revoked client ids (fedgrpc.server.revocation), re-read when changed
     init_seed: int = _default("init_seed")
     policy: RoundPolicy = field(default_factory=RoundPolicy)

@@ -21,15 +21,17 @@ import logging
 import os
 import resource
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
 
 from ..common import wire
 from ..common.codec import DEFAULT_CHUNK_BYTES
@@ -57,12 +59,22 @@ _TRIM_AFTER_CALLS = 100
 _TRIM_BELOW_PEAK = 10
 
 
-def server_options(limits: Limits) -> list[tuple[str, int]]:
+def server_options(limits: Limits, num_clients: int = 0) -> list[tuple[str, int]]:
     """Accept the clients' keepalive pings (every 20 s, also between calls) instead of answering
     them with GOAWAY, bound what one message may make the server allocate, close connections
     that hold no call for long or never finish their handshake, and close at once those past
-    the descriptors left after fedgrpc.server.descriptors' reserve."""
+    the descriptors left after fedgrpc.server.descriptors' reserve.
+
+    gRPC's server queues the calls that arrive before the event loop has asked for them, and
+    past 1,000 queued (3,000 for sure) it cancels new ones at random before any handler sees
+    them: 10,000 clients asking at once (a round's start, the end of a long-poll) lost most of
+    their calls to CANCELLED, and the clients' retries kept the queue full (bench/scale.py
+    --clients 10000 --shared-channel stalled; 92,000 of 141,000 polls in 40 s cancelled, none
+    with the queue as long as the server's limit on open calls)."""
+    pending = limits.total(num_clients)
     return [
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", pending),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 0),
@@ -138,6 +150,15 @@ class GrpcEndpoint:
         self.monitor.gauge(
             "fedgrpc_open_calls", "gRPC calls being served", lambda: self.servicer.open_calls.total
         )
+        by_kind = Gauge(
+            "fedgrpc_open_calls_by_kind",
+            "gRPC calls being served, by kind: long_poll, update_stream, other",
+            ["kind"],
+            registry=self.monitor.registry,
+        )
+        admission = self.servicer.admission
+        for kind in admission.open_by_kind():
+            by_kind.labels(kind).set_function(partial(_open_of_kind, admission.open_by_kind, kind))
         self.monitor.gauge(
             "fedgrpc_clients_ready", "Clients that have asked for work", lambda: coordinator.ready_clients
         )
@@ -183,7 +204,7 @@ class GrpcEndpoint:
     async def _start(self) -> int:
         cfg = self.config
         server = grpc.aio.server(
-            options=server_options(cfg.limits),
+            options=server_options(cfg.limits, self.coordinator.run.num_clients),
             maximum_concurrent_rpcs=cfg.limits.total(self.coordinator.run.num_clients),
             interceptors=(self.servicer.admission,),
         )
@@ -249,6 +270,10 @@ class GrpcEndpoint:
     def _call_soon(self, callback: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(callback)
+
+
+def _open_of_kind(open_by_kind: Callable[[], dict[str, int]], kind: str) -> float:
+    return open_by_kind()[kind]
 
 
 def raise_open_files_limit() -> None:

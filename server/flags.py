@@ -500,6 +500,16 @@ SETTINGS: tuple[Setting, ...] = (
         help="longest hold of a long-poll before it answers WAIT (default %(default)s)",
     ),
     Setting(
+        "checkin_rate",
+        float,
+        _LIMITS.checkin_rate,
+        group="limits",
+        above=0,
+        metavar="N",
+        help="with --clients-per-round, the clients not needed now are told to come back at about "
+        "this many a second, holding no call meanwhile (default %(default)s)",
+    ),
+    Setting(
         "inflight_wait",
         float,
         _LIMITS.inflight_wait_s,
@@ -521,7 +531,7 @@ SETTINGS: tuple[Setting, ...] = (
         Path,
         None,
         group="security",
-        help='per-client token digests, {"clients": {"1": "<sha256>"}}',
+        help='per-client token digests, {"clients": {"1": "<sha256>"}}; re-read within 1 s of a change',
     ),
     Setting(
         "revoked",

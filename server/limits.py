@@ -16,6 +16,8 @@ long a call may sit silent:
 | `inflight_wait_s`          | UNAVAILABLE                  | an update that never fits the in-flight      |
 |                            |                              | budget is told to come back later            |
 | `max_wait_s`               | (answers WAIT)               | a long-poll's longest hold                   |
+| `checkin_rate`             | (WAIT with a retry-after)    | clients not needed now come back at about    |
+|                            |                              | this many a second (fedgrpc.server.pacing)   |
 
 Every wait is bounded by these whether or not the client set a deadline.
 """
@@ -41,9 +43,10 @@ class Limits:
     max_calls_per_client: int = 2  # per client id and kind (long-polls, update streams)
     inflight_wait_s: float = 120.0  # longest wait for room in the in-flight budget
     max_wait_s: float = 30.0  # longest hold of a long-poll before it answers WAIT
+    checkin_rate: float = 1000.0  # check-ins a second of the clients told to come back later
 
     def __post_init__(self) -> None:
-        for name in ("stall_timeout_s", "inflight_wait_s", "max_wait_s"):
+        for name in ("stall_timeout_s", "inflight_wait_s", "max_wait_s", "checkin_rate"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_calls_per_client < 1:

@@ -30,6 +30,7 @@ from ..common.codec import TensorSpec
 from ..common.config import RunSpec
 from ..common.errors import StaleRoundError
 from ..common.protocol import Instruction
+from . import pacing
 from .buffered import BufferedRounds
 from .evaluation_round import EvaluationReport, FederatedEvaluations
 from .fold_thread import FoldThread
@@ -77,6 +78,7 @@ class RoundCoordinator:
         `slot_timeout_s` (--round-timeout) is free again. `plan`: each round's client settings
         and strategy extras (default: the strategy's own)."""
         self.sampler = ClientSampler(run.num_clients, clients_per_round, sampling, sample_seed)
+        self._away_s: Callable[[], float] = lambda: 0.0
         self.run = run
         self.specs = tuple(specs)
         self._state = RoundState(run, Roster(run.num_clients, min_clients))
@@ -260,6 +262,15 @@ class RoundCoordinator:
         with self._state.changed:
             return self._state.assignment(client_id, after_round)
 
+    def needs(self, client_id: int) -> bool:
+        """Whether this client may get work before the phase changes: it trains the open round
+        and its update is not in, or every client trains every round (fedgrpc.server.pacing)."""
+        per_round = self.sampler.clients_per_round
+        if per_round is None or per_round >= self.run.num_clients:
+            return True
+        with self._state.changed:
+            return pacing.needed(self._state, client_id)
+
     def next_task(self, client_id: int, after_round: int, timeout: float) -> RoundAssignment:
         """poll_task, waiting up to `timeout` seconds for something to do (WAIT when nothing came)."""
         deadline = time.monotonic() + timeout
@@ -274,10 +285,16 @@ class RoundCoordinator:
                 self._state.phase_changed.wait(remaining)
 
     def wait_told_finished(self, client_ids: Sequence[int], timeout: float) -> bool:
-        """After finish(): wait until these clients have been told, so none is left hanging."""
-        state = self._state
+        """After finish(): wait until these clients have been told, so none is left hanging; at
+        least until the clients told to come back later are due (`on_pacing`)."""
+        state, timeout = self._state, max(timeout, self._away_s())
         with state.changed:
             return state.changed.wait_for(lambda: state.roster.told_finished.issuperset(client_ids), timeout)
+
+    def on_pacing(self, away_s: Callable[[], float]) -> None:
+        """`away_s()`: seconds until every client told to come back later is due back
+        (fedgrpc.server.pacing), so that the end of the run waits for them to hear it."""
+        self._away_s = away_s
 
     def check_client(self, client_id: int) -> None:
         self.run.check_client_id(client_id)

@@ -47,6 +47,7 @@ from .auth import Authenticator, CallContext
 from .intake import InflightBudget, UpdateIntake
 from .limits import CallCounter, Limits, next_message
 from .monitor import Monitor
+from .pacing import Paced, Pacer
 from .refusals import RefusalLog
 from .rounds import RoundAssignment, RoundCoordinator, UpdateHeader
 from .secagg import SecAggRound
@@ -82,6 +83,9 @@ class CoordinatorServicer:
         self._inflight = inflight or InflightBudget(DEFAULT_INFLIGHT_BYTES)
         self._executor = executor
         self._long_polls = longpoll.LongPolls(self._limits.max_wait_s)
+        self._pacer = Pacer(self._limits.checkin_rate, self._limits.max_wait_s)
+        coordinator.watch_phase(self._pacer.phase)
+        coordinator.on_pacing(self._pacer.away_s)
         self.monitor = monitor or Monitor(coordinator.run)
         self.refusals = RefusalLog(listener=self.monitor.refused)
         self.joins = EventSummary(log, "clients joined")
@@ -176,12 +180,22 @@ class CoordinatorServicer:
     async def GetGlobalWeights(self, request: pb.GetGlobalWeightsRequest, context: CallContext) -> None:
         client, coordinator = request.client_id, self._coordinator
         coordinator.check_client(client)
-        task = await self._long_polls.until(
-            lambda: coordinator.poll_task(client, request.after_round), request.max_wait_ms, context
+        paced = request.accepts_retry_after
+        task: RoundAssignment | Paced | None = await self._long_polls.until(
+            lambda: self._look(client, request.after_round, paced), request.max_wait_ms, context
         )
         if task is None:
             task = RoundAssignment(Instruction.WAIT, coordinator.current_round)
         await self._send_task(client, task, context)
+
+    def _look(self, client: int, after_round: int, paced: bool) -> RoundAssignment | Paced | None:
+        """Work for the client; else, for a client that takes a retry-after and is not needed
+        now, when to come back (fedgrpc.server.pacing); else None: hold its long-poll."""
+        coordinator = self._coordinator
+        task = coordinator.poll_task(client, after_round)
+        if task is not None or not paced or coordinator.needs(client):
+            return task
+        return self._pacer.retry_after(client, coordinator.current_round, coordinator.ready_clients)
 
     async def SubmitEvaluation(
         self, request: pb.EvaluationReport, context: CallContext
@@ -211,8 +225,18 @@ class CoordinatorServicer:
                 "the same --task file as the server"
             )
 
-    async def _send_task(self, client: int, task: RoundAssignment, context: CallContext) -> None:
+    async def _send_task(self, client: int, task: RoundAssignment | Paced, context: CallContext) -> None:
         run_id = self._coordinator.run.run_id
+        if isinstance(task, Paced):
+            header = pb.WeightsHeader(
+                instruction=pb.WAIT,
+                round=task.round,
+                run_id=run_id,
+                retry_after_ms=max(1, round(task.retry_after_s * 1000)),
+            )
+            await self._write(context, pb.WeightsMessage(header=header))
+            self.monitor.waiting(client)
+            return
         if task.instruction in (Instruction.WAIT, Instruction.FINISHED):
             header = pb.WeightsHeader(
                 instruction=wire.instruction_to_pb(task.instruction), round=task.round, run_id=run_id

@@ -195,7 +195,8 @@ def test_honest_clients_finish_while_1000_idle_and_200_stalled_streams_are_held_
         # The honest run finished while the streams were still held. Now and then gRPC ends a
         # few of the 1,200 held streams by itself: status CANCELLED, details only "CANCELLED",
         # and nothing in the server's log (the effect seen as the CANCELLED storm at 10,000
-        # clients; its cause is not found). Every refusal of the server's own carries a reason,
+        # clients: gRPC's queue of calls the event loop has not yet asked for, which the server
+        # now sizes to its limit on open calls). Every refusal of the server's own carries a reason,
         # so the two are told apart, and at most 1% may be lost that way.
         lost = _cancelled_by_transport(attacker)
         assert attacker.open + lost == 1200 and lost <= 12, (attacker.outcomes, attacker.details)

@@ -185,7 +185,9 @@ def test_a_file_that_is_not_a_strategy_is_refused(tmp_path: Path, source: str, m
 
 
 def test_an_unknown_name_is_refused_as_the_flags_are_read() -> None:
-    with pytest.raises(ConfigError, match="no strategy named 'fedsgd': choose from fedavg, .*krum, scaffold, or give"):
+    with pytest.raises(
+        ConfigError, match="no strategy named 'fedsgd': choose from fedavg, .*krum, scaffold, or give"
+    ):
         StrategySettings("fedsgd")
 
 

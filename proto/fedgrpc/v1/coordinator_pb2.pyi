@@ -207,17 +207,19 @@ class JoinReply(_message.Message):
     def __init__(self, run: _Optional[_Union[RunSpec, _Mapping]] = ..., current_round: _Optional[int] = ...) -> None: ...
 
 class GetGlobalWeightsRequest(_message.Message):
-    __slots__ = ("client_id", "after_round", "max_wait_ms")
+    __slots__ = ("client_id", "after_round", "max_wait_ms", "accepts_retry_after")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     after_round: int
     max_wait_ms: int
-    def __init__(self, client_id: _Optional[int] = ..., after_round: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
+    accepts_retry_after: bool
+    def __init__(self, client_id: _Optional[int] = ..., after_round: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., accepts_retry_after: _Optional[bool] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("instruction", "round", "tensors", "run_id", "settings", "extra_tensors")
+    __slots__ = ("instruction", "round", "tensors", "run_id", "retry_after_ms", "settings", "extra_tensors")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -229,15 +231,17 @@ class WeightsHeader(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_TENSORS_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     run_id: str
+    retry_after_ms: int
     settings: _containers.MessageMap[str, ParamValue]
     extra_tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_id: _Optional[str] = ..., settings: _Optional[_Mapping[str, ParamValue]] = ..., extra_tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    def __init__(self, instruction: _Optional[_Union[Instruction, str]] = ..., round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_id: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., settings: _Optional[_Mapping[str, ParamValue]] = ..., extra_tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class WeightsMessage(_message.Message):
     __slots__ = ("header", "chunk")
