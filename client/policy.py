@@ -153,7 +153,7 @@ def _resolved(folder: Path, setting: Setting, value: Any) -> Any:
         return value
     candidate = folder / value
     if setting.kind is Path or (setting.maybe_path and candidate.exists()):
-        return str(candidate) if setting.kind is str else candidate
+        return str(candidate)
     return value
 
 
