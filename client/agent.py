@@ -190,6 +190,7 @@ class SiteAgent:
             decision = check_allowed_params(decision, loaded.task.params, run) or decision
         if isinstance(decision, str):
             self._refuse(run, decision)
+            self._state = f"done {run.run_id}"
             return
         config = replace(self.config, task=str(decision.file), data=decision.data)
         with Connection(
@@ -198,6 +199,8 @@ class SiteAgent:
         ) as connection:  # fmt: skip
             if self._take_part(connection, decision, run, config):
                 self.done.add(run.run_id)
+        if run.run_id in self.done:  # said already: the next try that finds it says nothing
+            self._state = f"done {run.run_id}"
 
     def _refuse(self, run: RunSpec, reason: str, connection: Connection | None = None) -> None:
         log.warning("run %s (task %s): refused: %s", run.run_id, run.task.name, reason)
