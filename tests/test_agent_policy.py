@@ -176,3 +176,14 @@ def test_serve_and_policy_go_together(flags: list[str], message: str) -> None:
         capture_output=True, text=True, env=ENV, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_the_example_policy_and_the_kits_example_are_valid(tmp_path: Path) -> None:
+    from fedgrpc.server.kits import Member, _site_policy_example
+
+    example = load_policy(Path(__file__).resolve().parents[1] / "examples/site-policy/site.toml")
+    assert [t.name for t in example.tasks] == ["hospitals", "stations"] and example.max_run_time == 3600
+    (tmp_path / "my_task.py").write_text(TASK_SOURCE)
+    kit = tmp_path / "site.toml"
+    kit.write_text(_site_policy_example(Member("site", "hospital-a", "cn", "ab", client_id=1)))
+    assert load_policy(kit).tasks[0].name == "my-task"
