@@ -156,12 +156,20 @@ def test_one_agent_takes_part_in_runs_of_two_tasks_one_after_another(site: Path)
 
 def test_an_agent_refuses_a_run_its_policy_does_not_allow_and_the_run_goes_on(site: Path) -> None:
     port = free_port()
-    serving = agent(site, port, write_policy(site, "max_rounds = 2", tasks=("alpha",)))
+    serving = agent(site, port, write_policy(site, "max_rounds = 2\nmax_run_time = 6", tasks=("alpha",)))
     flags = ("--min-clients", "1", "--join-timeout", "3600")
     refused = server(site, port, "beta", "refused", *flags)
     history = run_to_the_end(site, "refused", refused, client(site, port, 2, "beta", "refused-2"))
     too_long = server(site, port, "alpha", "too-long", *flags, rounds=3)
     long_history = run_to_the_end(site, "too-long", too_long, client(site, port, 2, "alpha", "too-long-2"))
+    # A run the agent takes, whose first round waits for a client that never comes: past
+    # max_run_time the agent withdraws, saying so.
+    stalled = server(site, port, "alpha", "stalled", *flags)
+    wait_for_line(
+        site / "stalled.log", "client 1 cannot take part: site policy: the run went on past", process=stalled
+    )
+    stalled.kill()
+    stalled.wait()
     stop(serving)
 
     (withdrawn,) = history["withdrawn"]
