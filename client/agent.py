@@ -202,8 +202,11 @@ class SiteAgent:
         if run.run_id in self.done:  # said already: the next try that finds it says nothing
             self._state = f"done {run.run_id}"
 
-    def _refuse(self, run: RunSpec, reason: str, connection: Connection | None = None) -> None:
-        log.warning("run %s (task %s): refused: %s", run.run_id, run.task.name, reason)
+    def _refuse(
+        self, run: RunSpec, reason: str, connection: Connection | None = None, *, verb: str = "refused"
+    ) -> None:
+        """Say why this site does not (or no longer) take part in `run`, here and to the coordinator."""
+        log.warning("run %s (task %s): %s: %s", run.run_id, run.task.name, verb, reason)
         connection = connection or Connection(
             self.config.server, self.config.client_id, security=self.config.security, channel=self._channel
         )
@@ -231,7 +234,7 @@ class SiteAgent:
             log.warning("run %s: left unfinished: %s", run.run_id, exc)
             return False
         except FedGrpcError as exc:  # the site cannot go on: say why, so nobody waits for it
-            self._refuse(run, str(exc), connection)
+            self._refuse(run, str(exc), connection, verb="withdrew")
             return True
         log.info("run %s: done; waiting for the next run", run.run_id)
         return True
@@ -243,11 +246,11 @@ class SiteAgent:
             return
         deadline, poll = time.monotonic() + limit, connection.next_task
 
-        def bounded(after_round: int, max_wait_s: float = 30.0) -> Assignment:
+        def bounded(after_round: int, max_wait_s: float = 30.0, *more: Any, **named: Any) -> Assignment:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RunTimeLimitError(f"the run went on past this site's max_run_time of {limit:g} s")
-            return poll(after_round, min(max_wait_s, max(left, 0.1)))
+            return poll(after_round, min(max_wait_s, max(left, 0.1)), *more, **named)
 
         connection.next_task = bounded  # type: ignore[method-assign]
 

@@ -182,6 +182,7 @@ def test_an_agent_refuses_a_run_its_policy_does_not_allow_and_the_run_goes_on(si
     assert "the run has 3 rounds; this site takes part in at most 2" in withdrawn["reason"]
     text = (site / "agent.log").read_text()
     assert "refused: this site does not run task 'beta'" in text and "at most 2" in text, text
+    assert "withdrew: the run went on past this site's max_run_time of 6 s" in text, text
     assert "cannot take part" in (site / "refused.log").read_text()
 
 
