@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fedgrpc.client.policy import InstalledTask, check_params, check_run, load_policy
@@ -187,3 +188,19 @@ def test_the_example_policy_and_the_kits_example_are_valid(tmp_path: Path) -> No
     kit = tmp_path / "site.toml"
     kit.write_text(_site_policy_example(Member("site", "hospital-a", "cn", "ab", client_id=1)))
     assert load_policy(kit).tasks[0].name == "my-task"
+
+
+def _nothing(_: Any) -> Any:
+    return None
+
+
+def test_the_server_announces_its_central_dp_noise_in_the_run_spec() -> None:
+    from fedgrpc.common.task import Task
+    from fedgrpc.common.task_loader import LoadedTask
+    from fedgrpc.server.config import PrivacySettings, ServerConfig
+    from fedgrpc.server.startup import _run_spec
+
+    loaded = LoadedTask(Task("alpha", _nothing, _nothing), TaskRef("alpha", "a" * 64), "alpha.py")
+    noisy = ServerConfig(privacy=PrivacySettings(clip=1.0, noise_multiplier=1.1))
+    assert _run_spec(noisy, loaded, {}, has_central=True).dp_noise_multiplier == 1.1
+    assert _run_spec(ServerConfig(), loaded, {}, has_central=True).dp_noise_multiplier == 0.0
