@@ -35,15 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..common import device
 from ..common.config import RunSpec
-from ..common.errors import (
-    AuthError,
-    ConfigError,
-    FedGrpcError,
-    NotEnrolledError,
-    RunChangedError,
-    ServerUnavailableError,
-    TaskMismatchError,
-)
+from ..common.errors import ConfigError, FedGrpcError, RunChangedError, ServerUnavailableError
 from ..common.protocol import Assignment
 from ..common.task import Site
 from ..common.task_loader import LoadedTask, check_params, load_task
@@ -168,8 +160,8 @@ class SiteAgent:
         except ServerUnavailableError as exc:
             self._say("away", "waiting for a run at %s: %s", self.config.server, exc)
             return None
-        except (NotEnrolledError, AuthError, TaskMismatchError) as exc:
-            self._say(f"refused {type(exc).__name__}", "the coordinator turned this site away: %s", exc)
+        except FedGrpcError as exc:  # not enrolled, credentials refused, a spec it cannot read, ...
+            self._say(f"refused {exc}", "the coordinator turned this site away: %s", exc)
             return None
         if run.run_id in self.done:
             self._say(f"done {run.run_id}", "run %s is done here; waiting for the next run", run.run_id)
