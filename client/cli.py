@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, with a run file's [run] as their defaults; the task's parameters are the
     server's to send, so a client's run file has no [task]."""
-    args, table = run_file.parse_with_run_file(build_parser(), SETTINGS, argv)
+    parser = build_parser()
+    args, table = run_file.parse_with_run_file(parser, SETTINGS, argv)
+    typed = settings.typed_flags(parser, argv) & {"task", "data"} if args.serve else set()
+    if typed:
+        flags = " and ".join(f"--{name}" for name in sorted(typed))
+        raise ConfigError(f"--serve takes each task's file and data from --policy: drop {flags}")
     if table:
         raise ConfigError(
             f"--config {args.config}: a client's run file has no [task]; the task's parameters are "

@@ -169,7 +169,11 @@ def test_fl_client_refuses_a_wrong_digest_at_start(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--serve"], "--serve needs the site's policy"), (["--policy", "site.toml"], "add --serve")],
+    [
+        (["--serve"], "--serve needs the site's policy"),
+        (["--policy", "site.toml"], "add --serve"),
+        (["--serve", "--policy", "site.toml", "--data", "x.csv"], "from --policy: drop --data"),
+    ],
 )
 def test_serve_and_policy_go_together(flags: list[str], message: str) -> None:
     done = subprocess.run(
