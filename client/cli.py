@@ -24,11 +24,13 @@ from .state import DEFAULT_STATE_DIR
 if TYPE_CHECKING:
     from .app import LocalDP
     from .connection import ChannelSecurity
+    from .policy import SitePolicy
 
 
 _SECURITY = "security"
 _CLIENT = "the client"
 _LOCAL_DP = "local differential privacy (this client trusts nobody to add noise)"
+_SITE = "site agent (fl-client --serve)"
 
 #: fl-client's settings, declared as fl-server's are (fedgrpc.common.settings); group "" is the
 #: essentials, listed first in --help.
@@ -57,6 +59,14 @@ SETTINGS = (
         "(cifar10: a folder, .tar.gz or .npz; default: $FL_DATA, else CIFAR-10 from Keras)",
     ),
     Setting("insecure", bool, False, help="talk to the server without TLS (trusted networks only)"),
+    Setting(
+        "serve", bool, False, group=_SITE,
+        help="stay up as a site agent: take part in run after run as --policy allows (docs/sites.md)",
+    ),
+    Setting(
+        "policy", Path, None, metavar="SITE.toml", group=_SITE,
+        help="the site's policy for --serve: its installed tasks, their data, its limits and privacy floor",
+    ),
     Setting(
         "ca", Path, None, metavar="PEM",
         help="CA certificate that signed the server's certificate: turns on TLS",
@@ -136,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, with a run file's [run] as their defaults; the task's parameters are the
     server's to send, so a client's run file has no [task]."""
-    args, table = run_file.parse_with_run_file(build_parser(), SETTINGS, argv)
+    parser = build_parser()
+    args, table = run_file.parse_with_run_file(parser, SETTINGS, argv)
+    typed = settings.typed_flags(parser, argv) & {"task", "data"} if args.serve else set()
+    if typed:
+        flags = " and ".join(f"--{name}" for name in sorted(typed))
+        raise ConfigError(f"--serve takes each task's file and data from --policy: drop {flags}")
     if table:
         raise ConfigError(
             f"--config {args.config}: a client's run file has no [task]; the task's parameters are "
@@ -154,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Check the flags that go together, then take part; every refusal is a ConfigError."""
     logs.setup(f"client {args.client_id}", verbose=args.verbose, log_format=args.log_format)
+    policy = _policy(args)  # checked before anything heavy is imported
     device.prepare(args.threads, args.gpu)
     from .app import ClientConfig, run_client
 
     security = _security(args)
     if args.light:
+        if policy is not None:
+            raise ConfigError(
+                "--light sends made-up updates, so it cannot serve a site's tasks: drop --serve"
+            )
         return _run_light(args, security)
     config = ClientConfig(
         client_id=args.client_id,
@@ -174,8 +194,26 @@ def _run(args: argparse.Namespace) -> int:
         local_dp=_local_dp(args),
         state_dir=args.state_dir,
     )
+    if policy is not None:
+        from .agent import serve
+
+        serve(config, policy)
+        return 0
     run_client(config)
     return 0
+
+
+def _policy(args: argparse.Namespace) -> SitePolicy | None:
+    """The site's policy with --serve (which needs one); --policy alone is refused."""
+    if args.policy is not None and not args.serve:
+        raise ConfigError("--policy is the policy of a site agent: add --serve, or drop --policy")
+    if not args.serve:
+        return None
+    if args.policy is None:
+        raise ConfigError("--serve needs the site's policy: give --policy site.toml (docs/sites.md)")
+    from .policy import load_policy
+
+    return load_policy(args.policy)
 
 
 def _security(args: argparse.Namespace) -> ChannelSecurity:

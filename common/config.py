@@ -101,6 +101,7 @@ class RunSpec:
     proximal_mu: float = 0.0  # FedProx: clients add mu/2 ||w - w_global||^2 to their loss
     dp_clip: float = 0.0  # DP: clients clip their change to this L2 norm (0: they do not)
     secagg: SecAggSpec | None = None  # secure aggregation: the server sees only the round's sum
+    dp_noise_multiplier: float = 0.0  # central DP's noise, told to sites for their privacy floor
     run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
@@ -115,7 +116,7 @@ class RunSpec:
                 f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
             )
         check_scheme(self.partition)
-        for name in ("proximal_mu", "dp_clip"):
+        for name in ("proximal_mu", "dp_clip", "dp_noise_multiplier"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")

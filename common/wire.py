@@ -76,6 +76,7 @@ def run_to_pb(run: RunSpec) -> pb.RunSpec:
         ),
         proximal_mu=run.proximal_mu,
         dp_clip=run.dp_clip,
+        dp_noise_multiplier=run.dp_noise_multiplier,
         secagg=None
         if run.secagg is None
         else pb.SecAggSpec(
@@ -103,6 +104,7 @@ def run_from_pb(message: pb.RunSpec) -> RunSpec:
         ),
         proximal_mu=message.proximal_mu,
         dp_clip=message.dp_clip,
+        dp_noise_multiplier=message.dp_noise_multiplier,
         secagg=SecAggSpec(message.secagg.bound, message.secagg.max_examples, message.secagg.threshold)
         if message.HasField("secagg")
         else None,

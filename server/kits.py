@@ -22,6 +22,7 @@ PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 CA_CERT = "ca.crt"
 REVOKED = "revoked.json"
+SITE_POLICY_EXAMPLE = "site.example.toml"  # rewritten with the kit: the site copies it to edit it
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def kit_texts(project: Project, member: Member) -> dict[str, tuple[str, int]]:
     if command:
         texts["start.sh"] = (_start_script(project, member, command), PRIVATE_DIR)
     texts["README.md"] = (_readme(project, member, command), PRIVATE_FILE)
+    if member.role == "site":
+        texts[SITE_POLICY_EXAMPLE] = (_site_policy_example(member), PRIVATE_FILE)
     return texts
 
 
@@ -110,9 +113,37 @@ def _start_script(project: Project, member: Member, command: str) -> str:
         "#!/bin/sh\n"
         f"# Starts {member.title} of federation {project.name} (written by fl-provision).\n"
         f"# Add the run's own flags after it, e.g.: ./start.sh {more}\n"
-        "set -eu\n"
+        + (
+            f"# Or stay up for run after run as a site agent (copy {SITE_POLICY_EXAMPLE} to site.toml and\n"
+            '# edit it first): ./start.sh --serve --policy "$KIT/site.toml"\n'
+            if member.role == "site"
+            else ""
+        )
+        + "set -eu\n"
         'KIT=$(cd "$(dirname "$0")" && pwd)\n'
         f'exec {command} "$@"\n'
+    )
+
+
+def _site_policy_example(member: Member) -> str:
+    """A site's policy to start from (fl-client --serve --policy; docs/sites.md has every key)."""
+    return (
+        f"# The policy of {member.title} as a site agent: ./start.sh --serve --policy site.toml\n"
+        "# Copy this file to site.toml and edit it; this copy is rewritten with the kit.\n"
+        "[site]\n"
+        "max_rounds = 100             # refuse runs of more rounds\n"
+        "max_local_epochs = 5         # refuse runs asking more local epochs a round\n"
+        "max_run_time = 86400         # seconds: withdraw from a run still going after this\n"
+        "require_secagg = false       # true: refuse runs without secure aggregation\n"
+        "# min_dp_noise_multiplier = 1.0  # refuse runs whose central DP adds less noise\n"
+        "# require_dp_clip = true         # refuse runs in which clients do not clip their updates\n"
+        "\n"
+        "[[task]]                     # one table per task this site runs\n"
+        'name = "my-task"             # the name the task file declares\n'
+        'file = "my_task.py"          # relative paths are read from this file\'s folder\n'
+        '# digest = "..."             # pin the file: the SHA-256 it must have (sha256sum my_task.py)\n'
+        'data = "my_data.csv"         # this site\'s data for the task\n'
+        '# params = ["learning_rate"] # the only task parameters a run may change\n'
     )
 
 

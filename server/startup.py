@@ -202,6 +202,7 @@ def _run_spec(config: ServerConfig, loaded: LoadedTask, params: Any, has_central
         proximal_mu=config.strategy.client_proximal_mu,
         dp_clip=dp.clip if dp is not None and dp.clip_on == "client" else 0.0,
         secagg=secagg_spec(config),
+        dp_noise_multiplier=dp.noise_multiplier if dp is not None else 0.0,
     )
 
 

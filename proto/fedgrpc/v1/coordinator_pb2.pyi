@@ -142,7 +142,7 @@ class EvaluationPlan(_message.Message):
     def __init__(self, every: _Optional[int] = ..., fraction: _Optional[float] = ..., personalize_epochs: _Optional[int] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "batch_size", "local_epochs", "compression", "task", "task_params", "partition", "evaluation", "proximal_mu", "dp_clip", "secagg")
+    __slots__ = ("run_id", "rounds", "num_clients", "partition_seed", "batch_size", "local_epochs", "compression", "task", "task_params", "partition", "evaluation", "proximal_mu", "dp_clip", "secagg", "dp_noise_multiplier")
     class TaskParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class RunSpec(_message.Message):
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     DP_CLIP_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rounds: int
     num_clients: int
@@ -178,7 +179,8 @@ class RunSpec(_message.Message):
     proximal_mu: float
     dp_clip: float
     secagg: SecAggSpec
-    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ..., task_params: _Optional[_Mapping[str, ParamValue]] = ..., partition: _Optional[str] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ..., dp_clip: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSpec, _Mapping]] = ...) -> None: ...
+    dp_noise_multiplier: float
+    def __init__(self, run_id: _Optional[str] = ..., rounds: _Optional[int] = ..., num_clients: _Optional[int] = ..., partition_seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ..., task_params: _Optional[_Mapping[str, ParamValue]] = ..., partition: _Optional[str] = ..., evaluation: _Optional[_Union[EvaluationPlan, _Mapping]] = ..., proximal_mu: _Optional[float] = ..., dp_clip: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSpec, _Mapping]] = ..., dp_noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class SecAggSpec(_message.Message):
     __slots__ = ("bound", "max_examples", "threshold")
