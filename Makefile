@@ -34,7 +34,7 @@ test: install
 	$(BIN)/python proto/generate.py --check
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 ## mypy (strict) over the fedgrpc package, read straight from its folders: .ci/typecheck.py
 ## hands mypy each file under its installed name (pyproject's package-dir), which mypy cannot map.
