@@ -360,7 +360,7 @@ def _no_job_handlers() -> dict[str, Any]:
     }
     service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
     return {
-        f"{_COORDINATOR_PREFIX}{m.name}": makers[(m.client_streaming, m.server_streaming)](refuse)  # type: ignore[operator]
+        f"{_COORDINATOR_PREFIX}{m.name}": makers[(m.client_streaming, m.server_streaming)](refuse)
         for m in service.methods
     }
 
