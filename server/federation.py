@@ -63,7 +63,9 @@ class Federation:
 
     def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
         typed = settings.typed_flags(cli.build_parser(), argv)
-        per_job = sorted(typed - set(FEDERATION_WIDE) - {"config"})
+        # --clients too, as a coordinator kit's start.sh gives it: here it only sizes the overall
+        # call limit (each job's run file says how many clients it has).
+        per_job = sorted(typed - set(FEDERATION_WIDE) - {"config", "clients"})
         if per_job or args.config is not None:
             flags = ", ".join("--" + n.replace("_", "-") for n in per_job) or "--config"
             raise ConfigError(
@@ -98,7 +100,10 @@ class Federation:
         with tempfile.TemporaryDirectory(dir=self.folder, prefix=".incoming-") as incoming:
             for file_name, data in files.items():
                 (Path(incoming) / file_name).write_bytes(data)
-            config = self.job_config(Path(incoming), "job-0")
+            try:
+                config = self.job_config(Path(incoming), "job-0")
+            except ConfigError as exc:  # said of the file the admin submitted, not of our copy
+                raise ConfigError(str(exc).replace(str(Path(incoming) / RUN_FILE), RUN_FILE)) from None
         record = self.queue.submit(name, by, str(config.task), config.run.rounds, files)
         log.info(
             "%s (%s) submitted by %s: %s, %s",
