@@ -17,6 +17,7 @@ from fedgrpc.client.admin_connection import AdminCallError, AdminConnection, Job
 from fedgrpc.client.channel import ChannelSecurity
 from fedgrpc.common.processes import free_port
 from fedgrpc.server.auth import hash_token
+from fedgrpc.v1 import admin_pb2
 from helpers import BIN, ENV, finish, finish_all, start, start_clients, wait_for_line
 from test_provision import SITES, provisioned, start_kit
 
@@ -230,8 +231,8 @@ def test_admin_tokens_without_tls_and_hostile_calls(tmp_path: Path) -> None:
     log = tmp_path / "federation.log"
     server = start(
         "fl-server", "--federation", str(tmp_path / "fed"), "--insecure", "--host", "127.0.0.1",
-        "--port", str(port), "--admin-tokens", str(tokens), "--threads", "1", "--stall-timeout", "1",
-        log=log,
+        "--port", str(port), "--admin-tokens", str(tokens), "--threads", "1", "--max-calls-per-peer", "2",
+        "--max-wait", "3", log=log,
     )  # fmt: skip
     wait_for_line(log, "listening on port", process=server)
     target = f"127.0.0.1:{port}"
@@ -248,8 +249,35 @@ def test_admin_tokens_without_tls_and_hostile_calls(tmp_path: Path) -> None:
             bob.submit("x" * 65, b"[run]\n")
         with pytest.raises(AdminCallError, match="NOT_FOUND"):
             bob.job("job-1")
-    # Oversized: a message past the server's cap gets RESOURCE_EXHAUSTED, as on the Coordinator.
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    # A Coordinator call between jobs: UNAVAILABLE, come back later.
+    join = channel.unary_unary("/fedgrpc.v1.Coordinator/Join")
+    with pytest.raises(grpc.RpcError) as error:
+        join(b"", timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "no job is running" in (
+        error.value.details() or ""
+    )
+    # Followed logs hold a call each: past the per-address limit, RESOURCE_EXHAUSTED; and a
+    # held one ends by itself within --max-wait.
+    with AdminConnection(target, ChannelSecurity(token="s3cret"), timeout_s=5) as bob:
+        tiny = b'[run]\ntask = "tiny_task.py"\nclients = 3\nrounds = 1\n'
+        assert bob.submit("tiny", tiny, TINY_TASK.encode()).id == "job-1"
+    wait_for_line(log, "waiting for 3 clients", process=server)
+    bearer = (("authorization", "Bearer s3cret"),)
+    follow = channel.unary_stream(
+        "/fedgrpc.v1.FederationAdmin/WatchJobLog", response_deserializer=admin_pb2.LogChunk.FromString
+    )
+    request = admin_pb2.WatchJobLogRequest(id="job-1", follow=True).SerializeToString()
+    held = [follow(request, timeout=20, metadata=bearer) for _ in range(2)]
+    assert next(held[0]).data and next(held[1]).data  # the log so far, then held
+    with pytest.raises(grpc.RpcError) as error:
+        list(follow(request, timeout=20, metadata=bearer))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    started = time.monotonic()
+    for call in held:
+        list(call)
+    assert time.monotonic() - started < 6
+    # Oversized: a message past the server's cap gets RESOURCE_EXHAUSTED, as on the Coordinator.
     submit = channel.unary_unary("/fedgrpc.v1.FederationAdmin/SubmitJob")
     with pytest.raises(grpc.RpcError) as error:
         submit(
@@ -258,14 +286,9 @@ def test_admin_tokens_without_tls_and_hostile_calls(tmp_path: Path) -> None:
             metadata=(("authorization", "Bearer s3cret"),),
         )
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    # A Coordinator call between jobs: UNAVAILABLE, come back later.
-    join = channel.unary_unary("/fedgrpc.v1.Coordinator/Join")
-    with pytest.raises(grpc.RpcError) as error:
-        join(b"", timeout=5)
-    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "no job is running" in (
-        error.value.details() or ""
-    )
     channel.close()
+    with AdminConnection(target, ChannelSecurity(token="s3cret"), timeout_s=5) as bob:
+        assert bob.stop("job-1").id == "job-1"
     assert server.poll() is None
     server.send_signal(signal.SIGTERM)
     assert finish(server, log, timeout=30) == 0
