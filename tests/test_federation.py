@@ -146,21 +146,22 @@ def test_two_jobs_run_one_after_the_other_as_they_would_alone(tmp_path: Path, sy
     server.send_signal(signal.SIGTERM)
     assert finish(server, server_log, timeout=30) == 0
 
-    # The same two runs, each alone in a one-run fl-server: the same rounds, to the last digit.
+    # The same two runs, each alone in a one-run fl-server (both at once): the same rounds, to
+    # the last digit.
+    alone = []
     for path, job_id in ((a, "job-1"), (b, "job-2")):
-        alone_port, alone_out, log = (
-            free_port(),
-            tmp_path / f"alone-{job_id}",
-            tmp_path / f"alone-{job_id}.log",
-        )
-        alone = start(
+        alone_port, folder = free_port(), tmp_path / f"alone-{job_id}"
+        folder.mkdir()
+        process = start(
             "fl-server", "--config", str(path), "--insecure", "--host", "127.0.0.1",
-            "--port", str(alone_port), "--out", str(alone_out), "--threads", "1", log=log,
+            "--port", str(alone_port), "--out", str(folder), "--threads", "1", log=folder / "server.log",
         )  # fmt: skip
-        clients = start_clients(alone_port, synthetic_npz, tmp_path, extra=("--insecure", "--light"))
+        clients = start_clients(alone_port, synthetic_npz, folder, extra=("--insecure", "--light"))
+        alone.append((process, folder, clients, job_id))
+    for process, folder, clients, job_id in alone:
         finish_all(clients)
-        assert finish(alone, log) == 0, log.read_text()
-        assert rounds_of(alone_out / "history.json") == rounds_of(
+        assert finish(process, folder / "server.log") == 0, (folder / "server.log").read_text()
+        assert rounds_of(folder / "history.json") == rounds_of(
             tmp_path / "fed/jobs" / job_id / "history.json"
         )
 
