@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import tempfile
 import threading
 from dataclasses import replace
@@ -256,6 +257,7 @@ class Federation:
             with self._lock:
                 self._running = None
             job_log.close()
+            _forget_models()
 
     def _ended(self, job_id: str) -> None:
         if self._stopping_job == job_id:
@@ -284,3 +286,11 @@ class _JobLog:
     def close(self) -> None:
         logging.getLogger().removeHandler(self._handler)
         self._handler.close()
+
+
+def _forget_models() -> None:
+    """Keras keeps every model built in its global state: a long-lived coordinator drops the
+    last job's before the next builds its own."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        keras.backend.clear_session()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -252,7 +253,7 @@ def test_admin_tokens_without_tls_and_hostile_calls(tmp_path: Path) -> None:
             bob.job("job-1")
     channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
     # A Coordinator call between jobs: UNAVAILABLE, come back later.
-    join = channel.unary_unary("/fedgrpc.v1.Coordinator/Join")
+    join = channel.unary_unary("/fedgrpc.v1.Coordinator/Join", None, None)
     with pytest.raises(grpc.RpcError) as error:
         join(b"", timeout=5)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "no job is running" in (
@@ -266,10 +267,10 @@ def test_admin_tokens_without_tls_and_hostile_calls(tmp_path: Path) -> None:
     wait_for_line(log, "waiting for 3 clients", process=server)
     bearer = (("authorization", "Bearer s3cret"),)
     follow = channel.unary_stream(
-        "/fedgrpc.v1.FederationAdmin/WatchJobLog", response_deserializer=admin_pb2.LogChunk.FromString
+        "/fedgrpc.v1.FederationAdmin/WatchJobLog", None, admin_pb2.LogChunk.FromString
     )
     request = admin_pb2.WatchJobLogRequest(id="job-1", follow=True).SerializeToString()
-    held = [follow(request, timeout=20, metadata=bearer) for _ in range(2)]
+    held: list[Any] = [follow(request, timeout=20, metadata=bearer) for _ in range(2)]
     assert next(held[0]).data and next(held[1]).data  # the log so far, then held
     with pytest.raises(grpc.RpcError) as error:
         list(follow(request, timeout=20, metadata=bearer))
@@ -279,7 +280,7 @@ def test_admin_tokens_without_tls_and_hostile_calls(tmp_path: Path) -> None:
         list(call)
     assert time.monotonic() - started < 6
     # Oversized: a message past the server's cap gets RESOURCE_EXHAUSTED, as on the Coordinator.
-    submit = channel.unary_unary("/fedgrpc.v1.FederationAdmin/SubmitJob")
+    submit = channel.unary_unary("/fedgrpc.v1.FederationAdmin/SubmitJob", None, None)
     with pytest.raises(grpc.RpcError) as error:
         submit(
             b"\x12" + _varint(17 << 20) + b"\0" * (17 << 20),
