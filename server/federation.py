@@ -95,9 +95,9 @@ class Federation:
 
     # -- the jobs, for the admin service -----------------------------------------------
 
-    def submit(self, name: str, by: str, run_file: bytes, task_file: bytes) -> JobRecord:
+    def submit(self, name: str, by: str, run_toml: bytes, task_file: bytes) -> JobRecord:
         """Check the run file as fl-server --config would, then queue it."""
-        files = {RUN_FILE: run_file, **({TASK_FILE: task_file} if task_file else {})}
+        files = {RUN_FILE: run_toml, **({TASK_FILE: task_file} if task_file else {})}
         with tempfile.TemporaryDirectory(dir=self.folder, prefix=".incoming-") as incoming:
             for file_name, data in files.items():
                 (Path(incoming) / file_name).write_bytes(data)
@@ -105,7 +105,9 @@ class Federation:
                 config = self.job_config(Path(incoming), "job-0")
             except ConfigError as exc:  # said of the file the admin submitted, not of our copy
                 raise ConfigError(str(exc).replace(str(Path(incoming) / RUN_FILE), RUN_FILE)) from None
-        record = self.queue.submit(name, by, str(config.task), config.run.rounds, files)
+            # the task as the admin named it, not our copy's path
+            task = run_file.read_run_file(Path(incoming) / RUN_FILE)[0].get("task") if task_file else None
+        record = self.queue.submit(name, by, str(task or config.task), config.run.rounds, files)
         log.info(
             "%s (%s) submitted by %s: %s, %s",
             record.id,

@@ -135,7 +135,7 @@ def test_two_jobs_run_one_after_the_other_as_they_would_alone(tmp_path: Path, sy
         assert wait_state(port, alice, job_id, "finished").rounds_done == (2 if tag == "a" else 3)
     listed = fl_job(alice, "ls")
     assert listed.returncode == 0 and listed.stdout.count("finished") == 2, listed.stdout
-    assert "tiny_task.py" in listed.stdout.splitlines()[1] or "task.py" in listed.stdout.splitlines()[1]
+    assert "  tiny_task.py  " in listed.stdout.splitlines()[1], listed.stdout  # as the admin named it
     got = fl_job(alice, "download", "job-2", "--out", str(tmp_path / "job-2"))
     assert got.returncode == 0, got.stderr
     assert {"history.json", "curves.png", "final_model.keras", "server.log"} <= {
