@@ -57,12 +57,13 @@ class FederatedServer:
         self._coordinator: RoundCoordinator | None = None
         self._stop_requested = threading.Event()
 
-    def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
-        """Stop after the step in progress (a checkpoint being written is finished first)."""
+    def request_stop(self, signum: int | None = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        """Stop after the step in progress (a checkpoint being written is finished first);
+        `signum` None: asked by a standing federation's admin, not by a signal."""
         if not self._stop_requested.is_set():
             log.info(
-                "%s received: stopping; the last complete round stays checkpointed",
-                signal.Signals(signum).name,
+                "%s: stopping; the last complete round stays checkpointed",
+                "stop requested" if signum is None else f"{signal.Signals(signum).name} received",
             )
         self._stop_requested.set()
         if self._coordinator is not None:

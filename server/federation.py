@@ -132,7 +132,7 @@ class Federation:
         with self._lock:
             if self._running is not None and self._running[0] == job_id:
                 self._stopping_job = job_id
-                self._running[1].request_stop()
+                self._running[1].request_stop(None)
         record = self.queue.get(job_id)
         assert record is not None  # the admin service looked it up
         return record
