@@ -69,19 +69,13 @@ class Federation:
         per_job = sorted(typed - set(FEDERATION_WIDE) - {"config", "clients"})
         if per_job or args.config is not None:
             flags = ", ".join("--" + n.replace("_", "-") for n in per_job) or "--config"
+            verb = "belongs" if len(per_job) <= 1 else "belong"
             raise ConfigError(
-                f"--federation runs the jobs admins submit: {flags} belong in each job's run file "
+                f"--federation runs the jobs admins submit: {flags} {verb} in each job's run file "
                 f"(fl-job submit RUN.toml); fl-server takes only the federation's own settings here"
             )
         if args.http is not None:
             raise ConfigError("--http is not served by a standing federation yet; use fl-job status")
-        self.args = args
-        self.folder: Path = args.federation
-        self.queue = JobQueue(self.folder)
-        self._stop = threading.Event()
-        self._running: tuple[str, FederatedServer] | None = None
-        self._stopping_job: str | None = None
-        self._lock = threading.Lock()
         tls, tokens = cli.security_from(args)
         self._tls, self._site_tokens = tls, tokens
         self._mutual_tls = tls is not None and tls.client_ca is not None
@@ -92,6 +86,13 @@ class Federation:
                 "--admin-tokens FILE"
             )
         self._admin_tokens = admin_tokens
+        self.args = args
+        self.folder: Path = args.federation
+        self.queue = JobQueue(self.folder)  # a damaged job record stops us here, before listening
+        self._stop = threading.Event()
+        self._running: tuple[str, FederatedServer] | None = None
+        self._stopping_job: str | None = None
+        self._lock = threading.Lock()
 
     # -- the jobs, for the admin service -----------------------------------------------
 

@@ -303,3 +303,36 @@ def _varint(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def test_federation_flags_that_belong_to_a_job_are_refused_at_start(tmp_path: Path) -> None:
+    for flags, said in (
+        (["--insecure", "--admin-tokens", str(tmp_path / "none.json"), "--rounds", "3"], "--rounds belongs"),
+        (["--insecure"], "needs admin identities"),
+    ):
+        done = subprocess.run(
+            [str(BIN / "fl-server"), "--federation", str(tmp_path / "fed"), *flags],
+            capture_output=True, text=True, env=ENV, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert not (tmp_path / "fed").exists()  # nothing made for a start that was refused
+
+
+def test_the_queue_survives_a_torn_write_and_refuses_a_damaged_record(tmp_path: Path) -> None:
+    from fedgrpc.common.errors import ConfigError
+    from fedgrpc.server.jobs import JobQueue
+
+    queue = JobQueue(tmp_path)
+    first = queue.submit("a", "alice", "cifar10", 2, {"run.toml": b"[run]\n"})
+    second = queue.submit("b", "alice", "cifar10", 2, {"run.toml": b"[run]\n"})
+    queue.start(first.id)
+    (tmp_path / "jobs" / first.id / ".job.json.tmp").write_text('{"torn')  # killed mid-write
+    again = JobQueue(tmp_path)
+    assert [(j.id, j.state) for j in again.all()] == [("job-1", "running"), ("job-2", "queued")]
+    assert again.next_to_run(0) == again.get(first.id)  # the cut-off job first
+    again.end(first.id, "finished")
+    assert again.next_to_run(0) == again.get(second.id)
+    assert again.stop_queued(second.id) is not None and again.next_to_run(0) is None
+    (tmp_path / "jobs" / second.id / "job.json").write_text('{"id": "../x"}')
+    with pytest.raises(ConfigError, match="not a job record"):
+        JobQueue(tmp_path)
