@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,13 @@ def jobs_a_and_b(folder: Path, data: Path) -> tuple[Path, Path]:
 
 
 def fl_job(kit: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [str(BIN / "fl-job"), *args, "--kit", str(kit)]
+    # The installed fl-job where this environment has it, else its module: a real process either way.
+    program = (
+        [str(BIN / "fl-job")]
+        if (BIN / "fl-job").exists()
+        else [sys.executable, "-m", "fedgrpc.client.job_cli"]
+    )
+    command = [*program, *args, "--kit", str(kit)]
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=60)
 
 
