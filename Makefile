@@ -49,7 +49,8 @@ typecheck: install
 bench: install
 	$(BIN)/python bench/reference_run.py $(if $(FL_DATA),--data $(FL_DATA))
 
-## Regenerate the committed protobuf bindings after editing proto/.
+## Regenerate the committed protobuf bindings after editing proto/ (every .proto there:
+## coordinator.proto, the sites' contract, and admin.proto, the admins').
 proto: install
 	$(BIN)/python proto/generate.py
 

@@ -43,10 +43,12 @@ log = logging.getLogger("fedgrpc.server")
 
 
 class FederatedServer:
-    """Runs one federated job from start (or its last checkpoint) to finish."""
+    """Runs one federated job from start (or its last checkpoint) to finish; on an endpoint of
+    its own, or on a standing federation's (`endpoint`, which outlives the run)."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, endpoint: GrpcEndpoint | None = None) -> None:
         self.config = config
+        self._shared_endpoint = endpoint
         self.results = RunResults(config.out_dir)
         self.checkpoints = CheckpointStore(config.out_dir / "checkpoint")
         self.port = 0
@@ -56,12 +58,13 @@ class FederatedServer:
         self._coordinator: RoundCoordinator | None = None
         self._stop_requested = threading.Event()
 
-    def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
-        """Stop after the step in progress (a checkpoint being written is finished first)."""
+    def request_stop(self, signum: int | None = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        """Stop after the step in progress (a checkpoint being written is finished first);
+        `signum` None: asked by a standing federation's admin, not by a signal."""
         if not self._stop_requested.is_set():
             log.info(
-                "%s received: stopping; the last complete round stays checkpointed",
-                signal.Signals(signum).name,
+                "%s: stopping; the last complete round stays checkpointed",
+                "stop requested" if signum is None else f"{signal.Signals(signum).name} received",
             )
         self._stop_requested.set()
         if self._coordinator is not None:
@@ -125,6 +128,10 @@ class FederatedServer:
         """The gRPC endpoint, then the dashboard."""
         cfg = self.config
         assert self.monitor is not None  # made with the sinks
+        if self._shared_endpoint is not None:
+            self._shared_endpoint.serve(coordinator, self.monitor)
+            self.port = self._shared_endpoint.port
+            return self._shared_endpoint
         endpoint = start_endpoint(cfg, coordinator, self.monitor)
         self.port = endpoint.port
         if cfg.http is not None:
@@ -155,12 +162,16 @@ class FederatedServer:
         if self.dashboard is not None:
             self.dashboard.stop()
         bus.publish(RunClosed())
-        endpoint.set_serving(False)
+        if self._shared_endpoint is None:
+            endpoint.set_serving(False)
         if not driver.finished:
             # Stopping, not finishing: clients are told nothing of the kind; their calls
             # end with the server and they retry until it is back.
             driver.coordinator.interrupt()
-        endpoint.stop(grace=2.0)
+        if self._shared_endpoint is None:
+            endpoint.stop(grace=2.0)
+        else:
+            endpoint.serve(None)  # the federation's endpoint stays up for the next job
 
 
 def _described(strategy: Mapping[str, Any], *, secure: bool) -> str:

@@ -246,6 +246,14 @@ def _serve(argv: list[str] | None) -> int:
     limit_malloc_arenas()  # before TensorFlow and gRPC start their threads
     logs.setup("server", verbose=args.verbose, log_format=args.log_format)
     device.prepare(args.threads)
+    if args.federation is not None:
+        from .federation import Federation
+
+        federation = Federation(args, sys.argv[1:] if argv is None else argv)
+        signal.signal(signal.SIGTERM, federation.request_stop)
+        signal.signal(signal.SIGINT, federation.request_stop)
+        federation.run()
+        return 0
     from .app import FederatedServer
 
     server = FederatedServer(config_from(args, task_params))

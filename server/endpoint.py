@@ -1,6 +1,14 @@
 """The coordinator's network endpoint: a grpc.aio server on an event loop thread of its own.
 
     start() --> serving --set_serving(True/False)--> ... --stop(grace)--> stopped
+    serving: serve(coordinator) --> a job's Coordinator service --serve(None)--> no job --> ...
+
+A one-run server serves its RoundCoordinator from start to stop. A standing federation
+(fl-server --federation) keeps the endpoint up across its jobs and swaps the coordinator
+served (`serve`): each job gets a CoordinatorServicer of its own (its admission, limits and
+refusal counts); between jobs every Coordinator call is answered UNAVAILABLE ("no job is
+running"), so that clients ask again later. Services beside it (the federation's admin
+service) are given at construction with their own admission interceptor.
 
 The server's driver (rounds, evaluation, checkpoints) stays on the calling thread and talks
 to the handlers only through the RoundCoordinator, whose phase changes wake the loop's
@@ -21,7 +29,7 @@ import logging
 import os
 import resource
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from fedgrpc.v1 import coordinator_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge
@@ -101,18 +110,29 @@ class EndpointConfig:
     # A second port, plain text, with the health service only: for probes that cannot speak TLS
     # (Kubernetes' gRPC probes) when the main port does.
     health_port: int | None = None
+    # The clients the server's overall call limit is sized for when it starts with no run
+    # (a standing federation); a one-run server sizes it for its run's clients.
+    max_clients: int = 0
+
+
+#: Another service served beside the coordinator's: its handler, its admission interceptor,
+#: and its full name (for reflection).
+ExtraService = tuple["grpc.GenericRpcHandler[Any]", grpc.aio.ServerInterceptor, str]  # type: ignore[type-arg]
+_COORDINATOR_PREFIX = f"/{wire.SERVICE}/"
+NO_JOB = "no job is running on this coordinator; ask again later"
 
 
 class GrpcEndpoint:
-    """Serves one RoundCoordinator over gRPC until stopped."""
+    """Serves one RoundCoordinator over gRPC until stopped, or one after another (`serve`)."""
 
     def __init__(
         self,
-        coordinator: RoundCoordinator,
+        coordinator: RoundCoordinator | None,
         config: EndpointConfig | None = None,
         monitor: Monitor | None = None,
+        *,
+        services: Sequence[ExtraService] = (),
     ) -> None:
-        self.coordinator = coordinator
         self.config = config or EndpointConfig()
         self.port = 0
         self.inflight = InflightBudget(self.config.max_inflight_bytes)
@@ -126,7 +146,43 @@ class GrpcEndpoint:
         self.health_port = 0
         self._housekeeping: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.servicer = CoordinatorServicer(
+        self._services = tuple(services)
+        self._slot = _CoordinatorSlot()
+        self._max_clients = (
+            coordinator.run.num_clients if coordinator is not None else self.config.max_clients
+        )
+        if coordinator is not None:
+            self.serve(coordinator, monitor)
+
+    @property
+    def servicer(self) -> CoordinatorServicer:
+        """The Coordinator service of the run being served."""
+        servicer = self._slot.servicer
+        if servicer is None:
+            raise RuntimeError("no run is being served")
+        return servicer
+
+    @property
+    def coordinator(self) -> RoundCoordinator:
+        coordinator = self._slot.coordinator
+        if coordinator is None:
+            raise RuntimeError("no run is being served")
+        return coordinator
+
+    @property
+    def monitor(self) -> Monitor:
+        return self.servicer.monitor
+
+    def serve(self, coordinator: RoundCoordinator | None, monitor: Monitor | None = None) -> None:
+        """Serve `coordinator` from now on (a fresh servicer of its own); None: no run, every
+        Coordinator call answered UNAVAILABLE until the next."""
+        old = self._slot.servicer
+        if coordinator is None:
+            self._slot.servicer, self._slot.coordinator = None, None
+            if old is not None:
+                old.close_summaries()
+            return
+        servicer = CoordinatorServicer(
             coordinator,
             limits=self.config.limits,
             chunk_bytes=self.config.chunk_bytes,
@@ -136,30 +192,35 @@ class GrpcEndpoint:
             executor=self._executor,
             monitor=monitor,
         )
-        self.monitor = self.servicer.monitor
-        self.monitor.gauge(
+        self._gauges(servicer, coordinator)
+        coordinator.on_phase_change(lambda: self._call_soon(servicer.phase_changed))
+        if self._thread.is_alive():
+            servicer.count_calls_gone()
+        self._slot.servicer, self._slot.coordinator = servicer, coordinator
+
+    def _gauges(self, servicer: CoordinatorServicer, coordinator: RoundCoordinator) -> None:
+        monitor = servicer.monitor
+        monitor.gauge(
             "fedgrpc_inflight_bytes",
             "Update bytes reserved for streams being received",
             lambda: self.inflight.used_bytes,
         )
-        self.monitor.gauge(
+        monitor.gauge(
             "fedgrpc_fold_queue_depth",
             "Accepted updates waiting to be folded in",
             lambda: coordinator.fold_queue_depth,
         )
-        self.monitor.gauge(
-            "fedgrpc_open_calls", "gRPC calls being served", lambda: self.servicer.open_calls.total
-        )
+        monitor.gauge("fedgrpc_open_calls", "gRPC calls being served", lambda: servicer.open_calls.total)
         by_kind = Gauge(
             "fedgrpc_open_calls_by_kind",
             "gRPC calls being served, by kind: long_poll, update_stream, other",
             ["kind"],
-            registry=self.monitor.registry,
+            registry=monitor.registry,
         )
-        admission = self.servicer.admission
+        admission = servicer.admission
         for kind in admission.open_by_kind():
             by_kind.labels(kind).set_function(partial(_open_of_kind, admission.open_by_kind, kind))
-        self.monitor.gauge(
+        monitor.gauge(
             "fedgrpc_clients_ready", "Clients that have asked for work", lambda: coordinator.ready_clients
         )
 
@@ -173,8 +234,8 @@ class GrpcEndpoint:
         # with this).
         gc.freeze()
         self._thread.start()
-        self.coordinator.on_phase_change(lambda: self._call_soon(self.servicer.phase_changed))
-        self.servicer.count_calls_gone()
+        if self._slot.servicer is not None:
+            self._slot.servicer.count_calls_gone()
         self.port = self._run(self._start())
         return self.port
 
@@ -186,7 +247,8 @@ class GrpcEndpoint:
     def stop(self, grace: float = 2.0) -> None:
         """Stop taking calls, give those in progress `grace` seconds, then end the loop."""
         self._stopping = True
-        self.servicer.close_summaries()
+        if self._slot.servicer is not None:
+            self._slot.servicer.close_summaries()
         if self._housekeeping is not None:
             self._loop.call_soon_threadsafe(self._housekeeping.cancel)
         if self._server is not None and self._thread.is_alive():
@@ -204,15 +266,16 @@ class GrpcEndpoint:
     async def _start(self) -> int:
         cfg = self.config
         server = grpc.aio.server(
-            options=server_options(cfg.limits, self.coordinator.run.num_clients),
-            maximum_concurrent_rpcs=cfg.limits.total(self.coordinator.run.num_clients),
-            interceptors=(self.servicer.admission,),
+            options=server_options(cfg.limits, self._max_clients),
+            maximum_concurrent_rpcs=cfg.limits.total(self._max_clients),
+            interceptors=(self._slot, *(interceptor for _, interceptor, _ in self._services)),
         )
-        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        server.add_generic_rpc_handlers(tuple(handler for handler, _, _ in self._services))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
                 wire.SERVICE,
+                *(name for _, _, name in self._services),
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -274,6 +337,57 @@ class GrpcEndpoint:
 
 def _open_of_kind(open_by_kind: Callable[[], dict[str, int]], kind: str) -> float:
     return open_by_kind()[kind]
+
+
+class _CoordinatorSlot(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Routes each Coordinator call to the servicer of the run being served, through that
+    servicer's own admission; with none, answers it UNAVAILABLE at once (NO_JOB), reading
+    nothing. Other services' calls pass on."""
+
+    def __init__(self) -> None:
+        self.servicer: CoordinatorServicer | None = None
+        self.coordinator: RoundCoordinator | None = None
+        self._handlers: tuple[CoordinatorServicer, grpc.GenericRpcHandler] | None = None  # type: ignore[type-arg]
+        self._no_job = _no_job_handlers()
+
+    async def intercept_service(
+        self,
+        continuation: Any,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        method = handler_call_details.method
+        if not method.startswith(_COORDINATOR_PREFIX):
+            return await continuation(handler_call_details)
+        servicer = self.servicer  # one look: a swap while this call is admitted does not split it
+        if servicer is None:
+            return self._no_job.get(method)
+        if self._handlers is None or self._handlers[0] is not servicer:
+            self._handlers = (servicer, servicer.handler())
+        handler = self._handlers[1]
+
+        async def resolve(details: grpc.HandlerCallDetails) -> Any:
+            return handler.service(details)
+
+        return await servicer.admission.intercept_service(resolve, handler_call_details)
+
+
+def _no_job_handlers() -> dict[str, Any]:
+    """One handler per Coordinator method, of the method's own kind, that answers UNAVAILABLE."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, NO_JOB)
+
+    makers = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
+    return {
+        f"{_COORDINATOR_PREFIX}{m.name}": makers[(m.client_streaming, m.server_streaming)](refuse)
+        for m in service.methods
+    }
 
 
 def raise_open_files_limit() -> None:

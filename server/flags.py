@@ -36,6 +36,7 @@ GROUPS = {
     "big": "big models, many clients",
     "limits": "limits (what one peer may hold; see fedgrpc.server.limits)",
     "security": "security",
+    "federation": "a standing federation (see docs/federation.md)",
 }
 
 
@@ -107,6 +108,16 @@ SETTINGS: tuple[Setting, ...] = (
         group="the run",
         choices=("fixed", "poisson"),
         help="with --clients-per-round K: K clients a round, or each with chance K/N (default %(default)s)",
+    ),
+    Setting(
+        "federation",
+        Path,
+        None,
+        group="federation",
+        in_file=False,
+        metavar="DIR",
+        help="stay up and run the jobs admins submit (fl-job), one at a time; DIR keeps the queue and "
+        "each job's outputs, and a restart with the same DIR resumes the running job",
     ),
     # -- the server process
     Setting("host", str, "[::]", group="server", help="address to bind (default: all interfaces)"),
@@ -540,6 +551,15 @@ SETTINGS: tuple[Setting, ...] = (
         group="security",
         metavar="FILE",
         help="refuse the client ids this file lists (fl-provision revoke); re-read within 1 s of a change",
+    ),
+    Setting(
+        "admin_tokens",
+        Path,
+        None,
+        group="federation",
+        in_file=False,
+        metavar="FILE",
+        help='with --federation and no mutual TLS: admin token digests, {"admins": {"alice": "<sha256>"}}',
     ),
     Setting(
         "hash_token",

@@ -93,7 +93,7 @@ def kit_texts(project: Project, member: Member) -> dict[str, tuple[str, int]]:
 
 def start_command(project: Project, member: Member) -> str:
     """The command that starts this participant from its kit ($KIT: the kit's folder); "" for an
-    admin (the coordinator does not accept admins yet)."""
+    admin (who uses fl-job with --kit instead)."""
     own = f'--tls-cert "$KIT/{member.cert_file}" --tls-key "$KIT/{member.key_file}"'
     if member.role == "coordinator":
         clients = max((site.id for site in project.sites), default=1)
@@ -176,7 +176,10 @@ def _readme(project: Project, member: Member, command: str) -> str:
         "alone: keep this folder readable by you only, and never copy the key anywhere else.\n\n"
     )
     if not command:
-        return head + "Admins are not yet accepted by the coordinator: this identity is issued for later.\n"
+        return head + (
+            "Manage a standing federation's jobs (fl-server --federation) with it, e.g.:\n\n"
+            "    fl-job ls --kit THIS_FOLDER\n\nSee docs/federation.md.\n"
+        )
     extra = (
         f"`{REVOKED}` lists the revoked sites; replace it with the one `fl-provision revoke` writes, "
         "and the coordinator refuses them within a second, with no restart.\n\n"
