@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -37,7 +36,8 @@ import grpc
 
 from ..common.errors import AuthError, ConfigError
 from ..common.protocol import AUTHORIZATION_KEY, BEARER_PREFIX
-from .revocation import CHECK_EVERY_S, RevocationList
+from .revocation import RevocationList
+from .watched_file import CHECK_EVERY_S, WatchedFile
 
 log = logging.getLogger(__name__)
 _HEX = "0123456789abcdef"
@@ -83,49 +83,29 @@ class TokenTable:
         self, path: Path, *, check_every_s: float = CHECK_EVERY_S, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.path = path
-        self._check_every_s = check_every_s
-        self._clock = clock
-        self._signature: tuple[int, int, int] | None
-        try:
-            self._signature = self._stat()
-            self._index = token_index(parse_tokens(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"tokens file {path}: {exc}") from None
-        self._checked_at = clock()
-        self.reads = 1  # times the file was read (a test sees that a call reads none)
+        self._file = WatchedFile(
+            path,
+            lambda text: token_index(parse_tokens(text)),
+            label="tokens file",
+            describe=lambda index: f"{len(index)} clients",
+            check_every_s=check_every_s,
+            clock=clock,
+        )
+
+    @property
+    def reads(self) -> int:
+        """Times the file was read (a test sees that a call reads none)."""
+        return self._file.reads
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._file.value)
 
     def __repr__(self) -> str:
-        return f"TokenTable({str(self.path)!r}, {len(self._index)} clients)"
+        return f"TokenTable({str(self.path)!r}, {len(self)} clients)"
 
     def client_of(self, digest: bytes) -> int | None:
         """The client id whose token has this SHA-256 digest, None if none."""
-        now = self._clock()
-        if now - self._checked_at >= self._check_every_s:
-            self._checked_at = now
-            self._refresh()
-        return self._index.get(digest)
-
-    def _stat(self) -> tuple[int, int, int]:
-        info = os.stat(self.path)
-        return info.st_ino, info.st_mtime_ns, info.st_size
-
-    def _refresh(self) -> None:
-        try:
-            signature = self._stat()
-            if signature == self._signature:
-                return
-            self.reads += 1
-            index = token_index(parse_tokens(self.path.read_text()))
-        except (OSError, ValueError) as exc:
-            if self._signature is not None:  # warn once per change, not once a second
-                log.warning("tokens file %s unreadable, keeping the last one: %s", self.path, exc)
-            self._signature = None
-            return
-        self._signature, self._index = signature, index
-        log.info("tokens file %s changed: %d clients", self.path, len(index))
+        return self._file.value.get(digest)
 
 
 def load_tokens(path: Path) -> TokenTable:
