@@ -26,10 +26,6 @@ server never ask which; only for a Keras task is Keras imported.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import sys
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -42,6 +38,7 @@ import numpy as np
 from .codec import TensorSpec, spec_of
 from .config import ParamValue, TaskRef
 from .errors import FedGrpcError, TaskError
+from .source_files import describe, import_file, import_named
 from .task import Dataset, LocalData, Params, RoundContext, Site, Task
 from .words import type_name
 
@@ -83,32 +80,12 @@ def load_task(spec: str) -> LoadedTask:
 
 
 def _from_file(path: Path) -> LoadedTask:
-    if not path.is_file():
-        raise TaskError(f"task file {path} does not exist")
-    path = path.resolve()
-    name = f"fedgrpc_task_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise TaskError(f"task file {path} cannot be imported as Python")
-    module = importlib.util.module_from_spec(spec)
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))  # so the task can import its own helper modules
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException as exc:
-        del sys.modules[name]
-        raise TaskError(f"task file {path} could not be imported: {_describe(exc, path)}") from exc
+    module, path = import_file(path, "task", TaskError)
     return _task_in(module, "task", str(path), path)
 
 
 def _from_module(spec: str, module_name: str, attribute: str) -> LoadedTask:
-    try:
-        module = importlib.import_module(module_name)
-    except BaseException as exc:
-        raise TaskError(
-            f"task module {module_name!r} ({spec}) could not be imported: {_describe(exc)}"
-        ) from exc
+    module = import_named(spec, module_name, "task", TaskError)
     file = getattr(module, "__file__", None)
     if file is None:
         raise TaskError(f"task module {module_name!r} has no source file to identify it by")
@@ -125,18 +102,6 @@ def _task_in(module: ModuleType, attribute: str, source: str, file: Path) -> Loa
         )
     digest = hashlib.sha256(file.read_bytes()).hexdigest()
     return LoadedTask(task, TaskRef(task.name, digest), source)
-
-
-def _describe(exc: BaseException, path: Path | None = None) -> str:
-    """The exception in one line, with the line of the task file where it happened."""
-    what = traceback.format_exception_only(type(exc), exc)[-1].strip()
-    if isinstance(exc, SyntaxError) and exc.lineno:
-        what += f" (line {exc.lineno})"
-    elif path is not None:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path]
-        if frames:
-            what += f" (line {frames[-1].lineno})"
-    return what
 
 
 # -- parameters --------------------------------------------------------------------------
@@ -222,7 +187,7 @@ def call(loaded: LoadedTask, what: str, function: Callable[..., T], *args: Any) 
     except FedGrpcError as exc:  # ours, raised inside the task (LocalData's checks, data loaders)
         raise TaskError(f"task {loaded.name!r}: {what} failed: {exc}") from exc
     except Exception as exc:
-        raise TaskError(f"task {loaded.name!r}: {what} failed: {_describe(exc)}") from exc
+        raise TaskError(f"task {loaded.name!r}: {what} failed: {describe(exc)}") from exc
 
 
 def build_model(loaded: LoadedTask, params: Params) -> Any:
@@ -325,7 +290,7 @@ def check_fits(
         source = "load_test_data" if what == "test set" else "load_data"
         raise TaskError(
             f"task {loaded.name!r}: the {what} from {source} does not fit the model from "
-            f"build_model: {_describe(exc)}"
+            f"build_model: {describe(exc)}"
         ) from exc
 
 

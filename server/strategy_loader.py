@@ -16,10 +16,6 @@ ConfigError that says what to do, raised before any round starts.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import sys
-import traceback
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -27,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from ..common.errors import ConfigError
+from ..common.source_files import import_file, import_named
 from .strategies import ENTRY_POINT_GROUP, MeanStrategy, Origin, UpdatesStrategy
 
 ATTRIBUTE = "strategy"  # what a strategy file assigns
@@ -65,32 +62,12 @@ def _entry_point(spec: str) -> EntryPoint:
 
 
 def _from_file(path: Path, spec: str) -> MeanStrategy | UpdatesStrategy:
-    if not path.is_file():
-        raise ConfigError(f"strategy file {path} does not exist")
-    path = path.resolve()
-    name = f"fedgrpc_strategy_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"strategy file {path} cannot be imported as Python")
-    module = importlib.util.module_from_spec(module_spec)
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))  # so the strategy can import its own helper modules
-    sys.modules[name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except BaseException as exc:
-        del sys.modules[name]
-        raise ConfigError(f"strategy file {path} could not be imported: {_describe(exc, path)}") from exc
+    module, path = import_file(path, "strategy", ConfigError)
     return _strategy_in(module, ATTRIBUTE, spec, path)
 
 
 def _from_module(spec: str, module_name: str, attribute: str) -> MeanStrategy | UpdatesStrategy:
-    try:
-        module = importlib.import_module(module_name)
-    except BaseException as exc:
-        raise ConfigError(
-            f"strategy module {module_name!r} ({spec}) could not be imported: {_describe(exc)}"
-        ) from exc
+    module = import_named(spec, module_name, "strategy", ConfigError)
     file = getattr(module, "__file__", None)
     if file is None:
         raise ConfigError(f"strategy module {module_name!r} has no source file to identify it by")
@@ -116,18 +93,6 @@ def _strategy_in(
         strategy.name = type(strategy).__name__.lower()
     strategy.origin = Origin(source, hashlib.sha256(file.read_bytes()).hexdigest())
     return strategy
-
-
-def _describe(exc: BaseException, path: Path | None = None) -> str:
-    """The exception in one line, with the line of the strategy file where it happened."""
-    what = traceback.format_exception_only(type(exc), exc)[-1].strip()
-    if isinstance(exc, SyntaxError) and exc.lineno:
-        what += f" (line {exc.lineno})"
-    elif path is not None:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path]
-        if frames:
-            what += f" (line {frames[-1].lineno})"
-    return what
 
 
 def check_resumable(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
