@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,12 @@ def plain_client(folder: Path, port: int, client: int, task: str, tag: str) -> t
     ), log  # fmt: skip
 
 
-def alone(folder: Path, run: Path, tag: str, agent_policy: Path | None = None) -> dict[str, Any]:
-    """The same run file in a one-run fl-server with one-run fl-clients (cold); `agent_policy`:
-    site 3 as a fresh agent with that policy instead."""
+def alone(
+    folder: Path, run: Path, tag: str, agent_policy: Path | None = None
+) -> Callable[[], dict[str, Any]]:
+    """The same run file in a one-run fl-server with one-run fl-clients (cold), started now;
+    `agent_policy`: site 3 as a fresh agent with that policy instead. Returns what waits for
+    the run's end and gives its history."""
     port = free_port()
     server = start(
         "fl-server", "--config", str(run), "--insecure", "--host", "127.0.0.1", "--port", str(port),
@@ -81,10 +85,14 @@ def alone(folder: Path, run: Path, tag: str, agent_policy: Path | None = None) -
             "fl-client", "--insecure", "--id", "3", "--server", f"127.0.0.1:{port}", "--serve",
             "--policy", str(agent_policy), "--threads", "1", log=folder / f"{tag}-3.log",
         )  # fmt: skip
-    history = run_to_the_end(folder, tag, server, *clients)
-    if refusing is not None:
-        refusing.terminate()
-        refusing.wait(timeout=30)
+
+    def history() -> dict[str, Any]:
+        ended = run_to_the_end(folder, tag, server, *clients)
+        if refusing is not None:
+            refusing.terminate()
+            refusing.wait(timeout=30)
+        return ended
+
     return history
 
 
@@ -96,6 +104,11 @@ def test_a_standing_federation_runs_jobs_with_the_same_agents_throughout(tmp_pat
     common = "clients = 3\nbatch_size = 16\nfinish_grace = 1\n"
     alpha = run_file(tmp_path, "alpha", f'[run]\ntask = "alpha.py"\nrounds = 3\n{common}')
     beta = run_file(tmp_path, "beta", f'[run]\ntask = "beta.py"\nrounds = 2\nmin_clients = 2\n{common}')
+    # The same run files in one-run processes, meanwhile (on ports of their own).
+    references = (
+        alone(tmp_path, alpha, "alone-alpha"),
+        alone(tmp_path, beta, "alone-beta", tmp_path / "site-3.toml"),
+    )
     log = tmp_path / "federation.log"
     server = federation(out, tmp_path / "fed", log)
     sites = agents(out, tmp_path)
@@ -152,8 +165,7 @@ def test_a_standing_federation_runs_jobs_with_the_same_agents_throughout(tmp_pat
     (withdrawn,) = second["withdrawn"]
     assert withdrawn["client_id"] == 3 and "this site does not run task 'beta'" in withdrawn["reason"]
     # The results one-run processes give for the same run files, to the last digit.
-    assert outcome(first) == outcome(alone(tmp_path, alpha, "alone-alpha"))
-    assert outcome(second) == outcome(alone(tmp_path, beta, "alone-beta", tmp_path / "site-3.toml"))
+    assert [outcome(first), outcome(second)] == [outcome(history()) for history in references]
 
 
 def outcome(history: dict[str, Any]) -> list[Any]:
