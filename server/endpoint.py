@@ -44,7 +44,7 @@ from prometheus_client import Gauge
 
 from ..common import wire
 from ..common.codec import DEFAULT_CHUNK_BYTES
-from ..common.errors import ConfigError
+from ..common.errors import AuthError, ConfigError
 from . import descriptors, memory
 from .auth import Authenticator, ServerTls
 from .intake import InflightBudget
@@ -147,7 +147,7 @@ class GrpcEndpoint:
         self._housekeeping: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._services = tuple(services)
-        self._slot = _CoordinatorSlot()
+        self._slot = _CoordinatorSlot(self.config.authenticator)
         self._max_clients = (
             coordinator.run.num_clients if coordinator is not None else self.config.max_clients
         )
@@ -342,13 +342,14 @@ def _open_of_kind(open_by_kind: Callable[[], dict[str, int]], kind: str) -> floa
 class _CoordinatorSlot(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Routes each Coordinator call to the servicer of the run being served, through that
     servicer's own admission; with none, answers it UNAVAILABLE at once (NO_JOB), reading
-    nothing. Other services' calls pass on."""
+    nothing, once the caller's identity holds (a revoked or unknown site hears so between jobs
+    too, not "ask again later"). Other services' calls pass on."""
 
-    def __init__(self) -> None:
+    def __init__(self, authenticator: Authenticator) -> None:
         self.servicer: CoordinatorServicer | None = None
         self.coordinator: RoundCoordinator | None = None
         self._handlers: tuple[CoordinatorServicer, grpc.GenericRpcHandler] | None = None  # type: ignore[type-arg]
-        self._no_job = _no_job_handlers()
+        self._no_job = _no_job_handlers(authenticator)
 
     async def intercept_service(
         self,
@@ -371,10 +372,15 @@ class _CoordinatorSlot(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return await servicer.admission.intercept_service(resolve, handler_call_details)
 
 
-def _no_job_handlers() -> dict[str, Any]:
-    """One handler per Coordinator method, of the method's own kind, that answers UNAVAILABLE."""
+def _no_job_handlers(authenticator: Authenticator) -> dict[str, Any]:
+    """One handler per Coordinator method, of the method's own kind, that answers UNAVAILABLE
+    (UNAUTHENTICATED first for a caller whose identity does not hold)."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            authenticator.identify(context)
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
         await context.abort(grpc.StatusCode.UNAVAILABLE, NO_JOB)
 
     makers = {

@@ -270,8 +270,18 @@ class Federation:
         elif self._stop.is_set():
             log.info("%s stays running: it resumes from its checkpoint when the coordinator is back", job_id)
         else:
-            self.queue.end(job_id, "finished")
+            self.queue.end(job_id, "finished", self._left_out(job_id))
             log.info("%s finished", job_id)
+
+    def _left_out(self, job_id: str) -> str:
+        """The sites that withdrew from a finished job, and why (its history's "withdrawn"): a
+        site's policy refusing the job is shown by fl-job status, not only in the history."""
+        try:
+            history = json.loads((self.folder_of(job_id) / "history.json").read_text())
+            withdrawn = [f"client {w['client_id']}: {w['reason']}" for w in history.get("withdrawn", [])]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return ""
+        return "left out: " + "; ".join(withdrawn) if withdrawn else ""
 
 
 class _JobLog:
