@@ -118,10 +118,23 @@ def federation(out: Path, folder: Path, log: Path) -> subprocess.Popen[bytes]:
     return server
 
 
-def rounds_of(history: Path) -> list[dict[str, object]]:
+def rounds_of(history: Path) -> list[object]:
+    """Each round's central evaluation and each client's example count and training metrics
+    (timings left out), rounded past float noise: updates are folded in the order they arrive,
+    so the last bits of a sum may differ between two runs of the same settings."""
+
+    def rounded(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_seconds")}
+
+    rounds = json.loads(history.read_text())["rounds"]
+    assert rounds, f"{history} records no round"
     return [
-        {k: r[k] for k in ("round", "metrics", "num_examples") if k in r}
-        for r in json.loads(history.read_text())["rounds"]
+        (
+            r["round"],
+            rounded(r["central"] or {}),
+            sorted((c["client_id"], c["num_examples"], rounded(c["metrics"])) for c in r["clients"]),
+        )
+        for r in rounds
     ]
 
 
