@@ -15,13 +15,14 @@ from fedgrpc.client.scaffold import control_delta
 from fedgrpc.client.state import StateStore
 from fedgrpc.common import wire
 from fedgrpc.common.codec import TensorSpec
+from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import ConfigError
 from fedgrpc.common.processes import free_port
 from fedgrpc.common.task import Site
 from fedgrpc.server.round_mode import ClearRounds
 from fedgrpc.server.round_settings import RoundPlan, RoundSchedule, checked_schedule, schedule_from_table
-from fedgrpc.server.scaffold import Scaffold, scaffold_strategy, scaffold_update
-from fedgrpc.server.strategy import CentralDP, add_update
+from fedgrpc.server.scaffold import Scaffold, scaffold_update
+from fedgrpc.server.strategy import CentralDP, StrategySettings, add_update, make_strategy, secure_refusal
 from fedgrpc.v1 import coordinator_pb2 as pb
 from helpers import finish, start, wait_for_line
 
@@ -115,16 +116,18 @@ def test_scaffolds_server_step_is_the_papers_formula_on_hand_made_numbers() -> N
     # x + 0.5 * mean([1, 0], [-1, 2]) = [1, 2] + 0.5 * [0, 1]; c + (2/4) * mean([1, 1], [3, -1]) = c + [1, 0]
     assert np.allclose(new_x[0], [1.0, 2.5]) and np.allclose(new_c[0], [1.5, -0.5])
 
-    strategy = Scaffold(num_clients=4, server_lr=0.5)
+    strategy = Scaffold(server_lr=0.5)  # on the public API: a MeanStrategy with update tensors
+    strategy.configure(RunSpec(num_clients=4))
     specs = [TensorSpec("w", "float64", (2,))]
+    strategy.restore({"c/0": c[0]})
     mode = ClearRounds(strategy, specs)  # the update lists the model's tensor, then delta c_i
     assert [s.name for s in mode.update_specs] == ["w", "scaffold/delta_c/w"]
-    strategy.restore({"c/0": c[0]})
-    assert np.array_equal(strategy.round_tensors()[0][1], c[0].astype(np.float32))
+    assert [(s.name, a.tolist()) for s, a in strategy.round_tensors()] == [("scaffold/c/w", [0.5, -0.5])]
+    assert strategy.round_settings(1) == {"learning_rate": 0.05}  # the clients' local SGD step
     strategy.begin_round(x, 2)
     reference = mode.reference(tuple(x), 1)
-    for y, dc in zip(ys, dcs, strict=True):
-        add_update(strategy, [y[0], dc[0]], reference, 10)
+    for y, dc, examples in zip(ys, dcs, (10, 30), strict=True):  # unweighted: examples do not count
+        add_update(strategy, [y[0], dc[0]], reference, examples)
     assert np.allclose(strategy.result()[0], new_x[0])
     assert np.allclose(strategy.state()["c/0"], new_c[0])
 
@@ -140,12 +143,17 @@ def test_the_clients_control_variate_is_option_ii() -> None:
 def test_scaffold_refuses_what_it_does_not_work_with() -> None:
     from fedgrpc.common.config import SecAggSpec
 
+    from fedgrpc.server.config import ServerConfig
+    from fedgrpc.server.startup import make_run_strategy
+
+    settings = StrategySettings("scaffold")
+    assert "masked sum carries the model's tensors only" in str(secure_refusal(make_strategy(settings)))
     with pytest.raises(ConfigError, match="secure aggregation"):
-        scaffold_strategy(3, None, SecAggSpec())
+        make_run_strategy(ServerConfig(strategy=settings, secagg=SecAggSpec()))
     with pytest.raises(ConfigError, match="differential privacy"):
-        scaffold_strategy(3, CentralDP(1.0, 0.5, 3), None)
+        make_strategy(settings, CentralDP(1.0, 0.5, 3))
     with pytest.raises(ConfigError, match="--proximal-mu"):
-        scaffold_strategy(3, None, None, proximal_mu=0.1)
+        make_strategy(settings).configure(RunSpec(num_clients=3, proximal_mu=0.1))
 
 
 # -- real runs -----------------------------------------------------------------------------
