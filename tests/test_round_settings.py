@@ -152,7 +152,7 @@ def test_scaffold_refuses_what_it_does_not_work_with() -> None:
     with pytest.raises(ConfigError, match="differential privacy"):
         make_strategy(settings, CentralDP(1.0, 0.5, 3))
     with pytest.raises(ConfigError, match="--proximal-mu"):
-        make_strategy(settings).configure(RunSpec(num_clients=3, proximal_mu=0.1))
+        Scaffold().configure(RunSpec(num_clients=3, proximal_mu=0.1))
 
 
 # -- real runs -----------------------------------------------------------------------------
