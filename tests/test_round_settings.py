@@ -142,13 +142,15 @@ def test_the_clients_control_variate_is_option_ii() -> None:
 
 def test_scaffold_refuses_what_it_does_not_work_with() -> None:
     from fedgrpc.common.config import SecAggSpec
-    from fedgrpc.server.config import ServerConfig
+    from fedgrpc.server.config import FedBuffSettings, ServerConfig
     from fedgrpc.server.startup import make_run_strategy
 
     settings = StrategySettings("scaffold")
     assert "masked sum carries the model's tensors only" in str(secure_refusal(make_strategy(settings)))
     with pytest.raises(ConfigError, match="secure aggregation"):
         make_run_strategy(ServerConfig(strategy=settings, secagg=SecAggSpec()))
+    with pytest.raises(ConfigError, match="--mode fedbuff"):
+        make_run_strategy(ServerConfig(strategy=settings, fedbuff=FedBuffSettings()))
     with pytest.raises(ConfigError, match="differential privacy"):
         make_strategy(settings, CentralDP(1.0, 0.5, 3))
     with pytest.raises(ConfigError, match="--proximal-mu"):
