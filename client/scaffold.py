@@ -4,15 +4,23 @@ The server sends its control variate c with each TRAIN, as the strategy protocol
 tensors "scaffold/c/<tensor>"; this client keeps its own c_i in its state store (group
 "scaffold", fedgrpc.client.state), zero before its first round. Each local step's gradient
 g becomes g + c - c_i, added in the optimizer as FedProx's term is (fedgrpc.client.proximal),
-so `fit`, `train_on_batch` and a task's own loop all get it. After K local steps at learning
-rate lr, from the global weights x to y_i (option II of the paper):
+so `fit`, `train_on_batch` and a task's own loop all get it.
+
+Under SCAFFOLD the local steps are plain SGD, y <- y - lr (g - c_i + c), whatever optimizer
+the task compiled: option II's estimate below reads (x - y_i) / (K * lr) as the mean gradient
+of the K steps, which holds for SGD only. With Adam (the reference task's) every step moves
+each weight by about lr whatever its gradient, so that estimate is of order 1 everywhere, and
+the correction, added to the gradient before Adam's normalization, swamps the real gradient:
+the model trains toward the corrections and stays at chance. lr is the round's learning_rate
+setting, which the server's SCAFFOLD sends (fedgrpc.server.scaffold, default LOCAL_LR) and the
+run file's [rounds] table may change. After K local steps at lr, from the global weights x to
+y_i (option II of the paper):
 
     c_i+ = c_i - c + (x - y_i) / (K * lr)
 
 The update carries delta c_i = c_i+ - c_i as "scaffold/delta_c/<tensor>"; c_i+ replaces c_i in
 the state store once the server has the update (fedgrpc.client.steps.KeepControlVariate), so a
-round whose update was lost leaves c_i as it was. Option II assumes plain SGD steps: with an
-adaptive optimizer (Adam) the estimate is a heuristic.
+round whose update was lost leaves c_i as it was.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from ..common.errors import TaskError
 C_PREFIX = "scaffold/c/"  # the server's control variate, down with TRAIN
 DELTA_PREFIX = "scaffold/delta_c/"  # the client's change of its own, up with the update
 STATE_GROUP = "scaffold"
+LOCAL_LR = 0.05  # the local SGD step size when a round names no learning_rate (the reference CNN's)
 
 
 def is_scaffold(extras: Mapping[str, np.ndarray]) -> bool:
@@ -108,19 +117,29 @@ class _Corrected:
             variable.assign(value.astype(variable.dtype))
 
 
-def install(model: Any) -> Any:
-    """Give the compiled model a corrected copy of its optimizer (same class and settings), built
-    on its trainable weights; returns it."""
+def install(model: Any, learning_rate: float = LOCAL_LR) -> Any:
+    """Give the compiled model a corrected plain SGD optimizer (no momentum), built on its
+    trainable weights, in place of the task's (see the module's docstring); returns it."""
+    import keras
+
     original = getattr(model, "optimizer", None)
     if original is None:
         raise TaskError("SCAFFOLD needs a compiled model (its optimizer takes the correction)")
     if hasattr(original, "set_anchors"):
         raise TaskError("SCAFFOLD and FedProx's proximal term do not go together: leave proximal_mu at 0")
-    corrected_class: Any = type(f"Scaffold{type(original).__name__}", (_Corrected, type(original)), {})
-    optimizer = corrected_class.from_config(original.get_config())
+    corrected_class: Any = type("ScaffoldSGD", (_Corrected, keras.optimizers.SGD), {})
+    optimizer = corrected_class(learning_rate=learning_rate)
     optimizer.build(model.trainable_variables)
     model.optimizer = optimizer
     return optimizer
+
+
+def local_rate(settings: Mapping[str, Any]) -> float:
+    """The round's local step size: its learning_rate setting, else LOCAL_LR."""
+    rate = settings.get("learning_rate")
+    if isinstance(rate, int | float) and not isinstance(rate, bool) and rate > 0:
+        return float(rate)
+    return LOCAL_LR
 
 
 def corrections(

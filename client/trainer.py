@@ -11,9 +11,9 @@ get_weights/set_weights, and its train resets what it keeps and applies FedProx 
 A round's client settings (RoundContext.settings) come with its TRAIN: local_epochs sets the
 epochs, proximal_mu FedProx's mu (installing the proximal optimizer the first time a round
 asks for it), learning_rate the default training's rate (fedgrpc.common.task.fit_model).
-Under SCAFFOLD (its c among the TRAIN's extra tensors) the optimizer's steps are corrected by
-(c - c_i), c_i read from the site's state store, and the result carries delta c_i
-(fedgrpc.client.scaffold); it needs a Keras task's optimizer.
+Under SCAFFOLD (its c among the TRAIN's extra tensors) a Keras task's optimizer gives way to
+plain SGD at the round's learning_rate, its steps corrected by (c - c_i), c_i read from the
+site's state store, and the result carries delta c_i (fedgrpc.client.scaffold).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class LocalTrainer:
         self._start_from(weights)
         settings = dict(settings or {})
         ctx = self._context(round_number, epochs or _epochs(settings, self.run.local_epochs), settings, state)
-        control = self._scaffold_begin(extras or {}, state)
+        control = self._scaffold_begin(extras or {}, state, settings)
         if self._proximal is not None:
             self._proximal.set_mu(ctx.proximal_mu)
         metrics = self._checked("train", call(self.loaded, "train", self._train, self.model, self.data, ctx))
@@ -111,10 +111,10 @@ class LocalTrainer:
         return TrainResult(trained, num_examples, metrics, sent)
 
     def _scaffold_begin(
-        self, extras: Mapping[str, np.ndarray], state: StateStore | None
+        self, extras: Mapping[str, np.ndarray], state: StateStore | None, settings: Params
     ) -> list[np.ndarray] | None:
-        """Under SCAFFOLD (its c among the extras): the correction (c - c_i) into the optimizer;
-        returns c. The corrected optimizer is installed on the first such round."""
+        """Under SCAFFOLD (its c among the extras): the round's step size and the correction
+        (c - c_i) into the corrected SGD, installed on the first such round; returns c."""
         if not scaffold.is_scaffold(extras):
             return None
         if not self.loaded.task.uses_keras:
@@ -131,6 +131,7 @@ class LocalTrainer:
         place = {id(v): i for i, v in enumerate(self.model.weights)}
         trainable = [place[id(v)] for v in self.model.trainable_variables]
         self._scaffold.set_corrections(scaffold.corrections(trainable, c, ci))
+        self._scaffold.learning_rate = scaffold.local_rate(settings)
         return c
 
     def _scaffold_end(

@@ -32,7 +32,6 @@ from .results import RoundRecord, RunResults
 from .revocation import RevocationList
 from .round_settings import RoundPlan
 from .rounds import RoundCoordinator
-from .scaffold import scaffold_strategy
 from .secure_collect import secure
 from .strategy import CentralDP, Strategy, make_strategy
 
@@ -72,10 +71,12 @@ def make_run_strategy(config: ServerConfig) -> Strategy:
     per_round = _updates_per_round(config)
     dp = config.privacy
     central_dp = None if dp is None else CentralDP(dp.clip, dp.noise_multiplier, per_round)
-    if config.strategy.name == "scaffold":  # it needs the run's client count (fedgrpc.server.scaffold)
-        mu = config.strategy.proximal_mu or 0.0
-        return scaffold_strategy(config.run.num_clients, central_dp, config.secagg, mu)
     strategy = make_strategy(config.strategy, central_dp)
+    if config.fedbuff is not None and getattr(strategy, "takes_tensors", False):
+        raise ConfigError(
+            f"--strategy {config.strategy.name} cannot run under --mode fedbuff: its updates carry "
+            "tensors of their own, which the buffer does not fold; use --mode sync"
+        )
     return secure(config, strategy) if config.secagg is not None else strategy
 
 

@@ -18,6 +18,14 @@ server resumes, so the run goes on as if it had never stopped. `round_settings(r
 the settings clients get for a round ({} by default). Before the first round the server sets
 `self.run`, the run's RunSpec (batch_size, local_epochs, rounds, num_clients, ...).
 
+A strategy may also exchange tensors of its own beside the weights (SCAFFOLD's control
+variates, fedgrpc.server.scaffold): `train_tensors()` returns those every client receives with
+its TRAIN, and `update_tensors(model)` names those every update must list after the model's.
+A MeanStrategy gets their round's mean in `step`'s `round.extras` (summed as the model's
+changes are, from zero); an UpdatesStrategy gets each update's in `Update.extras`. Secure
+aggregation (which unmasks the model's sum only), central DP (which would leave them
+unclipped) and --mode fedbuff refuse such a strategy.
+
 Give it to the server as a file that assigns an instance to `strategy`
 (`fl-server --strategy my_strategy.py`), as `package.module:attribute`, or as the name of an
 entry point in the `fedgrpc.strategies` group. Its name and the SHA-256 of the file that
@@ -31,12 +39,14 @@ class (fedgrpc.server.strategy.Strategy): a strategy does not override them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..common.codec import TensorSpec
 from ..common.config import RunSpec
 from ..common.errors import ConfigError
 from ..common.privacy import noise_generator
@@ -61,6 +71,7 @@ __all__ = [
     "MeanStrategy",
     "RoundTotals",
     "RunSpec",
+    "TensorSpec",
     "Update",
     "UpdatesStrategy",
     "Weights",
@@ -82,10 +93,12 @@ ENTRY_POINT_GROUP = "fedgrpc.strategies"
 
 
 class Update(NamedTuple):
-    """One client's update as sent: its weights and the examples it trained on."""
+    """One client's update as sent: its weights, the examples it trained on, and the tensors
+    the strategy's `update_tensors` asked for, by name."""
 
     weights: Weights
     num_examples: int
+    extras: Mapping[str, np.ndarray] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,8 @@ class RoundTotals:
 
     examples: int  # the examples of every update in the sum (under central DP too)
     counts: tuple[int, ...]  # each update's num_examples, in fold order; () under secure aggregation
+    # each of `update_tensors`' tensors by name: sum_i weight(n_i) * tensor_i / examples
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,45 @@ class _Base:
         """Called by the server once, before the first round (a resumed run's too)."""
         self.run = run
 
+    def train_tensors(self) -> dict[str, np.ndarray]:
+        """Tensors every client receives with the round's TRAIN beside the weights, by name
+        (sent as float32); {}: none. Called as each round opens."""
+        return {}
+
+    def update_tensors(self, model: Sequence[TensorSpec]) -> Sequence[TensorSpec]:
+        """The tensors every update must list after the model's (`model`: the model's tensors,
+        in order), float32; (): none. Called once, before the first round."""
+        return ()
+
+    @property
+    def takes_tensors(self) -> bool:
+        """True when updates carry tensors of the strategy's own (it defines update_tensors)."""
+        return type(self).update_tensors is not _Base.update_tensors
+
+    # -- the server's side of the tensors ---------------------------------------------------
+
+    _extra_specs: tuple[TensorSpec, ...] = ()
+
+    def use_model(self, specs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
+        """The model's tensors; returns the extras an update lists after them (checked)."""
+        extras = tuple(self.update_tensors(tuple(specs)))
+        names = [s.name for s in (*specs, *extras)]
+        if len(set(names)) != len(names) or any(s.dtype != "float32" for s in extras):
+            raise ConfigError(
+                f"strategy {self.name!r}: update_tensors must name float32 tensors whose names "
+                f"are new, got {[(s.name, s.dtype) for s in extras]}"
+            )
+        self._extra_specs = extras
+        return extras
+
+    def round_tensors(self) -> list[tuple[TensorSpec, np.ndarray]]:
+        """`train_tensors()` as (spec, float32 array) pairs, for the TRAIN."""
+        pairs = []
+        for name, array in self.train_tensors().items():
+            tensor = np.ascontiguousarray(array, np.float32)
+            pairs.append((TensorSpec(name, "float32", tuple(tensor.shape)), tensor))
+        return pairs
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
 
@@ -166,7 +220,8 @@ class MeanStrategy(_Base):
         return type(self).weight is MeanStrategy.weight
 
     def begin_round(self, global_weights: Sequence[np.ndarray], max_updates: int) -> None:
-        self._fold = StreamedMean(global_weights, max_updates, self.privacy, self._noise)
+        zeros = [np.zeros(s.shape, np.float32) for s in self._extra_specs]  # extras sum from zero
+        self._fold = StreamedMean([*global_weights, *zeros], max_updates, self.privacy, self._noise)
 
     def bound(self, reference: np.ndarray) -> float:
         return self._round().bound(reference)
@@ -185,11 +240,14 @@ class MeanStrategy(_Base):
 
     def result(self) -> Weights:
         fold, self._fold = self._round(), None
-        reference = list(fold.reference)
+        count = len(fold.reference) - len(self._extra_specs)
+        reference, change = list(fold.reference[:count]), fold.take_mean_change()
         totals = RoundTotals(
-            fold.sum.total_examples if not fold.counts else sum(fold.counts), tuple(fold.counts)
+            fold.sum.total_examples if not fold.counts else sum(fold.counts),
+            tuple(fold.counts),
+            {s.name: t for s, t in zip(self._extra_specs, change[count:], strict=True)},
         )
-        return checked_result(self, self.step(reference, fold.take_mean_change(), totals), reference)
+        return checked_result(self, self.step(reference, change[:count], totals), reference)
 
     def _round(self) -> StreamedMean:
         if self._fold is None:
@@ -226,7 +284,10 @@ class UpdatesStrategy(_Base):
         if self._updates is None:
             raise RuntimeError("begin_round was not called")
         # Read into memory now: an update staged on disk is deleted once it has been added.
-        self._updates.append(Update([np.asarray(t) for t in update], num_examples))
+        tensors = [np.asarray(t) for t in update]
+        count = len(tensors) - len(self._extra_specs)
+        extras = {s.name: t for s, t in zip(self._extra_specs, tensors[count:], strict=True)}
+        self._updates.append(Update(tensors[:count], num_examples, extras))
 
     def result(self) -> Weights:
         if self._global is None or self._updates is None:

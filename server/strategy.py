@@ -224,6 +224,11 @@ def make_strategy(settings: StrategySettings, privacy: CentralDP | None = None) 
     it; ConfigError for a combination that cannot work."""
     built = _built_in(settings) if settings.built_in else load_strategy(settings.name)
     if privacy is not None:
+        if built.takes_tensors:
+            raise ConfigError(
+                f"--strategy {settings.name} cannot take differential privacy: the tensors each update "
+                "carries for it would travel unclipped and unnoised; leave --dp-clip off"
+            )
         if not isinstance(built, MeanStrategy):
             raise ConfigError(
                 f"differential privacy needs a mean to add its noise to: --strategy {settings.name} "
@@ -248,6 +253,10 @@ def _built_in(settings: StrategySettings) -> MeanStrategy | UpdatesStrategy:
         return TrimmedMean(settings.trim_fraction)
     if name == "krum":
         return Krum(settings.byzantine)
+    if name == "scaffold":
+        from .scaffold import Scaffold
+
+        return Scaffold()
     from .fedopt import SERVER_OPTIMIZERS
 
     options = {
@@ -272,6 +281,8 @@ def configure(strategy: Strategy, run: RunSpec) -> None:
 
 def secure_refusal(strategy: Strategy) -> str | None:
     """Why this strategy cannot run under secure aggregation (which shows only the sum); None: it can."""
+    if isinstance(strategy, MeanStrategy | UpdatesStrategy) and strategy.takes_tensors:
+        return "the masked sum carries the model's tensors only, not those each update carries for it"
     if isinstance(strategy, MeanStrategy):
         return None if strategy.weighs_by_examples else "it weighs updates its own way"
     if type(strategy) in (Median, TrimmedMean, Krum):

@@ -15,13 +15,14 @@ from fedgrpc.client.scaffold import control_delta
 from fedgrpc.client.state import StateStore
 from fedgrpc.common import wire
 from fedgrpc.common.codec import TensorSpec
+from fedgrpc.common.config import RunSpec
 from fedgrpc.common.errors import ConfigError
 from fedgrpc.common.processes import free_port
 from fedgrpc.common.task import Site
 from fedgrpc.server.round_mode import ClearRounds
 from fedgrpc.server.round_settings import RoundPlan, RoundSchedule, checked_schedule, schedule_from_table
-from fedgrpc.server.scaffold import Scaffold, scaffold_strategy, scaffold_update
-from fedgrpc.server.strategy import CentralDP, add_update
+from fedgrpc.server.scaffold import Scaffold, scaffold_update
+from fedgrpc.server.strategy import CentralDP, StrategySettings, add_update, make_strategy, secure_refusal
 from fedgrpc.v1 import coordinator_pb2 as pb
 from helpers import finish, start, wait_for_line
 
@@ -115,16 +116,18 @@ def test_scaffolds_server_step_is_the_papers_formula_on_hand_made_numbers() -> N
     # x + 0.5 * mean([1, 0], [-1, 2]) = [1, 2] + 0.5 * [0, 1]; c + (2/4) * mean([1, 1], [3, -1]) = c + [1, 0]
     assert np.allclose(new_x[0], [1.0, 2.5]) and np.allclose(new_c[0], [1.5, -0.5])
 
-    strategy = Scaffold(num_clients=4, server_lr=0.5)
+    strategy = Scaffold(server_lr=0.5)  # on the public API: a MeanStrategy with update tensors
+    strategy.configure(RunSpec(num_clients=4))
     specs = [TensorSpec("w", "float64", (2,))]
+    strategy.restore({"c/0": c[0]})
     mode = ClearRounds(strategy, specs)  # the update lists the model's tensor, then delta c_i
     assert [s.name for s in mode.update_specs] == ["w", "scaffold/delta_c/w"]
-    strategy.restore({"c/0": c[0]})
-    assert np.array_equal(strategy.round_tensors()[0][1], c[0].astype(np.float32))
+    assert [(s.name, a.tolist()) for s, a in strategy.round_tensors()] == [("scaffold/c/w", [0.5, -0.5])]
+    assert strategy.round_settings(1) == {"learning_rate": 0.05}  # the clients' local SGD step
     strategy.begin_round(x, 2)
     reference = mode.reference(tuple(x), 1)
-    for y, dc in zip(ys, dcs, strict=True):
-        add_update(strategy, [y[0], dc[0]], reference, 10)
+    for y, dc, examples in zip(ys, dcs, (10, 30), strict=True):  # unweighted: examples do not count
+        add_update(strategy, [y[0], dc[0]], reference, examples)
     assert np.allclose(strategy.result()[0], new_x[0])
     assert np.allclose(strategy.state()["c/0"], new_c[0])
 
@@ -139,13 +142,19 @@ def test_the_clients_control_variate_is_option_ii() -> None:
 
 def test_scaffold_refuses_what_it_does_not_work_with() -> None:
     from fedgrpc.common.config import SecAggSpec
+    from fedgrpc.server.config import FedBuffSettings, ServerConfig
+    from fedgrpc.server.startup import make_run_strategy
 
+    settings = StrategySettings("scaffold")
+    assert "masked sum carries the model's tensors only" in str(secure_refusal(make_strategy(settings)))
     with pytest.raises(ConfigError, match="secure aggregation"):
-        scaffold_strategy(3, None, SecAggSpec())
+        make_run_strategy(ServerConfig(strategy=settings, secagg=SecAggSpec()))
+    with pytest.raises(ConfigError, match="--mode fedbuff"):
+        make_run_strategy(ServerConfig(strategy=settings, fedbuff=FedBuffSettings()))
     with pytest.raises(ConfigError, match="differential privacy"):
-        scaffold_strategy(3, CentralDP(1.0, 0.5, 3), None)
+        make_strategy(settings, CentralDP(1.0, 0.5, 3))
     with pytest.raises(ConfigError, match="--proximal-mu"):
-        scaffold_strategy(3, None, None, proximal_mu=0.1)
+        Scaffold().configure(RunSpec(num_clients=3, proximal_mu=0.1))
 
 
 # -- real runs -----------------------------------------------------------------------------
@@ -176,11 +185,18 @@ def train(model, data, ctx):
     metrics = fit_model(model, data, ctx)
     metrics["optimizer_lr"] = float(model.optimizer.learning_rate)
     metrics["epochs_run"] = float(ctx.epochs)
+    metrics["optimizer_sgd"] = float(isinstance(model.optimizer, keras.optimizers.SGD))
     return metrics
 
 
 task = Task("sgd-table", build_model, load_data, train=train, params={"learning_rate": 0.1})
 """
+
+
+#: The same task compiled as the reference one is, with Adam: SCAFFOLD must train it with SGD.
+ADAM_TASK = SGD_TASK.replace("keras.optimizers.SGD(params", "keras.optimizers.Adam(params").replace(
+    '"learning_rate": 0.1}', '"learning_rate": 0.001}'
+)
 
 
 def _site(path: Path, rows: int, seed: int, skew: float) -> Path:
@@ -192,9 +208,11 @@ def _site(path: Path, rows: int, seed: int, skew: float) -> Path:
     return path
 
 
-def _federation(tmp_path: Path, rounds: int, *server_extra: str) -> tuple[list[str], Any, Path, Path]:
+def _federation(
+    tmp_path: Path, rounds: int, *server_extra: str, source: str = SGD_TASK
+) -> tuple[list[str], Any, Path, Path]:
     task = tmp_path / "sgd_task.py"
-    task.write_text(textwrap.dedent(SGD_TASK))
+    task.write_text(textwrap.dedent(source))
     port, log = free_port(), tmp_path / "server.log"
     server = start(
         "fl-server", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--task", str(task),
@@ -292,3 +310,58 @@ def test_the_trainer_applies_a_rounds_settings_and_forgets_them_the_next_round(t
     plain = trainer.train(2, start)
     assert plain.metrics["optimizer_lr"] == pytest.approx(0.1) and plain.metrics["epochs_run"] == 1
     assert float(model.optimizer._mu) == 0.0  # the run's mu again
+
+
+def test_scaffolds_local_steps_are_corrected_sgd_whatever_the_task_compiled(tmp_path: Path) -> None:
+    import keras
+    from fedgrpc.client import scaffold
+    from fedgrpc.client.trainer import LocalTrainer
+    from fedgrpc.common.task_loader import build_model, load_data, load_task
+
+    # One corrected step against numpy: y <- y - lr (g - c_i + c), on a linear model under MSE.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    (w, b), x = model.get_weights(), np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    optimizer = scaffold.install(model, 0.05)
+    c, ci = [np.full(w.shape, 0.3), np.full(b.shape, 0.3)], [np.full(w.shape, -0.2), np.full(b.shape, 0.1)]
+    optimizer.set_corrections(scaffold.corrections([0, 1], c, ci))
+    model.train_on_batch(x, np.ones((8, 2), np.float32))
+    g = 2 * (x @ w + b - 1) / 16
+    assert np.allclose(model.get_weights()[0], w - 0.05 * (x.T @ g + 0.3 + 0.2), atol=1e-6)
+    assert np.allclose(model.get_weights()[1], b - 0.05 * (g.sum(0) + 0.3 - 0.1), atol=1e-6)
+
+    # The trainer: the Adam task trains with SGD at the round's rate, and delta c_i is option II's.
+    task = tmp_path / "adam_task.py"
+    task.write_text(textwrap.dedent(ADAM_TASK))
+    loaded = load_task(str(task))
+    params = {"learning_rate": 0.001}
+    site = Site(1, 1, str(_site(tmp_path / "site.npz", 104, seed=1, skew=0.5)), params)
+    keras_model = build_model(loaded, params)
+    trainer = LocalTrainer(loaded, RunSpec(), params, load_data(loaded, site), keras_model)
+    start = keras_model.get_weights()
+    server_c = [np.full(t.shape, 0.01, np.float32) for t in start]
+    extras = {f"scaffold/c/{s.name}": t for s, t in zip(trainer.specs, server_c, strict=True)}
+    result = trainer.train(1, start, settings={"learning_rate": 0.05}, extras=extras)
+    assert result.metrics["optimizer_sgd"] == 1.0 and result.metrics["optimizer_lr"] == pytest.approx(0.05)
+    steps = int(keras_model.optimizer.iterations)
+    assert steps == 2  # 64 training rows, batches of 32
+    for spec, x0, y, ct in zip(trainer.specs, start, result.weights, server_c, strict=True):
+        expected = (x0.astype(np.float64) - y) / (steps * 0.05) - ct  # c_i = 0 before the first round
+        assert np.allclose(result.extras[f"scaffold/delta_c/{spec.name}"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_scaffold_learns_a_skewed_task_compiled_with_adam(tmp_path: Path) -> None:
+    """The reference task's Adam left SCAFFOLD at chance; its local steps are SGD now."""
+    client, server, log, out = _federation(tmp_path, 4, "--strategy", "scaffold", source=ADAM_TASK)
+    clients = [_start_client(tmp_path, client, k) for k in (1, 2)]
+    for process, client_log in clients:
+        assert finish(process, client_log) == 0, client_log.read_text()
+    assert finish(server, log) == 0, log.read_text()
+    rounds = _history(out)
+    for record in rounds:
+        for report in record["clients"]:
+            assert report["metrics"]["optimizer_sgd"] == 1.0
+            assert report["metrics"]["optimizer_lr"] == pytest.approx(0.05)  # the strategy's default
+    accuracy = [r["federated"]["metrics"]["accuracy"] for r in rounds if r.get("federated")]
+    assert accuracy[-1] >= 0.8, accuracy  # chance is 0.5
