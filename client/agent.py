@@ -12,8 +12,8 @@ another on the same address; the agent does not care which. Its life:
        +--- the run was replaced, or the coordinator went away for longer than --connect-timeout:
             the run is not done; ask again (a resumed run is joined again)
 
-Joining without task code (an empty TaskRef) gives the run's spec with no other effect, so the
-agent reads which task the run names before it chooses one of its installed tasks
+A spec-only Join (JoinRequest.spec_only, an empty TaskRef) gives the run's spec with no other
+effect (the server neither records nor logs a join), so the agent reads which task the run names before it chooses one of its installed tasks
 (fedgrpc.client.policy.check_run). Each wait is at most the policy's retry_max, and the log
 has one line per state change, not one per try.
 
@@ -156,7 +156,7 @@ class SiteAgent:
             security=self.config.security, channel=self._channel,
         )  # fmt: skip
         try:
-            run, _ = connection.join(None)
+            run, _ = connection.join(None, spec_only=True)
         except ServerUnavailableError as exc:
             self._say("away", "waiting for a run at %s: %s", self.config.server, exc)
             return None

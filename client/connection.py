@@ -117,8 +117,8 @@ def update_streams(
     )
 
 
-def join_request(client_id: int, task: TaskRef | None) -> pb.JoinRequest:
-    return pb.JoinRequest(client_id=client_id, task=wire.task_to_pb(task))
+def join_request(client_id: int, task: TaskRef | None, *, spec_only: bool = False) -> pb.JoinRequest:
+    return pb.JoinRequest(client_id=client_id, task=wire.task_to_pb(task), spec_only=spec_only)
 
 
 def poll_request(client_id: int, after_round: int, max_wait_s: float) -> pb.GetGlobalWeightsRequest:
@@ -246,13 +246,14 @@ class Connection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def join(self, task: TaskRef | None = None) -> tuple[RunSpec, int]:
+    def join(self, task: TaskRef | None = None, *, spec_only: bool = False) -> tuple[RunSpec, int]:
         """The run's spec and its current round; retries while the server is not up yet.
 
         `task`: the task this client runs, which the server compares with the run's (None: a
-        client that runs no task code)."""
+        client that runs no task code). `spec_only`: read the spec without joining."""
+        request = join_request(self.client_id, task, spec_only=spec_only)
         try:
-            reply = self._unary("join", self._stub.Join, join_request(self.client_id, task), timeout=10)
+            reply = self._unary("join", self._stub.Join, request, timeout=10)
         except StaleRoundError as exc:  # FAILED_PRECONDITION, which Join only answers for this
             raise TaskMismatchError(str(exc)) from None
         return wire.run_from_pb(reply.run), reply.current_round

@@ -165,6 +165,10 @@ class CoordinatorServicer:
 
     async def Join(self, request: pb.JoinRequest, context: CallContext) -> pb.JoinReply:
         self._coordinator.check_client(request.client_id)
+        if request.spec_only:  # a site agent reading the run's spec: no join to record or log
+            return pb.JoinReply(
+                run=wire.run_to_pb(self._coordinator.run), current_round=self._coordinator.current_round
+            )
         self._check_task(request.client_id, wire.task_from_pb(request.task))
         address = current_call().address
         if request.client_id in self._joined:  # back after a crash or a restart: always worth a line

@@ -562,3 +562,24 @@ def test_a_client_that_joins_again_gets_a_line_of_its_own(
         "client 2 joined",
         "client 2 joined again",
     ], lines
+
+
+def test_a_spec_only_join_reads_the_run_without_joining(
+    served: tuple[RoundCoordinator, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site agent reading which task a run names (JoinRequest.spec_only) gets the run's spec,
+    but is neither logged nor recorded as joined: a real join after it is the first."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fedgrpc.server.servicer"):
+        with Connection(served[1], 2, connect_timeout_s=5) as connection:
+            for _ in range(3):
+                run, current = connection.join(spec_only=True)
+                assert (run.num_clients, run.rounds, current) == (2, 1, 1)
+            connection.join()
+        with Connection(served[1], 7, connect_timeout_s=5) as stranger, pytest.raises(NotEnrolledError):
+            stranger.join(spec_only=True)  # still only the run's clients
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedgrpc.server.servicer"]
+    assert [line.split(" from ")[0] for line in lines if "client 2 joined" in line] == ["client 2 joined"], (
+        lines
+    )

@@ -193,12 +193,14 @@ class SecAggSpec(_message.Message):
     def __init__(self, bound: _Optional[float] = ..., max_examples: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_id", "task")
+    __slots__ = ("client_id", "task", "spec_only")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ONLY_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     task: TaskRef
-    def __init__(self, client_id: _Optional[int] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ...) -> None: ...
+    spec_only: bool
+    def __init__(self, client_id: _Optional[int] = ..., task: _Optional[_Union[TaskRef, _Mapping]] = ..., spec_only: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("run", "current_round")
