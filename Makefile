@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The offline CIFAR-10 copy beside this checkout, when there is one; else Keras downloads CIFAR-10.
 FL_DATA ?= $(firstword $(wildcard ../shared/data/cifar10-jpeg.tar.gz))
 
-.PHONY: install demo test typecheck proto bench clean
+.PHONY: install demo standing-demo test typecheck proto bench clean
 
 # PyTorch (the [torch] extra, for examples/pytorch and its test) is asked for as 2.13.0: where pip
 # finds a CPU build of it on disk, as on CI's machines, that is one 191 MB wheel (measured 25 s to
@@ -23,6 +23,19 @@ install: $(BIN)/fl-server
 demo: install
 	$(BIN)/fl-local --clients 3 --rounds 10 --out results $(if $(FL_DATA),--data $(FL_DATA))
 	@echo "curves: results/curves.png  history: results/history.json  model: results/final_model.keras"
+
+## A standing federation in containers (docker/compose.standing.yaml): provisioning, the
+## coordinator, three site agents, and one job submitted with fl-job, followed to its end. The
+## coordinator and agents stay up afterwards; `$(COMPOSE) -p fedgrpc-standing -f
+## docker/compose.standing.yaml down -v` removes them.
+COMPOSE ?= docker-compose
+STANDING := $(COMPOSE) -p fedgrpc-standing -f docker/compose.standing.yaml
+standing-demo:
+	$(STANDING) up --build -d
+	@status=$$(docker wait "$$($(STANDING) ps -a -q submit)"); \
+	$(STANDING) logs --no-color submit; \
+	echo "the job's outputs: volume fedgrpc-standing_results; more jobs: $(STANDING) run --rm submit"; \
+	exit $$status
 
 ## Unit and integration tests (synthetic data, loopback only), lint and types. As strict as CI:
 ## the programs some tests drive are installed first where missing (tests/install-tools.sh), and

@@ -7,10 +7,12 @@ import copy
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 ROOT = Path(__file__).resolve().parents[1]
 KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/secagg"]
@@ -108,3 +110,107 @@ def test_the_run_files_are_ones_fl_server_reads(tmp_path: Path) -> None:
         (tmp_path / "run.toml").write_text(run)
         args, _ = cli.parse_args(["--config", str(tmp_path / "run.toml"), "--insecure"])
         cli.config_from(args, {})
+
+
+# ---- deploy/k8s/standing: a standing federation (coordinator, site agents, a submit Job) ----------
+
+
+def test_the_standing_federation_manifests_are_valid_kubernetes() -> None:
+    import kubernetes_validate
+
+    docs = render("standing")
+    kinds = sorted((d["kind"], d["metadata"]["name"].rsplit("-", 1)[0]) for d in docs)
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Service", "StatefulSet", "Job", "NetworkPolicy"}, kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_the_standing_coordinator_runs_a_federation_from_its_kit() -> None:
+    docs = render("standing")
+    coordinator = by_kind(docs, "StatefulSet", "fedgrpc-coordinator")
+    pod = coordinator["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[:2] == ["fl-server", "--federation=/federation"]
+    for flag in ("--tls-cert=/etc/fedgrpc/kit/coordinator.crt", "--client-ca=/etc/fedgrpc/kit/ca.crt"):
+        assert flag in args
+    assert "--revoked=/etc/fedgrpc/kit/revoked.json" in args and "--health-port=50052" in args
+    assert coordinator["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "federation"
+    kit = next(v for v in pod["volumes"] if v["name"] == "kit")
+    assert kit["secret"]["secretName"] == "fedgrpc-kit-coordinator"
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kit")
+    assert "subPath" not in mount  # a Secret mounted whole is updated in place: a new revoked.json
+    assert pod["containers"][0]["startupProbe"]["grpc"]["port"] == 50052
+    assert by_kind(docs, "Service", "fedgrpc-coordinator")["spec"]["ports"][0]["port"] == 50051
+
+
+def test_each_site_agent_dials_with_the_kit_of_its_ordinal() -> None:
+    docs = render("standing")
+    sites = by_kind(docs, "StatefulSet", "fedgrpc-site")
+    assert sites["spec"]["ordinals"]["start"] == 1
+    pod = sites["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FL_CLIENT_ID"]["valueFrom"]["fieldRef"]["fieldPath"].endswith(
+        "['apps.kubernetes.io/pod-index']"
+    )
+    args = container["args"]
+    assert args[:2] == ["fl-client", "--serve"] and "--server=fedgrpc-coordinator:50051" in args
+    kits = next(v for v in pod["volumes"] if v["name"] == "kits")["projected"]["sources"]
+    replicas = sites["spec"]["replicas"]
+    assert [s["secret"]["name"] for s in kits] == [f"fedgrpc-kit-site-{k}" for k in range(1, replicas + 1)]
+    for k, source in enumerate(kits, start=1):
+        paths = {item["path"] for item in source["secret"]["items"]}
+        expanded = [a.replace("$(FL_CLIENT_ID)", str(k)) for a in args]  # as the kubelet does
+        for flag in ("--ca", "--tls-cert", "--tls-key"):
+            value = next(a.split("=", 1)[1] for a in expanded if a.startswith(flag + "="))
+            assert value.removeprefix("/etc/fedgrpc/kits/") in paths, (flag, value, paths)
+    policy = next(v for v in pod["volumes"] if v["name"] == "policy")["configMap"]["name"]
+    assert policy == by_kind(docs, "ConfigMap", "fedgrpc-site-policy")["metadata"]["name"]
+    network = by_kind(docs, "NetworkPolicy", "fedgrpc-coordinator")["spec"]
+    allowed = [rule["podSelector"]["matchLabels"] for rule in network["ingress"][0]["from"]]
+    submit = by_kind(docs, "Job", "fedgrpc-submit")["spec"]["template"]["metadata"]["labels"]
+    for labels in (sites["spec"]["template"]["metadata"]["labels"], submit):
+        assert any(rule.items() <= labels.items() for rule in allowed), labels
+
+
+def test_the_standing_files_are_ones_the_programs_accept(tmp_path: Path) -> None:
+    """The policy loads with its task installed, the submitted job's run file is one fl-server
+    reads, its task is the one the sites install (examples/numpy/task.py), and the project file
+    provisions every kit the manifests mount, the coordinator's certificate naming its Service."""
+    from fedgrpc.client.policy import load_policy
+    from fedgrpc.server import cli
+
+    docs = render("standing")
+    policy, job = by_kind(docs, "ConfigMap", "fedgrpc-site-policy"), by_kind(docs, "ConfigMap", "fedgrpc-job")
+    example = (ROOT / "examples" / "numpy" / "task.py").read_text()
+    assert policy["data"]["task.py"] == job["data"]["task.py"] == example
+    for folder, config in (("policy", policy), ("job", job)):
+        (tmp_path / folder).mkdir()
+        for name, text in config["data"].items():
+            (tmp_path / folder / name).write_text(text)
+    assert [t.name for t in load_policy(tmp_path / "policy" / "site.toml").tasks] == [
+        "numpy-logistic-regression"
+    ]
+    args, _ = cli.parse_args(["--config", str(tmp_path / "job" / "run.toml"), "--insecure"])
+    cli.config_from(args, {})
+
+    project = ROOT / "deploy" / "k8s" / "standing" / "project.toml"
+    command = [sys.executable, "-m", "fedgrpc.server.provision", str(project), "--out", str(tmp_path / "pki")]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    kits = tmp_path / "pki" / "kits"
+    replicas = by_kind(docs, "StatefulSet", "fedgrpc-site")["spec"]["replicas"]
+    for k in range(1, replicas + 1):
+        assert {"ca.crt", "site.crt", "site.key"} <= {
+            p.name for p in (kits / "sites" / f"site-{k}").iterdir()
+        }
+    assert {"coordinator.crt", "coordinator.key", "ca.crt", "revoked.json"} <= {
+        p.name for p in (kits / "coordinator").iterdir()
+    }
+    assert {"kit.toml", "admin.crt", "admin.key", "ca.crt"} <= {
+        p.name for p in (kits / "admins" / "admin").iterdir()
+    }
+    certificate = (kits / "coordinator" / "coordinator.crt").read_bytes()
+    names = x509.load_pem_x509_certificate(certificate).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert "fedgrpc-coordinator" in names.value.get_values_for_type(x509.DNSName)

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker" / "compose.yaml"
 COMPOSE_GPU = REPO / "docker" / "compose.gpu.yaml"
 COMPOSE_MONITORING = REPO / "docker" / "compose.monitoring.yaml"
+COMPOSE_STANDING = REPO / "docker" / "compose.standing.yaml"
 DOCKERFILE = "docker/Dockerfile"
 OFFLINE_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -43,6 +45,7 @@ BASE_PACKAGES = "python3,python3-venv,ca-certificates"
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
 CLIENTS, ROUNDS = 3, 2
 SERVICES = {"data", "server", *(f"client{k}" for k in range(1, CLIENTS + 1))}
+STANDING = {"provision", "coordinator", "submit", *(f"site{k}" for k in range(1, CLIENTS + 1))}
 RUN = uuid.uuid4().hex[:10]  # names this session's images and compose project
 
 
@@ -192,6 +195,63 @@ def test_gpu_overlay_reserves_nvidia_gpus_for_clients() -> None:
     images = {s["image"] for s in services.values()}
     assert images == {"fedgrpc:gpu"}, images
     assert services["client1"]["build"]["args"]["EXTRAS"] == "gpu"
+
+
+def test_standing_compose_gives_each_participant_its_own_kit() -> None:
+    """The standing mode: provisioning alone sees the CA's state and every kit; each other
+    service mounts only its own kit, read-only; the coordinator runs in federation mode."""
+    config = compose_config(COMPOSE_STANDING)
+    services = config["services"]
+    assert set(services) == STANDING
+    assert config["networks"]["fl"]["internal"] is True
+    provision = services["provision"]
+    assert provision["network_mode"] == "none" and "networks" not in provision
+    assert "fl-provision /config/project.toml --out /pki" in provision["command"][-1]
+
+    def volume_sources(name: str) -> set[str]:
+        found = set()
+        for v in services[name]["volumes"]:
+            source = v["source"] if isinstance(v, dict) else str(v).split(":")[0]
+            found.add(source.rsplit("/", 1)[-1] if source.startswith("/") else source)
+        return found
+
+    kits = {f"site{k}": f"kit-site{k}" for k in range(1, CLIENTS + 1)}
+    kits |= {"coordinator": "kit-coordinator", "submit": "kit-admin"}
+    for name, kit in kits.items():
+        assert list(services[name]["networks"]) == ["fl"], name
+        mounted = volume_sources(name)
+        assert kit in mounted and not (mounted & ({"pki"} | set(kits.values()) - {kit})), (name, mounted)
+        assert any(str(v).startswith(f"{kit}:/kit:ro") for v in services[name]["volumes"]), name
+    assert volume_sources("provision") >= {"pki", *kits.values()}
+    coordinator = services["coordinator"]["command"]
+    assert coordinator[:2] == ["/kit/start.sh", "--federation=/federation"], coordinator
+    for k in range(1, CLIENTS + 1):
+        command = services[f"site{k}"]["command"]
+        assert command[:3] == ["/kit/start.sh", "--serve", f"--policy=/config/site-{k}.toml"], command
+    assert services["submit"]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+
+
+def test_standing_configuration_is_what_the_programs_accept(tmp_path: Path) -> None:
+    """docker/standing's project file provisions, each site's policy loads (its task installed),
+    and the job's run file is one fl-server --config reads, with the task the sites install."""
+    from fedgrpc.client.policy import load_policy
+    from fedgrpc.server import cli
+
+    standing = REPO / "docker" / "standing"
+    provision = [sys.executable, "-m", "fedgrpc.server.provision", str(standing / "project.toml")]
+    sh(*provision, "--out", tmp_path / "pki", env=base_env(), timeout=60)
+    sites = sorted(p.name for p in (tmp_path / "pki" / "kits" / "sites").iterdir())
+    assert sites == [f"site-{k}" for k in range(1, CLIENTS + 1)]
+    assert 'server = "coordinator:50051"' in (tmp_path / "pki/kits/admins/admin/kit.toml").read_text()
+    run = (standing / "run.toml").read_text().replace("/tasks/numpy/", str(REPO / "examples" / "numpy") + "/")
+    (tmp_path / "run.toml").write_text(run)
+    args, _ = cli.parse_args(["--config", str(tmp_path / "run.toml"), "--insecure"])
+    cli.config_from(args, {})
+    for k in range(1, CLIENTS + 1):
+        text = (standing / f"site-{k}.toml").read_text()
+        (tmp_path / f"site-{k}.toml").write_text(text.replace("/tasks/numpy/", f"{REPO}/examples/numpy/"))
+        policy = load_policy(tmp_path / f"site-{k}.toml")
+        assert [t.name for t in policy.tasks] == ["numpy-logistic-regression"]
 
 
 # ---- the engine, the images, the data ----------------------------------------------------------
@@ -504,5 +564,66 @@ def test_compose_demo_runs_three_clients_two_rounds(
         assert {"history.json", "final_model.keras"} <= set(listing), listing
         history = json.loads(sh(*peek, "cat", "/results/history.json", env=env).stdout)
         assert history, "empty history.json"
+    finally:
+        sh(*compose, "down", "-v", "--remove-orphans", "--timeout", "10", env=env, timeout=180, check=False)
+
+
+def test_standing_compose_runs_a_submitted_job_on_three_site_agents(
+    docker_env: dict[str, str], fedgrpc_image: str, tmp_path: Path
+) -> None:
+    """compose.standing.yaml for real: provisioning, the coordinator in federation mode, three
+    agents from their kits and policies, and fl-job submitting a job and following it to its end
+    (the numpy task: seconds of training). The agents stay up; the submit service's exit is the
+    verdict."""
+    project = f"fedgrpcstanding{RUN}"
+    env = {**docker_env, "FL_IMAGE": fedgrpc_image, "FL_THREADS": "1"}
+    compose = [compose_binary(), "-p", project, "-f", str(COMPOSE_STANDING)]
+    logs = tmp_path / "compose.log"
+    run_file = (REPO / "docker" / "standing" / "run.toml").read_text()
+    rounds = int(next(line.split("=")[1] for line in run_file.splitlines() if line.startswith("rounds")))
+
+    def report() -> str:
+        done = sh(*compose, "logs", "--no-color", "--timestamps", env=env, check=False)
+        logs.write_text(done.stdout + done.stderr)
+        return f"compose logs ({logs}):\n{tail(logs, 8000)}"
+
+    try:
+        up = sh(*compose, "up", "-d", "--no-build", env=env, timeout=300, check=False)
+        assert up.returncode == 0, f"compose up exited {up.returncode}:\n{up.stdout}{up.stderr}\n{report()}"
+        deadline = time.monotonic() + 180
+        while True:
+            by_service = {
+                c["Config"]["Labels"]["com.docker.compose.service"]: c for c in containers(project, env)
+            }
+            if "submit" in by_service and by_service["submit"]["State"]["Status"] == "exited":
+                break
+            assert time.monotonic() < deadline, f"the job did not finish in 180 s\n{report()}"
+            time.sleep(2)
+
+        assert set(by_service) == STANDING, report()
+        exits = {
+            s: (c["State"]["Status"], c["State"]["ExitCode"], c["RestartCount"])
+            for s, c in by_service.items()
+        }
+        one_shot = {s: exits[s] for s in ("provision", "submit")}
+        assert one_shot == {s: ("exited", 0, 0) for s in one_shot}, f"{exits}\n{report()}"
+        standing = {s: v for s, v in exits.items() if s not in one_shot}
+        assert all(v == ("running", 0, 0) for v in standing.values()), f"{exits}\n{report()}"
+
+        def logs_of(service: str) -> str:
+            done = sh("docker", "logs", by_service[service]["Id"], env=env)
+            return done.stdout + done.stderr
+
+        submitted = logs_of("submit")
+        assert re.search(rf"round {rounds}/{rounds}\s+acc \d\.\d+", submitted), submitted
+        assert "submit: job-1 finished" in submitted, submitted
+        assert "mutual TLS" in logs_of("coordinator"), report()
+        for k in range(1, CLIENTS + 1):
+            assert "run job-1: done; waiting for the next run" in logs_of(f"site{k}"), report()
+
+        volume = f"{project}_results"
+        peek = ["docker", "run", "--rm", "--network", "none", "-v", f"{volume}:/results:ro", fedgrpc_image]
+        history = json.loads(sh(*peek, "cat", "/results/job-1/history.json", env=env).stdout)
+        assert history["finished"] is True and len(history["rounds"]) == rounds, history
     finally:
         sh(*compose, "down", "-v", "--remove-orphans", "--timeout", "10", env=env, timeout=180, check=False)
