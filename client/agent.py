@@ -13,9 +13,9 @@ another on the same address; the agent does not care which. Its life:
             the run is not done; ask again (a resumed run is joined again)
 
 A spec-only Join (JoinRequest.spec_only, an empty TaskRef) gives the run's spec with no other
-effect (the server neither records nor logs a join), so the agent reads which task the run names before it chooses one of its installed tasks
-(fedgrpc.client.policy.check_run). Each wait is at most the policy's retry_max, and the log
-has one line per state change, not one per try.
+effect (the server neither records nor logs a join), so the agent reads which task the run
+names before it chooses one of its installed tasks (fedgrpc.client.policy.check_run). Each wait
+is at most the policy's retry_max, and the log has one line per state change, not one per try.
 
 Warm between runs (WarmTasks): every installed task is imported once, at start. A task's model,
 its compiled steps and its loaded data are kept after a run and reused by the next run of the
