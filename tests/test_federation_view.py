@@ -31,6 +31,7 @@ from test_observability import get
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "federation.png"
 XSS = "<img src=x onerror=document.title='pwned'>"
+TOKENS = {1: "token-1", 7: "token-7"}  # the sites' tokens: the agent is client 1
 
 
 def state(http: int) -> dict[str, Any]:
@@ -69,16 +70,18 @@ def federation(folder: Path) -> Iterator[dict[str, Any]]:
         'data = "alpha-1.npz"\n'
     )
     (folder / "admins.json").write_text(json.dumps({"admins": {"bob": hash_token("s3cret")}}))
+    sites = {str(client): hash_token(token) for client, token in TOKENS.items()}
+    (folder / "tokens.json").write_text(json.dumps({"clients": sites}))
     port, http = free_port(), free_port()
     server_log, agent_log = folder / "federation.log", folder / "agent.log"
     server = start(
         "fl-server", "--federation", str(folder / "fed"), "--insecure", "--host", "127.0.0.1",
         "--port", str(port), "--admin-tokens", str(folder / "admins.json"), "--threads", "1",
-        "--http", str(http), log=server_log,
+        "--tokens", str(folder / "tokens.json"), "--http", str(http), log=server_log,
     )  # fmt: skip
     agent = start(
         "fl-client", "--insecure", "--id", "1", "--server", f"127.0.0.1:{port}", "--serve", "--policy",
-        str(policy), "--threads", "1", log=agent_log,
+        str(policy), "--token", TOKENS[1], "--threads", "1", log=agent_log,
     )  # fmt: skip
     try:
         wait_for_line(server_log, f"dashboard on http://127.0.0.1:{http}/", process=server)
@@ -97,14 +100,16 @@ def federation(folder: Path) -> Iterator[dict[str, Any]]:
             finish(process, log, timeout=30)
 
 
-def announce(port: int, request: sites_pb2.SiteAnnouncement) -> grpc.StatusCode:
+def announce(
+    port: int, request: sites_pb2.SiteAnnouncement, token: str | None = TOKENS[7]
+) -> grpc.StatusCode:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(
             "/fedgrpc.v1.Sites/Announce", sites_pb2.SiteAnnouncement.SerializeToString,
             sites_pb2.AnnounceReply.FromString,
         )  # fmt: skip
         try:
-            call(request, timeout=10)
+            call(request, timeout=10, metadata=(("authorization", f"Bearer {token}"),) if token else ())
         except grpc.RpcError as error:
             return error.code()  # type: ignore[attr-defined,no-any-return]
         return grpc.StatusCode.OK
@@ -153,6 +158,13 @@ def the_state_lists_the_sites_and_jobs_and_metrics_carry_the_job(federation: dic
     assert not any(name.startswith("fedgrpc_round") and not labels for name, labels in samples)
     assert sum(name == "process_resident_memory_bytes" for name, _ in samples) == 1
 
+    # An announcement is filed under the identity the call proved, whatever id it names.
+    assert (
+        announce(port, sites_pb2.SiteAnnouncement(client_id=1), token=None) == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert announce(port, sites_pb2.SiteAnnouncement(client_id=1, version="impostor")) == grpc.StatusCode.OK
+    announced = {s["client_id"]: s["version"] for s in state(http)["federation"]["sites"]}
+    assert announced == {1: site["version"], 7: "impostor"}
     # Hostile announcements: past a bound, or unprintable, refused; nothing of them is kept.
     many = sites_pb2.SiteAnnouncement(
         client_id=9, tasks=[sites_pb2.AnnouncedTask(name=f"t{i}", digest="x") for i in range(10_000)]
@@ -165,7 +177,7 @@ def the_state_lists_the_sites_and_jobs_and_metrics_carry_the_job(federation: dic
         )
     huge_policy = sites_pb2.SiteAnnouncement(client_id=9, policy={"k": "v" * 201})
     assert announce(port, huge_policy) == grpc.StatusCode.INVALID_ARGUMENT
-    assert 9 not in [s["client_id"] for s in state(http)["federation"]["sites"]]
+    assert {s["client_id"]: s["version"] for s in state(http)["federation"]["sites"]} == announced
 
 
 def the_federation_view_in_a_real_browser(federation: dict[str, Any]) -> None:
@@ -173,7 +185,7 @@ def the_federation_view_in_a_real_browser(federation: dict[str, Any]) -> None:
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM is not None, "CI installs chromium (.ci/run)"
-    http, port = federation["http"], federation["port"]
+    http, port, folder = federation["http"], federation["port"], federation["folder"]
     hostile = sites_pb2.SiteAnnouncement(
         client_id=7, version=XSS[:64], tasks=[sites_pb2.AnnouncedTask(name=XSS[:64], digest="<b>bold</b>")],
         policy={"<script>alert(1)</script>": XSS},
@@ -198,7 +210,10 @@ def the_federation_view_in_a_real_browser(federation: dict[str, Any]) -> None:
             assert word in jobs
         assert "1 / 1" in (page.text_content("#jobs tr[data-job='job-1']") or "")
         assert page.is_visible("#federation-view") and not page.is_visible("#run-view")
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        page.screenshot(path=str(folder / "federation.png"), full_page=True)
+        assert (folder / "federation.png").stat().st_size > 10_000
+        if os.environ.get("FEDGRPC_UPDATE_SCREENSHOT"):
+            shutil.copy(folder / "federation.png", SCREENSHOT)
         page.click("#tab-run")  # the run view: the running job's run, as a one-run server shows it
         page.wait_for_selector("#run-view:not([hidden])")
         assert "job-3" in (page.text_content("#run") or "")

@@ -170,7 +170,7 @@ function drawRefusals(refusals) {
 }
 
 function when(time) {
-  const format = { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" };
+  const format = { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false };
   return time ? new Date(time * 1000).toLocaleString([], format) : "-";
 }
 
