@@ -17,6 +17,10 @@ Each job runs as FederatedServer would run it alone, with its run id the job's i
 outputs (history.json, curves, checkpoint, the final model, its log) in DIR/jobs/<id>/. A
 coordinator killed mid-job and started again with the same DIR runs that job first, from
 its checkpoint.
+
+With --http, the dashboard and /metrics show the federation (fedgrpc.server.federation_view):
+the sites that announced themselves (fedgrpc.server.sites, served beside the admin service)
+and the jobs, beside the running job's run.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def announce(
         try:
             call(request, timeout=10, metadata=(("authorization", f"Bearer {token}"),) if token else ())
         except grpc.RpcError as error:
-            return error.code()  # type: ignore[attr-defined,no-any-return]
+            return error.code()
         return grpc.StatusCode.OK
 
 
