@@ -22,11 +22,13 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.metrics_core import Metric
 
-from .jobs import JobRecord
+from .jobs import ENDED, JobRecord
 from .monitor import Monitor
 from .sites import SiteRegistry
 
 KEPT_JOBS = 100
+#: Jobs listed one by one in a snapshot, the newest (all of them are counted by state).
+LISTED_JOBS = 200
 RECENT_WITHDRAWALS = 20
 #: The view is sent again at least this often (times since, sites going offline, the queue).
 TICK_S = 5
@@ -51,6 +53,7 @@ class FederationView:
         self._lock = threading.Lock()
         self._withdrawals: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._ended = 0
+        self._rounds_of_ended: dict[str, int] = {}  # read once from its history.json
         self._key: tuple[Any, ...] = ()
         self._version = 0
         self.registry = CollectorRegistry()
@@ -95,17 +98,30 @@ class FederationView:
         current = self._jobs.current()
         snapshot: dict[str, Any] = current[1].snapshot() if current else {"run": None}
         running = current[0] if current else None
-        jobs = []
-        for record in self._jobs.jobs():
+        jobs, records = [], self._jobs.jobs()
+        for record in records[-LISTED_JOBS:]:
             if record.id == running:
                 withdrawals = snapshot["withdrawals"]["recent"][:RECENT_WITHDRAWALS]
             else:
                 with self._lock:
                     withdrawals = list(self._withdrawals.get(record.id, []))
-            jobs.append(_job_view(record, self._jobs.rounds_done(record.id), withdrawals))
+            jobs.append(_job_view(record, self._rounds_done(record), withdrawals))
         snapshot.update(version=self.version, now=self._clock())
-        snapshot["federation"] = {"sites": self._site_view(), "jobs": jobs, "running": running}
+        snapshot["federation"] = {
+            "sites": self._site_view(), "jobs": jobs, "running": running, "total_jobs": len(records),
+        }  # fmt: skip
         return snapshot
+
+    def _rounds_done(self, record: JobRecord) -> int:
+        if record.state not in ENDED:
+            return self._jobs.rounds_done(record.id)
+        with self._lock:
+            done = self._rounds_of_ended.get(record.id)
+        if done is None:
+            done = self._jobs.rounds_done(record.id)
+            with self._lock:
+                self._rounds_of_ended[record.id] = done
+        return done
 
     def _site_view(self) -> list[dict[str, Any]]:
         current = self._jobs.current()

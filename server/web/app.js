@@ -216,7 +216,7 @@ function drawFederation(fed) {
   setText("fed-queued", count("queued"));
   setText("fed-running", fed.running || "none");
   setText("fed-ended", count("finished") + count("failed") + count("stopped"));
-  setText("job-counts", `${fed.jobs.length} in all: ${count("finished")} finished, ${count("failed")} failed, ${count("stopped")} stopped`);
+  setText("job-counts", `${fed.total_jobs} in all${fed.total_jobs > fed.jobs.length ? ` (the last ${fed.jobs.length} listed)` : ""}: ${count("finished")} finished, ${count("failed")} failed, ${count("stopped")} stopped`);
 }
 
 // #federation or #run: which view is shown (the federation's, where there is one, by default).
