@@ -40,6 +40,7 @@ from ..common.protocol import Assignment
 from ..common.task import Site
 from ..common.task_loader import LoadedTask, check_params, load_task
 from ..common.words import plural
+from .announce import announce
 from .app import ClientConfig, prepare_trainer, take_part
 from .channel import Backoff
 from .connection import Connection
@@ -132,6 +133,7 @@ class SiteAgent:
         self.done: set[str] = set()  # runs finished or refused here: not joined again
         self._channel = config.security.channel(config.server)
         self._state = ""
+        self._announce_at = 0.0  # monotonic time of the next announcement (fedgrpc.client.announce)
 
     def serve(self, until: Callable[[], bool] = lambda: False) -> None:
         """Forever (or until `until()`): wait for a run, decide, take part, wait again."""
@@ -142,9 +144,13 @@ class SiteAgent:
         log.info("devices: %s", device.configure(self.config.threads))
         delays = Backoff(initial_s=0.5, maximum_s=self.policy.retry_max).delays()
         while not until():
+            if time.monotonic() >= self._announce_at:  # at start, after a run, and while waiting
+                every = announce(self._channel, self.config.security, self.config.client_id, self.policy)
+                self._announce_at = time.monotonic() + (every or 0.0)
             run = self._probe()
             if run is not None and run.run_id not in self.done:
                 self._attend(run)
+                self._announce_at = 0.0
                 delays = Backoff(initial_s=0.5, maximum_s=self.policy.retry_max).delays()
                 continue
             time.sleep(next(delays))

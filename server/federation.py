@@ -17,6 +17,10 @@ Each job runs as FederatedServer would run it alone, with its run id the job's i
 outputs (history.json, curves, checkpoint, the final model, its log) in DIR/jobs/<id>/. A
 coordinator killed mid-job and started again with the same DIR runs that job first, from
 its checkpoint.
+
+With --http, the dashboard and /metrics show the federation (fedgrpc.server.federation_view):
+the sites that announced themselves (fedgrpc.server.sites, served beside the admin service)
+and the jobs, beside the running job's run.
 """
 
 from __future__ import annotations
@@ -42,8 +46,13 @@ from .app import FederatedServer
 from .auth import Authenticator
 from .config import ServerConfig
 from .endpoint import EndpointConfig, GrpcEndpoint
+from .federation_view import FederationView
+from .http import DashboardServer
 from .jobs import LOG_FILE, RUN_FILE, JobQueue, JobRecord
+from .monitor import Monitor
 from .revocation import RevocationList
+from .sites import SERVICE as SITES_SERVICE
+from .sites import SiteRegistry, SitesServicer
 
 log = logging.getLogger("fedgrpc.server")
 
@@ -74,8 +83,6 @@ class Federation:
                 f"--federation runs the jobs admins submit: {flags} {verb} in each job's run file "
                 f"(fl-job submit RUN.toml); fl-server takes only the federation's own settings here"
             )
-        if args.http is not None:
-            raise ConfigError("--http is not served by a standing federation yet; use fl-job status")
         tls, tokens = cli.security_from(args)
         self._tls, self._site_tokens = tls, tokens
         self._mutual_tls = tls is not None and tls.client_ca is not None
@@ -93,6 +100,10 @@ class Federation:
         self._running: tuple[str, FederatedServer] | None = None
         self._stopping_job: str | None = None
         self._lock = threading.Lock()
+        self.sites = SiteRegistry()
+        self.view = FederationView(self, self.sites)
+        http = cli.http_from(args)
+        self.dashboard = DashboardServer(self.view, http) if http is not None else None
 
     # -- the jobs, for the admin service -----------------------------------------------
 
@@ -138,6 +149,13 @@ class Federation:
         assert record is not None  # the admin service looked it up
         return record
 
+    def current(self) -> tuple[str, Monitor] | None:
+        """The running job's id and Monitor (the dashboard's run view), if one is running."""
+        with self._lock:
+            if self._running is None or self._running[1].monitor is None:
+                return None
+            return self._running[0], self._running[1].monitor
+
     def folder_of(self, job_id: str) -> Path:
         return self.queue.folder_of(job_id)
 
@@ -175,7 +193,8 @@ class Federation:
             if name not in ("out", "federation", "admin_tokens"):
                 setattr(job_args, name, getattr(self.args, name))
         config = cli.config_from(job_args, task_params)
-        return replace(config, run=replace(config.run, run_id=job_id))
+        # the federation's dashboard shows every job (its run view, the running one's)
+        return replace(config, run=replace(config.run, run_id=job_id), http=None)
 
     # -- the coordinator ---------------------------------------------------------------
 
@@ -188,6 +207,13 @@ class Federation:
 
     def run(self) -> None:
         endpoint = self._start_endpoint()
+        if self.dashboard is not None:
+            http_port = self.dashboard.start()
+            log.info(
+                "dashboard on http://%s:%d/ (read-only; /metrics for Prometheus)",
+                self.args.http_host,
+                http_port,
+            )
         try:
             while not self._stop.is_set():
                 job = self.queue.next_to_run(_IDLE_WAIT_S)
@@ -195,6 +221,8 @@ class Federation:
                     self._run_job(job, endpoint)
         finally:
             endpoint.set_serving(False)
+            if self.dashboard is not None:
+                self.dashboard.stop()
             endpoint.stop(grace=2.0)
 
     def _start_endpoint(self) -> GrpcEndpoint:
@@ -208,6 +236,7 @@ class Federation:
             limits,
             args.clients,
         )
+        announced = SitesServicer(self.sites, sites, limits, args.clients)
         endpoint = GrpcEndpoint(
             None,
             EndpointConfig(
@@ -222,7 +251,10 @@ class Federation:
                 health_port=args.health_port,
                 max_clients=args.clients,
             ),
-            services=[(admin.handler(), admin.admission, ADMIN_SERVICE)],
+            services=[
+                (admin.handler(), admin.admission, ADMIN_SERVICE),
+                (announced.handler(), announced.admission, SITES_SERVICE),
+            ],
         )
         port = endpoint.start()
         endpoint.set_serving(True)
@@ -257,6 +289,8 @@ class Federation:
         else:
             self._ended(job.id)
         finally:
+            current = self.current()
+            self.view.job_ended(job.id, current[1] if current else None)
             with self._lock:
                 self._running = None
             job_log.close()

@@ -4,7 +4,8 @@ already in history.json and the server's log (no weights, no data).
 
     GET /              the dashboard (fedgrpc/server/web/)
     GET /static/NAME   its script and styles, and the vendored uPlot chart library
-    GET /api/state     the Monitor's snapshot, JSON
+    GET /api/state     the Monitor's snapshot, JSON (under --federation, with "federation":
+                       its sites and jobs; fedgrpc.server.federation_view)
     GET /api/events    server-sent events: the snapshot whenever it changes (at most 4 a second)
     GET /metrics       Prometheus text format
     GET /healthz       "ok"
@@ -38,12 +39,11 @@ import logging
 import threading
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from . import descriptors
-from .monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,16 @@ _REASONS = {
 }  # fmt: skip
 
 
+class Watched(Protocol):
+    """What is served: a one-run server's Monitor, or a standing federation's FederationView."""
+
+    @property
+    def version(self) -> int: ...  # moves whenever the snapshot does
+    @property
+    def registry(self) -> CollectorRegistry: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     port: int
@@ -83,9 +93,9 @@ class HttpConfig:
 
 
 class DashboardServer:
-    """Serves one Monitor over HTTP on a thread of its own until stopped."""
+    """Serves one Monitor (or FederationView) over HTTP on a thread of its own until stopped."""
 
-    def __init__(self, monitor: Monitor, config: HttpConfig) -> None:
+    def __init__(self, monitor: Watched, config: HttpConfig) -> None:
         self.monitor = monitor
         self.config = config
         self.port = 0

@@ -262,6 +262,13 @@ class Monitor:
             now = self._clock()
             return sum(1 for c in self._clients.values() if now - c.last_seen <= within_s)
 
+    def heard_from(self, client_id: int, within_s: float = 60.0) -> bool:
+        """Whether this client called in the last `within_s` seconds (the federation view's
+        sites online, while they take part in a job and do not announce)."""
+        with self._lock:
+            client = self._clients.get(client_id)
+            return client is not None and self._clock() - client.last_seen <= within_s
+
     def snapshot(self) -> dict[str, Any]:
         """The whole state, JSON-ready (what /api/state answers and the dashboard draws)."""
         with self._lock:

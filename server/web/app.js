@@ -169,10 +169,80 @@ function drawRefusals(refusals) {
   setText("refusal-counts", Object.entries(refusals.by_code).map(([code, n]) => `${n} ${code}`).join(", "));
 }
 
+function when(time) {
+  const format = { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false };
+  return time ? new Date(time * 1000).toLocaleString([], format) : "-";
+}
+
+// One cell's list: a line per item, each put on the page as text.
+function lines(className, items) {
+  const cell = el("td", className);
+  for (const item of items) cell.append(el("div", "", item));
+  if (!items.length) cell.append(el("span", "muted", "-"));
+  return cell;
+}
+
+// Under fl-server --federation: the sites that announced themselves, and the jobs.
+function drawFederation(fed) {
+  const sites = document.querySelector("#sites tbody");
+  sites.replaceChildren();
+  for (const site of fed.sites) {
+    const row = el("tr");
+    row.dataset.site = site.client_id;
+    const status = site.online ? "online" : "offline";
+    row.append(el("td", "", `client ${site.client_id}`), el("td", `state ${status}`, `${status} (${seconds(site.last_seen_s)} ago)`),
+      el("td", "", site.version), el("td", "muted", site.address),
+      lines("tasks", site.tasks.map((t) => `${t.name} ${String(t.digest).slice(0, 12)}`)),
+      lines("policy", Object.entries(site.policy).map(([key, v]) => `${key} = ${v}`)));
+    sites.append(row);
+  }
+  const online = fed.sites.filter((site) => site.online).length;
+  setText("fed-online", `${online} / ${fed.sites.length}`);
+  setText("site-counts", `${fed.sites.length} announced, ${online} online`);
+  const jobs = document.querySelector("#jobs tbody");
+  jobs.replaceChildren();
+  const count = (state) => fed.jobs.filter((job) => job.state === state).length;
+  for (const job of [...fed.jobs].reverse()) {  // newest first
+    const row = el("tr");
+    row.dataset.job = job.id;
+    const state = el("td", `state ${job.state}`, job.state);
+    if (job.detail) state.append(el("div", "muted", job.detail));
+    row.append(el("td", "", job.id), el("td", "", job.name), el("td", "", job.task), state,
+      el("td", "", `${job.rounds_done} / ${job.rounds}`), el("td", "", `${when(job.submitted_at)} by ${job.submitted_by}`),
+      el("td", "", when(job.started_at)), el("td", "", when(job.ended_at)),
+      lines("message", job.withdrawals.map((w) => `client ${w.client_id}: ${w.reason}`)));
+    jobs.append(row);
+  }
+  setText("fed-queued", count("queued"));
+  setText("fed-running", fed.running || "none");
+  setText("fed-ended", count("finished") + count("failed") + count("stopped"));
+  setText("job-counts", `${fed.total_jobs} in all${fed.total_jobs > fed.jobs.length ? ` (the last ${fed.jobs.length} listed)` : ""}: ${count("finished")} finished, ${count("failed")} failed, ${count("stopped")} stopped`);
+}
+
+// #federation or #run: which view is shown (the federation's, where there is one, by default).
+function showView() {
+  const federation = Boolean(lastSnapshot && lastSnapshot.federation) && location.hash !== "#run";
+  document.getElementById("federation-view").hidden = !federation;
+  document.getElementById("run-view").hidden = federation;
+  document.getElementById("tab-federation").className = federation ? "current" : "";
+  document.getElementById("tab-run").className = federation ? "" : "current";
+  if (!federation && charts) for (const name of CHARTS) charts[name].setSize({ width: Math.max(380, charts[name].root.parentNode.clientWidth || 420), height: 220 });
+}
+
 function draw(snapshot) {
   if (lastSnapshot && snapshot.version < lastSnapshot.version) return;
   lastSnapshot = snapshot;
+  if (snapshot.federation) {
+    document.getElementById("views").hidden = false;
+    drawFederation(snapshot.federation);
+    showView();
+  }
   const run = snapshot.run, state = snapshot.state;
+  document.getElementById("no-run").hidden = Boolean(run);
+  if (!run) {
+    setText("run", "federation · no job running");
+    return;
+  }
   if (unit !== (run.mode === "fedbuff" ? "version" : "round")) {  // fedbuff: a version line, not rounds
     unit = run.mode === "fedbuff" ? "version" : "round";
     if (charts) for (const name of CHARTS) charts[name].destroy();
@@ -215,4 +285,5 @@ async function start() {
   events.onmessage = (message) => draw(JSON.parse(message.data));
 }
 
+window.addEventListener("hashchange", showView);
 start();
